@@ -1,0 +1,118 @@
+"""The backend protocol: what the engine asks of a distributed (or plain) training backend.
+
+The engine owns the plan, freezing, the learning-rate schedule, micro-step counting and the
+checkpoint layout; a backend owns the wrapped model, the per-phase optimizer, backward, the
+optimizer step (with clipping) and how weights and optimizer state are stored.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainingConfig
+from ..optim import OptimizerFactory
+
+
+class Backend(ABC):
+    """Base class of the LIFT backends.
+
+    Args:
+        model: the model; it stays the same object for the whole run.
+        training: the top-level DeepSpeed keys LIFT reads.
+        raw_config: the whole config dict (DeepSpeed's own keys pass through to DeepSpeed).
+        optimizer_factory: builds the phase optimizer from the active parameters (None: the backend
+            may build it from the config, as DeepSpeed does).
+    """
+
+    name = "base"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        training: TrainingConfig,
+        raw_config: dict[str, Any],
+        optimizer_factory: OptimizerFactory | None,
+    ) -> None:
+        self.model = model
+        self.training = training
+        self.raw_config = raw_config
+        self.optimizer_factory = optimizer_factory
+        self.rank = 0
+        self.world_size = 1
+
+    @property
+    @abstractmethod
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The current phase's optimizer (its ``param_groups`` get the scheduled learning rate)."""
+
+    @abstractmethod
+    def build(self, params: list[nn.Parameter]) -> None:
+        """Start a phase: wrap the model so that only ``params`` train, and build their optimizer."""
+
+    @abstractmethod
+    def teardown(self) -> None:
+        """End a phase: release the optimizer, gradients and any engine, completely."""
+
+    @abstractmethod
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (scaled by 1 / gradient_accumulation_steps)."""
+
+    @abstractmethod
+    def step(self, boundary: bool) -> float | None:
+        """End a micro-step; at an accumulation boundary clip, step and zero the gradients.
+
+        Returns:
+            The global gradient norm before clipping at a boundary where it is known, else None.
+        """
+
+    @abstractmethod
+    def save_weights(self, path: Path, param_names: list[str]) -> None:
+        """Save the named parameters' full values (collective under ZeRO-3; rank 0 writes)."""
+
+    @abstractmethod
+    def load_weights(self, path: Path) -> list[str]:
+        """Load saved parameter values into the model; return their names."""
+
+    @abstractmethod
+    def save_optimizer(self, path: Path) -> None:
+        """Save the current phase's optimizer state (each rank its own partition)."""
+
+    @abstractmethod
+    def load_optimizer(self, path: Path) -> None:
+        """Load the current phase's optimizer state (after :meth:`build` for the same block)."""
+
+    @abstractmethod
+    def stash_optimizer_state(self) -> Any:
+        """The active block's optimizer state, moved to CPU, for ``optimizer_state: offload``."""
+
+    @abstractmethod
+    def restore_optimizer_state(self, state: Any) -> None:
+        """Put back a state from :meth:`stash_optimizer_state` (after :meth:`build` for that block)."""
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op for one process)."""
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (identity for one process)."""
+        return obj
+
+    def all_reduce_max(self, value: float) -> float:
+        """The max of ``value`` over ranks (identity for one process)."""
+        return value
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full parameter values (gathered from partitions), valid on rank 0."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def close(self) -> None:
+        """End the run: tear down the last phase."""
+        self.teardown()

@@ -1,0 +1,56 @@
+"""Small shared helpers: the rank-aware logger and RNG state capture."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+
+def get_rank() -> int:
+    """This process's global rank from the launchers' variables (0 when not launched)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+class _RankZeroFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "all_ranks", False) or get_rank() == 0
+
+
+def get_logger(name: str = "lift_ds") -> logging.Logger:
+    """The library logger: records from rank 0 only unless logged with ``extra={"all_ranks": True}``."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _RankZeroFilter) for f in logger.filters):
+        logger.addFilter(_RankZeroFilter())
+    return logger
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy (if installed) and torch RNG states of this process."""
+    import torch
+
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a state from :func:`rng_state`."""
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
