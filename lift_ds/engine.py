@@ -198,6 +198,8 @@ class LiftEngine:
         self.lr_scheduler.step()
         if self.cursor.advance():
             self._enter(self.cursor.block)
+        elif not self.cursor.done:
+            self.lr_scheduler.apply(self.backend.optimizer)
         elif self.cursor.done:
             self.backend.teardown()
             self._active = None

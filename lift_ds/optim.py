@@ -144,6 +144,8 @@ class LRController:
     def step(self) -> None:
         """Advance the schedule by one optimizer step."""
         if self.scheduler is not None:
+            assert self._proxy is not None
+            self._proxy.step()  # a no-op (the dummy has no grad) that keeps torch's step-order check quiet
             self.scheduler.step()
 
     def get_last_lr(self) -> list[float]:

@@ -1,0 +1,94 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lift_ds.config import DEFAULT_GRADIENT_CLIPPING, ConfigError, LiftConfig, parse_config, parse_lift_section, resolve_training
+
+
+def test_defaults():
+    c = parse_lift_section({})
+    assert c == LiftConfig()
+    assert (c.schedule, c.policy, c.optimizer_state, c.backend) == ("front2end", "grouped", "reset", "torch")
+    assert c.include_embedding is False and c.include_head is False and c.layer_range is None
+
+
+def test_all_problems_reported_at_once_with_paths():
+    with pytest.raises(ConfigError) as e:
+        parse_lift_section({
+            "schedule": "sideways", "policy": 3, "total_steps": 0, "layer_range": [5, 2],
+            "include_head": "yes", "seed": "x", "optimizer_state": "keep", "backend": "jax",
+            "always_trainable": [1], "layer_rnage": [1, 2],
+        })
+    probs = e.value.problems
+    for path in ["lift.schedule", "lift.policy", "lift.total_steps", "lift.layer_range", "lift.include_head",
+                 "lift.seed", "lift.optimizer_state", "lift.backend", "lift.always_trainable", "lift.layer_rnage"]:
+        assert any(p.startswith(path + ":") for p in probs), (path, probs)
+    assert len(probs) == 10
+    assert "'sideways'" in str(e.value) and "front2end" in str(e.value)
+
+
+def test_layer_range_and_patterns_parsed():
+    c = parse_lift_section({"layer_range": [6, 8], "always_trainable": "score", "total_steps": "auto"})
+    assert c.layer_range == (6, 8) and c.always_trainable == ("score",) and c.total_steps is None
+
+
+@pytest.mark.parametrize("cfg,world,expect", [
+    ({}, 1, (1, 1, 1)),
+    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 2, (4, 2, 16)),
+    ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4}, 2, (4, 2, 16)),
+    ({"train_batch_size": 16, "gradient_accumulation_steps": 2}, 2, (4, 2, 16)),
+    ({"train_batch_size": 8}, 2, (4, 1, 8)),
+    ({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": "auto"}, 2, (2, 1, 4)),
+])
+def test_batch_sizes_resolve(cfg, world, expect):
+    t = resolve_training(cfg, world)
+    assert (t.micro_batch_size, t.gradient_accumulation_steps, t.train_batch_size) == expect
+
+
+def test_batch_sizes_that_do_not_multiply_out():
+    with pytest.raises(ConfigError, match="train_batch_size: 10 != .* = 16"):
+        resolve_training({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 2)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        resolve_training({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4}, 2)
+
+
+def test_gradient_clipping_has_one_stated_default():
+    assert resolve_training({}, 1).gradient_clipping == DEFAULT_GRADIENT_CLIPPING == 1.0
+    assert resolve_training({"gradient_clipping": 0}, 1).gradient_clipping == 0.0
+    with pytest.raises(ConfigError, match="gradient_clipping"):
+        resolve_training({"gradient_clipping": -1}, 1)
+
+
+def test_precision():
+    assert resolve_training({"bf16": {"enabled": True}}, 1).precision == "bf16"
+    with pytest.raises(ConfigError, match="only one"):
+        resolve_training({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, 1)
+    with pytest.raises(ConfigError, match="fp16.enabled: the torch reference backend"):
+        parse_config({"fp16": {"enabled": True}})
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"lift": {"schedule": "front2end",}}')
+    with pytest.raises(ConfigError, match="line 1"):
+        parse_config(bad)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "lift": {"total_steps": 10}}))
+    lift, training, raw = parse_config(good)
+    assert lift.total_steps == 10 and training.micro_batch_size == 2 and raw["lift"]["total_steps"] == 10
+
+
+def test_lift_and_top_level_problems_together():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"gradient_clipping": "big", "lift": {"policy": "x"}})
+    assert len(e.value.problems) == 2
+
+
+def test_import_is_light():
+    code = "import sys, lift_ds; import lift_ds.config, lift_ds.schedule; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
