@@ -1,0 +1,308 @@
+"""DeepSpeed backend: a new DeepSpeed engine over the active block at every phase.
+
+At each phase boundary the old engine is torn down completely and ``deepspeed.initialize`` builds a
+new one on the same model with ``model_parameters`` = the active block's parameters, so ZeRO
+partitions, gradient buffers and optimizer state (fp32 master weights, moments) cover that block
+only. ZeRO-1/2/3, fp32/bf16/fp16, optimizer offload, and models built under ``deepspeed.zero.Init``.
+
+Private DeepSpeed details are touched in exactly two places, both below, and the version range in
+pyproject.toml is pinned for them: :func:`release_engine` (deepspeed 0.19's ``destroy()`` leaves
+the engine's forward hooks and per-parameter back-references alive) and
+:func:`_skip_model_broadcast` (every new engine re-broadcasts the whole model from rank 0, which
+is redundant after the first phase: all ranks already hold identical weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, TrainingConfig
+from ..optim import OptimizerFactory
+from ..utils import get_logger
+from .base import Backend
+
+logger = get_logger(__name__)
+
+_PARAM_BACKREFS = ("_zero_optimizer", "_z3_optimizer")
+_ENGINE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook")
+
+
+def release_engine(engine: Any, model: nn.Module) -> None:
+    """Destroy a DeepSpeed engine so that nothing keeps it (or its optimizer) alive.
+
+    ``engine.destroy()`` in deepspeed 0.19 leaves the engine's own forward pre/post hooks on the
+    module and a back-reference to the ZeRO optimizer on each parameter; both are removed here.
+    """
+    engine.destroy()
+    for attr in _ENGINE_HOOKS:
+        handle = getattr(engine, attr, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, attr, None)
+    for p in model.parameters():
+        for attr in _PARAM_BACKREFS:
+            if hasattr(p, attr):
+                delattr(p, attr)
+        p.grad = None
+
+
+@contextlib.contextmanager
+def _skip_model_broadcast(skip: bool) -> Iterator[None]:
+    """Skip DeepSpeedEngine's start-up broadcast of every parameter from rank 0 (when ``skip``)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = getattr(DeepSpeedEngine, "_broadcast_model", None)
+    if not skip or original is None:
+        yield
+        return
+    DeepSpeedEngine._broadcast_model = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._broadcast_model = original  # type: ignore[method-assign]
+
+
+def innermost_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers (it holds the partitioned state)."""
+    seen = 0
+    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer) and seen < 5:
+        opt = opt.optimizer
+        seen += 1
+    return opt
+
+
+def is_zero3_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+class DeepSpeedBackend(Backend):
+    """Rebuilds a DeepSpeed engine for the active block at every phase (see module docstring)."""
+
+    name = "deepspeed"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        training: TrainingConfig,
+        raw_config: dict[str, Any],
+        optimizer_factory: OptimizerFactory | None,
+        mpu: Any = None,
+        dist_init_required: bool | None = None,
+    ) -> None:
+        super().__init__(model, training, raw_config, optimizer_factory)
+        import deepspeed
+        import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
+
+        self._ds = deepspeed
+        self.mpu = mpu
+        self.ds_config = self.deepspeed_config(raw_config, training, client_optimizer=optimizer_factory is not None)
+        if self.ds_config.get("optimizer") is None and optimizer_factory is None:
+            raise ConfigError(["optimizer: none given; pass optimizer= a callable params -> Optimizer, or add an \"optimizer\" section"])
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        if get_accelerator().device_name() == "cpu":
+            # deepspeed_shm_comm only serves inference all-reduce and costs a ~50 s compile on CPU.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if not dist.is_initialized() and dist_init_required is not False:
+            deepspeed.init_distributed()
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self._engine: Any = None
+        self._params: list[nn.Parameter] = []
+        self._built_once = False
+
+    # ----------------------------------------------------------------- config
+
+    @staticmethod
+    def deepspeed_config(raw: dict[str, Any], training: TrainingConfig, client_optimizer: bool) -> dict[str, Any]:
+        """The config handed to ``deepspeed.initialize``: LIFT's section and the scheduler removed
+        (LIFT drives the learning rate across phases), ``"auto"`` batch sizes filled in, and
+        ``gradient_clipping`` always explicit."""
+        cfg = copy.deepcopy(raw)
+        cfg.pop("lift", None)
+        cfg.pop("scheduler", None)
+        cfg["train_micro_batch_size_per_gpu"] = training.micro_batch_size
+        cfg["gradient_accumulation_steps"] = training.gradient_accumulation_steps
+        cfg["train_batch_size"] = training.train_batch_size
+        cfg["gradient_clipping"] = training.gradient_clipping
+        if client_optimizer:
+            cfg.pop("optimizer", None)
+            cfg.setdefault("zero_allow_untested_optimizer", True)
+        return cfg
+
+    # ----------------------------------------------------------------- phases
+
+    @property
+    def engine(self) -> Any:
+        """The current DeepSpeed engine (None between phases)."""
+        return self._engine
+
+    @property
+    def optimizer(self) -> Any:
+        return None if self._engine is None else self._engine.optimizer
+
+    def build(self, params: list[nn.Parameter]) -> None:
+        opt = self.optimizer_factory(params) if self.optimizer_factory is not None else None
+        skip = self._built_once and self.zero_stage < 3
+        with _skip_model_broadcast(skip):
+            engine, _, _, _ = self._ds.initialize(
+                model=self.model, model_parameters=params, optimizer=opt, config=self.ds_config,
+                mpu=self.mpu, dist_init_required=False,
+            )
+        self._engine = engine
+        self._params = params
+        self._built_once = True
+
+    def teardown(self) -> None:
+        if self._engine is None:
+            return
+        engine, self._engine = self._engine, None
+        release_engine(engine, self.model)
+        del engine
+        self._params = []
+        gc.collect()
+
+    # ----------------------------------------------------------------- training
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._engine is None:
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
+        return self._engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss)
+
+    def step(self, boundary: bool) -> float | None:
+        self._engine.step()
+        if boundary:
+            norm = self._engine.get_global_grad_norm()
+            return None if norm is None else float(norm)
+        return None
+
+    def optimizer_state_numel(self) -> int:
+        """Elements of optimizer state this rank holds (moments; fp32 master partitions not counted)."""
+        if self._engine is None:
+            return 0
+        inner = innermost_optimizer(self._engine.optimizer)
+        return sum(v.numel() for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+
+    # ----------------------------------------------------------------- collectives
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_reduce_max(self, value: float) -> float:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    @contextlib.contextmanager
+    def gathered(self, params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+        """Full values of ZeRO-3 partitioned ``params`` inside the block (collective)."""
+        z3 = [p for p in params if is_zero3_param(p)]
+        if not z3:
+            yield
+            return
+        with self._ds.zero.GatheredParameters(z3, modifier_rank=modifier_rank):
+            yield
+
+    def named_full_params(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, full value on CPU)`` for each name; collective under ZeRO-3 (one at a time)."""
+        named = dict(self.model.named_parameters())
+        for n in names:
+            p = named[n]
+            with self.gathered([p]):
+                yield n, p.detach().to("cpu", copy=True)
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        names = [n for n, _ in self.model.named_parameters()]
+        out = {}
+        for n, t in self.named_full_params(names):
+            if self.rank == 0:
+                out[n] = t
+        return out
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def save_weights(self, path: Path, param_names: list[str]) -> None:
+        from safetensors.torch import save_file
+
+        values = {}
+        for n, t in self.named_full_params(param_names):
+            if self.rank == 0:
+                values[n] = t.contiguous()
+        if self.rank == 0:
+            save_file(values, str(path / "weights.safetensors"))
+
+    def load_weights(self, path: Path) -> list[str]:
+        from safetensors import safe_open
+
+        named = dict(self.model.named_parameters())
+        with safe_open(str(path / "weights.safetensors"), framework="pt") as f:
+            names = list(f.keys())
+            for n in names:
+                p = named[n]
+                with self.gathered([p], modifier_rank=0), torch.no_grad():
+                    if self.rank == 0 or not is_zero3_param(p):
+                        p.data.copy_(f.get_tensor(n).to(p.dtype))
+        return names
+
+    def save_optimizer(self, path: Path) -> None:
+        self._engine.save_checkpoint(str(path / "deepspeed"), tag="phase", save_latest=False, exclude_frozen_parameters=True)
+
+    def load_optimizer(self, path: Path) -> None:
+        loaded, _ = self._engine.load_checkpoint(
+            str(path / "deepspeed"), tag="phase", load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed optimizer state under {path / 'deepspeed'}")
+
+    def stash_optimizer_state(self) -> Any:
+        sd = self._engine.optimizer.state_dict()
+        return _to_cpu(sd)
+
+    def restore_optimizer_state(self, state: Any) -> None:
+        opt = self._engine.optimizer
+        if self.zero_stage in (1, 2):
+            lists = [None] * self.world_size
+            lists[self.rank] = state
+            opt.load_state_dict(lists, load_optimizer_states=True, load_from_fp32_weights=True)
+        elif self.zero_stage == 3:
+            opt.load_state_dict([state], load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            opt.load_state_dict(state)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

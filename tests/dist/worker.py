@@ -1,0 +1,161 @@
+"""Runs LIFT scenarios under a multi-rank launcher; rank 0 writes results for the pytest side.
+
+    torchrun --nproc_per_node 2 tests/dist/worker.py SCENARIOS.json OUT.pt
+
+Each scenario is a dict: config (a whole DeepSpeed config with a "lift" section), optimizer
+("sgd" | "adamw" | "config"), steps, seed, and optional actions (save_at, resume_from,
+die_after_save, track). Data: global batches of learnable token sequences; rank r takes its rows.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402,F401  (must precede deepspeed.zero.Init)
+import transformers  # noqa: E402,F401
+
+from helpers import lm_batches, tiny_llama  # noqa: E402
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-3, weight_decay=0.01),
+}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def live_engines() -> int:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    return sum(1 for o in gc.get_objects() if isinstance(o, DeepSpeedEngine))
+
+
+def hook_count(model) -> int:
+    return sum(
+        len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
+
+
+def global_batches(sc, world):
+    mb = sc["config"].get("train_micro_batch_size_per_gpu", 2)
+    gas = sc["config"].get("gradient_accumulation_steps", 1)
+    return lm_batches(sc["steps"] * gas, batch=mb * world, seq=sc.get("seq", 16), vocab=sc.get("vocab", 128), seed=sc.get("data_seed", 1))
+
+
+def build_model(sc, ds_config):
+    import deepspeed
+
+    kw = dict(layers=sc.get("layers", 4), hidden=sc.get("hidden", 32), vocab=sc.get("vocab", 128), seed=sc.get("seed", 0))
+    if sc.get("zero_init"):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            return tiny_llama(**kw)
+    return tiny_llama(**kw)
+
+
+def run(sc, rank, world):
+    import lift_ds
+    from lift_ds.backends.deepspeed import DeepSpeedBackend
+
+    model = build_model(sc, sc["config"])
+    start = {n: t.clone() for n, t in _full_state(model).items()} if sc.get("report_start") else None
+    opt = None if sc["optimizer"] == "config" else OPTIMIZERS[sc["optimizer"]]
+    engine, _, _, _ = lift_ds.initialize(model=model, config=sc["config"], optimizer=opt)
+    assert isinstance(engine.backend, DeepSpeedBackend)
+    mb = sc["config"].get("train_micro_batch_size_per_gpu", 2)
+    data = global_batches(sc, world)
+    out: dict = {"losses": [], "state_numel": [], "phase_blocks": [], "trainable_numel": [], "engines": [], "hooks": [], "rss": []}
+    if sc.get("resume_from"):
+        engine.load_checkpoint(sc["resume_from"])
+    micro = engine.micro_steps
+    t0 = time.perf_counter()
+    while not engine.done:
+        b = data[micro]
+        local = {k: v[rank * mb : (rank + 1) * mb] for k, v in b.items()}
+        loss = engine(**local).loss
+        engine.backward(loss)
+        was_boundary = engine.is_gradient_accumulation_boundary()
+        block = engine.active_block_index
+        if was_boundary:
+            # state exists after the first step of a phase; count what this rank holds now (before step)
+            out["state_numel"].append(engine.backend.optimizer_state_numel())
+            out["trainable_numel"].append(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters() if p.requires_grad))
+            out["phase_blocks"].append(block)
+        engine.step()
+        micro += 1
+        out["losses"].append(loss.item())
+        if was_boundary and sc.get("track"):
+            gc.collect()
+            out["engines"].append(live_engines())
+            out["hooks"].append(hook_count(engine.module))
+            out["rss"].append(rss_mb())
+        if was_boundary and sc.get("save_at") == engine.global_step:
+            engine.save_checkpoint(sc["save_dir"])
+            if sc.get("die_after_save"):
+                engine.backend.barrier()
+                os._exit(0)
+    out["seconds"] = time.perf_counter() - t0
+    out["switch_seconds"] = engine.phase_switch_seconds
+    out["final"] = _full_state(model)
+    engine.close()
+    gc.collect()
+    if sc.get("track"):
+        out["engines_after_close"] = live_engines()
+    if start is not None:
+        out["start"] = start
+    return out
+
+
+def _full_state(model):
+    import deepspeed
+
+    state = {}
+    for n, p in model.named_parameters():
+        if hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p]):
+                state[n] = p.detach().float().clone()
+        else:
+            state[n] = p.detach().float().clone()
+    return state
+
+
+def main() -> None:
+    scenarios = json.loads(Path(sys.argv[1]).read_text())
+    out_path = Path(sys.argv[2])
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    results = {}
+    for name, sc in scenarios.items():
+        try:
+            results[name] = run(sc, rank, world)
+        except Exception as e:  # recorded and reported by the pytest side
+            import traceback
+
+            results[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+        gc.collect()
+    if rank == 0:
+        torch.save(results, out_path)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
