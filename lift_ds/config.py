@@ -81,6 +81,11 @@ class LiftConfig:
 _LIFT_KEYS = {f.name for f in fields(LiftConfig)}
 
 
+def is_comment_key(key: str) -> bool:
+    """Keys named ``_comment...`` document a JSON config; they are ignored everywhere."""
+    return isinstance(key, str) and key.startswith("_comment")
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -95,7 +100,7 @@ def parse_lift_section(section: Mapping[str, Any], path: str = "lift") -> LiftCo
     if not isinstance(section, Mapping):
         raise ConfigError([f"{path}: must be a JSON object, got {type(section).__name__}"])
     for key in section:
-        if key not in _LIFT_KEYS:
+        if key not in _LIFT_KEYS and not is_comment_key(key):
             problems.append(f"{path}.{key}: unknown key; allowed keys are {', '.join(sorted(_LIFT_KEYS))}")
     v = dict(section)
     out: dict[str, Any] = {}

@@ -76,13 +76,34 @@ def as_optimizer_factory(optimizer: Any, section: Mapping[str, Any] | None) -> O
     return optimizer_factory_from_section(section)
 
 
-def scheduler_from_section(section: Mapping[str, Any]) -> SchedulerFactory:
+#: ``"auto"`` scheduler parameters LIFT fills in: the optimizer's lr, the run's total steps, and a
+#: warm-up of 3% of them (at least one step).
+def _fill_auto(params: dict[str, Any], base_lr: float, total_steps: int | None) -> dict[str, Any]:
+    filled = dict(params)
+    for key, value in params.items():
+        if value != "auto":
+            continue
+        if key in ("warmup_max_lr", "cycle_max_lr", "lr_range_test_min_lr"):
+            filled[key] = base_lr
+        elif key in ("warmup_min_lr", "cycle_min_lr"):
+            filled[key] = 0.0
+        elif key == "total_num_steps" and total_steps is not None:
+            filled[key] = total_steps
+        elif key == "warmup_num_steps" and total_steps is not None:
+            filled[key] = max(1, round(0.03 * total_steps))
+        else:
+            raise ConfigError([f"scheduler.params.{key}: \"auto\" cannot be derived here; give a number"])
+    return filled
+
+
+def scheduler_from_section(section: Mapping[str, Any], total_steps: int | None = None) -> SchedulerFactory:
     """A factory for a DeepSpeed ``"scheduler"`` section (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest)."""
     kind = section["type"]
-    params = dict(section.get("params", {}))
 
     def factory(opt: torch.optim.Optimizer) -> Any:
         from deepspeed.runtime import lr_schedules
+
+        params = _fill_auto(dict(section.get("params", {})), float(opt.param_groups[0]["lr"]), total_steps)
 
         if kind not in lr_schedules.VALID_LR_SCHEDULES:
             raise ConfigError([f"scheduler.type: {kind!r} unknown; allowed: {', '.join(lr_schedules.VALID_LR_SCHEDULES)}"])
@@ -100,11 +121,12 @@ class LRController:
     Args:
         scheduler: a callable ``optimizer -> scheduler`` (any torch or DeepSpeed LR scheduler), a
             DeepSpeed ``"scheduler"`` section, or None for a constant learning rate.
+        total_steps: the run's optimizer steps (fills ``"auto"`` in a scheduler section).
     """
 
-    def __init__(self, scheduler: SchedulerFactory | Mapping[str, Any] | None) -> None:
+    def __init__(self, scheduler: SchedulerFactory | Mapping[str, Any] | None, total_steps: int | None = None) -> None:
         if isinstance(scheduler, Mapping):
-            scheduler = scheduler_from_section(scheduler)
+            scheduler = scheduler_from_section(scheduler, total_steps)
         elif scheduler is not None and not callable(scheduler):
             raise ConfigError([
                 "lr_scheduler: must be a callable optimizer -> scheduler (LIFT builds a new optimizer each phase, "

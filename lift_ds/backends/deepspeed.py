@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..config import ConfigError, TrainingConfig
+from ..config import ConfigError, TrainingConfig, is_comment_key
 from ..optim import OptimizerFactory
 from ..utils import get_logger
 from .base import Backend
@@ -125,7 +125,7 @@ class DeepSpeedBackend(Backend):
         """The config handed to ``deepspeed.initialize``: LIFT's section and the scheduler removed
         (LIFT drives the learning rate across phases), ``"auto"`` batch sizes filled in, and
         ``gradient_clipping`` always explicit."""
-        cfg = copy.deepcopy(raw)
+        cfg = {k: v for k, v in copy.deepcopy(raw).items() if not is_comment_key(k)}
         cfg.pop("lift", None)
         cfg.pop("scheduler", None)
         cfg["train_micro_batch_size_per_gpu"] = training.micro_batch_size
@@ -288,14 +288,14 @@ class DeepSpeedBackend(Backend):
 
     def restore_optimizer_state(self, state: Any) -> None:
         opt = self._engine.optimizer
-        if self.zero_stage in (1, 2):
-            lists = [None] * self.world_size
-            lists[self.rank] = state
-            opt.load_state_dict(lists, load_optimizer_states=True, load_from_fp32_weights=True)
-        elif self.zero_stage == 3:
-            opt.load_state_dict([state], load_optimizer_states=True, load_from_fp32_weights=True)
-        else:
+        if self.zero_stage == 0:
             opt.load_state_dict(state)
+            return
+        # ZeRO optimizers take one state per rank and pick their own: same block, same ranks, same
+        # partitioning. The fp32 master partitions are restored too, then copied into the params.
+        per_rank: list[Any] = [None] * self.world_size
+        per_rank[self.rank] = state
+        opt.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -89,6 +89,10 @@ def run(sc, rank, world):
         local = {k: v[rank * mb : (rank + 1) * mb] for k, v in b.items()}
         loss = engine(**local).loss
         engine.backward(loss)
+        out["losses"].append(loss.item())
+        # DeepSpeed's backward hooks on the outputs reference the engine that made them: a loop that
+        # keeps the loss tensor keeps the previous phase's engine alive until its next forward
+        del loss
         was_boundary = engine.is_gradient_accumulation_boundary()
         block = engine.active_block_index
         if was_boundary:
@@ -98,7 +102,6 @@ def run(sc, rank, world):
             out["phase_blocks"].append(block)
         engine.step()
         micro += 1
-        out["losses"].append(loss.item())
         if was_boundary and sc.get("track"):
             gc.collect()
             out["engines"].append(live_engines())
@@ -147,6 +150,7 @@ def main() -> None:
             import traceback
 
             results[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+            print(f"[rank {rank}] scenario {name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         gc.collect()
     if rank == 0:
         torch.save(results, out_path)
