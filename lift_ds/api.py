@@ -55,6 +55,7 @@ def initialize(
     config: str | os.PathLike | Mapping[str, Any] | None = None,
     config_params: Mapping[str, Any] | None = None,
     total_steps: int | None = None,
+    fixed_trainable: list[str] | None = None,
 ) -> tuple[LiftEngine, PhaseOptimizer, Any, Any]:
     """Build a LIFT engine; returns ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
@@ -75,6 +76,8 @@ def initialize(
         config: a DeepSpeed config (path or dict) with a ``"lift"`` section.
         config_params: alias of ``config`` (as in DeepSpeed).
         total_steps: overrides ``lift.total_steps`` (e.g. from ``--max_steps``).
+        fixed_trainable: parameter names trained for the whole run instead of the LIFT plan (the
+            full fine-tuning and LoRA baselines in the same harness).
 
     Raises:
         ConfigError: every configuration problem at once, before any process group starts.
@@ -102,7 +105,7 @@ def initialize(
     if lift.backend == "deepspeed":
         backend_kwargs = {"mpu": mpu, "dist_init_required": dist_init_required}
     backend = backend_cls(model, training, raw, factory, **backend_kwargs)
-    engine = LiftEngine(model, lift, training, backend, lr)
+    engine = LiftEngine(model, lift, training, backend, lr, fixed_trainable=fixed_trainable)
     loader = None
     if training_data is not None:
         loader = make_dataloader(training_data, training.micro_batch_size, backend.rank, backend.world_size, collate_fn, lift.seed)

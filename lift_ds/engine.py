@@ -38,6 +38,8 @@ class LiftEngine:
         training: the top-level keys LIFT reads.
         backend: a backend constructed for this model.
         lr_controller: the run-long learning-rate schedule.
+        fixed_trainable: train exactly these parameters for the whole run, as one block (the full
+            fine-tuning and LoRA baselines share the loop, backends and checkpoints this way).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class LiftEngine:
         training: TrainingConfig,
         backend: Backend,
         lr_controller: LRController,
+        fixed_trainable: list[str] | None = None,
     ) -> None:
         if lift.total_steps is None:
             raise ConfigError(["lift.total_steps: required (an integer >= 1); set it in the config or pass total_steps="])
@@ -55,9 +58,14 @@ class LiftEngine:
         self.training = training
         self.backend = backend
         self.lr_scheduler = lr_controller
-        self.blocks: list[Block] = find_blocks(model)
-        self.candidates: list[Block] = select_candidates(self.blocks, lift)
-        self.always_trainable: list[str] = match_modules(model, lift.always_trainable)
+        if fixed_trainable is not None:
+            self.blocks = [Block("all", "fixed", None, tuple(fixed_trainable))]
+            self.candidates = list(self.blocks)
+            self.always_trainable: list[str] = []
+        else:
+            self.blocks = find_blocks(model)
+            self.candidates = select_candidates(self.blocks, lift)
+            self.always_trainable = match_modules(model, lift.always_trainable)
         self.plan: list[int] = plan(len(self.candidates), lift.total_steps, lift.schedule, lift.policy, lift.seed)
         self.cursor = PhaseCursor(self.plan)
         self.micro_steps = 0
@@ -201,7 +209,7 @@ class LiftEngine:
         elif not self.cursor.done:
             self.lr_scheduler.apply(self.backend.optimizer)
         elif self.cursor.done:
-            self.backend.teardown()
+            # the last engine stays (ZeRO-3 forward needs its hooks for evaluation and export) until close()
             self._active = None
             set_trainable(self.module, [])
 

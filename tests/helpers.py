@@ -37,3 +37,40 @@ def lm_batches(n: int, batch: int = 4, seq: int = 16, vocab: int = 128, seed: in
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+POSITIVE = ["a wonderful and moving film", "great acting and a clever plot", "i loved every minute of it", "a delightful, funny story",
+            "beautifully shot and well told", "an excellent cast at its best"]
+NEGATIVE = ["a dull and tedious mess", "the plot makes no sense at all", "i hated the boring script", "a tired, lifeless sequel",
+            "badly acted and far too long", "an awful waste of good actors"]
+
+
+def write_sentiment(path, n: int, seed: int = 0) -> None:
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            lab = "positive" if i % 2 == 0 else "negative"
+            text = rng.choice(POSITIVE if lab == "positive" else NEGATIVE)
+            f.write(json.dumps({"text": text, "label": lab}) + "\n")
+
+
+def make_model_dir(path, layers: int = 4, hidden: int = 32, tie: bool = False):
+    """A tiny random-init LLaMA and a small byte-level BPE tokenizer saved as a Hugging Face directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = POSITIVE + NEGATIVE + ["Review:", "Sentiment:", " positive", " negative", "Question:", "Answer:"]
+    tok.train_from_iterator(corpus * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    model = tiny_llama(layers=layers, hidden=hidden, vocab=len(fast), tie=tie)
+    model.config.eos_token_id = fast.eos_token_id
+    model.config.pad_token_id = fast.pad_token_id
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainingConfig, is_comment_key
-from ..optim import OptimizerFactory
+from ..optim import OptimizerFactory, optimizer_factory_from_section
 from ..utils import get_logger
 from .base import Backend
 
@@ -103,6 +103,13 @@ class DeepSpeedBackend(Backend):
 
         self._ds = deepspeed
         self.mpu = mpu
+        zero = raw_config.get("zero_optimization", {}) or {}
+        offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+        if optimizer_factory is None and training.optimizer is not None and not offload and get_accelerator().device_name() == "cpu":
+            # On CPU DeepSpeed would compile FusedAdam (about a minute); torch's optimizer is the same math.
+            optimizer_factory = optimizer_factory_from_section(training.optimizer)
+            self.optimizer_factory = optimizer_factory
+            logger.info("CPU accelerator: the config's %s optimizer runs as torch.optim (no op to compile)", training.optimizer["type"])
         self.ds_config = self.deepspeed_config(raw_config, training, client_optimizer=optimizer_factory is not None)
         if self.ds_config.get("optimizer") is None and optimizer_factory is None:
             raise ConfigError(["optimizer: none given; pass optimizer= a callable params -> Optimizer, or add an \"optimizer\" section"])

@@ -1,6 +1,6 @@
 """Runs LIFT scenarios under a multi-rank launcher; rank 0 writes results for the pytest side.
 
-    torchrun --nproc_per_node 2 tests/dist/worker.py SCENARIOS.json OUT.pt
+    torchrun --nproc_per_node 2 tests/distributed/worker.py SCENARIOS.json OUT.pt
 
 Each scenario is a dict: config (a whole DeepSpeed config with a "lift" section), optimizer
 ("sgd" | "adamw" | "config"), steps, seed, and optional actions (save_at, resume_from,
@@ -115,10 +115,15 @@ def run(sc, rank, world):
     out["seconds"] = time.perf_counter() - t0
     out["switch_seconds"] = engine.phase_switch_seconds
     out["final"] = _full_state(model)
+    if sc.get("export_dir"):
+        from lift_ds.export import save_hf_checkpoint
+
+        save_hf_checkpoint(engine, sc["export_dir"])
     engine.close()
     gc.collect()
     if sc.get("track"):
         out["engines_after_close"] = live_engines()
+        out["hooks_after_close"] = hook_count(model)
     if start is not None:
         out["start"] = start
     return out

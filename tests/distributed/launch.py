@@ -1,4 +1,4 @@
-"""Launch tests/dist/worker.py on 2 CPU ranks and compute single-process references."""
+"""Launch tests/distributed/worker.py on 2 CPU ranks and compute single-process references."""
 
 from __future__ import annotations
 

@@ -1,0 +1,229 @@
+"""The training loop behind launch/train.py: LIFT, full fine-tuning or LoRA on the same data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .cli import Plan, build_parser, check_plan_fits_model, resolve
+from .config import ConfigError
+from .data import DataError, Example, TokenizedData, load_examples, tokenize
+from .utils import get_logger
+
+logger = get_logger("lift_ds.train")
+
+
+def _load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    path = Path(name)
+    if path.is_dir() and (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
+        tok = LlamaTokenizer.from_pretrained(name)  # a bare SentencePiece model
+    else:
+        tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def _load_model(plan: Plan, model_dir: str) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    args = plan.args
+    cfg = AutoConfig.from_pretrained(model_dir)
+    check_plan_fits_model(cfg.num_hidden_layers, plan.config, args.method)
+    torch.manual_seed(args.seed)
+    if args.random_init:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def _data(plan: Plan, tokenizer: Any) -> tuple[TokenizedData, TokenizedData | None, list[Example] | None, str]:
+    from . import assets
+
+    args = plan.args
+    train_path, eval_path = args.data, args.eval_data
+    fmt = args.format or ("classification" if plan.builtin else "text")
+    if plan.builtin:
+        train_path, eval_path = (str(p) for p in assets.movie_review_sentiment())
+    labels = args.labels.split(",") if args.labels else None
+    train_ex, label_set = load_examples(train_path, fmt, labels)
+    train = tokenize(train_ex, tokenizer, fmt, args.seq_len, truncate=not args.no_truncate)
+    if train.truncated:
+        logger.info("%d of %d training examples were longer than --seq_len %d and were truncated (their prompt's start cut)", train.truncated, len(train.input_ids), args.seq_len)
+    held = held_ex = None
+    if eval_path:
+        held_ex, _ = load_examples(eval_path, fmt, label_set or labels)
+        if args.eval_limit:
+            held_ex = held_ex[: args.eval_limit]
+        held = tokenize(held_ex, tokenizer, fmt, args.seq_len, truncate=True)
+        if fmt not in ("classification", "multiple_choice"):
+            held_ex = None
+    return train, held, held_ex, fmt
+
+
+class Run:
+    """One training run: engine, data, evaluation, metrics, checkpoints."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.args = plan.args
+        self.out = Path(self.args.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+
+    def setup(self) -> None:
+        import torch
+
+        from . import assets
+        from .api import initialize
+
+        args = self.args
+        model_dir = args.model or str(assets.smollm2_135m())
+        self.tokenizer = _load_tokenizer(args.tokenizer or model_dir)
+        self.train_data, self.held, self.held_ex, self.fmt = _data(self.plan, self.tokenizer)
+        self.model = _load_model(self.plan, model_dir)
+        fixed = None
+        if args.method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            self.model = get_peft_model(self.model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0))
+            fixed = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        elif args.method == "full":
+            fixed = [n for n, _ in self.model.named_parameters()]
+        self.engine, _, _, _ = initialize(model=self.model, config=self.plan.config, fixed_trainable=fixed)
+        from .data import RankBatches
+
+        self.batches = RankBatches(self.train_data, self.engine.train_micro_batch_size_per_gpu(), self.engine.rank, self.engine.world_size, args.seed, self.tokenizer.pad_token_id)
+        if self.engine.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            logger.info("configuration (merged):\n%s", json.dumps({"args": vars(args), "config": self.plan.config}, indent=1, default=str))
+        torch.manual_seed(args.seed + self.engine.rank)
+
+    def evaluate(self) -> dict[str, float]:
+        from .evaluate import choice_accuracy, eval_loss
+
+        if self.held is None:
+            return {}
+        self.engine.eval()
+        fwd = self.engine.forward
+        r, w = self.engine.rank, self.engine.world_size
+        out = eval_loss(fwd, self.held, self.args.eval_batch_size, r, w, self.tokenizer.pad_token_id)
+        if self.held_ex:
+            out.update(choice_accuracy(fwd, self.held_ex, self.tokenizer, self.args.seq_len, self.args.eval_batch_size, r, w))
+        self.engine.train()
+        return out
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.engine.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self) -> None:
+        self.engine.save_checkpoint(self.ckpt_dir, client_state={"micro_steps": self.engine.micro_steps})
+        if self.engine.rank == 0 and self.args.keep_checkpoints:
+            tags = sorted((p for p in self.ckpt_dir.glob("global_step*") if p.is_dir()), key=lambda p: int(p.name[len("global_step"):]))
+            for old in tags[: -self.args.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def train(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        args, engine = self.args, self.engine
+        if args.resume:
+            path, _ = engine.load_checkpoint(self.ckpt_dir)
+            if path is None:
+                logger.warning("--resume: no checkpoint in %s, starting from the beginning", self.ckpt_dir)
+        before = self.evaluate() if engine.global_step == 0 else {}
+        if before:
+            logger.info("before training: %s", _fmt(before))
+            self.log({"step": 0, **before})
+        total = engine.lift.total_steps
+        bar = tqdm(total=total, initial=engine.global_step, disable=engine.rank != 0, dynamic_ncols=True, file=sys.stderr)
+        gas = engine.gradient_accumulation_steps()
+        t_step, tokens = time.perf_counter(), 0
+        while not engine.done:
+            block = engine.active_block
+            loss_sum = 0.0
+            for _ in range(gas):
+                batch = self.batches.batch(engine.micro_steps)
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                loss_sum += loss.item()
+                del loss
+                tokens += int(batch["attention_mask"].sum()) * engine.world_size
+                engine.step()
+            dt = time.perf_counter() - t_step
+            rec = {"step": engine.global_step, "loss": loss_sum / gas, "lr": engine.get_lr()[0], "block": block,
+                   "grad_norm": engine.last_grad_norm, "tokens_per_s": tokens / dt, "step_s": dt}
+            self.log(rec)
+            bar.set_postfix(block=block, loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.update(1)
+            t_step, tokens = time.perf_counter(), 0
+            if args.eval_every and engine.global_step % args.eval_every == 0 and not engine.done:
+                ev = self.evaluate()
+                self.log({"step": engine.global_step, **ev})
+                logger.info("step %d: %s", engine.global_step, _fmt(ev))
+            if args.save_every and engine.global_step % args.save_every == 0:
+                self.save()
+        bar.close()
+        after = self.evaluate()
+        if after:
+            self.log({"step": engine.global_step, **after})
+        self.save()
+        if not args.no_final_model:
+            self.export()
+        return {"before": before, "after": after, "phase_switch_seconds": engine.phase_switch_seconds}
+
+    def export(self) -> None:
+        from .export import save_hf_checkpoint
+
+        final = self.out / "final"
+        if self.args.method == "lora":
+            state = self.engine.backend.gathered_state_dict()
+            if self.engine.rank == 0:
+                merged = self.model.merge_and_unload()
+                merged.save_pretrained(final, safe_serialization=True)
+                self.tokenizer.save_pretrained(final)
+            self.engine.backend.barrier()
+            del state
+        else:
+            save_hf_checkpoint(self.engine, final, tokenizer=self.tokenizer)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of launch/train.py; exit code 2 with a one-paragraph message on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        plan = resolve(args)
+        run = Run(plan)
+        run.setup()
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = run.train()
+    if run.engine.rank == 0:
+        b, a = result["before"], result["after"]
+        for key in ("eval_accuracy", "eval_loss"):
+            if key in a:
+                print(f"held-out {key.split('_')[1]}: before {b.get(key, float('nan')):.4f} -> after {a[key]:.4f}")
+        print(f"phase switches took {result['phase_switch_seconds']:.1f} s; outputs in {run.out}")
+    run.engine.close()
+    return 0
