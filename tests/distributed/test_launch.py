@@ -1,0 +1,83 @@
+"""End to end: launch/train.py under the deepspeed launcher (ZeRO-2) and torchrun (ZeRO-3), 2 CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_model_dir, write_sentiment
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def launch(launcher: str, config: str, files: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    if launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "launch/train.py"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/train.py"]
+    cmd += ["--ds_config", config, "--model", str(files / "model"), "--data", str(files / "train.jsonl"),
+            "--eval_data", str(files / "eval.jsonl"), "--format", "classification", "--max_steps", "16",
+            "--save_every", "8", "--lr", "0.01", "--include_head", "--seq_len", "32", "--output_dir", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("launch")
+    make_model_dir(d / "model", layers=4)
+    write_sentiment(d / "train.jsonl", 96)
+    write_sentiment(d / "eval.jsonl", 16, seed=1)
+    return d
+
+
+def train_losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("launcher,config", [("deepspeed", "ds_configs/zero2.json"), ("torchrun", "ds_configs/zero3.json")])
+def test_train_resume_and_export(files, tmp_path, launcher, config):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    proc = launch(launcher, config, files, out)
+    assert "held-out accuracy: before" in proc.stdout + proc.stderr
+    losses = train_losses(out)
+    assert len(losses) == 16 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
+    final = final_weights(out)
+    # the exported model is the engine's: every weight the last checkpoint holds is in final/ unchanged
+    ckpt = load_file(out / "checkpoints" / "global_step16" / "weights.safetensors")
+    assert len(ckpt) > 0
+    for n, t in ckpt.items():
+        assert torch.equal(final[n].to(t.dtype), t), n
+
+    # resume from the mid-run checkpoint (step 8, mid-plan) in a copy: the result is the same model
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoints", resumed / "checkpoints")
+    shutil.rmtree(resumed / "checkpoints" / "global_step16")
+    (resumed / "checkpoints" / "latest").write_text("global_step8")
+    proc = launch(launcher, config, files, resumed, "--resume")
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert len(train_losses(resumed)) == 8
+    again = final_weights(resumed)
+    for n in final:
+        assert torch.equal(final[n], again[n]), n

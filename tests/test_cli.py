@@ -1,0 +1,59 @@
+"""launch/train.py refuses bad input with exit code 2 and a message naming the field, before any process group."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import make_model_dir, write_sentiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    make_model_dir(d / "model", layers=4)
+    write_sentiment(d / "train.jsonl", 16)
+    (d / "broken.jsonl").write_text('{"text": "fine", "label": "positive"}\n{"text": "broken", "label": \n')
+    cfg = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "lift": {"backend": "torch"}}
+    (d / "ok.json").write_text(json.dumps(cfg))
+    (d / "typo.json").write_text(json.dumps({**cfg, "lift": {"backend": "torch", "shedule": "random"}}))
+    (d / "bad.json").write_text('{"lift": {"backend": "torch",}}')
+    return d
+
+
+def run(args, files):
+    base = ["--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--format", "classification",
+            "--ds_config", str(files / "ok.json"), "--max_steps", "8", "--output_dir", str(files / "out")]
+    merged = dict(zip(base[::2], base[1::2]))
+    merged.update(dict(zip(args[::2], args[1::2])))
+    argv = [x for kv in merged.items() for x in kv]
+    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *argv], capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--data", "/nonexistent/train.jsonl"], ["--data", "/nonexistent/train.jsonl", "does not exist"]),
+    (["--ds_config", "/nonexistent.json"], ["--ds_config", "does not exist"]),
+    (["--ds_config", "{files}/bad.json"], ["not valid JSON at line 1"]),
+    (["--ds_config", "{files}/typo.json"], ["lift.shedule: unknown key", "schedule"]),
+    (["--data", "{files}/broken.jsonl"], ["broken.jsonl:2: invalid JSON"]),
+    (["--max_steps", "3"], ["--max_steps: 3 is below the 4 candidate blocks", "1 blocks would never train", "--layer_range"]),
+    (["--layer_range", "2,9"], ["lift.layer_range", "past the model's 4 layers"]),
+    (["--max_steps", "0"], ["--max_steps: must be >= 1"]),
+])
+def test_bad_input_exit_2_with_clear_message(files, args, needles):
+    args = [a.replace("{files}", str(files)) for a in args]
+    proc = run(args, files)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    for n in needles:
+        assert n in proc.stderr, (n, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    assert "init_distributed" not in proc.stderr and "process group" not in proc.stderr.lower()
+
+
+def test_unknown_format_is_refused_by_argparse(files):
+    proc = run(["--format", "csv"], files)
+    assert proc.returncode == 2 and "--format" in proc.stderr and "invalid choice" in proc.stderr
