@@ -274,6 +274,36 @@ def resolve_training(config: Mapping[str, Any], world_size: int) -> TrainingConf
     )
 
 
+FSDP_KEYS = ("cpu_offload", "reshard_after_forward")
+
+
+def fsdp_problems(raw: Mapping[str, Any]) -> list[str]:
+    """Config keys backend ``fsdp`` cannot honour, and a check of its ``"fsdp"`` section."""
+    problems = []
+    zero = raw.get("zero_optimization") or {}
+    if isinstance(zero, Mapping) and zero.get("stage", 0) not in (0, None):
+        problems.append(
+            f"zero_optimization.stage: {zero.get('stage')} is a DeepSpeed ZeRO stage; backend \"fsdp\" always shards "
+            "parameters, gradients and optimizer state (like ZeRO-3). Remove zero_optimization or use backend \"deepspeed\""
+        )
+    if isinstance(zero, Mapping) and (zero.get("offload_optimizer") or zero.get("offload_param")):
+        problems.append("zero_optimization.offload_*: DeepSpeed offload does not apply to backend \"fsdp\"; use \"fsdp\": {\"cpu_offload\": true}")
+    if isinstance(raw.get("fp16"), Mapping) and raw["fp16"].get("enabled") is True:
+        problems.append("fp16.enabled: backend \"fsdp\" has no loss scaler here; use bf16")
+    sec = raw.get("fsdp", {})
+    if not isinstance(sec, Mapping):
+        problems.append(f"fsdp: must be an object, got {sec!r}")
+        return problems
+    for k, v in sec.items():
+        if is_comment_key(k):
+            continue
+        if k not in FSDP_KEYS:
+            problems.append(f"fsdp.{k}: unknown key; allowed: {', '.join(FSDP_KEYS)}")
+        elif not isinstance(v, bool):
+            problems.append(f"fsdp.{k}: must be true or false, got {v!r}")
+    return problems
+
+
 def load_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     """Read a DeepSpeed JSON file (or take a dict) and return a copy of it as a dict."""
     if isinstance(config, Mapping):
@@ -311,6 +341,10 @@ def parse_config(config: str | Path | Mapping[str, Any], world_size: int = 1) ->
         training = resolve_training(raw, world_size)
     except ConfigError as e:
         problems += e.problems
+    if lift is not None and lift.backend == "fsdp":
+        problems += fsdp_problems(raw)
+    elif "fsdp" in raw:
+        problems.append(f"fsdp: this section only applies to lift.backend \"fsdp\" (the backend is {lift.backend!r})" if lift else "fsdp: unexpected")
     if lift is not None and lift.backend == "torch" and training is not None and training.precision == "fp16":
         problems.append("fp16.enabled: the torch reference backend has no loss scaler; use bf16 or backend \"deepspeed\"")
     if problems:

@@ -92,3 +92,18 @@ def test_import_is_light():
     code = "import sys, lift_ds; import lift_ds.config, lift_ds.schedule; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_fsdp_rejects_what_it_cannot_honour():
+    with pytest.raises(ConfigError) as e:
+        parse_config({
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "fp16": {"enabled": True},
+            "fsdp": {"cpu_ofload": True, "reshard_after_forward": "yes"}, "lift": {"backend": "fsdp"},
+        })
+    text = str(e.value)
+    for needle in ["zero_optimization.stage: 2", "zero_optimization.offload_*", "fp16.enabled", "fsdp.cpu_ofload: unknown key", "fsdp.reshard_after_forward: must be true or false"]:
+        assert needle in text, needle
+    with pytest.raises(ConfigError, match="fsdp: this section only applies"):
+        parse_config({"fsdp": {"cpu_offload": True}, "lift": {"backend": "deepspeed"}})
+    lift, _, _ = parse_config({"zero_optimization": {"stage": 0}, "fsdp": {"cpu_offload": True}, "lift": {"backend": "fsdp"}})
+    assert lift.backend == "fsdp"

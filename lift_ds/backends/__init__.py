@@ -19,12 +19,8 @@ def get_backend_class(name: str) -> "type[Backend]":
 
         return DeepSpeedBackend
     if name == "fsdp":
-        try:
-            from .fsdp import FSDPBackend  # type: ignore[import-not-found]
-        except ImportError:
-            from ..config import ConfigError
+        from .fsdp import FSDPBackend
 
-            raise ConfigError(["lift.backend: \"fsdp\" is not available in this version yet; use \"torch\" or \"deepspeed\""]) from None
         return FSDPBackend
     from ..config import BACKENDS, ConfigError
 

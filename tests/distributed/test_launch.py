@@ -54,7 +54,9 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("launcher,config", [("deepspeed", "ds_configs/zero2.json"), ("torchrun", "ds_configs/zero3.json")])
+@pytest.mark.parametrize("launcher,config", [
+    ("deepspeed", "ds_configs/zero2.json"), ("torchrun", "ds_configs/zero3.json"), ("torchrun", "ds_configs/fsdp.json"),
+])
 def test_train_resume_and_export(files, tmp_path, launcher, config):
     from safetensors.torch import load_file
 

@@ -45,6 +45,10 @@ def live_engines() -> int:
     return sum(1 for o in gc.get_objects() if isinstance(o, DeepSpeedEngine))
 
 
+def live_optimizers() -> int:
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer) and not o.param_groups[0]["params"][0].shape == (1,))
+
+
 def hook_count(model) -> int:
     return sum(
         len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", {}))
@@ -70,13 +74,12 @@ def build_model(sc, ds_config):
 
 def run(sc, rank, world):
     import lift_ds
-    from lift_ds.backends.deepspeed import DeepSpeedBackend
 
     model = build_model(sc, sc["config"])
     start = {n: t.clone() for n, t in _full_state(model).items()} if sc.get("report_start") else None
     opt = None if sc["optimizer"] == "config" else OPTIMIZERS[sc["optimizer"]]
     engine, _, _, _ = lift_ds.initialize(model=model, config=sc["config"], optimizer=opt)
-    assert isinstance(engine.backend, DeepSpeedBackend)
+    assert engine.backend.name == sc["config"]["lift"]["backend"]
     mb = sc["config"].get("train_micro_batch_size_per_gpu", 2)
     data = global_batches(sc, world)
     out: dict = {"losses": [], "state_numel": [], "phase_blocks": [], "trainable_numel": [], "engines": [], "hooks": [], "rss": []}
@@ -99,12 +102,16 @@ def run(sc, rank, world):
             # state exists after the first step of a phase; count what this rank holds now (before step)
             out["state_numel"].append(engine.backend.optimizer_state_numel())
             out["trainable_numel"].append(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters() if p.requires_grad))
+            if sc.get("track_grads"):
+                # FSDP: gradients exist for the active block only (checked before the step clears them)
+                out.setdefault("grad_names", []).append(sorted(n for n, p in engine.module.named_parameters() if p.grad is not None))
             out["phase_blocks"].append(block)
         engine.step()
         micro += 1
         if was_boundary and sc.get("track"):
             gc.collect()
             out["engines"].append(live_engines())
+            out.setdefault("optimizers", []).append(live_optimizers())
             out["hooks"].append(hook_count(engine.module))
             out["rss"].append(rss_mb())
         if was_boundary and sc.get("save_at") == engine.global_step:
@@ -134,7 +141,9 @@ def _full_state(model):
 
     state = {}
     for n, p in model.named_parameters():
-        if hasattr(p, "ds_id"):
+        if hasattr(p, "full_tensor"):  # FSDP2 DTensor
+            state[n] = p.full_tensor().detach().float().clone()
+        elif hasattr(p, "ds_id"):
             with deepspeed.zero.GatheredParameters([p]):
                 state[n] = p.detach().float().clone()
         else:

@@ -1,0 +1,233 @@
+"""FSDP2 backend: ``fully_shard`` per decoder layer, then the root; a new optimizer each phase.
+
+Every layer is its own FSDP unit, so a frozen layer never carries a gradient buffer; the embedding
+and head live in the root unit (tied embeddings stay one parameter). FSDP2 shards per parameter
+(DTensor), so the per-phase optimizer built over the active block's parameters holds sharded state
+for that block only. Mixed precision (``bf16``) uses ``MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)``; CPU offload is ``"fsdp": {"cpu_offload": true}``.
+
+FSDP2 caches gradient dtypes at its lazy initialisation for the parameters trainable then; with bf16
+a later phase would fail ("attempting to assign a gradient with dtype BFloat16 ..."). The first
+forward therefore runs once under ``no_grad`` with every parameter trainable (public API only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..blocks import find_layer_stack
+from ..config import ConfigError, TrainingConfig, fsdp_problems
+from ..optim import OptimizerFactory, optimizer_factory_from_section
+from ..utils import get_logger
+from .base import Backend
+
+logger = get_logger(__name__)
+
+def _to_portable(obj: Any) -> Any:
+    """Optimizer state with DTensors replaced by (local shard on CPU, mesh, placements)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return ("__dtensor__", obj.to_local().detach().to("cpu", copy=True), obj.device_mesh, obj.placements, obj.shape, obj.stride())
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_portable(v) for v in obj]
+    return obj
+
+
+def _from_portable(obj: Any, device: torch.device) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, tuple) and obj and obj[0] == "__dtensor__":
+        _, local, mesh, placements, shape, stride = obj
+        return DTensor.from_local(local.to(device), mesh, placements, shape=shape, stride=stride, run_check=False)
+    if isinstance(obj, dict):
+        return {k: _from_portable(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_portable(v, device) for v in obj]
+    return obj
+
+
+class FSDPBackend(Backend):
+    """FSDP2 with per-layer units and a per-phase optimizer (see module docstring)."""
+
+    name = "fsdp"
+
+    def __init__(self, model: nn.Module, training: TrainingConfig, raw_config: dict[str, Any], optimizer_factory: OptimizerFactory | None) -> None:
+        super().__init__(model, training, raw_config, optimizer_factory)
+        problems = fsdp_problems(raw_config)
+        if problems:
+            raise ConfigError(problems)
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        if optimizer_factory is None:
+            if training.optimizer is None:
+                raise ConfigError(["optimizer: none given; pass optimizer= a callable or add an \"optimizer\" section"])
+            self.optimizer_factory = optimizer_factory_from_section(training.optimizer)
+        cuda = torch.cuda.is_available()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        sec = raw_config.get("fsdp", {}) or {}
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if training.precision == "bf16" else MixedPrecisionPolicy()
+        offload = CPUOffloadPolicy(pin_memory=cuda) if sec.get("cpu_offload") else OffloadPolicy()
+        kw = dict(mesh=self.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=sec.get("reshard_after_forward", True))
+        model.to(self.device if not sec.get("cpu_offload") else torch.device("cpu"))
+        _, stack = find_layer_stack(model)
+        for layer in stack:
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
+        self._needs_dtype_warmup = training.precision == "bf16"
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._params: list[nn.Parameter] = []
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._optimizer
+
+    def build(self, params: list[nn.Parameter]) -> None:
+        self._params = params
+        self._optimizer = self.optimizer_factory(params)
+
+    def teardown(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+        self._optimizer = None
+        self._params = []
+
+    def _warmup(self, args: Any, kwargs: Any) -> None:
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(True)
+        with torch.no_grad():
+            self.model(*args, **kwargs)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        self._needs_dtype_warmup = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.to(self.device) if torch.is_tensor(a) else a for a in args)
+        kwargs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        if self._needs_dtype_warmup:
+            self._warmup(args, kwargs)
+        return self.model(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.training.gradient_accumulation_steps).backward()
+
+    def step(self, boundary: bool) -> float | None:
+        if not boundary:
+            return None
+        assert self._optimizer is not None
+        norm = None
+        if self.training.gradient_clipping > 0:
+            total = torch.nn.utils.clip_grad_norm_(self._params, self.training.gradient_clipping)
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def optimizer_state_numel(self) -> int:
+        """Elements of optimizer state this rank holds (its shards of the active block's moments)."""
+        if self._optimizer is None:
+            return 0
+        total = 0
+        for st in self._optimizer.state.values():
+            for v in st.values():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    total += v.to_local().numel() if hasattr(v, "to_local") else v.numel()
+        return total
+
+    # ----------------------------------------------------------------- collectives
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_reduce_max(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def _full(self, p: torch.Tensor) -> torch.Tensor:
+        return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True)
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: self._full(p) for n, p in self.model.named_parameters()}
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def save_weights(self, path: Path, param_names: list[str]) -> None:
+        from safetensors.torch import save_file
+
+        named = dict(self.model.named_parameters())
+        values = {n: self._full(named[n]).contiguous() for n in param_names}
+        if self.rank == 0:
+            save_file(values, str(path / "weights.safetensors"))
+
+    def load_weights(self, path: Path) -> list[str]:
+        from safetensors import safe_open
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        named = dict(self.model.named_parameters())
+        with safe_open(str(path / "weights.safetensors"), framework="pt") as f, torch.no_grad():
+            names = list(f.keys())
+            for n in names:
+                p, full = named[n], f.get_tensor(n)
+                if isinstance(p, DTensor):
+                    local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements).to_local()
+                    p.to_local().copy_(local)
+                else:
+                    p.copy_(full.to(p.dtype))
+        return names
+
+    def save_optimizer(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        assert self._optimizer is not None
+        dcp.save({"optim": get_optimizer_state_dict(self.model, self._optimizer)}, checkpoint_id=str(path / "optimizer"))
+
+    def load_optimizer(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        assert self._optimizer is not None
+        state = {"optim": get_optimizer_state_dict(self.model, self._optimizer)}
+        dcp.load(state, checkpoint_id=str(path / "optimizer"))
+        set_optimizer_state_dict(self.model, self._optimizer, state["optim"])
+
+    def stash_optimizer_state(self) -> Any:
+        assert self._optimizer is not None
+        return {"state": _to_portable(self._optimizer.state_dict()["state"])}
+
+    def restore_optimizer_state(self, state: Any) -> None:
+        assert self._optimizer is not None
+        sd = self._optimizer.state_dict()
+        sd["state"] = _from_portable(state["state"], self.device)
+        self._optimizer.load_state_dict(sd)
