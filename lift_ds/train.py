@@ -188,14 +188,12 @@ class Run:
         from .export import save_hf_checkpoint
 
         final = self.out / "final"
-        if self.args.method == "lora":
-            state = self.engine.backend.gathered_state_dict()
+        if self.args.method == "lora":  # ZeRO-1/2 only (checked up front): every rank holds full weights
             if self.engine.rank == 0:
                 merged = self.model.merge_and_unload()
                 merged.save_pretrained(final, safe_serialization=True)
                 self.tokenizer.save_pretrained(final)
             self.engine.backend.barrier()
-            del state
         else:
             save_hf_checkpoint(self.engine, final, tokenizer=self.tokenizer)
 

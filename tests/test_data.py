@@ -121,3 +121,21 @@ def test_rank_batches_disjoint_and_reproducible(tmp_path, tok):
     assert again.batch(7)["input_ids"].tolist() == r0.batch(7)["input_ids"].tolist()
     with pytest.raises(DataError, match="fewer than one global micro-batch"):
         RankBatches(data, 32, 0, 2, seed=0, pad_id=0)
+
+
+def test_sentencepiece_tokenizer_model_directory(tmp_path):
+    """A directory holding only a SentencePiece tokenizer.model (LLaMA style) loads through the launcher's path."""
+    import sentencepiece as spm
+
+    from lift_ds.train import _load_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["a wonderful and moving film", "a dull and tedious mess", "great acting", "the plot makes no sense"] * 50))
+    d = tmp_path / "sp"
+    d.mkdir()
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=30, model_type="unigram",
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    tok = _load_tokenizer(str(d))
+    ids = tok("a wonderful film", add_special_tokens=False)["input_ids"]
+    assert ids and tok.decode(ids).strip() == "a wonderful film"
+    assert tok.pad_token_id is not None and tok.eos_token_id == 2
