@@ -1,0 +1,224 @@
+"""Bytes per rank of model states (and a first-order activation term): LIFT vs full fine-tuning vs LoRA.
+
+    python -m lift_ds.memory --model <dir | config.json | preset> --ranks 8 --zero 3 [--gib 80]
+
+The model is built on the meta device from its config (no weights, any size). Accounting per rank,
+for P parameters of which T train at a time (LIFT: the largest candidate block; full: all; LoRA: the
+adapters), N data-parallel ranks, mixed precision (bf16/fp16 weights with fp32 master and Adam):
+
+| ZeRO stage | parameters | gradients | optimizer (fp32 master + Adam m, v) |
+|---|---|---|---|
+| 0 | 2P | 2T | 12T |
+| 1 | 2P | 2T | 12T/N |
+| 2 | 2P | 2T/N | 12T/N |
+| 3 / FSDP | 2P/N | 2T/N | 12T/N |
+
+In fp32 the parameters and gradients take 4 bytes and the optimizer 8 (no master copy). With
+optimizer offload the optimizer column lives on CPU. DeepSpeed's own estimators
+(``estimate_zero2/3_model_states_mem_needs``, which also count fp32 gradient copies and the largest
+layer's gathered weights) are reported next to it for full fine-tuning.
+
+Activations, first order (Korthikanti et al. 2022, no recomputation, fused attention): 34 s b h bytes
+per layer in 16-bit, plus 6 s b V bytes for the logits. LIFT stores activations only from the active
+block upward (backward stops there), so its peak is set by the lowest candidate block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "llama-2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40),
+    "llama-2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Parameter counts of a model, per candidate block."""
+
+    name: str
+    total: int
+    layer_sizes: list[int]
+    embedding: int
+    head: int
+    hidden: int
+    vocab: int
+    lora_per_rank_unit: int  # LoRA parameters per unit of rank r on q, k, v, o (sum of in + out)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_sizes)
+
+
+def model_shape(model_or_config: str) -> ModelShape:
+    """Count parameters per block of a preset name, a config.json, or a Hugging Face directory (meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from .blocks import find_blocks
+
+    if model_or_config in PRESETS:
+        cfg = LlamaConfig(**PRESETS[model_or_config])
+    else:
+        p = Path(model_or_config)
+        if p.is_file():
+            cfg = AutoConfig.from_pretrained(str(p.parent)) if p.name == "config.json" else None
+            if cfg is None:
+                raise ValueError(f"--model: {p} is not a config.json")
+        elif p.is_dir():
+            cfg = AutoConfig.from_pretrained(str(p))
+        else:
+            raise ValueError(f"--model: {model_or_config!r} is neither a file, a directory, nor a preset ({', '.join(PRESETS)})")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    named = dict(model.named_parameters())
+    size = lambda names: sum(named[n].numel() for n in names)  # noqa: E731
+    blocks = find_blocks(model)
+    lora = sum(m.in_features + m.out_features for n, m in model.named_modules()
+               if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") and hasattr(m, "in_features"))
+    return ModelShape(
+        name=str(model_or_config), total=sum(p.numel() for p in named.values()),
+        layer_sizes=[size(b.param_names) for b in blocks if b.kind == "layer"],
+        embedding=sum(size(b.param_names) for b in blocks if b.kind == "embedding"),
+        head=sum(size(b.param_names) for b in blocks if b.kind == "head"),
+        hidden=cfg.hidden_size, vocab=cfg.vocab_size, lora_per_rank_unit=lora,
+    )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    method: str
+    trained: int
+    params: float
+    grads: float
+    optimizer: float
+    optimizer_on_cpu: bool
+    activations: float
+
+    @property
+    def model_states(self) -> float:
+        """Bytes of model states on the accelerator."""
+        return self.params + self.grads + (0.0 if self.optimizer_on_cpu else self.optimizer)
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.activations
+
+
+def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: str = "bf16", offload: bool = False,
+             micro_batch: int = 1, seq_len: int = 2048, lora_r: int = 8, layer_range: tuple[int, int] | None = None,
+             include_embedding: bool = False, include_head: bool = False) -> Estimate:
+    """Bytes per rank for one method. ``zero`` 0-3 (FSDP = 3)."""
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    first, last = layer_range or (1, shape.num_layers)
+    if method == "lift":
+        blocks = shape.layer_sizes[first - 1 : last] + ([shape.embedding] if include_embedding else []) + ([shape.head] if include_head else [])
+        trained = max(blocks)
+    elif method == "full":
+        trained = shape.total
+    elif method == "lora":
+        trained = lora_r * shape.lora_per_rank_unit
+    else:
+        raise ValueError(f"method must be lift, full or lora, got {method!r}")
+    half = precision in ("bf16", "fp16")
+    w = 2 if half else 4
+    opt_per = 12 if half else 8
+    P, T, N = shape.total, trained, ranks
+    params = w * P / (N if zero == 3 else 1)
+    grads = w * T / (N if zero >= 2 else 1)
+    optimizer = opt_per * T / (N if zero >= 1 else 1)
+    act_bytes = 2 if half else 4
+    per_layer = 34 * seq_len * micro_batch * shape.hidden * act_bytes / 2
+    logits = 6 * seq_len * micro_batch * shape.vocab * (act_bytes / 2)
+    stored_layers = shape.num_layers if method != "lift" else (shape.num_layers - first + 1 if not include_embedding else shape.num_layers)
+    activations = stored_layers * per_layer + logits
+    return Estimate(method, T, params, grads, optimizer, offload, activations)
+
+
+def deepspeed_full_estimate(shape: ModelShape, ranks_per_node: int, nodes: int, zero: int, offload: bool) -> float:
+    """DeepSpeed's own estimate of accelerator bytes for full fine-tuning (its formulas, ZeRO-2/3)."""
+    P, N = shape.total, ranks_per_node * nodes
+    largest_layer = max(shape.layer_sizes + [shape.embedding, shape.head])
+    if zero == 3:
+        return 4 * largest_layer + (0 if offload else int(18 * P / N))
+    if zero == 2:
+        return 2 * P + (0 if offload else int(18 * P / N))
+    raise ValueError("DeepSpeed ships estimators for ZeRO-2 and ZeRO-3 only")
+
+
+def table(shape: ModelShape, ranks: int, zero: int, **kw: Any) -> list[Estimate]:
+    return [estimate(shape, m, ranks, zero, **kw) for m in ("lift", "full", "lora")]
+
+
+def largest_fitting(gib: float, ranks: int, zero: int, **kw: Any) -> dict[str, str | None]:
+    """The largest preset model whose total estimate fits in ``gib`` per rank, per method."""
+    shapes = sorted((model_shape(n) for n in PRESETS), key=lambda s: s.total)
+    out: dict[str, str | None] = {}
+    for method in ("lift", "full", "lora"):
+        fits = [s.name for s in shapes if estimate(s, method, ranks, zero, **kw).total <= gib * GIB]
+        out[method] = fits[-1] if fits else None
+    return out
+
+
+def _fmt(b: float) -> str:
+    return f"{b / GIB:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lift_ds.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help=f"HF directory, config.json, or a preset: {', '.join(PRESETS)}")
+    p.add_argument("--ranks", type=int, default=8, help="ranks per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3), help="ZeRO stage (3 also stands for FSDP)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--offload", action="store_true", help="optimizer state on CPU")
+    p.add_argument("--micro_batch", type=int, default=1)
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--lora_r", type=int, default=8)
+    p.add_argument("--gib", type=float, default=80.0, help="memory per rank for the 'largest model that fits' line")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    try:
+        shape = model_shape(args.model)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = args.ranks * args.nodes
+    kw = dict(precision=args.precision, offload=args.offload, micro_batch=args.micro_batch, seq_len=args.seq_len, lora_r=args.lora_r)
+    rows = table(shape, n, args.zero, **kw)
+    fit = largest_fitting(args.gib, n, args.zero, **kw)
+    if args.json:
+        print(json.dumps({"model": shape.name, "params": shape.total, "ranks": n, "zero": args.zero,
+                          "rows": [{**asdict(r), "model_states": r.model_states, "total": r.total} for r in rows], "largest_fitting": fit}, indent=1))
+        return 0
+    print(f"{shape.name}: {shape.total / 1e6:.1f}M parameters, {shape.num_layers} layers; {n} ranks, ZeRO-{args.zero}, "
+          f"{args.precision}{', optimizer offload' if args.offload else ''}; micro batch {args.micro_batch} x {args.seq_len}\n")
+    print("| method | trained params | params GiB | grads GiB | optimizer GiB | model states GiB | activations GiB | total GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        opt = _fmt(r.optimizer) + (" (CPU)" if r.optimizer_on_cpu else "")
+        print(f"| {r.method} | {r.trained / 1e6:.1f}M | {_fmt(r.params)} | {_fmt(r.grads)} | {opt} | {_fmt(r.model_states)} | {_fmt(r.activations)} | {_fmt(r.total)} |")
+    full, lift = rows[1], rows[0]
+    print(f"\nmodel states, full / LIFT: {full.model_states / lift.model_states:.2f}x")
+    if args.zero in (2, 3):
+        print(f"DeepSpeed's own estimate for full fine-tuning (ZeRO-{args.zero}): {_fmt(deepspeed_full_estimate(shape, args.ranks, args.nodes, args.zero, args.offload))} GiB per rank")
+    print(f"largest preset that fits in {args.gib:g} GiB per rank: " + ", ".join(f"{m}: {v or 'none'}" for m, v in fit.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

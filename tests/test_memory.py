@@ -1,0 +1,84 @@
+import pytest
+
+from lift_ds import memory
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return memory.model_shape("smollm2-135m")
+
+
+def test_parameter_counts_match_the_real_model(smol):
+    assert smol.total == 134_515_008  # SmolLM2-135M, tied embeddings counted once
+    assert smol.num_layers == 30 and len(set(smol.layer_sizes)) == 1
+    assert smol.embedding == 49152 * 576 and smol.head == 576  # the head is the final norm (lm_head is tied)
+    assert smol.total == smol.embedding + sum(smol.layer_sizes) + smol.head
+
+
+def test_lift_vs_full_ratios_match_the_arithmetic(smol):
+    def ratio(zero):
+        lift, full, _ = memory.table(smol, 2, zero)
+        return full.model_states / lift.model_states
+
+    assert ratio(2) == pytest.approx(4.12, abs=0.02)  # bf16 + fp32 master and Adam: 2P + 14P/N vs 2P + 14B/N
+    assert ratio(3) == pytest.approx(6.76, abs=0.02)
+
+
+def test_accounting_by_stage(smol):
+    P, B = smol.total, max(smol.layer_sizes)
+    e = {z: memory.estimate(smol, "lift", 4, z) for z in range(4)}
+    assert (e[0].params, e[0].grads, e[0].optimizer) == (2 * P, 2 * B, 12 * B)
+    assert (e[1].params, e[1].grads, e[1].optimizer) == (2 * P, 2 * B, 3 * B)
+    assert (e[2].params, e[2].grads, e[2].optimizer) == (2 * P, B / 2, 3 * B)
+    assert (e[3].params, e[3].grads, e[3].optimizer) == (P / 2, B / 2, 3 * B)
+    fp32 = memory.estimate(smol, "full", 1, 0, precision="fp32")
+    assert (fp32.params, fp32.grads, fp32.optimizer) == (4 * P, 4 * P, 8 * P)
+    off = memory.estimate(smol, "full", 2, 2, offload=True)
+    assert off.model_states == off.params + off.grads
+
+
+def test_deepspeed_formulas_for_full_fine_tuning(smol):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    P = smol.total
+    largest = max(smol.layer_sizes + [smol.embedding, smol.head])
+    for nodes, per_node in ((1, 2), (2, 8)):
+        assert memory.deepspeed_full_estimate(smol, per_node, nodes, 2, False) == estimate_zero2_model_states_mem_needs(P, per_node, nodes, cpu_offload=False)[1]
+        assert memory.deepspeed_full_estimate(smol, per_node, nodes, 3, False) == estimate_zero3_model_states_mem_needs(P, largest, per_node, nodes, cpu_offload=False)[1]
+
+
+def test_seven_b_full_fine_tuning_needs_about_112_gb():
+    s = memory.model_shape("llama-2-7b")
+    full = memory.estimate(s, "full", 2, 3)
+    assert 105e9 < 2 * full.model_states < 112e9  # 16 bytes per parameter over the two ranks
+    lift = memory.estimate(s, "lift", 2, 3)
+    assert lift.model_states < 10 * memory.GIB
+
+
+def test_lora_counts_adapters(smol):
+    lora = memory.estimate(smol, "lora", 2, 2, lora_r=8)
+    # q, k, v, o on 30 layers: r * (in + out) each
+    per_layer = 8 * ((576 + 576) + (576 + 192) * 2 + (576 + 576))
+    assert lora.trained == 30 * per_layer
+
+
+def test_largest_fitting_and_cli(capsys, tmp_path):
+    fit = memory.largest_fitting(24, 2, 3)
+    assert fit["lift"] in memory.PRESETS and fit["full"] == "smollm2-135m"
+    assert memory.main(["--model", "smollm2-135m", "--ranks", "2", "--zero", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| lift |" in out and "full / LIFT: 4.12x" in out and "DeepSpeed's own estimate" in out
+    assert memory.main(["--model", str(tmp_path / "nope")]) == 2
+    assert "neither a file, a directory, nor a preset" in capsys.readouterr().err
+
+
+def test_config_directory(tmp_path):
+    from helpers import tiny_llama
+
+    tiny_llama(layers=3).config.save_pretrained(tmp_path)
+    s = memory.model_shape(str(tmp_path))
+    assert s.num_layers == 3 and s.total == sum(p.numel() for p in tiny_llama(layers=3).parameters())
+    assert memory.model_shape(str(tmp_path / "config.json")).total == s.total
+    with pytest.raises(ValueError, match="method must be"):
+        memory.estimate(s, "adapter", 2, 2)
