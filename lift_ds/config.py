@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -187,7 +187,6 @@ class TrainingConfig:
     precision: str = "fp32"
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _positive_int_or_auto(d: Mapping[str, Any], key: str, problems: list[str]) -> int | None:

@@ -171,7 +171,7 @@ class LiftEngine:
         self.phase_switches += 1
         ph = self.cursor.phase
         logger.info(
-            "phase %d/%d: training %s (%d params tensors) for steps %d..%d",
+            "phase %d/%d: training %s (%d parameter tensors) for steps %d..%d",
             ph.index + 1, len(self.cursor.phases), self.candidates[block].name, len(params), ph.start + 1, ph.stop,
         )
 

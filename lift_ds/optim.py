@@ -132,8 +132,6 @@ class LRController:
                 "lr_scheduler: must be a callable optimizer -> scheduler (LIFT builds a new optimizer each phase, "
                 f"so an already-built scheduler cannot follow it); got {type(scheduler).__name__}"
             ])
-        if scheduler is not None and hasattr(scheduler, "step") and hasattr(scheduler, "optimizer"):
-            raise ConfigError(["lr_scheduler: got a built scheduler; pass a callable optimizer -> scheduler instead"])
         self._factory = scheduler
         self._proxy: torch.optim.Optimizer | None = None
         self.scheduler: Any = None

@@ -101,14 +101,6 @@ class Backend(ABC):
     def barrier(self) -> None:
         """Wait for every rank (no-op for one process)."""
 
-    def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (identity for one process)."""
-        return obj
-
-    def all_reduce_max(self, value: float) -> float:
-        """The max of ``value`` over ranks (identity for one process)."""
-        return value
-
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """Full parameter values (gathered from partitions), valid on rank 0."""
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}

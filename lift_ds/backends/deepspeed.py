@@ -209,24 +209,6 @@ class DeepSpeedBackend(Backend):
         if dist.is_initialized():
             dist.barrier()
 
-    def broadcast_object(self, obj: Any) -> Any:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_reduce_max(self, value: float) -> float:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-
     @contextlib.contextmanager
     def gathered(self, params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
         """Full values of ZeRO-3 partitioned ``params`` inside the block (collective)."""

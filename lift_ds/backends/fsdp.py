@@ -160,20 +160,6 @@ class FSDPBackend(Backend):
 
         dist.barrier()
 
-    def broadcast_object(self, obj: Any) -> Any:
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_reduce_max(self, value: float) -> float:
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-
     def _full(self, p: torch.Tensor) -> torch.Tensor:
         return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True)
 
