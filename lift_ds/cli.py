@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_data", default=None, help="held-out file in the same format")
     a("--format", default=None, choices=FORMATS, help="data format (default: classification for the built-in data, else text)")
     a("--labels", default=None, help="comma-separated label words for --format classification (default: those in the data)")
+    a("--classifier_head", action="store_true", help="--format classification with a sequence-classification head (new, trained in every phase) instead of label-word likelihood")
     a("--method", default="lift", choices=("lift", "full", "lora"), help="lift, or a baseline: full fine-tuning or LoRA (peft)")
     a("--max_steps", type=int, default=None, help="optimizer steps (overrides lift.total_steps)")
     a("--seq_len", type=int, default=128)
@@ -115,6 +116,10 @@ def resolve(args: argparse.Namespace) -> Plan:
         problems.append("--max_steps: required (the config's lift.total_steps is \"auto\")")
     if args.lr is not None:
         cfg.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = args.lr
+    if args.classifier_head and (args.format or ("classification" if builtin else "text")) != "classification":
+        problems.append(f"--classifier_head: needs --format classification, got {args.format!r}")
+    if args.classifier_head and args.method == "lora":
+        problems.append("--classifier_head: not supported with --method lora; use lift or full")
     if args.method == "lora" and int(cfg.get("zero_optimization", {}).get("stage", 0)) == 3:
         problems.append("--method lora: use a ZeRO-1/2 config (ZeRO-3 with peft adapters is not supported here)")
     try:

@@ -134,11 +134,29 @@ def load_examples(path: str | os.PathLike, fmt: str, labels: list[str] | None = 
 
 @dataclass
 class TokenizedData:
-    """Token id sequences with their loss masks, plus counts for the log."""
+    """Token id sequences with their loss masks (or, for a classification head, one class index
+    each), plus counts for the log."""
 
     input_ids: list[list[int]]
-    labels: list[list[int]]
+    labels: list[list[int]] | list[int]
     truncated: int = 0
+
+    @property
+    def class_labels(self) -> bool:
+        return bool(self.labels) and isinstance(self.labels[0], int)
+
+
+def tokenize_for_head(examples: Iterable[Example], tokenizer: Any, seq_len: int) -> TokenizedData:
+    """Classification with a sequence-classification head: the review text, its class index."""
+    out = TokenizedData([], [])
+    for ex in examples:
+        ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) > seq_len:
+            out.truncated += 1
+            ids = ids[:seq_len]
+        out.input_ids.append(ids)
+        out.labels.append(int(ex.answer))  # type: ignore[arg-type]
+    return out
 
 
 def tokenize(examples: Iterable[Example], tokenizer: Any, fmt: str, seq_len: int, truncate: bool = True) -> TokenizedData:
@@ -179,11 +197,20 @@ def tokenize(examples: Iterable[Example], tokenizer: Any, fmt: str, seq_len: int
     return out
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
-    """Right-pad a list of ``(input_ids, labels)`` into tensors with an attention mask."""
+def collate(batch: list[tuple[list[int], Any]], pad_id: int) -> dict:
+    """Right-pad a list of ``(input_ids, labels)`` into tensors with an attention mask.
+
+    Labels are token sequences (language modelling) or one int per item (a classification head)."""
     import torch
 
     n = max(len(x) for x, _ in batch)
+    if isinstance(batch[0][1], int):
+        ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, (x, _) in enumerate(batch):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in batch])}
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), n), dtype=torch.long)

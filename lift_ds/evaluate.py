@@ -54,6 +54,23 @@ def eval_loss(forward: Callable[..., Any], data: TokenizedData, batch_size: int,
 
 
 @torch.no_grad()
+def head_metrics(forward: Callable[..., Any], data: TokenizedData, batch_size: int, rank: int, world: int, pad_id: int) -> dict[str, float]:
+    """Loss and accuracy of a sequence-classification head (``data.labels`` are class indices)."""
+    items = _shard(len(data.input_ids), rank, world)
+    loss = correct = total = 0.0
+    for s in range(0, len(items), batch_size):
+        chunk = items[s : s + batch_size]
+        batch = collate([(data.input_ids[i], data.labels[i]) for i, _ in chunk], pad_id)
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        w = torch.tensor([wt for _, wt in chunk], dtype=torch.float64)
+        loss += float((F.cross_entropy(logits, batch["labels"], reduction="none").double() * w).sum())
+        correct += float(((logits.argmax(-1) == batch["labels"]).double() * w).sum())
+        total += float(w.sum())
+    loss, correct, total = _all_reduce_sum([loss, correct, total])
+    return {"eval_loss": loss / max(total, 1.0), "eval_accuracy": correct / max(total, 1.0)}
+
+
+@torch.no_grad()
 def choice_accuracy(
     forward: Callable[..., Any], examples: list[Example], tokenizer: Any, seq_len: int, batch_size: int, rank: int, world: int
 ) -> dict[str, float]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .cli import Plan, build_parser, check_plan_fits_model, resolve
 from .config import ConfigError
-from .data import DataError, Example, TokenizedData, load_examples, tokenize
+from .data import DataError, Example, TokenizedData, load_examples, tokenize, tokenize_for_head
 from .utils import get_logger
 
 logger = get_logger("lift_ds.train")
@@ -32,23 +32,37 @@ def _load_tokenizer(name: str) -> Any:
     return tok
 
 
-def _load_model(plan: Plan, model_dir: str) -> Any:
+HEAD_NAMES = ("score", "classifier")
+
+
+def _load_model(plan: Plan, model_dir: str, num_labels: int | None = None, pad_id: int | None = None) -> Any:
+    """A causal LM, or (``num_labels``) a sequence-classification model whose new head trains in every phase."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     args = plan.args
     cfg = AutoConfig.from_pretrained(model_dir)
     check_plan_fits_model(cfg.num_hidden_layers, plan.config, args.method)
     torch.manual_seed(args.seed)
+    cls = AutoModelForCausalLM
+    if num_labels is not None:
+        cls = AutoModelForSequenceClassification
+        cfg.num_labels, cfg.pad_token_id = num_labels, pad_id
     if args.random_init:
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model = cls.from_config(cfg, dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = cls.from_pretrained(model_dir, config=cfg, dtype=torch.float32)
     model.config.use_cache = False
+    if num_labels is not None and args.method == "lift":
+        heads = [n for n, _ in model.named_children() if n in HEAD_NAMES]
+        if not heads:
+            raise ConfigError([f"--classifier_head: {type(model).__name__} has no head module named {' or '.join(HEAD_NAMES)}"])
+        lift = plan.config["lift"]
+        lift["always_trainable"] = list(dict.fromkeys(list(lift.get("always_trainable", [])) + heads))
     return model
 
 
-def _data(plan: Plan, tokenizer: Any) -> tuple[TokenizedData, TokenizedData | None, list[Example] | None, str]:
+def _data(plan: Plan, tokenizer: Any) -> tuple[TokenizedData, TokenizedData | None, list[Example] | None, str, list[str] | None]:
     from . import assets
 
     args = plan.args
@@ -58,7 +72,9 @@ def _data(plan: Plan, tokenizer: Any) -> tuple[TokenizedData, TokenizedData | No
         train_path, eval_path = (str(p) for p in assets.movie_review_sentiment())
     labels = args.labels.split(",") if args.labels else None
     train_ex, label_set = load_examples(train_path, fmt, labels)
-    train = tokenize(train_ex, tokenizer, fmt, args.seq_len, truncate=not args.no_truncate)
+    encode = (lambda exs, truncate: tokenize_for_head(exs, tokenizer, args.seq_len)) if args.classifier_head else (
+        lambda exs, truncate: tokenize(exs, tokenizer, fmt, args.seq_len, truncate=truncate))
+    train = encode(train_ex, not args.no_truncate)
     if train.truncated:
         logger.info("%d of %d training examples were longer than --seq_len %d and were truncated (their prompt's start cut)", train.truncated, len(train.input_ids), args.seq_len)
     held = held_ex = None
@@ -66,10 +82,10 @@ def _data(plan: Plan, tokenizer: Any) -> tuple[TokenizedData, TokenizedData | No
         held_ex, _ = load_examples(eval_path, fmt, label_set or labels)
         if args.eval_limit:
             held_ex = held_ex[: args.eval_limit]
-        held = tokenize(held_ex, tokenizer, fmt, args.seq_len, truncate=True)
-        if fmt not in ("classification", "multiple_choice"):
+        held = encode(held_ex, True)
+        if fmt not in ("classification", "multiple_choice") or args.classifier_head:
             held_ex = None
-    return train, held, held_ex, fmt
+    return train, held, held_ex, fmt, label_set
 
 
 class Run:
@@ -80,6 +96,7 @@ class Run:
         self.args = plan.args
         self.out = Path(self.args.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        self._tb: Any = None
 
     def setup(self) -> None:
         import torch
@@ -90,8 +107,9 @@ class Run:
         args = self.args
         model_dir = args.model or str(assets.smollm2_135m())
         self.tokenizer = _load_tokenizer(args.tokenizer or model_dir)
-        self.train_data, self.held, self.held_ex, self.fmt = _data(self.plan, self.tokenizer)
-        self.model = _load_model(self.plan, model_dir)
+        self.train_data, self.held, self.held_ex, self.fmt, labels = _data(self.plan, self.tokenizer)
+        n_labels = len(labels) if args.classifier_head and labels else None
+        self.model = _load_model(self.plan, model_dir, n_labels, self.tokenizer.pad_token_id)
         fixed = None
         if args.method == "lora":
             from peft import LoraConfig, get_peft_model
@@ -110,23 +128,37 @@ class Run:
         torch.manual_seed(args.seed + self.engine.rank)
 
     def evaluate(self) -> dict[str, float]:
-        from .evaluate import choice_accuracy, eval_loss
+        from .evaluate import choice_accuracy, eval_loss, head_metrics
 
         if self.held is None:
             return {}
         self.engine.eval()
         fwd = self.engine.forward
         r, w = self.engine.rank, self.engine.world_size
-        out = eval_loss(fwd, self.held, self.args.eval_batch_size, r, w, self.tokenizer.pad_token_id)
+        metric = head_metrics if self.held.class_labels else eval_loss
+        out = metric(fwd, self.held, self.args.eval_batch_size, r, w, self.tokenizer.pad_token_id)
         if self.held_ex:
             out.update(choice_accuracy(fwd, self.held_ex, self.tokenizer, self.args.seq_len, self.args.eval_batch_size, r, w))
         self.engine.train()
         return out
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.engine.rank == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        """Append to output_dir/metrics.jsonl (and TensorBoard when it is installed), rank 0 only."""
+        if self.engine.rank != 0:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self._tb = False
+        if self._tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, record["step"])
 
     def save(self) -> None:
         self.engine.save_checkpoint(self.ckpt_dir, client_state={"micro_steps": self.engine.micro_steps})
@@ -153,6 +185,7 @@ class Run:
         t_step, tokens = time.perf_counter(), 0
         while not engine.done:
             block = engine.active_block
+            phase = engine.cursor.phase.index + 1
             loss_sum = 0.0
             for _ in range(gas):
                 batch = self.batches.batch(engine.micro_steps)
@@ -163,10 +196,10 @@ class Run:
                 tokens += int(batch["attention_mask"].sum()) * engine.world_size
                 engine.step()
             dt = time.perf_counter() - t_step
-            rec = {"step": engine.global_step, "loss": loss_sum / gas, "lr": engine.get_lr()[0], "block": block,
+            rec = {"step": engine.global_step, "loss": loss_sum / gas, "lr": engine.get_lr()[0], "block": block, "phase": phase,
                    "grad_norm": engine.last_grad_norm, "tokens_per_s": tokens / dt, "step_s": dt}
             self.log(rec)
-            bar.set_postfix(block=block, loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.set_postfix(phase=f"{phase}/{len(engine.cursor.phases)}", block=block, loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
             t_step, tokens = time.perf_counter(), 0
             if args.eval_every and engine.global_step % args.eval_every == 0 and not engine.done:

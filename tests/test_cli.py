@@ -25,13 +25,13 @@ def files(tmp_path_factory):
     return d
 
 
-def run(args, files):
+def run(args, files, flags=()):
     base = ["--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--format", "classification",
             "--ds_config", str(files / "ok.json"), "--max_steps", "8", "--output_dir", str(files / "out")]
     merged = dict(zip(base[::2], base[1::2]))
     merged.update(dict(zip(args[::2], args[1::2])))
     argv = [x for kv in merged.items() for x in kv]
-    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *argv], capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *argv, *flags], capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
 @pytest.mark.parametrize("args,needles", [
@@ -57,3 +57,24 @@ def test_bad_input_exit_2_with_clear_message(files, args, needles):
 def test_unknown_format_is_refused_by_argparse(files):
     proc = run(["--format", "csv"], files)
     assert proc.returncode == 2 and "--format" in proc.stderr and "invalid choice" in proc.stderr
+
+
+def test_classifier_head_run_single_process(files, tmp_path):
+    """--classifier_head: a new sequence-classification head trains in every phase; final/ loads as such."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "head"
+    proc = run(["--eval_data", str(files / "train.jsonl"), "--max_steps", "8", "--output_dir", str(out), "--lr", "0.01"], files, flags=["--classifier_head"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out accuracy: before" in proc.stdout
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"eval_accuracy", "eval_loss"} <= set(records[0]) and records[1]["phase"] == 1
+    assert sum("loss" in r for r in records) == 8
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert model.score.weight.shape[0] == 2
+    assert "always_trainable" in proc.stderr and '"score"' in proc.stderr  # logged merged config names the head
+
+
+def test_classifier_head_needs_classification_format(files):
+    proc = run(["--format", "text"], files, flags=["--classifier_head"])
+    assert proc.returncode == 2 and "--classifier_head: needs --format classification" in proc.stderr
