@@ -155,12 +155,32 @@ class DeepSpeedBackend(Backend):
     def optimizer(self) -> Any:
         return None if self._engine is None else self._engine.optimizer
 
+    def phase_config(self, params: list[nn.Parameter]) -> dict[str, Any]:
+        """The DeepSpeed config for one phase: communication buckets no larger than the active block.
+
+        ZeRO allocates its reduce (and, for ZeRO-1/2, all-gather) buckets up front, 5e8 elements by
+        default: sized for a whole model, mostly empty for one block (1 GB of bf16 per rank for a
+        135M-parameter model's layer). A bucket holding the whole block reduces it in one go, so
+        capping the bucket at the block's size changes no arithmetic.
+        """
+        if self.zero_stage < 1:
+            return self.ds_config
+        numel = max(1, sum(int(getattr(p, "ds_numel", p.numel())) for p in params))
+        cfg = dict(self.ds_config)
+        zero = dict(cfg.get("zero_optimization", {}))
+        keys = ("reduce_bucket_size",) if self.zero_stage == 3 else ("reduce_bucket_size", "allgather_bucket_size")
+        for key in keys:
+            value = zero.get(key, 5e8)
+            zero[key] = min(int(float(value)) if isinstance(value, (int, float)) else int(5e8), numel)
+        cfg["zero_optimization"] = zero
+        return cfg
+
     def build(self, params: list[nn.Parameter]) -> None:
         opt = self.optimizer_factory(params) if self.optimizer_factory is not None else None
         skip = self._built_once and self.zero_stage < 3
         with _skip_model_broadcast(skip):
             engine, _, _, _ = self._ds.initialize(
-                model=self.model, model_parameters=params, optimizer=opt, config=self.ds_config,
+                model=self.model, model_parameters=params, optimizer=opt, config=self.phase_config(params),
                 mpu=self.mpu, dist_init_required=False,
             )
         self._engine = engine
