@@ -208,7 +208,7 @@ class LiftEngine:
             self._enter(self.cursor.block)
         elif not self.cursor.done:
             self.lr_scheduler.apply(self.backend.optimizer)
-        elif self.cursor.done:
+        else:
             # the last engine stays (ZeRO-3 forward needs its hooks for evaluation and export) until close()
             self._active = None
             set_trainable(self.module, [])
@@ -309,9 +309,8 @@ class LiftEngine:
             )
         self.cursor.load_state_dict(meta["cursor"])
         self.micro_steps = meta["micro_steps"]
-        if self._active is not None:
-            self.backend.teardown()
-            self._active = None
+        self.backend.teardown()  # also after the plan finished, when the last engine is kept for evaluation
+        self._active = None
         set_trainable(self.module, [])
         self.backend.load_weights(path)
         own = torch.load(path / f"rank{self.rank}_state.pt", map_location="cpu", weights_only=False)

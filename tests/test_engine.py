@@ -263,3 +263,20 @@ def test_dataloader_from_training_data():
     _, _, loader, _ = lift_ds.initialize(model=tiny_llama(), config={"train_micro_batch_size_per_gpu": 3, "lift": {"total_steps": 4}}, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), training_data=ds)
     sizes = [b["input_ids"].shape for b in loader]
     assert sizes == [torch.Size([3, 8])] * 3
+
+
+def test_load_checkpoint_into_a_finished_engine(tmp_path):
+    lift = {"total_steps": 8, "policy": "cyclic"}
+    data = lm_batches(8)
+    ref, _, _ = make(lift=lift)
+    train(ref, data)
+    engine, _, _ = make(lift=lift)
+    train(engine, data[:3])
+    engine.save_checkpoint(tmp_path)
+    train(engine, data[3:])
+    assert engine.done
+    engine.load_checkpoint(tmp_path)
+    assert not engine.done and engine.global_step == 3 and engine.active_block is not None
+    train(engine, data[3:])
+    for (n, a), (_, b) in zip(ref.module.named_parameters(), engine.module.named_parameters()):
+        assert torch.equal(a, b), n
