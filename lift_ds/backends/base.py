@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TrainingConfig
-from ..optim import OptimizerFactory
+from ..config import ConfigError, TrainingConfig
+from ..optim import OptimizerFactory, optimizer_factory_from_section
 
 
 class Backend(ABC):
@@ -108,3 +108,54 @@ class Backend(ABC):
     def close(self) -> None:
         """End the run: tear down the last phase."""
         self.teardown()
+
+
+class TorchOptimizerBackend(Backend):
+    """A backend whose phase optimizer is a plain ``torch.optim`` over the active parameters
+    (the torch reference and FSDP2): the optimizer's life, backward, clipping and the step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        training: TrainingConfig,
+        raw_config: dict[str, Any],
+        optimizer_factory: OptimizerFactory | None,
+    ) -> None:
+        super().__init__(model, training, raw_config, optimizer_factory)
+        if optimizer_factory is None:
+            if training.optimizer is None:
+                raise ConfigError(["optimizer: none given; pass optimizer= a callable or add an \"optimizer\" section"])
+            self.optimizer_factory = optimizer_factory_from_section(training.optimizer)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._params: list[nn.Parameter] = []
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._optimizer
+
+    def build(self, params: list[nn.Parameter]) -> None:
+        self._params = params
+        for p in params:
+            p.grad = None
+        self._optimizer = self.optimizer_factory(params)
+
+    def teardown(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+        self._optimizer = None
+        self._params = []
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.training.gradient_accumulation_steps).backward()
+
+    def step(self, boundary: bool) -> float | None:
+        if not boundary:
+            return None
+        assert self._optimizer is not None, "step() before build()"
+        norm = None
+        if self.training.gradient_clipping > 0:
+            total = torch.nn.utils.clip_grad_norm_(self._params, self.training.gradient_clipping)
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)  # a DTensor under FSDP2
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return norm

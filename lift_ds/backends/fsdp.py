@@ -13,19 +13,18 @@ forward therefore runs once under ``no_grad`` with every parameter trainable (pu
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..blocks import find_layer_stack
 from ..config import ConfigError, TrainingConfig, fsdp_problems
-from ..optim import OptimizerFactory, optimizer_factory_from_section
+from ..optim import OptimizerFactory
 from ..utils import get_logger
-from .base import Backend
+from .base import TorchOptimizerBackend
 
 logger = get_logger(__name__)
 
@@ -57,7 +56,7 @@ def _from_portable(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-class FSDPBackend(Backend):
+class FSDPBackend(TorchOptimizerBackend):
     """FSDP2 with per-layer units and a per-phase optimizer (see module docstring)."""
 
     name = "fsdp"
@@ -71,10 +70,6 @@ class FSDPBackend(Backend):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        if optimizer_factory is None:
-            if training.optimizer is None:
-                raise ConfigError(["optimizer: none given; pass optimizer= a callable or add an \"optimizer\" section"])
-            self.optimizer_factory = optimizer_factory_from_section(training.optimizer)
         cuda = torch.cuda.is_available()
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
@@ -93,22 +88,6 @@ class FSDPBackend(Backend):
             fully_shard(layer, **kw)
         fully_shard(model, **kw)
         self._needs_dtype_warmup = training.precision == "bf16"
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._params: list[nn.Parameter] = []
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        return self._optimizer
-
-    def build(self, params: list[nn.Parameter]) -> None:
-        self._params = params
-        self._optimizer = self.optimizer_factory(params)
-
-    def teardown(self) -> None:
-        for p in self.model.parameters():
-            p.grad = None
-        self._optimizer = None
-        self._params = []
 
     def _warmup(self, args: Any, kwargs: Any) -> None:
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
@@ -126,21 +105,6 @@ class FSDPBackend(Backend):
         if self._needs_dtype_warmup:
             self._warmup(args, kwargs)
         return self.model(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.training.gradient_accumulation_steps).backward()
-
-    def step(self, boundary: bool) -> float | None:
-        if not boundary:
-            return None
-        assert self._optimizer is not None
-        norm = None
-        if self.training.gradient_clipping > 0:
-            total = torch.nn.utils.clip_grad_norm_(self._params, self.training.gradient_clipping)
-            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-        return norm
 
     def optimizer_state_numel(self) -> int:
         """Elements of optimizer state this rank holds (its shards of the active block's moments)."""
