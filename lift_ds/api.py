@@ -98,7 +98,8 @@ def initialize(
         raise ConfigError(["lift.total_steps: required (an integer >= 1); set it in the config or pass total_steps="])
     if model_parameters is not None:
         logger.info("model_parameters is ignored: LIFT chooses the trainable parameters of each phase")
-    factory = None if (optimizer is None and lift.backend != "torch" and training.optimizer is not None) else as_optimizer_factory(optimizer, training.optimizer)
+    # with no optimizer given, each backend builds the config's "optimizer" section its own way
+    factory = None if optimizer is None and training.optimizer is not None else as_optimizer_factory(optimizer, training.optimizer)
     lr = LRController(lr_scheduler if lr_scheduler is not None else training.scheduler, lift.total_steps)
     backend_cls = get_backend_class(lift.backend)
     backend_kwargs: dict[str, Any] = {}
