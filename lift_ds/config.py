@@ -53,6 +53,10 @@ class LiftConfig:
         optimizer_state: ``reset`` (a fresh optimizer each phase) or ``offload`` (a block's
             optimizer state is kept on CPU between its phases and restored when it returns).
         backend: ``torch`` (single process, the reference), ``deepspeed`` or ``fsdp``.
+        max_consecutive_skipped_steps: an optimizer step whose loss (on any rank) or gradient norm
+            is NaN/inf is skipped and counted; this many skipped in a row stop the run with a
+            :class:`~lift_ds.engine.DivergenceError` (0: never stop). fp16 loss-scale overflows,
+            which DeepSpeed's loss scaler handles, are counted but do not stop the run.
     """
 
     schedule: str = "front2end"
@@ -65,6 +69,7 @@ class LiftConfig:
     seed: int = 0
     optimizer_state: str = "reset"
     backend: str = "torch"
+    max_consecutive_skipped_steps: int = 5
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -135,6 +140,12 @@ def parse_lift_section(section: Mapping[str, Any], path: str = "lift") -> LiftCo
             problems.append(f"{path}.seed: must be an integer, got {v['seed']!r}")
         else:
             out["seed"] = v["seed"]
+    if "max_consecutive_skipped_steps" in v:
+        m = v["max_consecutive_skipped_steps"]
+        if not _is_int(m) or m < 0:
+            problems.append(f"{path}.max_consecutive_skipped_steps: must be an integer >= 0 (0: never stop), got {m!r}")
+        else:
+            out["max_consecutive_skipped_steps"] = m
     if "layer_range" in v and v["layer_range"] is not None:
         lr = v["layer_range"]
         if (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from torch import nn
 from .backends.base import Backend
 from .blocks import Block, find_blocks, match_modules, select_candidates, set_trainable
 from .config import ConfigError, LiftConfig, TrainingConfig
+from .faults import maybe_kill
 from .optim import LRController
 from .schedule import PhaseCursor, plan
 from .utils import get_logger, rng_state, set_rng_state
@@ -23,6 +25,30 @@ logger = get_logger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "lift_state.json"
+
+
+class DivergenceError(RuntimeError):
+    """``lift.max_consecutive_skipped_steps`` optimizer steps in a row had a non-finite loss or
+    gradient norm. They were skipped: the weights are those from before the first of them."""
+
+
+class PhaseOutOfMemoryError(RuntimeError):
+    """Building a phase (engine, optimizer) for a block ran out of memory."""
+
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A CUDA/accelerator OOM, a CPU allocator failure, or a MemoryError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _OOM_MARKERS)
+    )
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (disk full, read-only or missing directory, ...); the
+    previous checkpoint is untouched and still the newest."""
 
 
 class LiftEngine:
@@ -72,6 +98,11 @@ class LiftEngine:
         self.last_grad_norm: float | None = None
         self.phase_switch_seconds = 0.0
         self.phase_switches = 0
+        #: optimizer steps skipped for a non-finite loss or gradient norm (and fp16 overflows)
+        self.skipped_steps = 0
+        self.consecutive_skipped_steps = 0
+        self.last_step_skipped = False
+        self._window_finite: list[torch.Tensor] = []
         self._stash: dict[int, Any] = {}
         self._active: int | None = None
         if lift.total_steps < len(self.candidates):
@@ -161,7 +192,12 @@ class LiftEngine:
                 self._stash[self._active] = self.backend.stash_optimizer_state()
             self.backend.teardown()
         params = set_trainable(self.module, self.trainable_param_names(block))
-        self.backend.build(params)
+        try:
+            self.backend.build(params)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            raise PhaseOutOfMemoryError(self._oom_message(block, params, e)) from e
         self._active = block
         assert self.backend.optimizer is not None
         self.lr_scheduler.attach(self.backend.optimizer)
@@ -173,6 +209,24 @@ class LiftEngine:
         logger.info(
             "phase %d/%d: training %s (%d parameter tensors) for steps %d..%d",
             ph.index + 1, len(self.cursor.phases), self.candidates[block].name, len(params), ph.start + 1, ph.stop,
+        )
+
+    def _oom_message(self, block: int, params: list[nn.Parameter], e: BaseException) -> str:
+        from .memory import GIB, state_bytes
+
+        trained = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+        total = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.module.parameters())
+        zero, offload = self.backend.memory_layout()
+        w, g, o = state_bytes(total, trained, self.world_size, zero, self.training.precision)
+        on_device = w + g + (0 if offload else o)
+        return (
+            f"out of memory building the phase for block {self.candidates[block].name} ({trained:,} trainable parameters, "
+            f"backend {self.backend.name}, ZeRO stage {zero}, {self.world_size} ranks, {self.training.precision}): "
+            f"lift_ds.memory estimates {on_device / GIB:.2f} GiB of model states per rank for this phase "
+            f"(parameters {w / GIB:.2f}, gradients {g / GIB:.2f}, optimizer {o / GIB:.2f}{' on CPU' if offload else ''}) "
+            f"before activations. Use more ranks, ZeRO-3 or optimizer offload (ds_configs/zero3_offload.json), a smaller "
+            f"micro batch, or a layer_range without this block; `python -m lift_ds.memory` prints the whole table. "
+            f"(the allocator said: {str(e).splitlines()[0][:300]})"
         )
 
     # ----------------------------------------------------------------- training
@@ -188,21 +242,42 @@ class LiftEngine:
         """Backward of one micro-batch's loss; gradients reach the active block only."""
         if self.done:
             raise RuntimeError(f"backward() after the plan finished ({self.lift.total_steps} steps); raise lift.total_steps")
+        self._window_finite.append(torch.isfinite(loss.detach()).all())
         self.backend.backward(loss)
 
     def step(self) -> None:
         """End a micro-step. At an accumulation boundary: optimizer step, schedule step, and a
-        phase switch when the plan moves to another block."""
+        phase switch when the plan moves to another block.
+
+        A step whose loss was NaN/inf on any rank (in any micro-batch of the window), or whose
+        global gradient norm is, changes no weight: it is skipped and counted
+        (:attr:`skipped_steps`), still consumes its place in the plan, and
+        ``lift.max_consecutive_skipped_steps`` of them in a row raise :class:`DivergenceError`.
+        """
         if self.done:
             raise RuntimeError(f"step() after the plan finished ({self.lift.total_steps} steps); raise lift.total_steps")
         boundary = self.is_gradient_accumulation_boundary()
-        if boundary:
-            self.lr_scheduler.apply(self.backend.optimizer)
-        norm = self.backend.step(boundary)
-        self.micro_steps += 1
         if not boundary:
+            self.backend.step(False)
+            self.micro_steps += 1
             return
+        finite = bool(torch.stack(self._window_finite).all()) if self._window_finite else True
+        self._window_finite = []
+        bad_loss = self.backend.any_rank(not finite)
+        if bad_loss:
+            self._discard_step()
+            norm, applied = None, False
+        else:
+            self.lr_scheduler.apply(self.backend.optimizer)
+            norm = self.backend.step(True)
+            applied = self.backend.step_applied
+        self.micro_steps += 1
         self.last_grad_norm = norm
+        self.last_step_skipped = not applied
+        if applied:
+            self.consecutive_skipped_steps = 0
+        else:
+            self._count_skip("a NaN/inf loss" if bad_loss else f"a non-finite gradient norm ({norm})", loss_scale=not bad_loss)
         self.lr_scheduler.step()
         if self.cursor.advance():
             self._enter(self.cursor.block)
@@ -212,6 +287,36 @@ class LiftEngine:
             # the last engine stays (ZeRO-3 forward needs its hooks for evaluation and export) until close()
             self._active = None
             set_trainable(self.module, [])
+
+    def _discard_step(self) -> None:
+        """Drop this window's gradients without stepping; rebuild the phase if the backend must."""
+        if self.backend.discard_gradients():
+            return
+        state = self.backend.stash_optimizer_state()
+        self.backend.teardown()
+        self.backend.build(set_trainable(self.module, self.trainable_param_names()))
+        self.backend.restore_optimizer_state(state)
+        self.lr_scheduler.attach(self.backend.optimizer)
+
+    def _count_skip(self, why: str, loss_scale: bool) -> None:
+        self.skipped_steps += 1
+        fp16_overflow = loss_scale and self.training.precision == "fp16"
+        if not fp16_overflow:  # DeepSpeed's loss scaler lowers the scale and carries on by itself
+            self.consecutive_skipped_steps += 1
+        step = self.global_step + 1
+        logger.warning(
+            "step %d (block %s) skipped: %s; %d skipped so far, %d in a row",
+            step, self.active_block, why, self.skipped_steps, self.consecutive_skipped_steps,
+        )
+        limit = self.lift.max_consecutive_skipped_steps
+        if limit and self.consecutive_skipped_steps >= limit:
+            first = step - self.consecutive_skipped_steps + 1
+            raise DivergenceError(
+                f"training diverged: {self.consecutive_skipped_steps} optimizer steps in a row (steps {first}..{step}, "
+                f"block {self.active_block}) had a NaN/inf loss or gradient norm. They were skipped, so the weights are "
+                f"those from before step {first}. Lower the learning rate, set gradient_clipping, or look at the "
+                f"training data of those steps; lift.max_consecutive_skipped_steps (now {limit}) sets this limit, 0 never stops."
+            )
 
     def close(self) -> None:
         """Release the backend (the last engine, optimizer, gradients)."""
@@ -246,44 +351,91 @@ class LiftEngine:
         tag = tag or f"global_step{self.global_step}"
         final = save_dir / tag
         tmp = save_dir / f".{tag}.partial"
-        if self.rank == 0:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        self.backend.barrier()
         names = self._saved_param_names()
-        self.backend.save_weights(tmp, names)
+
+        def prepare() -> None:
+            if self.rank == 0:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+                need = self._checkpoint_bytes(names)
+                free = shutil.disk_usage(save_dir).free
+                if free < need:
+                    raise OSError(errno.ENOSPC, f"{free / 2**20:.0f} MiB free, the checkpoint needs about {need / 2**20:.0f} MiB", str(save_dir))
+
+        def write_state() -> None:
+            torch.save(
+                {"rng": rng_state(), "stash": self._stash, "lr_scheduler": self.lr_scheduler.state_dict()},
+                tmp / f"rank{self.rank}_state.pt",
+            )
+            if self.rank == 0:
+                meta = {
+                    "format": 1,
+                    "cursor": self.cursor.state_dict(),
+                    "micro_steps": self.micro_steps,
+                    "lr": self.lr_scheduler.lr,
+                    "world_size": self.world_size,
+                    "backend": self.backend.name,
+                    "lift": self.lift.to_dict(),
+                    "saved_params": names,
+                    "skipped_steps": self.skipped_steps,
+                    "consecutive_skipped_steps": self.consecutive_skipped_steps,
+                    "client_state": client_state or {},
+                }
+                (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
+
+        def publish() -> None:
+            if self.rank == 0:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                latest_tmp = save_dir / f".{LATEST}.partial"
+                latest_tmp.write_text(tag)
+                os.replace(latest_tmp, save_dir / LATEST)
+
+        self._agreed(prepare, save_dir, tmp, final)
+        self._agreed(lambda: self.backend.save_weights(tmp, names), save_dir, tmp, final)
         if self._active is not None:
-            self.backend.save_optimizer(tmp)
-        torch.save(
-            {"rng": rng_state(), "stash": self._stash, "lr_scheduler": self.lr_scheduler.state_dict()},
-            tmp / f"rank{self.rank}_state.pt",
-        )
-        if self.rank == 0:
-            meta = {
-                "format": 1,
-                "cursor": self.cursor.state_dict(),
-                "micro_steps": self.micro_steps,
-                "lr": self.lr_scheduler.lr,
-                "world_size": self.world_size,
-                "backend": self.backend.name,
-                "lift": self.lift.to_dict(),
-                "saved_params": names,
-                "client_state": client_state or {},
-            }
-            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
-        self.backend.barrier()
-        if self.rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            latest_tmp = save_dir / f".{LATEST}.partial"
-            latest_tmp.write_text(tag)
-            os.replace(latest_tmp, save_dir / LATEST)
-        self.backend.barrier()
+            self._agreed(lambda: self.backend.save_optimizer(tmp), save_dir, tmp, final)
+        maybe_kill("save_midway", self.global_step, self.rank)
+        self._agreed(write_state, save_dir, tmp, final)
+        self._agreed(publish, save_dir, tmp, final)
         logger.info("saved checkpoint %s (step %d, %d parameter tensors)", final, self.global_step, len(names))
         return final
+
+    def _checkpoint_bytes(self, names: list[str]) -> int:
+        """Rough size of a checkpoint: saved weights plus the active block's optimizer state (all ranks)."""
+        named = dict(self.module.named_parameters())
+        weights = sum(int(getattr(named[n], "ds_numel", named[n].numel())) * named[n].element_size() for n in names if n in named)
+        active = sum(int(getattr(named[n], "ds_numel", named[n].numel())) for n in (self.trainable_param_names() if self._active is not None else []) if n in named)
+        return weights + 12 * active
+
+    def _agreed(self, fn: Any, save_dir: Path, tmp: Path, final: Path) -> None:
+        """Run one stage of a save on every rank; if it failed on any rank, remove the partial
+        checkpoint and raise :class:`CheckpointError` on every rank (no rank is left waiting)."""
+        err: OSError | None = None
+        try:
+            fn()
+        except OSError as e:
+            err = e
+        if not self.backend.any_rank(err is not None):
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = save_dir / LATEST
+        prev = latest.read_text().strip() if latest.is_file() else None
+        if err is None:
+            cause = "another rank could not write its part (see its message)"
+        else:
+            what = err.strerror or str(err)
+            cause = f"{what} ({err.filename})" if err.filename else what
+        raise CheckpointError(
+            errno.EIO if err is None else (err.errno or errno.EIO),
+            f"could not write checkpoint {final}: {cause}. "
+            + (f"The previous checkpoint {save_dir / prev} is untouched and still the newest ({latest}). " if prev else "No earlier checkpoint exists. ")
+            + f"Free disk space or make {save_dir} writable (or choose another --output_dir and copy the checkpoints there), then resume with --resume.",
+        )
 
     def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None) -> tuple[Path | None, dict]:
         """Resume from ``load_dir/<tag>`` (default: the tag in ``load_dir/latest``).
@@ -292,6 +444,11 @@ class LiftEngine:
             ``(path, client_state)`` like DeepSpeed; ``(None, {})`` when there is no checkpoint.
         """
         load_dir = Path(load_dir)
+        if self.rank == 0 and load_dir.is_dir():
+            for stale in load_dir.glob(".*.partial"):  # a save that was killed mid-write; never published
+                logger.warning("removing %s, an unfinished checkpoint write", stale)
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        self.backend.barrier()
         if tag is None:
             latest = load_dir / LATEST
             if not latest.is_file():
@@ -309,6 +466,8 @@ class LiftEngine:
             )
         self.cursor.load_state_dict(meta["cursor"])
         self.micro_steps = meta["micro_steps"]
+        self.skipped_steps = meta.get("skipped_steps", 0)
+        self.consecutive_skipped_steps = meta.get("consecutive_skipped_steps", 0)
         self.backend.teardown()  # also after the plan finished, when the last engine is kept for evaluation
         self._active = None
         set_trainable(self.module, [])

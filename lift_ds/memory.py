@@ -134,19 +134,24 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
         trained = lora_r * shape.lora_per_rank_unit
     else:
         raise ValueError(f"method must be lift, full or lora, got {method!r}")
+    params, grads, optimizer = state_bytes(shape.total, trained, ranks, zero, precision)
     half = precision in ("bf16", "fp16")
-    w = 2 if half else 4
-    opt_per = 12 if half else 8
-    P, T, N = shape.total, trained, ranks
-    params = w * P / (N if zero == 3 else 1)
-    grads = w * T / (N if zero >= 2 else 1)
-    optimizer = opt_per * T / (N if zero >= 1 else 1)
     act_bytes = 2 if half else 4
     per_layer = 34 * seq_len * micro_batch * shape.hidden * act_bytes / 2
     logits = 6 * seq_len * micro_batch * shape.vocab * (act_bytes / 2)
     stored_layers = shape.num_layers if method != "lift" else (shape.num_layers - first + 1 if not include_embedding else shape.num_layers)
     activations = stored_layers * per_layer + logits
     return Estimate(method, T, params, grads, optimizer, offload, activations)
+
+
+def state_bytes(total: int, trained: int, ranks: int, zero: int, precision: str = "bf16") -> tuple[float, float, float]:
+    """``(parameters, gradients, optimizer)`` bytes per rank for ``total`` parameters of which
+    ``trained`` train, under ZeRO stage ``zero`` (FSDP = 3), by the table in the module docstring."""
+    half = precision in ("bf16", "fp16")
+    w = 2 if half else 4
+    opt_per = 12 if half else 8
+    P, T, N = total, trained, ranks
+    return w * P / (N if zero == 3 else 1), w * T / (N if zero >= 2 else 1), opt_per * T / (N if zero >= 1 else 1)
 
 
 def deepspeed_full_estimate(shape: ModelShape, ranks_per_node: int, nodes: int, zero: int, offload: bool) -> float:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .cli import Plan, build_parser, check_plan_fits_model, resolve
 from .config import ConfigError
 from .data import DataError, Example, TokenizedData, load_examples, tokenize, tokenize_for_head
@@ -187,9 +188,12 @@ class Run:
             block = engine.active_block
             phase = engine.cursor.phase.index + 1
             loss_sum = 0.0
+            nan = faults.armed("nan_loss", engine.global_step + 1, engine.rank)
             for _ in range(gas):
                 batch = self.batches.batch(engine.micro_steps)
                 loss = engine(**batch).loss
+                if nan:
+                    loss = loss * float("nan")
                 engine.backward(loss)
                 loss_sum += loss.item()
                 del loss
@@ -198,16 +202,26 @@ class Run:
             dt = time.perf_counter() - t_step
             rec = {"step": engine.global_step, "loss": loss_sum / gas, "lr": engine.get_lr()[0], "block": block, "phase": phase,
                    "grad_norm": engine.last_grad_norm, "tokens_per_s": tokens / dt, "step_s": dt}
+            if engine.last_step_skipped:
+                rec["skipped"] = True
+            if engine.skipped_steps:
+                rec["skipped_steps"] = engine.skipped_steps
             self.log(rec)
             bar.set_postfix(phase=f"{phase}/{len(engine.cursor.phases)}", block=block, loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
             t_step, tokens = time.perf_counter(), 0
+            faults.maybe_kill("kill", engine.global_step, engine.rank)
             if args.eval_every and engine.global_step % args.eval_every == 0 and not engine.done:
                 ev = self.evaluate()
                 self.log({"step": engine.global_step, **ev})
                 logger.info("step %d: %s", engine.global_step, _fmt(ev))
             if args.save_every and engine.global_step % args.save_every == 0:
-                self.save()
+                if engine.consecutive_skipped_steps:
+                    # keep the newest checkpoint one from before the run of skipped (NaN/inf) steps
+                    logger.warning("step %d: checkpoint not written, the last %d steps were skipped for NaN/inf",
+                                   engine.global_step, engine.consecutive_skipped_steps)
+                else:
+                    self.save()
         bar.close()
         after = self.evaluate()
         if after:
@@ -215,7 +229,7 @@ class Run:
         self.save()
         if not args.no_final_model:
             self.export()
-        return {"before": before, "after": after, "phase_switch_seconds": engine.phase_switch_seconds}
+        return {"before": before, "after": after, "phase_switch_seconds": engine.phase_switch_seconds, "skipped_steps": engine.skipped_steps}
 
     def export(self) -> None:
         from .export import save_hf_checkpoint
@@ -249,12 +263,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = run.train()
+    from .engine import CheckpointError, DivergenceError, PhaseOutOfMemoryError
+
+    try:
+        result = run.train()
+    except (DivergenceError, CheckpointError, PhaseOutOfMemoryError) as e:
+        latest = run.ckpt_dir / "latest"
+        where = (f" The newest checkpoint is {run.ckpt_dir / latest.read_text().strip()}; continue from it with the same "
+                 "command and --resume.") if latest.is_file() else " No checkpoint was written (use --save_every N)."
+        if run.engine.rank == 0:
+            print(f"error: {e}{where}", file=sys.stderr)
+        return 3
     if run.engine.rank == 0:
         b, a = result["before"], result["after"]
         for key in ("eval_accuracy", "eval_loss"):
             if key in a:
                 print(f"held-out {key.split('_')[1]}: before {b.get(key, float('nan')):.4f} -> after {a[key]:.4f}")
+        if result["skipped_steps"]:
+            print(f"{result['skipped_steps']} optimizer steps were skipped for a NaN/inf loss or gradient (see metrics.jsonl)")
         print(f"phase switches took {result['phase_switch_seconds']:.1f} s; outputs in {run.out}")
     run.engine.close()
     return 0

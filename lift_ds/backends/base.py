@@ -7,6 +7,7 @@ optimizer step (with clipping) and how weights and optimizer state are stored.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,37 @@ class Backend(ABC):
         self.optimizer_factory = optimizer_factory
         self.rank = 0
         self.world_size = 1
+        #: False after a boundary :meth:`step` that did not change the weights (a non-finite
+        #: gradient norm, or DeepSpeed's fp16 loss scaler skipping an overflow).
+        self.step_applied = True
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where small collective tensors live (the accelerator under NCCL, else the CPU)."""
+        return torch.device("cpu")
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (collective when distributed)."""
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def memory_layout(self) -> tuple[int, bool]:
+        """``(zero_stage, optimizer_offloaded)`` for :func:`lift_ds.memory.state_bytes` (FSDP: stage 3)."""
+        return 0, False
+
+    def discard_gradients(self) -> bool:
+        """Drop the accumulated gradients without an optimizer step (a skipped step).
+
+        Returns:
+            False when the backend cannot do it in place; the engine then rebuilds the phase with
+            its optimizer state kept (stash, teardown, build, restore).
+        """
+        return False
 
     @property
     @abstractmethod
@@ -152,10 +184,19 @@ class TorchOptimizerBackend(Backend):
         if not boundary:
             return None
         assert self._optimizer is not None, "step() before build()"
-        norm = None
-        if self.training.gradient_clipping > 0:
-            total = torch.nn.utils.clip_grad_norm_(self._params, self.training.gradient_clipping)
-            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)  # a DTensor under FSDP2
-        self._optimizer.step()
+        grads = [p.grad for p in self._params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads)
+        # a DTensor under FSDP2: full_tensor() all-reduces it, so every rank sees the same norm
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        self.step_applied = math.isfinite(norm)
+        if self.step_applied:
+            if self.training.gradient_clipping > 0:
+                torch.nn.utils.clip_grads_with_norm_(self._params, self.training.gradient_clipping, total)
+            self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def discard_gradients(self) -> bool:
+        if self._optimizer is not None:
+            self._optimizer.zero_grad(set_to_none=True)
+        return True

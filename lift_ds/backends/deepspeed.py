@@ -124,6 +124,10 @@ class DeepSpeedBackend(Backend):
         self._engine: Any = None
         self._params: list[nn.Parameter] = []
         self._built_once = False
+        self._offload = offload
+
+    def memory_layout(self) -> tuple[int, bool]:
+        return self.zero_stage, self._offload
 
     # ----------------------------------------------------------------- config
 
@@ -210,9 +214,17 @@ class DeepSpeedBackend(Backend):
     def step(self, boundary: bool) -> float | None:
         self._engine.step()
         if boundary:
+            # ZeRO skips a step whose global gradient norm is NaN/inf (and fp16 overflows) itself
+            self.step_applied = bool(self._engine.was_step_applied())
             norm = self._engine.get_global_grad_norm()
             return None if norm is None else float(norm)
         return None
+
+    @property
+    def comm_device(self) -> torch.device:
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
 
     def optimizer_state_numel(self) -> int:
         """Elements of optimizer state this rank holds (moments; fp32 master partitions not counted)."""

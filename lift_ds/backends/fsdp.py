@@ -88,6 +88,10 @@ class FSDPBackend(TorchOptimizerBackend):
             fully_shard(layer, **kw)
         fully_shard(model, **kw)
         self._needs_dtype_warmup = training.precision == "bf16"
+        self._offload = bool(sec.get("cpu_offload"))
+
+    def memory_layout(self) -> tuple[int, bool]:
+        return 3, self._offload
 
     def _warmup(self, args: Any, kwargs: Any) -> None:
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
@@ -118,6 +122,10 @@ class FSDPBackend(TorchOptimizerBackend):
         return total
 
     # ----------------------------------------------------------------- collectives
+
+    @property
+    def comm_device(self) -> torch.device:
+        return self.device
 
     def barrier(self) -> None:
         import torch.distributed as dist

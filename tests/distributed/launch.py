@@ -67,7 +67,10 @@ def reference(sc: dict, world: int = WORLD, start_state: dict | None = None) -> 
     gas = cfg.get("gradient_accumulation_steps", 1)
     data = lm_batches(sc["steps"] * gas, batch=mb * world, seq=sc.get("seq", 16), vocab=sc.get("vocab", 128), seed=sc.get("data_seed", 1))
     for b in data:
-        engine.backward(engine(**b).loss)
+        loss = engine(**b).loss
+        if engine.global_step + 1 in sc.get("nan_steps", ()):
+            loss = loss * float("nan")
+        engine.backward(loss)
         engine.step()
     return start, {n: p.detach().clone() for n, p in model.named_parameters()}
 

@@ -46,6 +46,10 @@ def matrix() -> dict:
             "config": {k: v for k, v in ds_config(stage, {"total_steps": 8}).items() if k != "gradient_clipping"},
             "optimizer": "sgd", "steps": 8,
         }
+        # a NaN loss on rank 1 only at step 4 (mid-phase, AdamW state present): every rank skips it
+        scenarios[f"z{stage}-nan"] = {
+            "config": ds_config(stage, {"total_steps": 8}), "optimizer": "adamw", "steps": 8, "nan_steps": [4], "nan_ranks": [1],
+        }
         scenarios[f"z{stage}-gas"] = {
             "config": ds_config(stage, {"total_steps": 6, "schedule": "end2front"}, gradient_accumulation_steps=2),
             "optimizer": "adamw", "steps": 6,
@@ -75,6 +79,14 @@ def test_matches_single_process_reference(results, name):
     assert err <= 1e-3 * move, f"{name}: max |ds - ref| = {err:.3g}, largest move {move:.3g}"
     for n in _frozen_names(start):
         assert torch.equal(final[n], start[n]), f"{n} is frozen but changed"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_nan_loss_on_one_rank_skips_the_step_everywhere(results, stage):
+    _, res = results
+    assert res[f"z{stage}-nan"]["skipped_steps"] == 1
+    clean = res[f"z{stage}-front2end-grouped-adamw"]["final"]
+    assert any(not torch.equal(clean[n], t) for n, t in res[f"z{stage}-nan"]["final"].items()), "the skip changed nothing"
 
 
 def test_clipping_changes_the_update(results):

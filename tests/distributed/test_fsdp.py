@@ -28,6 +28,7 @@ def scenarios(save: Path) -> dict:
                                             "optimizer": opt, "steps": 8, "track_grads": True}
     sc["clip"] = {"config": cfg({"total_steps": 8, "policy": "cyclic"}, gradient_clipping=0.05), "optimizer": "sgd", "steps": 8}
     sc["gas"] = {"config": cfg({"total_steps": 6, "schedule": "end2front"}, gradient_accumulation_steps=2), "optimizer": "adamw", "steps": 6}
+    sc["nan"] = {"config": cfg({"total_steps": 8}), "optimizer": "adamw", "steps": 8, "nan_steps": [4], "nan_ranks": [1]}
     sc["offload-state"] = {"config": cfg({"total_steps": 12, "policy": "cyclic", "optimizer_state": "offload"}), "optimizer": "adamw", "steps": 12}
     sc["leak"] = {"config": cfg({"total_steps": 24, "policy": "cyclic", "layer_range": [1, 4]}), "optimizer": "adamw", "steps": 24,
                   "hidden": 128, "vocab": 512, "track": True}
@@ -53,7 +54,7 @@ def runs(tmp_path_factory):
     return sc, res, save
 
 
-MATRIX = [f"{s}-{p}-{o}" for s, p, o in itertools.product(SCHEDULES, POLICIES, ("sgd", "adamw"))] + ["clip", "gas", "offload-state", "full"]
+MATRIX = [f"{s}-{p}-{o}" for s, p, o in itertools.product(SCHEDULES, POLICIES, ("sgd", "adamw"))] + ["clip", "gas", "offload-state", "full", "nan"]
 
 
 @pytest.mark.parametrize("name", MATRIX)
@@ -80,6 +81,11 @@ def test_gradients_and_optimizer_state_for_active_block_only(runs):
         active, held = out["trainable_numel"][k], out["state_numel"][k]
         assert 2 * active / WORLD <= held <= 2 * active / WORLD + 2 * 64, (k, held, active)
     assert all(n == 0 for n in out["state_numel"][0::2])
+
+
+def test_nan_loss_on_one_rank_skips_the_step_everywhere(runs):
+    _, res, _ = runs
+    assert res["nan"]["skipped_steps"] == 1
 
 
 def test_no_leak_over_many_phases(runs):

@@ -95,6 +95,8 @@ def run(sc, rank, world):
         b = data[micro]
         local = {k: v[rank * mb : (rank + 1) * mb] for k, v in b.items()}
         loss = engine(**local).loss
+        if engine.global_step + 1 in sc.get("nan_steps", ()) and rank in sc.get("nan_ranks", [rank]):
+            loss = loss * float("nan")  # a numerical fault on this rank only
         engine.backward(loss)
         out["losses"].append(loss.item())
         # DeepSpeed's backward hooks on the outputs reference the engine that made them: a loop that
@@ -127,6 +129,7 @@ def run(sc, rank, world):
                 os._exit(0)
     out["seconds"] = time.perf_counter() - t0
     out["switch_seconds"] = engine.phase_switch_seconds
+    out["skipped_steps"] = engine.skipped_steps
     out["final"] = _full_state(model)
     if sc.get("export_dir"):
         from lift_ds.export import save_hf_checkpoint

@@ -1,0 +1,124 @@
+"""SIGKILL a 2-rank launch/train.py run at several points, resume with --resume: same final weights.
+
+Faults come from LIFT_DS_FAULTS (lift_ds/faults.py). The plan: 4 layers + head = 5 blocks over 16
+steps, grouped: block 1 trains steps 1-4, block 2 steps 5-7, block 3 steps 8-10, ...; checkpoints
+every 4 steps, in fp32 so the comparison can be exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_model_dir, write_sentiment
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+CONFIGS = {
+    "zero2": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0}},
+              "lift": {"backend": "deepspeed", "include_head": True}},
+    "fsdp": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+             "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0}},
+             "lift": {"backend": "fsdp", "include_head": True}},
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("crash")
+    make_model_dir(d / "model", layers=4)
+    write_sentiment(d / "train.jsonl", 96)
+    for name, cfg in CONFIGS.items():
+        (d / f"{name}.json").write_text(json.dumps(cfg))
+    return d
+
+
+def launch(files: Path, config: str, out: Path, *extra: str, faults: str = "", restarts: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LIFT_DS_FAULTS": faults}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", str(restarts),
+           "launch/train.py", "--ds_config", str(files / f"{config}.json"), "--model", str(files / "model"),
+           "--data", str(files / "train.jsonl"), "--format", "classification", "--max_steps", "16", "--save_every", "4",
+           "--keep_checkpoints", "3", "--seq_len", "32", "--output_dir", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    diff = max((a[n].float() - b[n].float()).abs().max().item() for n in a)
+    assert diff <= 1e-6, diff
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(files, tmp_path_factory):
+    out = {}
+    for config in CONFIGS:
+        d = tmp_path_factory.mktemp(f"clean-{config}")
+        proc = launch(files, config, d)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        out[config] = final_weights(d)
+    return out
+
+
+@pytest.mark.parametrize("config,fault,resumes_from", [
+    ("zero2", "kill@6:1", "global_step4"),        # mid-phase, rank 1 only
+    ("zero2", "kill@7", "global_step4"),          # right after the switch from block 2 to block 3
+    ("zero2", "save_midway@8:0", "global_step4"),  # during the write of checkpoint 8
+    ("fsdp", "kill@10:0", "global_step8"),         # FSDP2, right after a switch
+])
+def test_sigkill_then_resume_equals_uninterrupted(files, tmp_path, uninterrupted, config, fault, resumes_from):
+    out = tmp_path / "run"
+    proc = launch(files, config, out, faults=fault)
+    assert proc.returncode != 0, "the fault did not fire"
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == resumes_from
+    if fault.startswith("save_midway"):
+        assert (ckpts / ".global_step8.partial").is_dir()  # the half-written checkpoint was never published
+        assert not (ckpts / "global_step8").exists()
+    proc = launch(files, config, out, "--resume")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert f"resumed from {ckpts / resumes_from}" in proc.stderr
+    assert not list(ckpts.glob(".*.partial"))
+    assert_same(final_weights(out), uninterrupted[config])
+
+
+def test_torchrun_elastic_restart_resumes_by_itself(files, tmp_path, uninterrupted):
+    out = tmp_path / "elastic"
+    proc = launch(files, "zero2", out, "--resume", faults="kill@6:1", restarts=1)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    log = proc.stdout + proc.stderr
+    assert "no checkpoint in" in log  # the first attempt starts from scratch
+    assert f"resumed from {out / 'checkpoints' / 'global_step4'}" in log  # the restart picks up step 4
+    assert_same(final_weights(out), uninterrupted["zero2"])
+
+
+def test_nan_loss_is_skipped_then_divergence_stops_keeping_the_checkpoint(files, tmp_path):
+    out = tmp_path / "nan"
+    proc = launch(files, "zero2", out, faults="nan_loss@3:1")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "1 optimizer steps were skipped" in proc.stdout
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == [3]
+
+    out = tmp_path / "diverge"
+    bad = ",".join(f"nan_loss@{s}" for s in range(6, 17))
+    proc = launch(files, "zero2", out, faults=bad)
+    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-5000:]  # torchrun exits 1; the ranks exit 3
+    assert "training diverged: 5 optimizer steps in a row (steps 6..10" in proc.stderr
+    assert "The newest checkpoint is" in proc.stderr and "global_step4" in proc.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "global_step4"
+    assert not (out / "final").exists()
