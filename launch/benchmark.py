@@ -29,6 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 METHODS = ("lift-zero2", "lift-zero3", "lift-fsdp", "full-zero2", "full-zero3", "lora-zero2")
+#: single-process comparisons at one fixed block (--fixed_layer) or switching every step over the
+#: top half of the layers: the plain PyTorch loop, lift_ds on the torch backend (both fp32), and
+#: BAdam 1.4 against lift_ds on one DeepSpeed rank (both bf16 weights, fp32 master and AdamW)
+SINGLE = ("plain-fixed", "lift-torch-fixed", "badam-fixed", "lift-bf16-fixed", "badam-switch", "lift-bf16-switch")
 
 
 def live_tensor_bytes() -> int:
@@ -48,6 +52,89 @@ def live_tensor_bytes() -> int:
         except Exception:  # noqa: BLE001 - odd tensor subclasses
             continue
     return sum(seen.values())
+
+
+def single_worker(args: argparse.Namespace, model, data, tok) -> dict:
+    """One process: a fixed block, or a switch at every step over layers top-half..top."""
+    import torch
+
+    import lift_ds
+    from lift_ds.data import RankBatches
+
+    kind, _, mode = args.method.rpartition("-")
+    n_layers = model.config.num_hidden_layers
+    k = args.fixed_layer or n_layers // 2
+    switch_layers = list(range(n_layers // 2 + 1, n_layers + 1))
+    prefix = lambda i: f"model.layers.{i - 1}."  # noqa: E731  (1-indexed layer -> parameter prefix)
+    batches = RankBatches(data, args.micro_batch, 0, 1, seed=0, pad_id=tok.pad_token_id)
+    adamw = dict(lr=args.lr, weight_decay=0.0)
+    engine = opt = None
+    switch_s, switches = 0.0, 0
+    if kind == "plain":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith(prefix(k)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, **adamw)
+    elif kind == "badam":
+        from badam import BlockOptimizer
+
+        model.to(torch.bfloat16)  # BAdam's intended set-up: 16-bit weights, fp32 copies of the active block
+        blocks = [[prefix(k)]] if mode == "fixed" else [[prefix(i)] for i in switch_layers]
+        base = torch.optim.AdamW(model.parameters(), **adamw)
+        opt = BlockOptimizer(base, list(model.named_parameters()), block_prefix_list=blocks, switch_block_every=1 if mode == "switch" else 10**9,
+                             switch_mode="fixed" if mode == "fixed" else "ascending", start_block=0, verbose=0)
+    else:
+        layer_range = [k, k] if mode == "fixed" else [switch_layers[0], switch_layers[-1]]
+        cfg = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_clipping": 1.0,
+               "lift": {"backend": "torch" if kind == "lift-torch" else "deepspeed", "total_steps": args.steps,
+                        "layer_range": layer_range, "policy": "cyclic"}}
+        if kind == "lift-bf16":
+            cfg.update({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}})
+        engine, *_ = lift_ds.initialize(model=model, config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, **adamw))
+    times, losses, states = [], [], []
+    for step in range(1, args.steps + 1):
+        b = batches.batch(step - 1)
+        t0 = time.perf_counter()
+        if engine is not None:
+            loss = engine(**b).loss
+            engine.backward(loss)
+        else:
+            loss = model(**b).loss
+            loss.backward()
+        losses.append(loss.item())
+        del loss
+        if step in (2, args.steps // 2):
+            states.append(live_tensor_bytes())
+        if engine is not None:
+            engine.step()
+            switch_s, switches = engine.phase_switch_seconds, engine.phase_switches - 1
+            times.append(time.perf_counter() - t0)
+        else:
+            if kind == "plain":
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            else:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+            opt.step()  # BAdam switches blocks inside step(): its switch time is part of the step, as LIFT's is
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        if step in (2, args.steps // 2):
+            states.append(live_tensor_bytes())
+    if kind == "badam" and mode == "switch":
+        switches = args.steps - 1
+        switch_s = time_badam_switch(opt, len(switch_layers)) * switches
+    out = {"model_state_bytes": max(states), "median_step_s": statistics.median(times[1:]), "switch_s": switch_s,
+           "switches": switches, "run_s": sum(times), "final_loss": statistics.mean(losses[-5:])}
+    if engine is not None:
+        engine.close()
+    return out
+
+
+def time_badam_switch(opt, n_blocks: int) -> float:
+    """Seconds per call of BAdam's switch_trainable_params, averaged over one cycle of its blocks."""
+    t0 = time.perf_counter()
+    for _ in range(n_blocks):
+        opt.switch_trainable_params(verbose=0)
+    return (time.perf_counter() - t0) / n_blocks
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -70,6 +157,12 @@ def worker(args: argparse.Namespace) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
+    if args.method in SINGLE:
+        out = single_worker(args, model, data, tok)
+        out.update({"method": args.method, "rank": 0, "world": 1, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    "tokens_per_s": args.micro_batch * args.seq_len / out["median_step_s"]})
+        Path(args.result).with_suffix(".rank0.json").write_text(json.dumps(out))
+        return
     cfg = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_clipping": 1.0, "bf16": {"enabled": True},
            "lift": {"backend": "fsdp" if backend == "fsdp" else "deepspeed", "total_steps": args.steps}}
     if backend.startswith("zero"):
@@ -121,20 +214,21 @@ def orchestrate(args: argparse.Namespace) -> None:
     tmp = Path(args.out).with_suffix("")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     for m in args.methods.split(","):
-        if m not in METHODS:
-            raise SystemExit(f"error: --methods: {m!r} unknown; allowed: {', '.join(METHODS)}")
+        if m not in METHODS + SINGLE:
+            raise SystemExit(f"error: --methods: {m!r} unknown; allowed: {', '.join(METHODS + SINGLE)}")
         res = Path(f"{tmp}.{m}")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks), __file__, "--worker",
+        ranks = 1 if m in SINGLE else args.ranks
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), __file__, "--worker",
                "--method", m, "--result", str(res), "--steps", str(args.steps), "--seq_len", str(args.seq_len),
-               "--micro_batch", str(args.micro_batch), "--lr", str(args.lr)] + (["--model", args.model] if args.model else [])
+               "--micro_batch", str(args.micro_batch), "--lr", str(args.lr), "--fixed_layer", str(args.fixed_layer)] + (["--model", args.model] if args.model else [])
         print(f"running {m} ...", flush=True)
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
         if proc.returncode:
             print(proc.stderr[-3000:])
             raise SystemExit(f"{m} failed (exit {proc.returncode})")
-        ranks = [json.loads(res.with_suffix(f".rank{r}.json").read_text()) for r in range(args.ranks)]
-        results[m] = {k: max(r[k] for r in ranks) if isinstance(ranks[0][k], (int, float)) else ranks[0][k] for k in ranks[0]}
+        per_rank = [json.loads(res.with_suffix(f".rank{r}.json").read_text()) for r in range(ranks)]
+        results[m] = {k: max(r[k] for r in per_rank) if isinstance(per_rank[0][k], (int, float)) else per_rank[0][k] for k in per_rank[0]}
         results[m]["wall_s"] = time.time() - t0
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     report(results, args)
@@ -150,12 +244,17 @@ def report(results: dict, args: argparse.Namespace) -> None:
         print(f"| {m} | {r['model_state_bytes'] / gib:.3f} | {r['peak_rss_bytes'] / gib:.2f} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['switch_s']:.1f} ({100 * share:.1f}%) | {r['final_loss']:.3f} |")
     print()
-    pairs = [("lift-zero2", "full-zero2"), ("lift-zero3", "full-zero3"), ("lift-zero2", "lora-zero2"), ("lift-fsdp", "full-zero3")]
+    pairs = [("lift-zero2", "full-zero2"), ("lift-zero3", "full-zero3"), ("lift-zero2", "lora-zero2"), ("lift-fsdp", "full-zero3"),
+             ("lift-torch-fixed", "plain-fixed"), ("lift-bf16-fixed", "badam-fixed"), ("lift-bf16-switch", "badam-switch"),
+             ("lift-zero2", "badam-switch"), ("lift-zero3", "badam-switch")]
     for a, b in pairs:
         if a in results and b in results:
             ra, rb = results[a], results[b]
             print(f"{b} / {a}: model states {rb['model_state_bytes'] / ra['model_state_bytes']:.2f}x, peak RSS {rb['peak_rss_bytes'] / ra['peak_rss_bytes']:.2f}x, "
                   f"step time {rb['median_step_s'] / ra['median_step_s']:.2f}x")
+    for m in ("lift-bf16-switch", "badam-switch"):
+        if m in results and results[m]["switches"]:
+            print(f"{m}: {1000 * results[m]['switch_s'] / results[m]['switches']:.1f} ms per block switch")
 
 
 def main() -> None:
@@ -167,6 +266,7 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--micro_batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--fixed_layer", type=int, default=0, help="the block of the *-fixed methods (default: the middle layer)")
     p.add_argument("--out", default="outputs/benchmark.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)

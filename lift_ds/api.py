@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .backends import get_backend_class
+from .blocks import find_blocks, match_modules, select_candidates
 from .config import ConfigError, parse_config
 from .engine import LiftEngine
 from .optim import LRController, as_optimizer_factory
@@ -101,6 +102,9 @@ def initialize(
     # with no optimizer given, each backend builds the config's "optimizer" section its own way
     factory = None if optimizer is None and training.optimizer is not None else as_optimizer_factory(optimizer, training.optimizer)
     lr = LRController(lr_scheduler if lr_scheduler is not None else training.scheduler, lift.total_steps)
+    if fixed_trainable is None:  # a model LIFT cannot split fails here, before any process group
+        select_candidates(find_blocks(model), lift)
+        match_modules(model, lift.always_trainable)
     backend_cls = get_backend_class(lift.backend)
     backend_kwargs: dict[str, Any] = {}
     if lift.backend == "deepspeed":

@@ -21,8 +21,12 @@ if TYPE_CHECKING:  # pragma: no cover
 from .config import ConfigError, LiftConfig
 
 
-class BlockFindingError(ValueError):
-    """No candidate blocks could be found in a model."""
+class BlockFindingError(ConfigError):
+    """No candidate blocks could be found in a model (a configuration problem: raised before any
+    process group starts)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__([message], source="model")
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,10 @@ def resolve(args: argparse.Namespace) -> Plan:
         raise ConfigError([f"--ds_config: file {args.ds_config!r} does not exist"] + problems) from None
     except json.JSONDecodeError as e:
         raise ConfigError([f"--ds_config {args.ds_config}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"] + problems) from None
+    if not isinstance(cfg, dict):
+        raise ConfigError([f"--ds_config {args.ds_config}: top level must be a JSON object, got {type(cfg).__name__}"] + problems)
+    if not isinstance(cfg.get("lift", {}), dict):
+        raise ConfigError([f"lift: must be a JSON object, got {type(cfg['lift']).__name__}"] + problems, source=args.ds_config)
     lift = dict(cfg.get("lift", {}))
     for flag, key in (("max_steps", "total_steps"), ("schedule", "schedule"), ("policy", "policy"), ("backend", "backend"),
                       ("include_embedding", "include_embedding"), ("include_head", "include_head")):
@@ -120,15 +124,78 @@ def resolve(args: argparse.Namespace) -> Plan:
         problems.append(f"--classifier_head: needs --format classification, got {args.format!r}")
     if args.classifier_head and args.method == "lora":
         problems.append("--classifier_head: not supported with --method lora; use lift or full")
-    if args.method == "lora" and int(cfg.get("zero_optimization", {}).get("stage", 0)) == 3:
+    zero = cfg.get("zero_optimization") if isinstance(cfg.get("zero_optimization"), dict) else {}
+    if args.method == "lora" and zero.get("stage") == 3:
         problems.append("--method lora: use a ZeRO-1/2 config (ZeRO-3 with peft adapters is not supported here)")
     try:
         parse_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         problems += e.problems
+    if not problems:
+        problems += optimizer_problems(cfg)
     if problems:
         raise ConfigError(problems, source=args.ds_config)
     return Plan(args=args, config=cfg, builtin=builtin)
+
+
+def cpu_op_problem() -> str | None:
+    """None when DeepSpeed's CPU optimizer ops are pre-built or can be compiled here (ninja and a C++ compiler)."""
+    import shutil
+
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return "zero_optimization.offload_optimizer: needs DeepSpeed (pip install deepspeed)"
+    if installed_ops.get("cpu_adam"):
+        return None
+    from torch.utils.cpp_extension import is_ninja_available
+
+    missing = [name for name, ok in (("ninja", is_ninja_available()), ("a C++ compiler", shutil.which(os.environ.get("CXX", "c++")) is not None)) if not ok]
+    if not missing:
+        return None
+    return (
+        f"zero_optimization.offload_optimizer: DeepSpeed's CPU optimizer op (cpu_adam) is not pre-built and cannot be compiled "
+        f"here: {' and '.join(missing)} not found. Install them (pip install ninja; apt-get install g++), or install DeepSpeed "
+        "with DS_BUILD_CPU_ADAM=1, or remove the offload"
+    )
+
+
+def optimizer_problems(cfg: dict[str, Any]) -> list[str]:
+    """The optimizer and scheduler sections, checked by building nothing: parameters and names."""
+    import inspect
+
+    from .optim import optimizer_factory_from_section
+
+    problems: list[str] = []
+    backend = cfg["lift"].get("backend", "torch")
+    opt = cfg.get("optimizer")
+    if isinstance(opt, dict):
+        lr = opt.get("params", {}).get("lr")
+        if lr is not None and lr != "auto" and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0):
+            problems.append(f"optimizer.params.lr: must be a number > 0, got {lr!r}")
+        elif str(opt["type"]).lower() in ("adam", "adamw", "sgd") or backend != "deepspeed":
+            try:
+                optimizer_factory_from_section(opt)
+            except ConfigError as e:
+                problems += e.problems
+    zero = cfg.get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    if backend == "deepspeed" and offload:
+        p = cpu_op_problem()
+        if p:
+            problems.append(p)
+    sched = cfg.get("scheduler")
+    if isinstance(sched, dict):
+        from deepspeed.runtime import lr_schedules
+
+        kind = sched["type"]
+        if kind not in lr_schedules.VALID_LR_SCHEDULES:
+            problems.append(f"scheduler.type: {kind!r} unknown; allowed: {', '.join(lr_schedules.VALID_LR_SCHEDULES)}")
+        else:
+            allowed = set(inspect.signature(getattr(lr_schedules, kind).__init__).parameters) - {"self", "optimizer"}
+            for k in sorted(set(sched.get("params", {})) - allowed):
+                problems.append(f"scheduler.params.{k}: not a parameter of {kind}; allowed: {', '.join(sorted(allowed))}")
+    return problems
 
 
 def check_plan_fits_model(num_layers: int, cfg: dict[str, Any], method: str) -> None:

@@ -284,6 +284,54 @@ def resolve_training(config: Mapping[str, Any], world_size: int) -> TrainingConf
     )
 
 
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+#: optimizer types DeepSpeed can run offloaded (DeepSpeedCPUAdam, DeepSpeedCPUAdagrad, DeepSpeedCPULion)
+OFFLOADABLE_OPTIMIZERS = ("adam", "adamw", "adagrad", "lion")
+
+
+def deepspeed_problems(raw: Mapping[str, Any]) -> list[str]:
+    """The ``zero_optimization`` keys backend ``deepspeed`` would only reject after its process
+    group started (or silently mis-handle), checked up front."""
+    zero = raw.get("zero_optimization")
+    if zero is None:
+        return []
+    if not isinstance(zero, Mapping):
+        return [f"zero_optimization: must be an object like {{\"stage\": 2}}, got {zero!r}"]
+    problems = []
+    stage = zero.get("stage", 0)
+    if not _is_int(stage) or stage not in (0, 1, 2, 3):
+        problems.append(f"zero_optimization.stage: got {stage!r}; allowed: 0, 1, 2, 3")
+    for key in ("offload_optimizer", "offload_param"):
+        sec = zero.get(key)
+        if sec is None:
+            continue
+        if not isinstance(sec, Mapping):
+            problems.append(f"zero_optimization.{key}: must be an object like {{\"device\": \"cpu\"}}, got {sec!r}")
+            continue
+        dev = sec.get("device", "none") or "none"
+        if dev not in OFFLOAD_DEVICES:
+            problems.append(f"zero_optimization.{key}.device: got {dev!r}; allowed: {', '.join(OFFLOAD_DEVICES)}")
+            continue
+        if dev == "none":
+            continue
+        if dev == "nvme" and not sec.get("nvme_path"):
+            problems.append(f"zero_optimization.{key}.nvme_path: required with device \"nvme\" (a directory on a local NVMe drive)")
+        if key == "offload_param" and stage != 3:
+            problems.append(f"zero_optimization.offload_param: only ZeRO stage 3 offloads parameters (stage is {stage!r}); use offload_optimizer, or stage 3")
+        if key == "offload_optimizer":
+            if stage not in (1, 2, 3):
+                problems.append(f"zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3 (stage is {stage!r})")
+            opt = raw.get("optimizer")
+            kind = opt.get("type") if isinstance(opt, Mapping) else None
+            if not isinstance(kind, str) or kind.lower() not in OFFLOADABLE_OPTIMIZERS:
+                problems.append(
+                    f"zero_optimization.offload_optimizer: DeepSpeed runs an offloaded optimizer with its CPU ops "
+                    f"(DeepSpeedCPUAdam, -Adagrad, -Lion); optimizer.type {kind!r} has none. Use Adam, AdamW, Adagrad or Lion, "
+                    "or remove the offload"
+                )
+    return problems
+
+
 FSDP_KEYS = ("cpu_offload", "reshard_after_forward")
 
 
@@ -355,6 +403,8 @@ def parse_config(config: str | Path | Mapping[str, Any], world_size: int = 1) ->
         problems += fsdp_problems(raw)
     elif "fsdp" in raw:
         problems.append(f"fsdp: this section only applies to lift.backend \"fsdp\" (the backend is {lift.backend!r})" if lift else "fsdp: unexpected")
+    if lift is not None and lift.backend == "deepspeed":
+        problems += deepspeed_problems(raw)
     if lift is not None and lift.backend == "torch" and training is not None and training.precision == "fp16":
         problems.append("fp16.enabled: the torch reference backend has no loss scaler; use bf16 or backend \"deepspeed\"")
     if problems:

@@ -242,8 +242,11 @@ class LiftEngine:
         """Backward of one micro-batch's loss; gradients reach the active block only."""
         if self.done:
             raise RuntimeError(f"backward() after the plan finished ({self.lift.total_steps} steps); raise lift.total_steps")
-        self._window_finite.append(torch.isfinite(loss.detach()).all())
-        self.backend.backward(loss)
+        finite = torch.isfinite(loss.detach()).all()
+        self._window_finite.append(finite)
+        # a non-finite loss gives NaN gradients for certain (no host sync): every rank's reduced
+        # gradients become NaN, which DeepSpeed's own overflow check also sees
+        self.backend.backward(loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype))
 
     def step(self) -> None:
         """End a micro-step. At an accumulation boundary: optimizer step, schedule step, and a

@@ -98,7 +98,9 @@ def test_sigkill_then_resume_equals_uninterrupted(files, tmp_path, uninterrupted
 
 def test_torchrun_elastic_restart_resumes_by_itself(files, tmp_path, uninterrupted):
     out = tmp_path / "elastic"
-    proc = launch(files, "zero2", out, "--resume", faults="kill@6:1", restarts=1)
+    # more than one restart allowed: under load gloo's re-rendezvous on a busy 2-core machine can time
+    # out once by itself (connectFullMesh), and the next attempt resumes just the same
+    proc = launch(files, "zero2", out, "--resume", faults="kill@6:1", restarts=3)
     assert proc.returncode == 0, proc.stderr[-5000:]
     log = proc.stdout + proc.stderr
     assert "no checkpoint in" in log  # the first attempt starts from scratch

@@ -1,0 +1,212 @@
+"""Malformed configurations, command lines and data: each ends with exit code 2 and a short message
+naming the field (or file and line) and the fix, before any process group, with no traceback.
+
+The cases run in-process through ``lift_ds.train.main`` (fast); test_cli.py runs some of them as a
+real ``python launch/train.py`` subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch.distributed as dist
+
+from lift_ds.train import main
+
+from helpers import make_model_dir, write_sentiment
+
+BASE = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "lift": {"backend": "torch"}}
+
+
+def merged(**changes):
+    cfg = json.loads(json.dumps(BASE))
+    for key, value in changes.items():
+        if key.startswith("lift_"):
+            cfg["lift"][key[5:]] = value
+        else:
+            cfg[key] = value
+    return cfg
+
+
+# (id, config or None for BASE, extra argv, substrings the message must contain)
+CONFIG_CASES = [
+    ("unknown-lift-key", merged(lift_shedule="random"), [], ["lift.shedule: unknown key", "schedule"]),
+    ("bad-schedule", merged(lift_schedule="sideways"), [], ["lift.schedule: got 'sideways'", "front2end, end2front, random"]),
+    ("bad-policy", merged(lift_policy="batched"), [], ["lift.policy: got 'batched'", "grouped, cyclic"]),
+    ("bad-backend", merged(lift_backend="horovod"), [], ["lift.backend: got 'horovod'", "deepspeed"]),
+    ("bad-optimizer-state", merged(lift_optimizer_state="keep"), [], ["lift.optimizer_state: got 'keep'", "offload"]),
+    ("bool-as-string", merged(lift_include_head="yes"), [], ["lift.include_head: must be true or false, got 'yes'"]),
+    ("total-steps-zero", merged(lift_total_steps=0), ["--max_steps", None], ["lift.total_steps: must be an integer >= 1"]),
+    ("total-steps-string", merged(lift_total_steps="ten"), ["--max_steps", None], ["lift.total_steps", "'ten'"]),
+    ("layer-range-reversed", merged(lift_layer_range=[3, 2]), [], ["lift.layer_range", "1 <= first <= last", "[3, 2]"]),
+    ("layer-range-zero", merged(lift_layer_range=[0, 2]), [], ["lift.layer_range", "1-indexed", "[0, 2]"]),
+    ("layer-range-string", merged(lift_layer_range="1-4"), [], ["lift.layer_range", "'1-4'"]),
+    ("layer-range-past-model", merged(lift_layer_range=[2, 9]), [], ["lift.layer_range: [2, 9] reaches past the model's 4 layers"]),
+    ("always-trainable-number", merged(lift_always_trainable=5), [], ["lift.always_trainable: must be a list of module-name patterns"]),
+    ("always-trainable-no-match", merged(lift_always_trainable=["nonexistent_head"]), [], ["always_trainable", "nonexistent_head"]),
+    ("seed-string", merged(lift_seed="x"), [], ["lift.seed: must be an integer, got 'x'"]),
+    ("skip-limit-negative", merged(lift_max_consecutive_skipped_steps=-1), [], ["lift.max_consecutive_skipped_steps: must be an integer >= 0"]),
+    ("lift-not-object", {**BASE, "lift": ["torch"]}, [], ["lift: must be a JSON object"]),
+    ("micro-batch-zero", merged(train_micro_batch_size_per_gpu=0), [], ["train_micro_batch_size_per_gpu: must be an integer >= 1"]),
+    ("micro-batch-string", merged(train_micro_batch_size_per_gpu="four"), [], ["train_micro_batch_size_per_gpu", "'four'"]),
+    ("batch-does-not-multiply", merged(train_batch_size=7, gradient_accumulation_steps=2), [], ["train_batch_size: 7 != train_micro_batch_size_per_gpu (2) x gradient_accumulation_steps (2)"]),
+    ("batch-not-a-multiple", merged(train_batch_size=5), [], ["train_batch_size: 5 is not a multiple of train_micro_batch_size_per_gpu (2)"]),
+    ("accumulation-zero", merged(gradient_accumulation_steps=0), [], ["gradient_accumulation_steps: must be an integer >= 1"]),
+    ("clipping-negative", merged(gradient_clipping=-1), [], ["gradient_clipping: must be a number >= 0"]),
+    ("bf16-and-fp16", merged(bf16={"enabled": True}, fp16={"enabled": True}), [], ["only one of the two may be true"]),
+    ("fp16-on-torch-backend", merged(fp16={"enabled": True}), [], ["fp16.enabled: the torch reference backend has no loss scaler"]),
+    ("precision-not-object", merged(bf16=True), [], ["bf16: must be an object like {\"enabled\": true}"]),
+    ("optimizer-unknown-type", merged(optimizer={"type": "Adamax2", "params": {"lr": 1e-3}}), [], ["optimizer.type: 'Adamax2'", "Adam, AdamW, SGD"]),
+    ("optimizer-unknown-param", merged(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "momentum": 0.9}}), [], ["optimizer.params.momentum: not a parameter of AdamW"]),
+    ("optimizer-lr-negative", merged(optimizer={"type": "AdamW", "params": {"lr": -1}}), [], ["optimizer.params.lr: must be a number > 0, got -1"]),
+    ("optimizer-no-type", merged(optimizer={"params": {"lr": 1e-3}}), [], ["optimizer: must be an object with a string \"type\""]),
+    ("scheduler-unknown", merged(scheduler={"type": "Cosine", "params": {}}), [], ["scheduler.type: 'Cosine' unknown", "WarmupLR"]),
+    ("scheduler-bad-param", merged(scheduler={"type": "WarmupLR", "params": {"warmup_steps": 2, "decay": 1}}), [], ["scheduler.params.decay: not a parameter of WarmupLR", "scheduler.params.warmup_steps", "warmup_num_steps"]),
+    ("zero-stage-4", merged(lift_backend="deepspeed", zero_optimization={"stage": 4}), [], ["zero_optimization.stage: got 4; allowed: 0, 1, 2, 3"]),
+    ("zero-not-object", merged(lift_backend="deepspeed", zero_optimization=3), [], ["zero_optimization: must be an object"]),
+    ("offload-bad-device", merged(lift_backend="deepspeed", zero_optimization={"stage": 2, "offload_optimizer": {"device": "disk"}}), [], ["zero_optimization.offload_optimizer.device: got 'disk'; allowed: none, cpu, nvme"]),
+    ("offload-nvme-no-path", merged(lift_backend="deepspeed", zero_optimization={"stage": 3, "offload_optimizer": {"device": "nvme"}}), [], ["offload_optimizer.nvme_path: required"]),
+    ("offload-param-stage-2", merged(lift_backend="deepspeed", zero_optimization={"stage": 2, "offload_param": {"device": "cpu"}}), [], ["zero_optimization.offload_param: only ZeRO stage 3"]),
+    ("offload-with-sgd", merged(lift_backend="deepspeed", optimizer={"type": "SGD", "params": {"lr": 0.1}}, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), [], ["offload_optimizer", "SGD", "Adam, AdamW"]),
+    ("fsdp-with-zero-stage", merged(lift_backend="fsdp", zero_optimization={"stage": 3}), [], ["zero_optimization.stage: 3 is a DeepSpeed ZeRO stage; backend \"fsdp\""]),
+    ("fsdp-with-fp16", merged(lift_backend="fsdp", fp16={"enabled": True}), [], ["fp16.enabled: backend \"fsdp\" has no loss scaler"]),
+    ("fsdp-unknown-key", merged(lift_backend="fsdp", fsdp={"shard_grad_op": True}), [], ["fsdp.shard_grad_op: unknown key; allowed: cpu_offload, reshard_after_forward"]),
+    ("fsdp-section-wrong-backend", merged(fsdp={"cpu_offload": True}), [], ["fsdp: this section only applies to lift.backend \"fsdp\""]),
+    ("top-level-list", ["not", "an", "object"], [], ["top level must be a JSON object"]),
+]
+
+CLI_CASES = [
+    ("data-missing", ["--data", "/nonexistent/train.jsonl"], ["--data", "does not exist"]),
+    ("eval-data-missing", ["--eval_data", "/nonexistent/eval.jsonl"], ["--eval_data", "does not exist"]),
+    ("model-missing", ["--model", "/nonexistent/model"], ["--model: directory '/nonexistent/model' does not exist"]),
+    ("config-missing", ["--ds_config", "/nonexistent.json"], ["--ds_config: file '/nonexistent.json' does not exist"]),
+    ("config-invalid-json", ["--ds_config", "{d}/broken.json"], ["not valid JSON at line 1"]),
+    ("max-steps-zero", ["--max_steps", "0"], ["--max_steps: must be >= 1, got 0"]),
+    ("max-steps-below-blocks", ["--max_steps", "3"], ["--max_steps: 3 is below the 4 candidate blocks", "--layer_range"]),
+    ("layer-range-not-ints", ["--layer_range", "a,b"], ["--layer_range: expected two integers like 6,8, got 'a,b'"]),
+    ("lr-zero", ["--lr", "0"], ["--lr: must be > 0, got 0.0"]),
+    ("seq-len-zero", ["--seq_len", "0"], ["--seq_len: must be >= 1, got 0"]),
+    ("micro-batch-flag-zero", ["--micro_batch_size", "0"], ["--micro_batch_size: must be >= 1"]),
+    ("save-every-negative", ["--save_every", "-1"], ["--save_every: must be >= 0, got -1"]),
+    ("keep-negative", ["--keep_checkpoints", "-2"], ["--keep_checkpoints: must be >= 0, got -2"]),
+    ("schedule-flag", ["--schedule", "backwards"], ["lift.schedule: got 'backwards'"]),
+    ("classifier-head-text", ["--format", "text", "--classifier_head", None], ["--classifier_head: needs --format classification"]),
+    ("classifier-head-lora", ["--method", "lora", "--classifier_head", None], ["--classifier_head: not supported with --method lora"]),
+    ("lora-zero3", ["--method", "lora", "--ds_config", "{d}/zero3.json"], ["--method lora: use a ZeRO-1/2 config"]),
+    ("data-without-model", ["--model", None], ["--model: required when --data is given"]),
+    ("auto-steps-without-max-steps", ["--max_steps", None, "--ds_config", "{d}/auto.json"], ["--max_steps: required (the config's lift.total_steps is \"auto\")"]),
+    ("format-unknown", ["--format", "csv"], ["--format", "invalid choice"]),
+    ("method-unknown", ["--method", "sgd"], ["--method", "invalid choice"]),
+    ("max-steps-not-int", ["--max_steps", "ten"], ["--max_steps", "invalid int value"]),
+]
+
+DATA_CASES = [
+    ("empty-file", "", ["empty.jsonl: no records (the file is empty)"]),
+    ("invalid-json-line-3", '{"text": "a", "label": "positive"}\n{"text": "b", "label": "negative"}\n{"text": "c", "label": \n', ["data.jsonl:3: invalid JSON"]),
+    ("missing-field", '{"text": "a", "label": "positive"}\n{"review": "b", "label": "negative"}\n', ["data.jsonl:2: missing field 'text' or 'sentence'"]),
+    ("missing-label", '{"text": "a"}\n', ["data.jsonl:1: missing field 'label'"]),
+    ("label-not-in-set", '{"text": "a", "label": "positive"}\n{"text": "b", "label": "neutral"}\n', ["data.jsonl:2: label 'neutral' is not in the label set ['positive', 'negative']"]),
+    ("not-an-object", '{"text": "a", "label": "positive"}\n["b", "negative"]\n', ["data.jsonl:2: expected a JSON object, got list"]),
+    ("wrong-type", '{"text": 5, "label": "positive"}\n', ["data.jsonl:1: field 'text' must be str, got int"]),
+    ("non-utf8", b'{"text": "a", "label": "positive"}\n{"text": "caf\xe9", "label": "negative"}\n', ["data.jsonl:2: not UTF-8", "re-encode"]),
+]
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    make_model_dir(d / "model", layers=4)
+    write_sentiment(d / "train.jsonl", 16)
+    (d / "ok.json").write_text(json.dumps(BASE))
+    (d / "broken.json").write_text('{"lift": {"backend": "torch",}}')
+    (d / "zero3.json").write_text(json.dumps(merged(lift_backend="deepspeed", zero_optimization={"stage": 3})))
+    (d / "auto.json").write_text(json.dumps(merged(lift_total_steps="auto")))
+    return d
+
+
+def run_main(d, argv_changes, capsys):
+    base = {"--model": str(d / "model"), "--data": str(d / "train.jsonl"), "--format": "classification",
+            "--ds_config": str(d / "ok.json"), "--max_steps": "8", "--output_dir": str(d / "out")}
+    flags = []
+    for k, v in zip(argv_changes[::2], argv_changes[1::2]):
+        v = v.replace("{d}", str(d)) if isinstance(v, str) else v
+        if k in base and v is None:
+            del base[k]
+        elif v is None:
+            flags.append(k)
+        else:
+            base[k] = v
+    argv = [x for kv in base.items() for x in kv] + flags
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    return code, err
+
+
+def check(code, err, needles):
+    assert code == 2, err[-3000:]
+    for n in needles:
+        assert n in err, (n, err[-3000:])
+    assert "Traceback" not in err
+    assert not dist.is_initialized(), "a process group was started before the error"
+    message = err[err.rfind("error:"):]
+    assert len(message) < 2500, message  # one paragraph, not a dump
+
+
+@pytest.mark.parametrize("name,cfg,argv,needles", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config(d, capsys, name, cfg, argv, needles):
+    path = d / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    code, err = run_main(d, ["--ds_config", str(path), *argv], capsys)
+    check(code, err, needles)
+
+
+@pytest.mark.parametrize("name,argv,needles", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_bad_command_line(d, capsys, name, argv, needles):
+    code, err = run_main(d, argv, capsys)
+    check(code, err, needles)
+
+
+@pytest.mark.parametrize("name,content,needles", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data(d, capsys, name, content, needles):
+    path = d / ("empty.jsonl" if name == "empty-file" else "data.jsonl")
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    extra = ["--labels", "positive,negative"] if name == "label-not-in-set" else []
+    code, err = run_main(d, ["--data", str(path), *extra], capsys)
+    check(code, err, needles)
+
+
+def test_model_without_blocks_fails_before_a_process_group():
+    """lift_ds.initialize with backend deepspeed on a model LIFT cannot split: a ConfigError, no process group."""
+    from torch import nn
+
+    import lift_ds
+    from lift_ds.config import ConfigError
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    cfg = merged(lift_backend="deepspeed", lift_total_steps=4, zero_optimization={"stage": 2})
+    with pytest.raises(ConfigError, match="no layer stack found in Sequential"):
+        lift_ds.initialize(model=model, config=cfg)
+    assert not dist.is_initialized()
+
+
+def test_offload_without_a_buildable_op(d, capsys, monkeypatch):
+    """No pre-built cpu_adam and no compiler: refused up front, not after a minute of failed compiling."""
+    import shutil
+
+    import lift_ds.cli
+
+    monkeypatch.setattr(shutil, "which", lambda cmd: None)
+    path = d / "offload.json"
+    path.write_text(json.dumps(merged(lift_backend="deepspeed", zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})))
+    code, err = run_main(d, ["--ds_config", str(path)], capsys)
+    check(code, err, ["cpu_adam", "a C++ compiler not found", "DS_BUILD_CPU_ADAM=1"])
+    assert lift_ds.cli.cpu_op_problem() is not None
+
+
+def test_at_least_forty_distinct_cases():
+    assert len(CONFIG_CASES) + len(CLI_CASES) + len(DATA_CASES) + 1 >= 40
