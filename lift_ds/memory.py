@@ -141,7 +141,7 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
     logits = 6 * seq_len * micro_batch * shape.vocab * (act_bytes / 2)
     stored_layers = shape.num_layers if method != "lift" else (shape.num_layers - first + 1 if not include_embedding else shape.num_layers)
     activations = stored_layers * per_layer + logits
-    return Estimate(method, T, params, grads, optimizer, offload, activations)
+    return Estimate(method, trained, params, grads, optimizer, offload, activations)
 
 
 def state_bytes(total: int, trained: int, ranks: int, zero: int, precision: str = "bf16") -> tuple[float, float, float]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -196,9 +195,17 @@ class DeepSpeedBackend(Backend):
             return
         engine, self._engine = self._engine, None
         release_engine(engine, self.model)
+        # The engine and its ZeRO optimizer sit in reference cycles (lambdas and bound methods in
+        # their own attributes), which only a full gc.collect() frees: 0.2 s with transformers
+        # loaded, 80% of a ZeRO-2 phase switch. Emptying their attribute dicts frees every tensor
+        # they hold at once (optimizer state, fp32 master, buffers); with bf16 an empty engine
+        # shell can stay in a cycle through a closure until Python's own collector runs, holding
+        # no tensor (checked by live-tensor census in tests/distributed, leak scenario).
+        for obj in (innermost_optimizer(engine.optimizer), engine.optimizer, engine):
+            if obj is not None and hasattr(obj, "__dict__"):
+                obj.__dict__.clear()
         del engine
         self._params = []
-        gc.collect()
 
     # ----------------------------------------------------------------- training
 

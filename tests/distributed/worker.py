@@ -53,6 +53,15 @@ def live_optimizers() -> int:
     )
 
 
+def tensor_bytes() -> int:
+    seen = {}
+    for o in gc.get_objects():
+        if torch.is_tensor(o) and o.device.type != "meta":
+            t = o.to_local() if hasattr(o, "to_local") else o
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
 def hook_count(model) -> int:
     return sum(
         len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", {}))
@@ -115,7 +124,10 @@ def run(sc, rank, world):
         engine.step()
         micro += 1
         if was_boundary and sc.get("track"):
+            # tensors only Python's cycle collector would free (the phase switch runs no gc.collect())
+            pending = tensor_bytes()
             gc.collect()
+            out.setdefault("uncollected_tensor_bytes", []).append(pending - tensor_bytes())
             out["engines"].append(live_engines())
             out.setdefault("optimizers", []).append(live_optimizers())
             if engine.backend.name == "deepspeed":  # private DeepSpeed attribute, read by the test only
