@@ -3,7 +3,7 @@
     python -m lift_ds.analysis contribution --model DIR --task sentiment --task bigbench:strategyqa \\
         --steps 40 --out outputs/contribution [--sublayers] [--classifier_head]
     python -m lift_ds.analysis ablation --model DIR --task sentiment --steps 90 --out outputs/ablation \\
-        [--ranges all,first,middle,last] [--schedules front2end,end2front,random] [--policies grouped,cyclic] [--grid oat|full]
+        [--ranges all,first,middle,last,6-8] [--schedules front2end,end2front,random] [--policies grouped,cyclic] [--grid oat|full]
     python -m lift_ds.analysis curves --run LIFT=outputs/lift/metrics.jsonl --run FT-Full=outputs/full/metrics.jsonl --out curves.png
 
 Tasks: ``sentiment`` (movie reviews), ``trec`` (TREC question classes), ``bigbench:<task>`` (a BIG-bench
@@ -292,7 +292,7 @@ def heatmap(rows: list[dict], tasks: list[str], path: Path, title: str) -> None:
 
 
 def named_range(name: str, num_layers: int) -> tuple[str, list[int] | None]:
-    """``all``, ``first``/``middle``/``last`` third, or ``A,B`` (1-indexed, inclusive)."""
+    """``all``, ``first``/``middle``/``last`` third, or ``A-B`` (1-indexed, inclusive)."""
     third = max(1, num_layers // 3)
     if name == "all":
         return "all", None
@@ -304,9 +304,9 @@ def named_range(name: str, num_layers: int) -> tuple[str, list[int] | None]:
     if name == "last":
         return f"last [{num_layers - third + 1}, {num_layers}]", [num_layers - third + 1, num_layers]
     try:
-        a, b = (int(x) for x in name.split(","))
+        a, b = (int(x) for x in name.split("-"))
     except ValueError:
-        raise ConfigError([f"--ranges: {name!r} is not all, first, middle, last or A,B"]) from None
+        raise ConfigError([f"--ranges: {name!r} is not all, first, middle, last or A-B (e.g. 6-8)"]) from None
     if not 1 <= a <= b <= num_layers:
         raise ConfigError([f"--ranges: {name!r} must satisfy 1 <= A <= B <= {num_layers}"])
     return f"[{a}, {b}]", [a, b]
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--only", default=None, help="comma-separated block names (or prefixes) to run, e.g. model.layers.0,embedding")
     a = sub.add_parser("ablation", help="LIFT over layer ranges, schedules and policies, with FT-Full; the paper's table layout")
     common(a)
-    a.add_argument("--ranges", default="all,first,middle,last", help="all, first, middle, last (thirds) or A,B")
+    a.add_argument("--ranges", default="all,first,middle,last", help="comma-separated: all, first, middle, last (thirds) or A-B (e.g. 6-8)")
     a.add_argument("--schedules", default="front2end,end2front,random")
     a.add_argument("--policies", default="grouped,cyclic")
     a.add_argument("--grid", default="oat", help="oat: one factor at a time from all/front2end/grouped (default); full: every combination")

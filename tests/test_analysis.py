@@ -1,0 +1,117 @@
+"""lift_ds.analysis on a tiny random-init model: table shapes, valid PNGs, clear errors."""
+
+import csv
+import json
+
+import pytest
+
+from lift_ds.analysis import main, named_range, recommend_range, settings
+
+from helpers import make_model_dir, write_sentiment
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory):
+    d = tmp_path_factory.mktemp("analysis")
+    make_model_dir(d / "model", layers=3)
+    write_sentiment(d / "train.jsonl", 32)
+    write_sentiment(d / "eval.jsonl", 12, seed=1)
+    (d / "mc.jsonl").write_text("".join(json.dumps({"input": f"Is {w} good?", "target_scores": {"Yes": int(i % 2 == 0), "No": int(i % 2)}}) + "\n"
+                                        for i, w in enumerate(["this", "that", "it", "the plot", "the film", "acting"] * 3)))
+    return d
+
+
+def tasks(d):
+    return ["--task", f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl", "--task", f"mc=multiple_choice:{d}/mc.jsonl"]
+
+
+def test_contribution_table_heatmap_and_recommendation(d, capsys):
+    out = d / "contribution"
+    code = main(["contribution", "--model", str(d / "model"), *tasks(d), "--steps", "3", "--micro_batch", "4", "--out", str(out), "--window", "2"])
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "contribution.csv")))
+    assert [r["block"] for r in rows] == ["embedding", "model.layers.0", "model.layers.1", "model.layers.2"]
+    for t in ("reviews", "mc"):
+        rel = [float(r[f"rel_{t}"]) for r in rows]
+        assert abs(sum(rel) / len(rel) - 1.0) < 1e-9  # relative to the average over blocks
+    assert (out / "contribution.png").read_bytes()[:8] == PNG
+    res = json.loads((out / "contribution.json").read_text())
+    first, last = res["recommended_layer_range"]
+    assert last - first == 1 and 1 <= first <= 2
+    assert "recommended layer_range: [" in capsys.readouterr().out
+
+
+def test_contribution_sublayers_with_classifier_head(d):
+    out = d / "sub"
+    code = main(["contribution", "--model", str(d / "model"), "--task", f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
+                 "--classifier_head", "--sublayers", "--only", "model.layers.1", "--steps", "2", "--micro_batch", "4", "--out", str(out)])
+    assert code == 0
+    blocks = [r["block"] for r in csv.DictReader(open(out / "contribution.csv"))]
+    # every linear and norm of the layer, each alone (with the head)
+    assert blocks == [f"model.layers.1.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")]
+
+
+def test_ablation_table_in_the_papers_layout(d, capsys):
+    out = d / "ablation"
+    code = main(["ablation", "--model", str(d / "model"), *tasks(d), "--steps", "6", "--micro_batch", "4", "--ranges", "all,first,2-3",
+                 "--schedules", "front2end,random", "--policies", "grouped,cyclic", "--seeds", "0,1", "--out", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    header = table.splitlines()[0]
+    assert header == "| setting | reviews | mc | average |"
+    labels = [r["setting"] for r in json.loads((out / "ablation.json").read_text())["rows"]]
+    assert labels == ["FT-Full", "LIFT all front2end grouped", "LIFT first [1, 1] front2end grouped", "LIFT [2, 3] front2end grouped",
+                      "LIFT all random grouped", "LIFT all front2end cyclic"]
+    assert (out / "ablation.md").read_text().startswith(header)
+
+
+def test_full_grid_and_named_ranges():
+    assert named_range("middle", 12) == ("middle [5, 8]", [5, 8])
+    assert named_range("last", 30) == ("last [21, 30]", [21, 30])
+    rows = settings(12, ["all", "middle"], ["front2end", "random"], ["grouped", "cyclic"], "full")
+    assert len(rows) == 8
+
+
+def test_recommend_range_picks_the_best_window():
+    rows = [{"layer": k, "rel_a": v} for k, v in zip(range(1, 7), [0.8, 0.9, 1.3, 1.2, 0.9, 0.9])]
+    assert recommend_range(rows, ["a"], 2)[0] == [3, 4]
+
+
+def test_curves_png(d, tmp_path):
+    runs = []
+    for name, losses in (("LIFT", [2.0, 1.5, 1.2]), ("FT-Full", [2.0, 1.4, 1.1])):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("".join(json.dumps({"step": 10 * i, "eval_loss": v}) + "\n" for i, v in enumerate(losses)) + json.dumps({"step": 5, "loss": 3.0}) + "\n")
+        runs += ["--run", f"{name}={f}"]
+    assert main(["curves", *runs, "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["contribution", "--task", "nonsense", "--out", "x"], "--task: 'nonsense' is not a task"),
+    (["contribution", "--task", "t=csv:a.jsonl", "--out", "x"], "FORMAT one of"),
+    (["contribution", "--task", "t=text:/nonexistent.jsonl", "--out", "x"], "file '/nonexistent.jsonl' does not exist"),
+    (["ablation", "--task", "REVIEWS", "--ranges", "5-2", "--out", "x"], "--ranges: '5-2' must satisfy 1 <= A <= B <= 3"),
+    (["ablation", "--task", "REVIEWS", "--schedules", "sideways", "--out", "x"], "--schedules: 'sideways' unknown"),
+    (["ablation", "--task", "REVIEWS", "--steps", "0", "--out", "x"], "--steps: must be >= 1"),
+    (["contribution", "--task", "REVIEWS", "--seeds", "a,b", "--out", "x"], "--seeds: expected comma-separated integers"),
+    (["curves", "--run", "nolabel", "--out", "x.png"], "--run: 'nolabel' must be LABEL=path/to/metrics.jsonl"),
+    (["curves", "--run", "A=/nonexistent/metrics.jsonl", "--out", "x.png"], "does not exist"),
+])
+def test_bad_arguments_exit_2(d, capsys, argv, needle):
+    argv = [a.replace("REVIEWS", f"r=classification:{d}/train.jsonl:{d}/eval.jsonl") for a in argv]
+    if argv[0] != "curves":
+        argv += ["--model", str(d / "model")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_metrics_without_eval_loss_is_a_clear_error(tmp_path, capsys):
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    assert main(["curves", "--run", f"A={f}", "--out", str(tmp_path / "c.png")]) == 2
+    assert "no records with 'eval_loss' (train with --eval_every N" in capsys.readouterr().err
