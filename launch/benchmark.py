@@ -213,8 +213,10 @@ def worker(args: argparse.Namespace) -> None:
 def orchestrate(args: argparse.Namespace) -> None:
     results = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    tmp = Path(args.out).with_suffix("")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="lift_bench_")) / "result"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for m in args.methods.split(","):
         if m not in METHODS + SINGLE:
             raise SystemExit(f"error: --methods: {m!r} unknown; allowed: {', '.join(METHODS + SINGLE)}")

@@ -39,6 +39,7 @@ class Example:
     choices: list[str] = field(default_factory=list)
     answer: int | None = None
     text: str = ""  # the raw input (classification), for a classification head
+    source: str = ""  # "file:line", for messages
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -103,7 +104,7 @@ def load_examples(path: str | os.PathLike, fmt: str, labels: list[str] | None = 
     if fmt == "text":
         return [Example(prompt="", response=_field(r, p, "text")) for r in rows], None
     if fmt == "prompt_response":
-        return [Example(prompt=_field(r, p, "prompt", "instruction"), response=_field(r, p, "response", "output")) for r in rows], None
+        return [Example(prompt=_field(r, p, "prompt", "instruction"), response=_field(r, p, "response", "output"), source=f"{p}:{r['_line']}") for r in rows], None
     if fmt == "classification":
         seen = [str(_field(r, p, "label", kind=(str, int, bool))) for r in rows]
         label_set = labels or sorted(set(seen))
@@ -111,7 +112,7 @@ def load_examples(path: str | os.PathLike, fmt: str, labels: list[str] | None = 
             if lab not in label_set:
                 raise DataError(f"{p}:{r['_line']}: label {lab!r} is not in the label set {label_set}")
             text = _field(r, p, "text", "sentence")
-            out.append(Example(prompt=classification_prompt(text), response=" " + lab, choices=[" " + x for x in label_set], answer=label_set.index(lab), text=text))
+            out.append(Example(prompt=classification_prompt(text), response=" " + lab, choices=[" " + x for x in label_set], answer=label_set.index(lab), text=text, source=f"{p}:{r['_line']}"))
         return out, label_set
     for r in rows:  # multiple_choice
         if "target_scores" in r:
@@ -129,7 +130,7 @@ def load_examples(path: str | os.PathLike, fmt: str, labels: list[str] | None = 
                 raise DataError(f"{p}:{r['_line']}: answer {answer} is not an index into {len(choices)} choices")
         prompt = f"Question: {question.strip()}\nAnswer:"
         cs = [" " + str(c).strip() for c in choices]
-        out.append(Example(prompt=prompt, response=cs[answer], choices=cs, answer=answer))
+        out.append(Example(prompt=prompt, response=cs[answer], choices=cs, answer=answer, source=f"{p}:{r['_line']}"))
     return out, None
 
 
@@ -189,7 +190,9 @@ def tokenize(examples: Iterable[Example], tokenizer: Any, fmt: str, seq_len: int
         full_p, full_r = bos + p, r + eos
         if len(full_p) + len(full_r) > seq_len:
             if not truncate:
-                raise DataError(f"example {i + 1} has {len(full_p) + len(full_r)} tokens > --seq_len {seq_len} (pass --truncate to cut prompts)")
+                where = exs[i].source or f"example {i + 1}"
+                raise DataError(f"{where}: {len(full_p) + len(full_r)} tokens > --seq_len {seq_len}; raise --seq_len, or drop --no_truncate "
+                                "to cut the start of long prompts (counted in the log)")
             out.truncated += 1
             keep = max(seq_len - len(full_r), 1)
             full_p = full_p[-keep:]  # keep the end of the prompt, next to the response

@@ -180,6 +180,13 @@ def test_bad_data(d, capsys, name, content, needles):
     check(code, err, needles)
 
 
+def test_too_long_with_no_truncate_names_file_and_line(d, capsys):
+    path = d / "long.jsonl"
+    path.write_text(json.dumps({"text": "short", "label": "positive"}) + "\n" + json.dumps({"text": "great acting " * 80, "label": "negative"}) + "\n")
+    code, err = run_main(d, ["--data", str(path), "--seq_len", "32", "--no_truncate", None], capsys)
+    check(code, err, ["long.jsonl:2:", "tokens > --seq_len 32", "drop --no_truncate"])
+
+
 def test_model_without_blocks_fails_before_a_process_group():
     """lift_ds.initialize with backend deepspeed on a model LIFT cannot split: a ConfigError, no process group."""
     from torch import nn

@@ -79,7 +79,7 @@ def test_truncation_counted_or_refused(tmp_path, tok):
     data = tokenize(exs, tok, "prompt_response", 16)
     assert data.truncated == 1 and max(len(x) for x in data.input_ids) <= 16
     assert tok.decode([t for t in data.labels[0] if t != IGNORE_INDEX]).startswith("yes")
-    with pytest.raises(DataError, match="example 1 has .* tokens > --seq_len 16"):
+    with pytest.raises(DataError, match=r"pr.jsonl:1: \d+ tokens > --seq_len 16; raise --seq_len, or drop --no_truncate"):
         tokenize(exs, tok, "prompt_response", 16, truncate=False)
 
 
