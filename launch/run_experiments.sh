@@ -17,11 +17,11 @@ benchmark() {
 bench_7b() { python launch/bench_7b.py --out docs/bench_7b.json | tee "$OUT/bench_7b.txt"; }
 minilm_contribution() {
   python -m lift_ds.analysis contribution --model "$MINILM" --classifier_head --task sentiment --task trec --sublayers \
-    --steps 60 --micro_batch 16 --lr 3e-4 --seq_len 64 --out "$OUT/minilm_contribution" | tee "$OUT/minilm_contribution.txt"
+    --steps 40 --micro_batch 16 --lr 3e-4 --seq_len 64 --eval_limit 150 --out "$OUT/minilm_contribution" | tee "$OUT/minilm_contribution.txt"
 }
 minilm_ablation() {
   python -m lift_ds.analysis ablation --model "$MINILM" --classifier_head --task sentiment --task trec \
-    --steps 120 --micro_batch 16 --lr 3e-4 --seq_len 64 --seeds 0,1 --out "$OUT/minilm_ablation" | tee "$OUT/minilm_ablation.txt"
+    --steps 120 --micro_batch 16 --lr 3e-4 --seq_len 64 --seeds 0,1 --eval_limit 150 --out "$OUT/minilm_ablation" | tee "$OUT/minilm_ablation.txt"
 }
 curves() {
   for m in lift full lora; do
@@ -40,8 +40,11 @@ smollm_contribution() {
     --out "$OUT/smollm_contribution" | tee "$OUT/smollm_contribution.txt"
 }
 
+phase_switch() { OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 launch/bench_phase_switch.py --out docs/bench_switch.json | tee "$OUT/phase_switch.txt"; }
+quickstart() { bash launch/quickstart.sh 2>&1 | tail -5 | tee "$OUT/quickstart.txt"; }
+
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(benchmark bench_7b minilm_contribution minilm_ablation curves smollm_ablation smollm_contribution)
+[ ${#steps[@]} -eq 0 ] && steps=(benchmark bench_7b minilm_contribution minilm_ablation curves smollm_ablation smollm_contribution phase_switch quickstart)
 for s in "${steps[@]}"; do
   echo "=== $s $(date -u +%H:%M:%S)"
   "$s"
