@@ -54,3 +54,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def init_process_group(backend: str) -> None:
+    """``torch.distributed.init_process_group`` from the launcher's environment, safe across
+    torchrun elastic restarts.
+
+    Under torchrun the workers share the agent's TCPStore, and with torch 2.13 ``--standalone`` a
+    restarted attempt can find the previous attempt's keys in it: a fast rank then reads its peer's
+    old gloo address and fails with "connectFullMesh ... Connection refused" (or waits). The store is
+    prefixed with the restart attempt here, so each attempt rendezvous only with itself.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ:
+        from torch.distributed.constants import default_pg_timeout
+
+        world = int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=default_pg_timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"/lift_ds/attempt_{attempt}", store), rank=int(os.environ["RANK"]), world_size=world)
+    else:
+        dist.init_process_group(backend)

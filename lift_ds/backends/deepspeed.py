@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import ConfigError, TrainingConfig, is_comment_key
 from ..optim import OptimizerFactory, optimizer_factory_from_section
-from ..utils import get_logger
+from ..utils import get_logger, init_process_group
 from .base import Backend
 
 logger = get_logger(__name__)
@@ -145,7 +145,8 @@ class DeepSpeedBackend(Backend):
             # deepspeed_shm_comm only serves inference all-reduce and costs a ~50 s compile on CPU.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not dist.is_initialized() and dist_init_required is not False:
-            deepspeed.init_distributed()
+            init_process_group(get_accelerator().communication_backend_name())
+            deepspeed.init_distributed()  # DeepSpeed's comm layer over the group just made
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self._engine: Any = None

@@ -23,7 +23,7 @@ from torch import nn
 from ..blocks import find_layer_stack
 from ..config import ConfigError, TrainingConfig, fsdp_problems
 from ..optim import OptimizerFactory
-from ..utils import get_logger
+from ..utils import get_logger, init_process_group
 from .base import TorchOptimizerBackend
 
 logger = get_logger(__name__)
@@ -72,7 +72,7 @@ class FSDPBackend(TorchOptimizerBackend):
 
         cuda = torch.cuda.is_available()
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            init_process_group("nccl" if cuda else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
         if cuda:
