@@ -36,7 +36,9 @@ smollm_ablation() {
     --eval_limit 100 --out "$OUT/smollm_ablation" | tee "$OUT/smollm_ablation.txt"
 }
 smollm_contribution() {
-  python -m lift_ds.analysis contribution --task sentiment --steps 8 --micro_batch 8 --lr 1e-4 --seq_len 64 --eval_limit 100 \
+  # the embedding and every third layer (11 of the 31 candidates), to fit the budget
+  python -m lift_ds.analysis contribution --task sentiment --task bigbench:strategyqa --steps 12 --micro_batch 8 --lr 1e-4 --seq_len 64 \
+    --eval_limit 100 --window 3 --only embedding,$(seq -s, -f "model.layers.%g" 0 3 29) \
     --out "$OUT/smollm_contribution" | tee "$OUT/smollm_contribution.txt"
 }
 
