@@ -15,7 +15,6 @@ mean loss of the last steps. It prints a markdown table and the ratios LIFT/othe
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import resource
@@ -28,30 +27,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lift_ds.memory import live_tensor_bytes  # noqa: E402
+
 METHODS = ("lift-zero2", "lift-zero3", "lift-fsdp", "full-zero2", "full-zero3", "lora-zero2")
 #: single-process comparisons at one fixed block (--fixed_layer) or switching every step over the
 #: top half of the layers: the plain PyTorch loop, lift_ds on the torch backend (both fp32), and
 #: BAdam 1.4 against lift_ds on one DeepSpeed rank (both bf16 weights, fp32 master and AdamW)
 SINGLE = ("plain-fixed", "lift-torch-fixed", "badam-fixed", "lift-bf16-fixed", "badam-switch", "lift-bf16-switch")
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of all live tensor storages in this process (each storage counted once)."""
-    import torch
-
-    seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        try:
-            if not torch.is_tensor(obj):
-                continue
-            t = obj.to_local() if hasattr(obj, "to_local") else obj
-            if t.device.type == "meta":
-                continue
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        except Exception:  # noqa: BLE001 - odd tensor subclasses
-            continue
-    return sum(seen.values())
 
 
 def single_worker(args: argparse.Namespace, model, data, tok) -> dict:

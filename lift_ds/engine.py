@@ -268,7 +268,7 @@ class LiftEngine:
         self._window_finite = []
         bad_loss = self.backend.any_rank(not finite)
         if bad_loss:
-            self._discard_step()
+            self.backend.discard_gradients()
             norm, applied = None, False
         else:
             self.lr_scheduler.apply(self.backend.optimizer)
@@ -290,16 +290,6 @@ class LiftEngine:
             # the last engine stays (ZeRO-3 forward needs its hooks for evaluation and export) until close()
             self._active = None
             set_trainable(self.module, [])
-
-    def _discard_step(self) -> None:
-        """Drop this window's gradients without stepping; rebuild the phase if the backend must."""
-        if self.backend.discard_gradients():
-            return
-        state = self.backend.stash_optimizer_state()
-        self.backend.teardown()
-        self.backend.build(set_trainable(self.module, self.trainable_param_names()))
-        self.backend.restore_optimizer_state(state)
-        self.lr_scheduler.attach(self.backend.optimizer)
 
     def _count_skip(self, why: str, loss_scale: bool) -> None:
         self.skipped_steps += 1

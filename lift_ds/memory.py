@@ -179,6 +179,28 @@ def largest_fitting(gib: float, ranks: int, zero: int, **kw: Any) -> dict[str, s
     return out
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of all live tensor storages in this process, each storage counted once (a census of what
+    is held, the measured counterpart of :func:`estimate`; walks ``gc.get_objects()``, so not for hot paths)."""
+    import gc
+
+    import torch
+
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        try:
+            if not torch.is_tensor(obj):
+                continue
+            t = obj.to_local() if hasattr(obj, "to_local") else obj
+            if t.device.type == "meta":
+                continue
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        except Exception:  # noqa: BLE001 - odd tensor subclasses
+            continue
+    return sum(seen.values())
+
+
 def _fmt(b: float) -> str:
     return f"{b / GIB:.2f}"
 

@@ -68,14 +68,10 @@ class Backend(ABC):
         """``(zero_stage, optimizer_offloaded)`` for :func:`lift_ds.memory.state_bytes` (FSDP: stage 3)."""
         return 0, False
 
-    def discard_gradients(self) -> bool:
-        """Drop the accumulated gradients without an optimizer step (a skipped step).
-
-        Returns:
-            False when the backend cannot do it in place; the engine then rebuilds the phase with
-            its optimizer state kept (stash, teardown, build, restore).
-        """
-        return False
+    @abstractmethod
+    def discard_gradients(self) -> None:
+        """End the accumulation window without changing any weight or optimizer state (a skipped
+        step); the gradients are NaN/inf (the engine poisons a non-finite loss)."""
 
     @property
     @abstractmethod
@@ -196,7 +192,6 @@ class TorchOptimizerBackend(Backend):
         self._optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def discard_gradients(self) -> bool:
+    def discard_gradients(self) -> None:
         if self._optimizer is not None:
             self._optimizer.zero_grad(set_to_none=True)
-        return True

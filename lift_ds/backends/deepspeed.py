@@ -256,7 +256,7 @@ class DeepSpeedBackend(Backend):
             return None if norm is None else float(norm)
         return None
 
-    def discard_gradients(self) -> bool:
+    def discard_gradients(self) -> None:
         # The window's gradients are NaN (the engine poisons a non-finite loss): ZeRO's own overflow
         # check skips the update and clears them, and its step also ends the ZeRO-3 iteration.
         self._engine.step()
@@ -265,7 +265,6 @@ class DeepSpeedBackend(Backend):
                 "DeepSpeed applied an update from NaN/inf gradients (its overflow check is off: "
                 "zero_optimization.compute_grad_norm is false?); the weights may now be NaN. Resume from the last checkpoint"
             )
-        return True
 
     @property
     def comm_device(self) -> torch.device:

@@ -25,6 +25,8 @@ import transformers  # noqa: E402,F401
 
 from helpers import lm_batches, tiny_llama  # noqa: E402
 
+from lift_ds.memory import live_tensor_bytes  # noqa: E402
+
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-3, weight_decay=0.01),
@@ -51,15 +53,6 @@ def live_optimizers() -> int:
         1 for o in gc.get_objects()
         if isinstance(o, torch.optim.Optimizer) and any(p.numel() > 1 for g in o.param_groups for p in g["params"])
     )
-
-
-def tensor_bytes() -> int:
-    seen = {}
-    for o in gc.get_objects():
-        if torch.is_tensor(o) and o.device.type != "meta":
-            t = o.to_local() if hasattr(o, "to_local") else o
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def hook_count(model) -> int:
@@ -125,9 +118,9 @@ def run(sc, rank, world):
         micro += 1
         if was_boundary and sc.get("track"):
             # tensors only Python's cycle collector would free (the phase switch runs no gc.collect())
-            pending = tensor_bytes()
+            pending = live_tensor_bytes()
             gc.collect()
-            out.setdefault("uncollected_tensor_bytes", []).append(pending - tensor_bytes())
+            out.setdefault("uncollected_tensor_bytes", []).append(pending - live_tensor_bytes())
             out["engines"].append(live_engines())
             out.setdefault("optimizers", []).append(live_optimizers())
             if engine.backend.name == "deepspeed":  # private DeepSpeed attribute, read by the test only
