@@ -127,12 +127,12 @@ def worker(args: argparse.Namespace) -> None:
     import lift_ds
     from lift_ds import assets
     from lift_ds.data import RankBatches, load_examples, tokenize
-    from lift_ds.train import _load_tokenizer
+    from lift_ds.recipe import load_tokenizer
 
     method, _, backend = args.method.partition("-")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     model_dir = args.model or str(assets.smollm2_135m())
-    tok = _load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir)
     train_file, _ = assets.movie_review_sentiment()
     exs, _ = load_examples(train_file, "text")
     data = tokenize(exs, tok, "text", args.seq_len)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, LiftConfig, TrainingConfig, parse_config
+from .config import ConfigError, LiftConfig, Override, RunConfig, TrainingConfig, load_run_config
 from .schedule import PhaseCursor, phases, plan
 
 if TYPE_CHECKING:  # pragma: no cover
     from .blocks import Block, find_blocks
     from .engine import LiftEngine
+    from .plan import LiftPlan, resolve_plan
 
 __version__ = "0.1.0"
 
@@ -21,25 +22,27 @@ __all__ = [
     "ConfigError",
     "LiftConfig",
     "LiftEngine",
+    "LiftPlan",
+    "Override",
     "PhaseCursor",
+    "RunConfig",
     "TrainingConfig",
     "find_blocks",
     "initialize",
-    "parse_config",
+    "load_run_config",
     "phases",
     "plan",
+    "resolve_plan",
 ]
+
+_LAZY = {"find_blocks": "blocks", "Block": "blocks", "LiftEngine": "engine", "LiftPlan": "plan", "resolve_plan": "plan"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("find_blocks", "Block"):
-        from . import blocks
+    if name in _LAZY:
+        import importlib
 
-        return getattr(blocks, name)
-    if name == "LiftEngine":
-        from .engine import LiftEngine
-
-        return LiftEngine
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'lift_ds' has no attribute {name!r}")
 
 

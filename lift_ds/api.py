@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from .backends import get_backend_class
-from .blocks import find_blocks, match_modules, select_candidates
-from .config import ConfigError, parse_config
+from .backends.base import BackendContext
+from .backends.lr_schedules import scheduler_factory
+from .config import ConfigError, RunConfig, load_run_config
 from .engine import LiftEngine
-from .optim import LRController, as_optimizer_factory
+from .optim import CrossPhaseLRScheduler, as_optimizer_factory
+from .plan import resolve_plan
 from .utils import get_logger
 
 logger = get_logger(__name__)
@@ -53,7 +55,7 @@ def initialize(
     mpu: Any = None,
     dist_init_required: bool | None = None,
     collate_fn: Callable | None = None,
-    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    config: "str | os.PathLike | Mapping[str, Any] | RunConfig | None" = None,
     config_params: Mapping[str, Any] | None = None,
     total_steps: int | None = None,
     fixed_trainable: list[str] | None = None,
@@ -72,9 +74,10 @@ def initialize(
             size (and a DistributedSampler on several ranks) is returned for it.
         lr_scheduler: a callable ``optimizer -> scheduler``; the schedule runs over the whole run.
             None uses the config's ``"scheduler"`` section (if any).
-        mpu, dist_init_required: passed through to DeepSpeed by the DeepSpeed backend.
+        mpu, dist_init_required: passed through to the backend's library (DeepSpeed).
         collate_fn: collate function for the returned DataLoader.
-        config: a DeepSpeed config (path or dict) with a ``"lift"`` section.
+        config: a DeepSpeed config (path or dict) with a ``"lift"`` section, or a checked
+            :class:`~lift_ds.config.RunConfig`.
         config_params: alias of ``config`` (as in DeepSpeed).
         total_steps: overrides ``lift.total_steps`` (e.g. from ``--max_steps``).
         fixed_trainable: parameter names trained for the whole run instead of the LIFT plan (the
@@ -91,30 +94,25 @@ def initialize(
         config = getattr(args, "deepspeed_config", None) or getattr(args, "ds_config", None)
     if config is None:
         raise ConfigError(["config: none given; pass config= a DeepSpeed JSON path or dict with a \"lift\" section"])
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    lift, training, raw = parse_config(config, world_size=world_size)
+    run = load_run_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if total_steps is not None:
-        lift = lift.replace(total_steps=total_steps)
-    if lift.total_steps is None:
-        raise ConfigError(["lift.total_steps: required (an integer >= 1); set it in the config or pass total_steps="])
+        run = run.with_lift(total_steps=total_steps)
     if model_parameters is not None:
         logger.info("model_parameters is ignored: LIFT chooses the trainable parameters of each phase")
+    # a model LIFT cannot split, a bad layer range or pattern fail here, before any process group
+    plan = resolve_plan(model, run.lift, fixed_trainable)
     # with no optimizer given, each backend builds the config's "optimizer" section its own way
-    factory = None if optimizer is None and training.optimizer is not None else as_optimizer_factory(optimizer, training.optimizer)
-    lr = LRController(lr_scheduler if lr_scheduler is not None else training.scheduler, lift.total_steps)
-    if fixed_trainable is None:  # a model LIFT cannot split fails here, before any process group
-        select_candidates(find_blocks(model), lift)
-        match_modules(model, lift.always_trainable)
-    backend_cls = get_backend_class(lift.backend)
-    backend_kwargs: dict[str, Any] = {}
-    if lift.backend == "deepspeed":
-        backend_kwargs = {"mpu": mpu, "dist_init_required": dist_init_required}
-    backend = backend_cls(model, training, raw, factory, **backend_kwargs)
-    engine = LiftEngine(model, lift, training, backend, lr, fixed_trainable=fixed_trainable)
+    factory = None if optimizer is None and run.training.optimizer is not None else as_optimizer_factory(optimizer, run.training.optimizer)
+    if lr_scheduler is None and run.training.scheduler is not None:
+        lr_scheduler = scheduler_factory(run.training.scheduler, plan.total_steps)
+    schedule = CrossPhaseLRScheduler(lr_scheduler)
+    passthrough = {k: v for k, v in (("mpu", mpu), ("dist_init_required", dist_init_required)) if v is not None}
+    backend = get_backend_class(run.backend)(BackendContext(model, run, factory, passthrough))
+    engine = LiftEngine(model, run, plan, backend, schedule)
     loader = None
     if training_data is not None:
-        loader = make_dataloader(training_data, training.micro_batch_size, backend.rank, backend.world_size, collate_fn, lift.seed)
-    return engine, PhaseOptimizer(engine), loader, lr
+        loader = make_dataloader(training_data, run.training.micro_batch_size, backend.rank, backend.world_size, collate_fn, run.lift.seed)
+    return engine, PhaseOptimizer(engine), loader, schedule
 
 
 def make_dataloader(

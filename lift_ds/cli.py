@@ -1,4 +1,10 @@
-"""Command-line arguments of launch/train.py and their checks (run before any process group starts)."""
+"""Command-line arguments of launch/train.py and their checks (run before any process group starts).
+
+The ``lift`` flags (``--schedule``, ``--layer_range``, ...) are generated from the declarations in
+:class:`lift_ds.config.LiftConfig`; every flag that sets a config key becomes an
+:class:`~lift_ds.config.Override` of its JSON path, and :func:`lift_ds.config.load_run_config`
+checks the merged result once, naming the flag of any bad value.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, parse_config
+from .config import ConfigError, Override, RunConfig, lift_settings, load_run_config, read_config_file
 from .data import FORMATS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "ds_configs" / "zero2.json"
+METHODS = ("lift", "full", "lora")
+
+#: launcher flags that set a top-level config key: (flag, JSON path, type, help)
+TRAINING_FLAGS = (
+    ("max_steps", "lift.total_steps", int, "optimizer steps (overrides lift.total_steps)"),
+    ("lr", "optimizer.params.lr", float, "learning rate (overrides optimizer.params.lr)"),
+    ("micro_batch_size", "train_micro_batch_size_per_gpu", int, "overrides train_micro_batch_size_per_gpu"),
+    ("gradient_accumulation_steps", "gradient_accumulation_steps", int, "overrides gradient_accumulation_steps"),
+    ("gradient_clipping", "gradient_clipping", float, "overrides gradient_clipping (0: off)"),
+)
+
+
+def _add_lift_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per declared ``lift`` key (``flag=True``), help and allowed values from the declaration."""
+    g = p.add_argument_group("lift section (override the config's \"lift\" keys; declared in lift_ds/config.py)")
+    for f in lift_settings():
+        m = f.metadata
+        if not m["flag"]:
+            continue
+        default = f.default if f.default not in ((), None) else "none"
+        help_ = f"{m['help']} (lift.{f.name}; default {json.dumps(default) if not isinstance(default, str) else default})"
+        if m["kind"] == "bool":
+            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif m["kind"] == "int":
+            g.add_argument(f"--{f.name}", type=int, default=None, help=help_)
+        elif m["kind"] == "choice":
+            g.add_argument(f"--{f.name}", default=None, metavar="{" + ",".join(m["choices"]) + "}", help=help_)
+        elif m["kind"] == "layer_range":
+            g.add_argument(f"--{f.name}", default=None, metavar="FIRST,LAST", help=help_)
+        else:  # patterns
+            g.add_argument(f"--{f.name}", default=None, metavar="PATTERN[,PATTERN...]", help=help_)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,19 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--format", default=None, choices=FORMATS, help="data format (default: classification for the built-in data, else text)")
     a("--labels", default=None, help="comma-separated label words for --format classification (default: those in the data)")
     a("--classifier_head", action="store_true", help="--format classification with a sequence-classification head (new, trained in every phase) instead of label-word likelihood")
-    a("--method", default="lift", choices=("lift", "full", "lora"), help="lift, or a baseline: full fine-tuning or LoRA (peft)")
-    a("--max_steps", type=int, default=None, help="optimizer steps (overrides lift.total_steps)")
+    a("--method", default="lift", choices=METHODS, help="lift, or a baseline: full fine-tuning or LoRA (peft)")
+    for flag, _, kind, help_ in TRAINING_FLAGS:
+        a(f"--{flag}", type=kind, default=None, help=help_)
     a("--seq_len", type=int, default=128)
-    a("--seed", type=int, default=0, help="model init, data order and the random schedule")
-    a("--lr", type=float, default=None, help="learning rate (overrides optimizer.params.lr)")
-    a("--micro_batch_size", type=int, default=None, help="overrides train_micro_batch_size_per_gpu")
-    a("--gradient_accumulation_steps", type=int, default=None)
-    a("--schedule", default=None, help="overrides lift.schedule")
-    a("--policy", default=None, help="overrides lift.policy")
-    a("--layer_range", default=None, help="overrides lift.layer_range, e.g. 6,8")
-    a("--include_embedding", action="store_true", default=None)
-    a("--include_head", action="store_true", default=None)
-    a("--backend", default=None, help="overrides lift.backend")
+    a("--seed", type=int, default=0, help="model init, data order and the random schedule (lift.seed unless the config sets it)")
     a("--lora_r", type=int, default=8)
     a("--output_dir", default="outputs/run")
     a("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
@@ -55,29 +84,84 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
     a("--no_truncate", action="store_true", help="error on examples longer than --seq_len instead of truncating them")
     a("--no_final_model", action="store_true", help="skip writing output_dir/final")
+    a("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+      help="set any config key by its JSON path, e.g. --set lift.seed=3 --set zero_optimization.stage=3 (VALUE is JSON, else a string)")
     a("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the deepspeed launcher")
+    _add_lift_flags(p)
     return p
 
 
 @dataclass
-class Plan:
-    """Everything checked and resolved before the process group starts."""
+class Launch:
+    """What launch/train.py was asked to do, checked before the process group starts.
+
+    Attributes:
+        args: the parsed command line (launcher-only flags: data, output, evaluation, ...).
+        config: the run configuration (config file + every flag that sets a config key).
+        builtin: the built-in quickstart model and data.
+    """
 
     args: argparse.Namespace
-    config: dict[str, Any]
+    config: RunConfig
     builtin: bool
 
+    @property
+    def fmt(self) -> str:
+        return self.args.format or ("classification" if self.builtin else "text")
 
-def resolve(args: argparse.Namespace) -> Plan:
-    """Check the arguments and merge them into the config; raise one ConfigError with every problem."""
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def overrides_from_args(args: argparse.Namespace, raw: dict[str, Any], problems: list[str]) -> list[Override]:
+    """Every flag that sets a config key, as an override of its JSON path."""
+    out: list[Override] = []
+    for f in lift_settings():
+        value = getattr(args, f.name, None) if f.metadata["flag"] else None
+        if value is None:
+            continue
+        kind = f.metadata["kind"]
+        if kind == "layer_range":
+            try:
+                value = [int(x) for x in value.split(",")]
+            except ValueError:
+                problems.append(f"--layer_range: expected two integers like 6,8, got {value!r}")
+                continue
+        elif kind == "patterns":
+            value = [x for x in value.split(",") if x]
+        out.append(Override(f"lift.{f.name}", value, f"--{f.name}"))
+    for flag, path, _, _ in TRAINING_FLAGS:
+        value = getattr(args, flag)
+        if value is None or (flag == "lr" and not value > 0):
+            continue
+        if flag == "lr" and not isinstance(raw.get("optimizer"), dict):
+            out.append(Override("optimizer.type", "AdamW", "--lr"))
+        out.append(Override(path, value, f"--{flag}"))
+    if not isinstance(raw.get("lift"), dict) or "seed" not in raw["lift"]:
+        out.append(Override("lift.seed", args.seed, "--seed"))
+    for item in args.overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            problems.append(f"--set: {item!r} must be KEY=VALUE with KEY a dotted JSON path, e.g. lift.seed=3")
+        else:
+            out.append(Override(key, _parse_value(value), f"--set {key}"))
+    return out
+
+
+def resolve(args: argparse.Namespace) -> Launch:
+    """Check the arguments and build the run configuration; one ConfigError lists every problem."""
     problems: list[str] = []
     builtin = args.model is None and args.data is None
     if args.model is None and args.data is not None:
         problems.append("--model: required when --data is given (the built-in model goes with the built-in data)")
-    if args.data is not None and not Path(args.data).is_file():
-        problems.append(f"--data: file {args.data!r} does not exist")
-    if args.eval_data is not None and not Path(args.eval_data).is_file():
-        problems.append(f"--eval_data: file {args.eval_data!r} does not exist")
+    for flag in ("data", "eval_data"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            problems.append(f"--{flag}: file {path!r} does not exist")
     if args.model is not None and os.path.sep in args.model and not Path(args.model).is_dir():
         problems.append(f"--model: directory {args.model!r} does not exist (give a local Hugging Face directory or a hub id)")
     for flag in ("max_steps", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "lora_r"):
@@ -89,128 +173,43 @@ def resolve(args: argparse.Namespace) -> Plan:
             problems.append(f"--{flag}: must be >= 0, got {getattr(args, flag)}")
     if args.lr is not None and not args.lr > 0:
         problems.append(f"--lr: must be > 0, got {args.lr}")
-    try:
-        cfg = json.loads(Path(args.ds_config).read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"--ds_config: file {args.ds_config!r} does not exist"] + problems) from None
-    except json.JSONDecodeError as e:
-        raise ConfigError([f"--ds_config {args.ds_config}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"] + problems) from None
-    if not isinstance(cfg, dict):
-        raise ConfigError([f"--ds_config {args.ds_config}: top level must be a JSON object, got {type(cfg).__name__}"] + problems)
-    if not isinstance(cfg.get("lift", {}), dict):
-        raise ConfigError([f"lift: must be a JSON object, got {type(cfg['lift']).__name__}"] + problems, source=args.ds_config)
-    lift = dict(cfg.get("lift", {}))
-    for flag, key in (("max_steps", "total_steps"), ("schedule", "schedule"), ("policy", "policy"), ("backend", "backend"),
-                      ("include_embedding", "include_embedding"), ("include_head", "include_head")):
-        if getattr(args, flag) is not None:
-            lift[key] = getattr(args, flag)
-    if args.layer_range is not None:
-        try:
-            lift["layer_range"] = [int(x) for x in args.layer_range.split(",")]
-        except ValueError:
-            problems.append(f"--layer_range: expected two integers like 6,8, got {args.layer_range!r}")
-    if "seed" not in lift:
-        lift["seed"] = args.seed
-    cfg["lift"] = lift
-    if args.micro_batch_size is not None:
-        cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
-    if args.gradient_accumulation_steps is not None:
-        cfg["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    if args.max_steps is None and lift.get("total_steps") in (None, "auto"):
-        problems.append("--max_steps: required (the config's lift.total_steps is \"auto\")")
-    if args.lr is not None:
-        cfg.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = args.lr
-    if args.classifier_head and (args.format or ("classification" if builtin else "text")) != "classification":
+    fmt = args.format or ("classification" if builtin else "text")
+    if args.classifier_head and fmt != "classification":
         problems.append(f"--classifier_head: needs --format classification, got {args.format!r}")
     if args.classifier_head and args.method == "lora":
         problems.append("--classifier_head: not supported with --method lora; use lift or full")
-    zero = cfg.get("zero_optimization") if isinstance(cfg.get("zero_optimization"), dict) else {}
-    if args.method == "lora" and zero.get("stage") == 3:
-        problems.append("--method lora: use a ZeRO-1/2 config (ZeRO-3 with peft adapters is not supported here)")
     try:
-        parse_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        raw, source = read_config_file(args.ds_config)
+    except ConfigError as e:
+        raise ConfigError([f"--ds_config: {p}" for p in e.problems] + problems, source=e.source) from None
+    overrides = overrides_from_args(args, raw, problems)
+    lift_raw = raw.get("lift") if isinstance(raw.get("lift"), dict) else {}
+    if args.max_steps is None and lift_raw.get("total_steps") in (None, "auto"):
+        problems.append("--max_steps: required (the config's lift.total_steps is \"auto\")")
+    try:
+        config = load_run_config(raw, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")), method=args.method, source=source)
     except ConfigError as e:
         problems += e.problems
-    if not problems:
-        problems += optimizer_problems(cfg)
     if problems:
         raise ConfigError(problems, source=args.ds_config)
-    return Plan(args=args, config=cfg, builtin=builtin)
+    return Launch(args=args, config=config, builtin=builtin)
 
 
-def cpu_op_problem() -> str | None:
-    """None when DeepSpeed's CPU optimizer ops are pre-built or can be compiled here (ninja and a C++ compiler)."""
-    import shutil
+def check_model(launch: Launch, model_dir: str, num_labels: int | None, pad_id: int | None) -> RunConfig:
+    """Resolve the plan on a meta-device copy of the model (no weights loaded): a layer range past
+    the model, a pattern matching nothing, or fewer steps than blocks fail here, naming the flag.
+    Returns the config with a classification head added to ``always_trainable``."""
+    from .plan import resolve_plan
+    from .recipe import build_model, head_module_names
 
-    try:
-        from deepspeed.git_version_info import installed_ops
-    except ImportError:
-        return "zero_optimization.offload_optimizer: needs DeepSpeed (pip install deepspeed)"
-    if installed_ops.get("cpu_adam"):
-        return None
-    from torch.utils.cpp_extension import is_ninja_available
-
-    missing = [name for name, ok in (("ninja", is_ninja_available()), ("a C++ compiler", shutil.which(os.environ.get("CXX", "c++")) is not None)) if not ok]
-    if not missing:
-        return None
-    return (
-        f"zero_optimization.offload_optimizer: DeepSpeed's CPU optimizer op (cpu_adam) is not pre-built and cannot be compiled "
-        f"here: {' and '.join(missing)} not found. Install them (pip install ninja; apt-get install g++), or install DeepSpeed "
-        "with DS_BUILD_CPU_ADAM=1, or remove the offload"
-    )
-
-
-def optimizer_problems(cfg: dict[str, Any]) -> list[str]:
-    """The optimizer and scheduler sections, checked by building nothing: parameters and names."""
-    import inspect
-
-    from .optim import optimizer_factory_from_section
-
-    problems: list[str] = []
-    backend = cfg["lift"].get("backend", "torch")
-    opt = cfg.get("optimizer")
-    if isinstance(opt, dict):
-        lr = opt.get("params", {}).get("lr")
-        if lr is not None and lr != "auto" and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0):
-            problems.append(f"optimizer.params.lr: must be a number > 0, got {lr!r}")
-        elif str(opt["type"]).lower() in ("adam", "adamw", "sgd") or backend != "deepspeed":
-            try:
-                optimizer_factory_from_section(opt)
-            except ConfigError as e:
-                problems += e.problems
-    zero = cfg.get("zero_optimization") or {}
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    if backend == "deepspeed" and offload:
-        p = cpu_op_problem()
-        if p:
-            problems.append(p)
-    sched = cfg.get("scheduler")
-    if isinstance(sched, dict):
-        from deepspeed.runtime import lr_schedules
-
-        kind = sched["type"]
-        if kind not in lr_schedules.VALID_LR_SCHEDULES:
-            problems.append(f"scheduler.type: {kind!r} unknown; allowed: {', '.join(lr_schedules.VALID_LR_SCHEDULES)}")
-        else:
-            allowed = set(inspect.signature(getattr(lr_schedules, kind).__init__).parameters) - {"self", "optimizer"}
-            for k in sorted(set(sched.get("params", {})) - allowed):
-                problems.append(f"scheduler.params.{k}: not a parameter of {kind}; allowed: {', '.join(sorted(allowed))}")
-    return problems
-
-
-def check_plan_fits_model(num_layers: int, cfg: dict[str, Any], method: str) -> None:
-    """Under the grouped policy every candidate block needs a step: say what would happen otherwise."""
-    if method != "lift":
-        return
-    lift = cfg["lift"]
-    first, last = lift.get("layer_range") or (1, num_layers)
-    if last > num_layers:
-        raise ConfigError([f"lift.layer_range: {[first, last]} reaches past the model's {num_layers} layers; allowed 1 <= first <= last <= {num_layers}"])
-    n = last - first + 1 + bool(lift.get("include_embedding")) + bool(lift.get("include_head"))
-    steps = lift["total_steps"]
-    if steps < n:
-        raise ConfigError([
-            f"--max_steps: {steps} is below the {n} candidate blocks, so {n - steps} blocks would never train "
-            f"(each block gets floor({steps}/{n}) = 0 steps, the first {steps} one extra). Use --max_steps >= {n}, or fewer blocks "
-            f"(e.g. --layer_range {max(1, last - steps + 1)},{last})"
-        ])
+    config = launch.config
+    if launch.args.method != "lift":
+        return config
+    model = build_model(model_dir, num_labels=num_labels, pad_id=pad_id, meta=True)
+    if num_labels is not None:
+        config = config.with_lift(always_trainable=list(dict.fromkeys(list(config.lift.always_trainable) + head_module_names(model))))
+    plan = resolve_plan(model, config.lift)
+    problem = plan.never_trained_problem("--max_steps")
+    if problem:
+        raise ConfigError([problem], source=launch.args.ds_config)
+    return config

@@ -1,7 +1,9 @@
 """Evaluation shared by every method: loss / perplexity, and choice accuracy by log-likelihood.
 
 Every rank must call these (under ZeRO-3 each forward is collective): items are split across ranks
-in equal counts (the last rank's shard is padded with weight-0 repeats) and sums are all-reduced.
+in equal counts (the last rank's shard is padded with weight-0 repeats) and sums are all-reduced
+through ``reduce`` (the backend's :meth:`~lift_ds.backends.base.Backend.all_reduce_sum`; the
+identity in one process).
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ import torch.nn.functional as F
 from .data import IGNORE_INDEX, Example, TokenizedData, collate
 
 
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    import torch.distributed as dist
+Reduce = Callable[[list[float]], list[float]]
 
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+
+def _local(values: list[float]) -> list[float]:
+    return values
 
 
 def _shard(n: int, rank: int, world: int) -> list[tuple[int, float]]:
@@ -34,7 +34,7 @@ def _shard(n: int, rank: int, world: int) -> list[tuple[int, float]]:
 
 
 @torch.no_grad()
-def eval_loss(forward: Callable[..., Any], data: TokenizedData, batch_size: int, rank: int, world: int, pad_id: int) -> dict[str, float]:
+def eval_loss(forward: Callable[..., Any], data: TokenizedData, batch_size: int, rank: int, world: int, pad_id: int, reduce: Reduce = _local) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over ``data``."""
     items = _shard(len(data.input_ids), rank, world)
     total, count = 0.0, 0.0
@@ -48,13 +48,13 @@ def eval_loss(forward: Callable[..., Any], data: TokenizedData, batch_size: int,
         mask = (labels != IGNORE_INDEX).double() * weights
         total += float((nll.double() * mask).sum())
         count += float(mask.sum())
-    total, count = _all_reduce_sum([total, count])
+    total, count = reduce([total, count])
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
 @torch.no_grad()
-def head_metrics(forward: Callable[..., Any], data: TokenizedData, batch_size: int, rank: int, world: int, pad_id: int) -> dict[str, float]:
+def head_metrics(forward: Callable[..., Any], data: TokenizedData, batch_size: int, rank: int, world: int, pad_id: int, reduce: Reduce = _local) -> dict[str, float]:
     """Loss and accuracy of a sequence-classification head (``data.labels`` are class indices)."""
     items = _shard(len(data.input_ids), rank, world)
     loss = correct = total = 0.0
@@ -66,13 +66,14 @@ def head_metrics(forward: Callable[..., Any], data: TokenizedData, batch_size: i
         loss += float((F.cross_entropy(logits, batch["labels"], reduction="none").double() * w).sum())
         correct += float(((logits.argmax(-1) == batch["labels"]).double() * w).sum())
         total += float(w.sum())
-    loss, correct, total = _all_reduce_sum([loss, correct, total])
+    loss, correct, total = reduce([loss, correct, total])
     return {"eval_loss": loss / max(total, 1.0), "eval_accuracy": correct / max(total, 1.0)}
 
 
 @torch.no_grad()
 def choice_accuracy(
-    forward: Callable[..., Any], examples: list[Example], tokenizer: Any, seq_len: int, batch_size: int, rank: int, world: int
+    forward: Callable[..., Any], examples: list[Example], tokenizer: Any, seq_len: int, batch_size: int, rank: int, world: int,
+    reduce: Reduce = _local,
 ) -> dict[str, float]:
     """Accuracy of picking the choice with the highest summed log-likelihood after the prompt."""
     shard = _shard(len(examples), rank, world)
@@ -96,5 +97,5 @@ def choice_accuracy(
     for (i, w), ll in zip(shard, scores):
         correct += w * float(max(range(len(ll)), key=ll.__getitem__) == examples[i].answer)
         total += w
-    correct, total = _all_reduce_sum([correct, total])
+    correct, total = reduce([correct, total])
     return {"eval_accuracy": correct / max(total, 1.0)}

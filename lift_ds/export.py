@@ -21,7 +21,7 @@ def save_hf_checkpoint(engine: LiftEngine, output_dir: str | os.PathLike, tokeni
     Returns:
         The directory on rank 0, None on the other ranks.
     """
-    state = engine.backend.gathered_state_dict()
+    state = engine.backend.full_state_dict()
     engine.backend.barrier()
     if engine.rank != 0:
         engine.backend.barrier()
@@ -30,7 +30,7 @@ def save_hf_checkpoint(engine: LiftEngine, output_dir: str | os.PathLike, tokeni
     out.mkdir(parents=True, exist_ok=True)
     model = engine.module
     if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"{type(model).__name__} is not a Hugging Face model (no save_pretrained); save engine.backend.gathered_state_dict() yourself")
+        raise TypeError(f"{type(model).__name__} is not a Hugging Face model (no save_pretrained); save engine.backend.full_state_dict() yourself")
     model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import LiftConfig
+
 GIB = 1024**3
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -45,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Parameter counts of a model, per candidate block."""
+    """Parameter counts of a model, per block, and of the candidate blocks of a LIFT plan."""
 
     name: str
     total: int
@@ -55,44 +57,55 @@ class ModelShape:
     hidden: int
     vocab: int
     lora_per_rank_unit: int  # LoRA parameters per unit of rank r on q, k, v, o (sum of in + out)
+    candidate_sizes: list[int]  # the plan's candidates (lift_ds.plan.resolve_plan), in order
+    lowest_candidate_layer: int  # 1-indexed layer of the candidate nearest the input (0: the embedding)
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_sizes)
 
 
-def model_shape(model_or_config: str) -> ModelShape:
-    """Count parameters per block of a preset name, a config.json, or a Hugging Face directory (meta device)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
-
-    from .blocks import find_blocks
+def _config_of(model_or_config: str) -> Any:
+    from transformers import AutoConfig, LlamaConfig
 
     if model_or_config in PRESETS:
-        cfg = LlamaConfig(**PRESETS[model_or_config])
-    else:
-        p = Path(model_or_config)
-        if p.is_file():
-            cfg = AutoConfig.from_pretrained(str(p.parent)) if p.name == "config.json" else None
-            if cfg is None:
-                raise ValueError(f"--model: {p} is not a config.json")
-        elif p.is_dir():
-            cfg = AutoConfig.from_pretrained(str(p))
-        else:
-            raise ValueError(f"--model: {model_or_config!r} is neither a file, a directory, nor a preset ({', '.join(PRESETS)})")
+        return LlamaConfig(**PRESETS[model_or_config])
+    p = Path(model_or_config)
+    if p.is_file():
+        if p.name != "config.json":
+            raise ValueError(f"--model: {p} is not a config.json")
+        return AutoConfig.from_pretrained(str(p.parent))
+    if p.is_dir():
+        return AutoConfig.from_pretrained(str(p))
+    raise ValueError(f"--model: {model_or_config!r} is neither a file, a directory, nor a preset ({', '.join(PRESETS)})")
+
+
+def model_shape(model_or_config: str, lift: LiftConfig | None = None) -> ModelShape:
+    """Count parameters per block of a preset name, a config.json, or a Hugging Face directory (meta
+    device), and the candidates of ``lift``'s plan (default: every layer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .plan import resolve_plan
+
+    cfg = _config_of(model_or_config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     named = dict(model.named_parameters())
     size = lambda names: sum(named[n].numel() for n in names)  # noqa: E731
-    blocks = find_blocks(model)
+    plan = resolve_plan(model, lift or LiftConfig(), total_steps=10**6)
+    blocks = plan.blocks
     lora = sum(m.in_features + m.out_features for n, m in model.named_modules()
                if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") and hasattr(m, "in_features"))
+    lowest = min((b.layer_number or 0) if b.kind != "head" else cfg.num_hidden_layers + 1 for b in plan.candidates)
     return ModelShape(
         name=str(model_or_config), total=sum(p.numel() for p in named.values()),
         layer_sizes=[size(b.param_names) for b in blocks if b.kind == "layer"],
         embedding=sum(size(b.param_names) for b in blocks if b.kind == "embedding"),
         head=sum(size(b.param_names) for b in blocks if b.kind == "head"),
         hidden=cfg.hidden_size, vocab=cfg.vocab_size, lora_per_rank_unit=lora,
+        candidate_sizes=[size(plan.trainable_param_names(i)) for i in range(len(plan.candidates))],
+        lowest_candidate_layer=lowest,
     )
 
 
@@ -117,17 +130,15 @@ class Estimate:
 
 
 def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: str = "bf16", offload: bool = False,
-             micro_batch: int = 1, seq_len: int = 2048, lora_r: int = 8, layer_range: tuple[int, int] | None = None,
-             include_embedding: bool = False, include_head: bool = False) -> Estimate:
-    """Bytes per rank for one method. ``zero`` 0-3 (FSDP = 3)."""
+             micro_batch: int = 1, seq_len: int = 2048, lora_r: int = 8) -> Estimate:
+    """Bytes per rank for one method. ``zero`` 0-3 (FSDP = 3). LIFT trains the largest of the
+    shape's candidate blocks (``model_shape(..., lift)``) at a time."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
     if ranks < 1:
         raise ValueError(f"ranks must be >= 1, got {ranks}")
-    first, last = layer_range or (1, shape.num_layers)
     if method == "lift":
-        blocks = shape.layer_sizes[first - 1 : last] + ([shape.embedding] if include_embedding else []) + ([shape.head] if include_head else [])
-        trained = max(blocks)
+        trained = max(shape.candidate_sizes)
     elif method == "full":
         trained = shape.total
     elif method == "lora":
@@ -139,7 +150,8 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
     act_bytes = 2 if half else 4
     per_layer = 34 * seq_len * micro_batch * shape.hidden * act_bytes / 2
     logits = 6 * seq_len * micro_batch * shape.vocab * (act_bytes / 2)
-    stored_layers = shape.num_layers if method != "lift" else (shape.num_layers - first + 1 if not include_embedding else shape.num_layers)
+    # LIFT stores activations from its lowest candidate block upward (backward stops there)
+    stored_layers = shape.num_layers if method != "lift" else shape.num_layers - max(shape.lowest_candidate_layer, 1) + 1
     activations = stored_layers * per_layer + logits
     return Estimate(method, trained, params, grads, optimizer, offload, activations)
 

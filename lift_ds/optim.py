@@ -4,7 +4,7 @@ LIFT builds a new optimizer at every phase boundary, but a learning-rate schedul
 with it. The schedule therefore drives a *proxy* optimizer that lives for the whole run (one dummy
 parameter, never stepped); before each optimizer step the phase optimizer's groups get
 ``their base lr x (proxy lr / proxy base lr)``. Any scheduler works this way: a DeepSpeed
-``"scheduler"`` section, or a callable ``optimizer -> LRScheduler`` such as a Hugging Face
+``"scheduler"`` section (through :mod:`lift_ds.backends.lr_schedules`), or a callable ``optimizer -> LRScheduler`` such as a Hugging Face
 ``get_cosine_schedule_with_warmup`` partial. Its state is one ``state_dict`` for checkpoints.
 """
 
@@ -76,58 +76,21 @@ def as_optimizer_factory(optimizer: Any, section: Mapping[str, Any] | None) -> O
     return optimizer_factory_from_section(section)
 
 
-#: ``"auto"`` scheduler parameters LIFT fills in: the optimizer's lr, the run's total steps, and a
-#: warm-up of 3% of them (at least one step).
-def _fill_auto(params: dict[str, Any], base_lr: float, total_steps: int | None) -> dict[str, Any]:
-    filled = dict(params)
-    for key, value in params.items():
-        if value != "auto":
-            continue
-        if key in ("warmup_max_lr", "cycle_max_lr", "lr_range_test_min_lr"):
-            filled[key] = base_lr
-        elif key in ("warmup_min_lr", "cycle_min_lr"):
-            filled[key] = 0.0
-        elif key == "total_num_steps" and total_steps is not None:
-            filled[key] = total_steps
-        elif key == "warmup_num_steps" and total_steps is not None:
-            filled[key] = max(1, round(0.03 * total_steps))
-        else:
-            raise ConfigError([f"scheduler.params.{key}: \"auto\" cannot be derived here; give a number"])
-    return filled
-
-
-def scheduler_from_section(section: Mapping[str, Any], total_steps: int | None = None) -> SchedulerFactory:
-    """A factory for a DeepSpeed ``"scheduler"`` section (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest)."""
-    kind = section["type"]
-
-    def factory(opt: torch.optim.Optimizer) -> Any:
-        from deepspeed.runtime import lr_schedules
-
-        params = _fill_auto(dict(section.get("params", {})), float(opt.param_groups[0]["lr"]), total_steps)
-
-        if kind not in lr_schedules.VALID_LR_SCHEDULES:
-            raise ConfigError([f"scheduler.type: {kind!r} unknown; allowed: {', '.join(lr_schedules.VALID_LR_SCHEDULES)}"])
-        try:
-            return getattr(lr_schedules, kind)(opt, **params)
-        except TypeError as e:
-            raise ConfigError([f"scheduler.params: {e}"]) from None
-
-    return factory
-
-
-class LRController:
+class CrossPhaseLRScheduler:
     """One learning-rate schedule for the whole run, applied to each phase's optimizer.
 
+    It behaves like a scheduler (``step``, ``get_last_lr``, ``state_dict``) but lives across phase
+    rebuilds: the wrapped schedule drives a proxy optimizer, and :meth:`apply` copies its rate into
+    whichever phase optimizer is current.
+
     Args:
-        scheduler: a callable ``optimizer -> scheduler`` (any torch or DeepSpeed LR scheduler), a
-            DeepSpeed ``"scheduler"`` section, or None for a constant learning rate.
-        total_steps: the run's optimizer steps (fills ``"auto"`` in a scheduler section).
+        scheduler: a callable ``optimizer -> scheduler`` (any torch or DeepSpeed LR scheduler; for
+            a config's ``"scheduler"`` section see :func:`lift_ds.backends.lr_schedules.scheduler_factory`),
+            or None for a constant learning rate.
     """
 
-    def __init__(self, scheduler: SchedulerFactory | Mapping[str, Any] | None, total_steps: int | None = None) -> None:
-        if isinstance(scheduler, Mapping):
-            scheduler = scheduler_from_section(scheduler, total_steps)
-        elif scheduler is not None and not callable(scheduler):
+    def __init__(self, scheduler: SchedulerFactory | None) -> None:
+        if scheduler is not None and not callable(scheduler):
             raise ConfigError([
                 "lr_scheduler: must be a callable optimizer -> scheduler (LIFT builds a new optimizer each phase, "
                 f"so an already-built scheduler cannot follow it); got {type(scheduler).__name__}"
@@ -180,7 +143,7 @@ class LRController:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self._proxy is None:
-            raise RuntimeError("LRController.load_state_dict before any optimizer was attached")
+            raise RuntimeError("CrossPhaseLRScheduler.load_state_dict before any optimizer was attached")
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("proxy_lr") is not None:

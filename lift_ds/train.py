@@ -12,89 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
-from .cli import Plan, build_parser, check_plan_fits_model, resolve
+from .cli import Launch, build_parser, check_model, resolve
 from .config import ConfigError
-from .data import DataError, Example, TokenizedData, load_examples, tokenize, tokenize_for_head
+from .data import DataError
 from .utils import get_logger
 
 logger = get_logger("lift_ds.train")
 
 
-def _load_tokenizer(name: str) -> Any:
-    from transformers import AutoTokenizer, LlamaTokenizer
-
-    path = Path(name)
-    if path.is_dir() and (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
-        tok = LlamaTokenizer.from_pretrained(name)  # a bare SentencePiece model
-    else:
-        tok = AutoTokenizer.from_pretrained(name)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
-
-
-HEAD_NAMES = ("score", "classifier")
-
-
-def _load_model(plan: Plan, model_dir: str, num_labels: int | None = None, pad_id: int | None = None) -> Any:
-    """A causal LM, or (``num_labels``) a sequence-classification model whose new head trains in every phase."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    args = plan.args
-    cfg = AutoConfig.from_pretrained(model_dir)
-    check_plan_fits_model(cfg.num_hidden_layers, plan.config, args.method)
-    torch.manual_seed(args.seed)
-    cls = AutoModelForCausalLM
-    if num_labels is not None:
-        cls = AutoModelForSequenceClassification
-        cfg.num_labels, cfg.pad_token_id = num_labels, pad_id
-    if args.random_init:
-        model = cls.from_config(cfg, dtype=torch.float32)
-    else:
-        model = cls.from_pretrained(model_dir, config=cfg, dtype=torch.float32)
-    model.config.use_cache = False
-    if num_labels is not None and args.method == "lift":
-        heads = [n for n, _ in model.named_children() if n in HEAD_NAMES]
-        if not heads:
-            raise ConfigError([f"--classifier_head: {type(model).__name__} has no head module named {' or '.join(HEAD_NAMES)}"])
-        lift = plan.config["lift"]
-        lift["always_trainable"] = list(dict.fromkeys(list(lift.get("always_trainable", [])) + heads))
-    return model
-
-
-def _data(plan: Plan, tokenizer: Any) -> tuple[TokenizedData, TokenizedData | None, list[Example] | None, str, list[str] | None]:
-    from . import assets
-
-    args = plan.args
-    train_path, eval_path = args.data, args.eval_data
-    fmt = args.format or ("classification" if plan.builtin else "text")
-    if plan.builtin:
-        train_path, eval_path = (str(p) for p in assets.movie_review_sentiment())
-    labels = args.labels.split(",") if args.labels else None
-    train_ex, label_set = load_examples(train_path, fmt, labels)
-    encode = (lambda exs, truncate: tokenize_for_head(exs, tokenizer, args.seq_len)) if args.classifier_head else (
-        lambda exs, truncate: tokenize(exs, tokenizer, fmt, args.seq_len, truncate=truncate))
-    train = encode(train_ex, not args.no_truncate)
-    if train.truncated:
-        logger.info("%d of %d training examples were longer than --seq_len %d and were truncated (their prompt's start cut)", train.truncated, len(train.input_ids), args.seq_len)
-    held = held_ex = None
-    if eval_path:
-        held_ex, _ = load_examples(eval_path, fmt, label_set or labels)
-        if args.eval_limit:
-            held_ex = held_ex[: args.eval_limit]
-        held = encode(held_ex, True)
-        if fmt not in ("classification", "multiple_choice") or args.classifier_head:
-            held_ex = None
-    return train, held, held_ex, fmt, label_set
-
-
 class Run:
     """One training run: engine, data, evaluation, metrics, checkpoints."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
-        self.args = plan.args
+    def __init__(self, launch: Launch) -> None:
+        self.launch = launch
+        self.args = launch.args
         self.out = Path(self.args.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self._tb: Any = None
@@ -102,15 +33,22 @@ class Run:
     def setup(self) -> None:
         import torch
 
-        from . import assets
+        from . import assets, recipe
         from .api import initialize
+        from .data import RankBatches
 
         args = self.args
         model_dir = args.model or str(assets.smollm2_135m())
-        self.tokenizer = _load_tokenizer(args.tokenizer or model_dir)
-        self.train_data, self.held, self.held_ex, self.fmt, labels = _data(self.plan, self.tokenizer)
-        n_labels = len(labels) if args.classifier_head and labels else None
-        self.model = _load_model(self.plan, model_dir, n_labels, self.tokenizer.pad_token_id)
+        self.tokenizer = recipe.load_tokenizer(args.tokenizer or model_dir)
+        train_path, eval_path = args.data, args.eval_data
+        if self.launch.builtin:
+            train_path, eval_path = (str(p) for p in assets.movie_review_sentiment())
+        self.data = recipe.load_task_data(
+            train_path, eval_path, self.launch.fmt, self.tokenizer, args.seq_len, labels=args.labels.split(",") if args.labels else None,
+            classifier_head=args.classifier_head, truncate=not args.no_truncate, eval_limit=args.eval_limit)
+        pad = self.tokenizer.pad_token_id
+        config = check_model(self.launch, model_dir, self.data.num_labels, pad)
+        self.model = recipe.build_model(model_dir, num_labels=self.data.num_labels, pad_id=pad, random_init=args.random_init, seed=args.seed)
         fixed = None
         if args.method == "lora":
             from peft import LoraConfig, get_peft_model
@@ -119,29 +57,18 @@ class Run:
             fixed = [n for n, p in self.model.named_parameters() if p.requires_grad]
         elif args.method == "full":
             fixed = [n for n, _ in self.model.named_parameters()]
-        self.engine, _, _, _ = initialize(model=self.model, config=self.plan.config, fixed_trainable=fixed)
-        from .data import RankBatches
-
-        self.batches = RankBatches(self.train_data, self.engine.train_micro_batch_size_per_gpu(), self.engine.rank, self.engine.world_size, args.seed, self.tokenizer.pad_token_id)
+        self.engine, _, _, _ = initialize(model=self.model, config=config, fixed_trainable=fixed)
+        self.batches = RankBatches(self.data.train, self.engine.train_micro_batch_size_per_gpu(), self.engine.rank, self.engine.world_size, args.seed, pad)
         if self.engine.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            logger.info("configuration (merged):\n%s", json.dumps({"args": vars(args), "config": self.plan.config}, indent=1, default=str))
+            logger.info("backend %s, chosen by %s", config.backend, config.backend_reason)
+            logger.info("configuration (merged):\n%s", json.dumps({"args": vars(args), "config": config.to_dict()}, indent=1, default=str))
         torch.manual_seed(args.seed + self.engine.rank)
 
     def evaluate(self) -> dict[str, float]:
-        from .evaluate import choice_accuracy, eval_loss, head_metrics
+        from .recipe import evaluate
 
-        if self.held is None:
-            return {}
-        self.engine.eval()
-        fwd = self.engine.forward
-        r, w = self.engine.rank, self.engine.world_size
-        metric = head_metrics if self.held.class_labels else eval_loss
-        out = metric(fwd, self.held, self.args.eval_batch_size, r, w, self.tokenizer.pad_token_id)
-        if self.held_ex:
-            out.update(choice_accuracy(fwd, self.held_ex, self.tokenizer, self.args.seq_len, self.args.eval_batch_size, r, w))
-        self.engine.train()
-        return out
+        return evaluate(self.engine, self.data, self.tokenizer, self.args.seq_len, self.args.eval_batch_size)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append to output_dir/metrics.jsonl (and TensorBoard when it is installed), rank 0 only."""
@@ -171,6 +98,8 @@ class Run:
     def train(self) -> dict[str, Any]:
         from tqdm import tqdm
 
+        from .recipe import optimizer_step
+
         args, engine = self.args, self.engine
         if args.resume:
             path, _ = engine.load_checkpoint(self.ckpt_dir)
@@ -180,27 +109,15 @@ class Run:
         if before:
             logger.info("before training: %s", _fmt(before))
             self.log({"step": 0, **before})
-        total = engine.lift.total_steps
+        total = engine.plan.total_steps
         bar = tqdm(total=total, initial=engine.global_step, disable=engine.rank != 0, dynamic_ncols=True, file=sys.stderr)
-        gas = engine.gradient_accumulation_steps()
-        t_step, tokens = time.perf_counter(), 0
+        t_step = time.perf_counter()
         while not engine.done:
             block = engine.active_block
             phase = engine.cursor.phase.index + 1
-            loss_sum = 0.0
-            nan = faults.armed("nan_loss", engine.global_step + 1, engine.rank)
-            for _ in range(gas):
-                batch = self.batches.batch(engine.micro_steps)
-                loss = engine(**batch).loss
-                if nan:
-                    loss = loss * float("nan")
-                engine.backward(loss)
-                loss_sum += loss.item()
-                del loss
-                tokens += int(batch["attention_mask"].sum()) * engine.world_size
-                engine.step()
+            loss, tokens = optimizer_step(engine, self.batches, nan_loss=faults.armed("nan_loss", engine.global_step + 1, engine.rank))
             dt = time.perf_counter() - t_step
-            rec = {"step": engine.global_step, "loss": loss_sum / gas, "lr": engine.get_lr()[0], "block": block, "phase": phase,
+            rec = {"step": engine.global_step, "loss": loss, "lr": engine.get_lr()[0], "block": block, "phase": phase,
                    "grad_norm": engine.last_grad_norm, "tokens_per_s": tokens / dt, "step_s": dt}
             if engine.last_step_skipped:
                 rec["skipped"] = True
@@ -209,7 +126,7 @@ class Run:
             self.log(rec)
             bar.set_postfix(phase=f"{phase}/{len(engine.cursor.phases)}", block=block, loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
-            t_step, tokens = time.perf_counter(), 0
+            t_step = time.perf_counter()
             faults.maybe_kill("kill", engine.global_step, engine.rank)
             if args.eval_every and engine.global_step % args.eval_every == 0 and not engine.done:
                 ev = self.evaluate()
@@ -257,16 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
     try:
-        plan = resolve(args)
-        run = Run(plan)
+        run = Run(resolve(args))
         run.setup()
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .engine import CheckpointError, DivergenceError, PhaseOutOfMemoryError
+    from .checkpoint import CheckpointError, ResumeError
+    from .guards import DivergenceError, PhaseOutOfMemoryError
 
     try:
         result = run.train()
+    except ResumeError as e:  # e.g. another number of ranks: bad input, nothing was changed
+        if run.engine.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     except (DivergenceError, CheckpointError, PhaseOutOfMemoryError) as e:
         latest = run.ckpt_dir / "latest"
         where = (f" The newest checkpoint is {run.ckpt_dir / latest.read_text().strip()}; continue from it with the same "

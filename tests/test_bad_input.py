@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from lift_ds.train import main
 
-from helpers import make_model_dir, write_sentiment
+from helpers import make_model_dir, tiny_llama, write_sentiment
 
 BASE = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
         "lift": {"backend": "torch"}}
@@ -75,6 +75,10 @@ CONFIG_CASES = [
     ("fsdp-unknown-key", merged(lift_backend="fsdp", fsdp={"shard_grad_op": True}), [], ["fsdp.shard_grad_op: unknown key; allowed: cpu_offload, reshard_after_forward"]),
     ("fsdp-section-wrong-backend", merged(fsdp={"cpu_offload": True}), [], ["fsdp: this section only applies to lift.backend \"fsdp\""]),
     ("top-level-list", ["not", "an", "object"], [], ["top level must be a JSON object"]),
+    # a section the chosen backend cannot honour is an error on every backend, not silently ignored
+    ("torch-backend-with-zero", merged(zero_optimization={"stage": 7}), [], ["zero_optimization: {'stage': 7} is DeepSpeed ZeRO", "single-process torch backend cannot honour"]),
+    ("deepspeed-with-fsdp-section", merged(lift_backend="deepspeed", fsdp={"cpu_offload": True}), [], ["fsdp: this section only applies to lift.backend \"fsdp\" (the backend is \"deepspeed\")"]),
+    ("auto-with-both-sections", {**merged(zero_optimization={"stage": 2}, fsdp={}), "lift": {}}, [], ["lift.backend: \"auto\" cannot choose", "set lift.backend"]),
 ]
 
 CLI_CASES = [
@@ -100,6 +104,9 @@ CLI_CASES = [
     ("format-unknown", ["--format", "csv"], ["--format", "invalid choice"]),
     ("method-unknown", ["--method", "sgd"], ["--method", "invalid choice"]),
     ("max-steps-not-int", ["--max_steps", "ten"], ["--max_steps", "invalid int value"]),
+    ("config-is-a-directory", ["--ds_config", "{d}"], ["--ds_config: ", "is a directory; give the path of a DeepSpeed JSON file"]),
+    ("set-without-equals", ["--set", "lift.seed"], ["--set: 'lift.seed' must be KEY=VALUE"]),
+    ("set-bad-value", ["--set", "lift.policy=sideways"], ["lift.policy: got 'sideways'", "[set by --set lift.policy]"]),
 ]
 
 DATA_CASES = [
@@ -205,15 +212,57 @@ def test_offload_without_a_buildable_op(d, capsys, monkeypatch):
     """No pre-built cpu_adam and no compiler: refused up front, not after a minute of failed compiling."""
     import shutil
 
-    import lift_ds.cli
+    from lift_ds.backends.deepspeed import cpu_op_problems
 
     monkeypatch.setattr(shutil, "which", lambda cmd: None)
     path = d / "offload.json"
     path.write_text(json.dumps(merged(lift_backend="deepspeed", zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})))
     code, err = run_main(d, ["--ds_config", str(path)], capsys)
     check(code, err, ["cpu_adam", "a C++ compiler not found", "DS_BUILD_CPU_ADAM=1"])
-    assert lift_ds.cli.cpu_op_problem() is not None
+    assert cpu_op_problems()
 
 
 def test_at_least_forty_distinct_cases():
     assert len(CONFIG_CASES) + len(CLI_CASES) + len(DATA_CASES) + 1 >= 40
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_precision_the_accelerator_cannot_run_is_refused_up_front(d, capsys, monkeypatch, dtype):
+    """Make DeepSpeed's accelerator report no support (so this runs on machines that have it too):
+    exit 2 naming the key, the hardware fact and what to use instead; lift_ds.initialize raises
+    ConfigError; no process group, no DeepSpeed traceback."""
+    from deepspeed.accelerator import get_accelerator
+
+    import lift_ds
+    from lift_ds.config import ConfigError
+
+    monkeypatch.setattr(type(get_accelerator()), f"is_{dtype}_supported", lambda self: False)
+    cfg = merged(lift_backend="deepspeed", zero_optimization={"stage": 2}, **{dtype: {"enabled": True}})
+    path = d / f"{dtype}.json"
+    path.write_text(json.dumps(cfg))
+    code, err = run_main(d, ["--ds_config", str(path)], capsys)
+    other = {"fp16": "bf16", "bf16": "fp16"}[dtype]
+    check(code, err, [f"{dtype}.enabled: true, but this machine cannot train in {dtype}",
+                      f"accelerator reports is_{dtype}_supported() = False", "to train in fp32"])
+    if dtype == "bf16" and get_accelerator().is_fp16_supported():
+        assert f"or use \"{other}\"" in err
+    with pytest.raises(ConfigError, match=f"is_{dtype}_supported\\(\\) = False"):
+        lift_ds.initialize(model=tiny_llama(), config={**cfg, "lift": {**cfg["lift"], "total_steps": 4}})
+    assert not dist.is_initialized()
+
+
+def test_bf16_where_the_gpu_has_none_is_refused_for_torch_backends(monkeypatch):
+    """The torch and FSDP backends ask torch: a CUDA device without bf16 (pre-Ampere) is refused."""
+    import torch
+
+    from lift_ds.backends import hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    for backend in ("torch", "fsdp"):
+        (problem,) = hardware.precision_problems(backend, "bf16")
+        assert problem.startswith("bf16.enabled: true, but this machine cannot train in bf16")
+        assert "Tesla V100-SXM2-32GB (compute capability 7.0" in problem and "to train in fp32" in problem
+    assert hardware.precision_problems("torch", "fp32") == []

@@ -78,3 +78,17 @@ def test_classifier_head_run_single_process(files, tmp_path):
 def test_classifier_head_needs_classification_format(files):
     proc = run(["--format", "text"], files, flags=["--classifier_head"])
     assert proc.returncode == 2 and "--classifier_head: needs --format classification" in proc.stderr
+
+
+@pytest.mark.slow
+def test_zero_section_without_backend_runs_on_deepspeed(files, tmp_path):
+    """A DeepSpeed config with zero_optimization and a lift section without "backend" runs on
+    DeepSpeed (one process, no launcher) and the log says why."""
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "lift": {"include_head": True}}
+    (files / "zero_no_backend.json").write_text(json.dumps(cfg))
+    proc = run(["--ds_config", str(files / "zero_no_backend.json"), "--max_steps", "5", "--output_dir", str(tmp_path / "out")], files,
+               flags=["--no_final_model"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backend deepspeed, chosen by the config's zero_optimization section" in proc.stderr
+    assert "backend=deepspeed" in proc.stderr and "saved checkpoint" in proc.stderr

@@ -4,13 +4,20 @@ import sys
 
 import pytest
 
-from lift_ds.config import DEFAULT_GRADIENT_CLIPPING, ConfigError, LiftConfig, parse_config, parse_lift_section, resolve_training
+from lift_ds.config import DEFAULT_GRADIENT_CLIPPING, ConfigError, LiftConfig, load_run_config, parse_lift_section, resolve_training
+
+
+def parse_config(config):
+    r = load_run_config(config)
+    return r.lift, r.training, r.raw
 
 
 def test_defaults():
     c = parse_lift_section({})
     assert c == LiftConfig()
-    assert (c.schedule, c.policy, c.optimizer_state, c.backend) == ("front2end", "grouped", "reset", "torch")
+    assert (c.schedule, c.policy, c.optimizer_state, c.backend) == ("front2end", "grouped", "reset", "auto")
+    # "auto" follows the config: no ZeRO or FSDP section on one process is the torch reference
+    assert load_run_config({}).backend == "torch"
     assert c.include_embedding is False and c.include_head is False and c.layer_range is None
 
 

@@ -127,7 +127,7 @@ def test_sentencepiece_tokenizer_model_directory(tmp_path):
     """A directory holding only a SentencePiece tokenizer.model (LLaMA style) loads through the launcher's path."""
     import sentencepiece as spm
 
-    from lift_ds.train import _load_tokenizer
+    from lift_ds.recipe import load_tokenizer as _load_tokenizer
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["a wonderful and moving film", "a dull and tedious mess", "great acting", "the plot makes no sense"] * 50))

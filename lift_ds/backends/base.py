@@ -1,72 +1,152 @@
 """The backend protocol: what the engine asks of a distributed (or plain) training backend.
 
-The engine owns the plan, freezing, the learning-rate schedule, micro-step counting and the
-checkpoint layout; a backend owns the wrapped model, the per-phase optimizer, backward, the
-optimizer step (with clipping) and how weights and optimizer state are stored.
+The engine owns the plan, freezing, the learning-rate schedule and micro-step counting; the
+checkpointer owns the checkpoint layout; a backend owns the wrapped model, the per-phase optimizer,
+backward, the optimizer step (with clipping), how weights and optimizer state are stored, parameter
+sizes and the collectives everything else needs. Each backend checks its own configuration keys
+(:meth:`Backend.check_config`) before any process group starts.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, TrainingConfig
 from ..optim import OptimizerFactory, optimizer_factory_from_section
+from . import hardware
+from .lr_schedules import scheduler_problems
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import RunConfig
+
+
+@dataclass
+class BackendContext:
+    """What every backend is built from.
+
+    Attributes:
+        model: the model; it stays the same object for the whole run.
+        config: the checked run configuration.
+        optimizer_factory: builds the phase optimizer from the active parameters (None: the backend
+            builds the config's ``"optimizer"`` section its own way).
+        passthrough: arguments of :func:`lift_ds.initialize` meant for the backend's library
+            (DeepSpeed's ``mpu`` and ``dist_init_required``); None values are absent.
+    """
+
+    model: nn.Module
+    config: "RunConfig"
+    optimizer_factory: OptimizerFactory | None = None
+    passthrough: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def training(self) -> TrainingConfig:
+        return self.config.training
 
 
 class Backend(ABC):
-    """Base class of the LIFT backends.
-
-    Args:
-        model: the model; it stays the same object for the whole run.
-        training: the top-level DeepSpeed keys LIFT reads.
-        raw_config: the whole config dict (DeepSpeed's own keys pass through to DeepSpeed).
-        optimizer_factory: builds the phase optimizer from the active parameters (None: the backend
-            may build it from the config, as DeepSpeed does).
-    """
+    """Base class of the LIFT backends (see the module docstring)."""
 
     name = "base"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        training: TrainingConfig,
-        raw_config: dict[str, Any],
-        optimizer_factory: OptimizerFactory | None,
-    ) -> None:
-        self.model = model
-        self.training = training
-        self.raw_config = raw_config
-        self.optimizer_factory = optimizer_factory
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self.model = ctx.model
+        self.training = ctx.config.training
+        self.optimizer_factory = ctx.optimizer_factory
         self.rank = 0
         self.world_size = 1
         #: False after a boundary :meth:`step` that did not change the weights (a non-finite
         #: gradient norm, or DeepSpeed's fp16 loss scaler skipping an overflow).
         self.step_applied = True
 
+    # ----------------------------------------------------------------- configuration
+
+    @classmethod
+    def check_config(cls, raw: Mapping[str, Any], training: TrainingConfig, world_size: int, method: str) -> tuple[Any, list[str]]:
+        """``(typed backend options, problems)`` for a config this backend would run; no process group.
+
+        The base checks what every backend gives one meaning: the precision on this hardware, the
+        ``optimizer`` section (as ``torch.optim``) and the ``scheduler`` section. Subclasses add
+        their own keys and refuse sections they cannot honour.
+        """
+        problems = hardware.precision_problems(cls.name, training.precision)
+        problems += cls.optimizer_section_problems(training.optimizer)
+        if training.scheduler is not None:
+            problems += scheduler_problems(training.scheduler)
+        return None, problems
+
+    @classmethod
+    def optimizer_section_problems(cls, section: Mapping[str, Any] | None) -> list[str]:
+        """Problems of the ``optimizer`` section when this backend builds it as a ``torch.optim``."""
+        if section is None or not isinstance(section.get("params", {}), Mapping):
+            return []
+        try:
+            optimizer_factory_from_section(section)
+        except ConfigError as e:
+            return e.problems
+        return []
+
+    @staticmethod
+    def foreign_section_problems(raw: Mapping[str, Any], name: str, sections: Mapping[str, str]) -> list[str]:
+        """A backend-specific section the backend ``name`` cannot honour, e.g. ``fsdp`` under DeepSpeed."""
+        return [f"{key}: this section only applies to lift.backend \"{owner}\" (the backend is \"{name}\"); remove it or set "
+                f"lift.backend to \"{owner}\"" for key, owner in sections.items() if raw.get(key) is not None]
+
+    def memory_layout(self) -> tuple[int, bool]:
+        """``(zero_stage, optimizer_offloaded)`` for :func:`lift_ds.memory.state_bytes` (FSDP: stage 3)."""
+        return 0, False
+
+    # ----------------------------------------------------------------- sizes and collectives
+
+    def numel(self, p: torch.Tensor) -> int:
+        """Elements of a parameter's full value (a partitioned parameter counts whole)."""
+        return p.numel()
+
     @property
     def comm_device(self) -> torch.device:
         """Where small collective tensors live (the accelerator under NCCL, else the CPU)."""
         return torch.device("cpu")
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank (collective when distributed)."""
+    def _distributed(self) -> bool:
         import torch.distributed as dist
 
-        if self.world_size == 1 or not dist.is_initialized():
+        return self.world_size > 1 and dist.is_initialized()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (collective when distributed)."""
+        if not self._distributed():
             return flag
+        import torch.distributed as dist
+
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def memory_layout(self) -> tuple[int, bool]:
-        """``(zero_stage, optimizer_offloaded)`` for :func:`lift_ds.memory.state_bytes` (FSDP: stage 3)."""
-        return 0, False
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks (float64; collective when distributed)."""
+        if not self._distributed():
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
+        dist.all_reduce(t)
+        return t.cpu().tolist()
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op for one process)."""
+        if self._distributed():
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    # ----------------------------------------------------------------- phases and steps
 
     @abstractmethod
     def discard_gradients(self) -> None:
@@ -103,6 +183,12 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def optimizer_state_numel(self) -> int:
+        """Elements of optimizer state this rank holds (its partition of the active block's moments)."""
+
+    # ----------------------------------------------------------------- weights and state
+
+    @abstractmethod
     def save_weights(self, path: Path, param_names: list[str]) -> None:
         """Save the named parameters' full values (collective under ZeRO-3; rank 0 writes)."""
 
@@ -126,11 +212,8 @@ class Backend(ABC):
     def restore_optimizer_state(self, state: Any) -> None:
         """Put back a state from :meth:`stash_optimizer_state` (after :meth:`build` for that block)."""
 
-    def barrier(self) -> None:
-        """Wait for every rank (no-op for one process)."""
-
-    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full parameter values (gathered from partitions), valid on rank 0."""
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full parameter values (gathered from partitions), valid on rank 0; collective."""
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def close(self) -> None:
@@ -142,18 +225,12 @@ class TorchOptimizerBackend(Backend):
     """A backend whose phase optimizer is a plain ``torch.optim`` over the active parameters
     (the torch reference and FSDP2): the optimizer's life, backward, clipping and the step."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        training: TrainingConfig,
-        raw_config: dict[str, Any],
-        optimizer_factory: OptimizerFactory | None,
-    ) -> None:
-        super().__init__(model, training, raw_config, optimizer_factory)
-        if optimizer_factory is None:
-            if training.optimizer is None:
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        if self.optimizer_factory is None:
+            if self.training.optimizer is None:
                 raise ConfigError(["optimizer: none given; pass optimizer= a callable or add an \"optimizer\" section"])
-            self.optimizer_factory = optimizer_factory_from_section(training.optimizer)
+            self.optimizer_factory = optimizer_factory_from_section(self.training.optimizer)
         self._optimizer: torch.optim.Optimizer | None = None
         self._params: list[nn.Parameter] = []
 
@@ -195,3 +272,13 @@ class TorchOptimizerBackend(Backend):
     def discard_gradients(self) -> None:
         if self._optimizer is not None:
             self._optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state_numel(self) -> int:
+        if self._optimizer is None:
+            return 0
+        total = 0
+        for st in self._optimizer.state.values():
+            for v in st.values():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    total += v.to_local().numel() if hasattr(v, "to_local") else v.numel()
+        return total

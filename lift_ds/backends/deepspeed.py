@@ -4,109 +4,109 @@ At each phase boundary the old engine is torn down completely and ``deepspeed.in
 new one on the same model with ``model_parameters`` = the active block's parameters, so ZeRO
 partitions, gradient buffers and optimizer state (fp32 master weights, moments) cover that block
 only. ZeRO-1/2/3, fp32/bf16/fp16, optimizer offload, and models built under ``deepspeed.zero.Init``.
-
-Private DeepSpeed details are touched in exactly two places, both below, and the version range in
-pyproject.toml is pinned for them: :func:`release_engine` (deepspeed 0.19's ``destroy()`` leaves
-the engine's forward hooks and per-parameter back-references alive) and
-:func:`_skip_model_broadcast` (every new engine re-broadcasts the whole model from rank 0, which
-is redundant after the first phase: all ranks already hold identical weights).
+Every DeepSpeed private detail this needs is in :mod:`lift_ds.backends.compat`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, TrainingConfig, is_comment_key
-from ..optim import OptimizerFactory, optimizer_factory_from_section
+from ..optim import optimizer_factory_from_section
 from ..utils import get_logger, init_process_group
-from .base import Backend
+from . import compat
+from .base import Backend, BackendContext
 
 logger = get_logger(__name__)
 
-_PARAM_BACKREFS = ("_zero_optimizer", "_z3_optimizer")
-_ENGINE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+#: optimizer types DeepSpeed can run offloaded (DeepSpeedCPUAdam, DeepSpeedCPUAdagrad, DeepSpeedCPULion)
+OFFLOADABLE_OPTIMIZERS = ("adam", "adamw", "adagrad", "lion")
+#: optimizer types lift_ds builds as torch.optim on a CPU accelerator (DeepSpeed would compile FusedAdam)
+TORCH_OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
-def release_engine(engine: Any, model: nn.Module) -> None:
-    """Destroy a DeepSpeed engine so that nothing keeps it (or its optimizer) alive.
+@dataclass(frozen=True)
+class DeepSpeedOptions:
+    """What the DeepSpeed backend reads of ``zero_optimization`` (everything else passes through)."""
 
-    ``engine.destroy()`` in deepspeed 0.19 leaves the engine's own forward pre/post hooks on the
-    module and a back-reference to the ZeRO optimizer on each parameter; both are removed here.
-    """
-    engine.destroy()
-    for attr in _ENGINE_HOOKS:
-        handle = getattr(engine, attr, None)
-        if handle is not None:
-            handle.remove()
-            setattr(engine, attr, None)
-    for p in model.parameters():
-        for attr in _PARAM_BACKREFS:
-            if hasattr(p, attr):
-                delattr(p, attr)
-        p.grad = None
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
 
 
-@contextlib.contextmanager
-def _skip_model_broadcast(skip: bool) -> Iterator[None]:
-    """Skip DeepSpeedEngine's start-up broadcast of every parameter from rank 0 (when ``skip``)."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    original = getattr(DeepSpeedEngine, "_broadcast_model", None)
-    if not skip or original is None:
-        yield
-        return
-    DeepSpeedEngine._broadcast_model = lambda self: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        DeepSpeedEngine._broadcast_model = original  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def _cheap_zero3_build(active: bool) -> Iterator[None]:
-    """Skip two costs a ZeRO-3 engine build pays for nothing, once per LIFT phase.
-
-    In deepspeed 0.19, ``DeepSpeedZeroOptimizer_Stage3.__init__`` formats ``locals()`` for a log line
-    that is off by default (a tensor repr of every model parameter: 0.5 s for SmolLM2 on one rank),
-    and ``zero.utils.defragment`` runs a full ``gc.collect()`` (0.5 s with transformers loaded) after
-    moving the partitions, whose old storages reference counting has already freed. While the engine
-    is built, parameter reprs are short and that collection is skipped; both are restored after.
-    """
-    if not active:
-        yield
-        return
-    import types
-
-    import deepspeed.runtime.zero.utils as zero_utils
-
-    repr_ = torch.nn.Parameter.__repr__
-    gc_ = zero_utils.gc
-    torch.nn.Parameter.__repr__ = lambda self: f"Parameter(shape={tuple(self.shape)}, dtype={self.dtype})"  # type: ignore[method-assign]
-    zero_utils.gc = types.SimpleNamespace(collect=lambda *a, **k: 0)
-    try:
-        yield
-    finally:
-        torch.nn.Parameter.__repr__ = repr_  # type: ignore[method-assign]
-        zero_utils.gc = gc_
+def _zero_problems(zero: Any, raw: Mapping[str, Any]) -> list[str]:
+    """The ``zero_optimization`` keys DeepSpeed would only reject after its process group started
+    (or silently mis-handle)."""
+    if not isinstance(zero, Mapping):
+        return [f"zero_optimization: must be an object like {{\"stage\": 2}}, got {zero!r}"]
+    problems = []
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        problems.append(f"zero_optimization.stage: got {stage!r}; allowed: 0, 1, 2, 3")
+    for key in ("offload_optimizer", "offload_param"):
+        sec = zero.get(key)
+        if sec is None:
+            continue
+        if not isinstance(sec, Mapping):
+            problems.append(f"zero_optimization.{key}: must be an object like {{\"device\": \"cpu\"}}, got {sec!r}")
+            continue
+        dev = sec.get("device", "none") or "none"
+        if dev not in OFFLOAD_DEVICES:
+            problems.append(f"zero_optimization.{key}.device: got {dev!r}; allowed: {', '.join(OFFLOAD_DEVICES)}")
+            continue
+        if dev == "none":
+            continue
+        if dev == "nvme" and not sec.get("nvme_path"):
+            problems.append(f"zero_optimization.{key}.nvme_path: required with device \"nvme\" (a directory on a local NVMe drive)")
+        if key == "offload_param" and stage != 3:
+            problems.append(f"zero_optimization.offload_param: only ZeRO stage 3 offloads parameters (stage is {stage!r}); use offload_optimizer, or stage 3")
+        if key == "offload_optimizer":
+            if stage not in (1, 2, 3):
+                problems.append(f"zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3 (stage is {stage!r})")
+            opt = raw.get("optimizer")
+            kind = opt.get("type") if isinstance(opt, Mapping) else None
+            if not isinstance(kind, str) or kind.lower() not in OFFLOADABLE_OPTIMIZERS:
+                problems.append(
+                    f"zero_optimization.offload_optimizer: DeepSpeed runs an offloaded optimizer with its CPU ops "
+                    f"(DeepSpeedCPUAdam, -Adagrad, -Lion); optimizer.type {kind!r} has none. Use Adam, AdamW, Adagrad or Lion, "
+                    "or remove the offload"
+                )
+            else:
+                problems += cpu_op_problems()
+    return problems
 
 
-def innermost_optimizer(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside DeepSpeed's wrappers (it holds the partitioned state)."""
-    seen = 0
-    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer) and seen < 5:
-        opt = opt.optimizer
-        seen += 1
-    return opt
+def cpu_op_problems() -> list[str]:
+    """[] when DeepSpeed's CPU optimizer op (cpu_adam) is pre-built or can be compiled here."""
+    import os
+    import shutil
+
+    prebuilt = compat.cpu_adam_prebuilt()
+    if prebuilt is None:
+        return ["zero_optimization.offload_optimizer: needs DeepSpeed (pip install deepspeed)"]
+    if prebuilt:
+        return []
+    from torch.utils.cpp_extension import is_ninja_available
+
+    missing = [name for name, ok in (("ninja", is_ninja_available()), ("a C++ compiler", shutil.which(os.environ.get("CXX", "c++")) is not None)) if not ok]
+    if not missing:
+        return []
+    return [f"zero_optimization.offload_optimizer: DeepSpeed's CPU optimizer op (cpu_adam) is not pre-built and cannot be compiled "
+            f"here: {' and '.join(missing)} not found. Install them (pip install ninja; apt-get install g++), or install DeepSpeed "
+            "with DS_BUILD_CPU_ADAM=1, or remove the offload"]
 
 
-def is_zero3_param(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
+def _offloaded(zero: Mapping[str, Any], key: str) -> bool:
+    sec = zero.get(key) or {}
+    return isinstance(sec, Mapping) and (sec.get("device") or "none") != "none"
 
 
 class DeepSpeedBackend(Backend):
@@ -114,37 +114,53 @@ class DeepSpeedBackend(Backend):
 
     name = "deepspeed"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        training: TrainingConfig,
-        raw_config: dict[str, Any],
-        optimizer_factory: OptimizerFactory | None,
-        mpu: Any = None,
-        dist_init_required: bool | None = None,
-    ) -> None:
-        super().__init__(model, training, raw_config, optimizer_factory)
+    @classmethod
+    def check_config(cls, raw: Mapping[str, Any], training: TrainingConfig, world_size: int, method: str) -> tuple[Any, list[str]]:
+        _, problems = super().check_config(raw, training, world_size, method)
+        problems += cls.foreign_section_problems(raw, cls.name, {"fsdp": "fsdp"})
+        zero = raw.get("zero_optimization")
+        options = DeepSpeedOptions()
+        if zero is not None:
+            zero_problems = _zero_problems(zero, raw)
+            problems += zero_problems
+            if not zero_problems:
+                options = DeepSpeedOptions(int(zero.get("stage", 0)), _offloaded(zero, "offload_optimizer"), _offloaded(zero, "offload_param"))
+        if method == "lora" and options.zero_stage == 3:
+            problems.append("--method lora: use a ZeRO-1/2 config (ZeRO-3 with peft adapters is not supported here)")
+        return options, problems
+
+    @classmethod
+    def optimizer_section_problems(cls, section: Mapping[str, Any] | None) -> list[str]:
+        # DeepSpeed's own optimizers (Lamb, OneBitAdam, ...) are DeepSpeed's to check
+        if section is None or str(section.get("type", "")).lower() not in TORCH_OPTIMIZERS:
+            return []
+        return super().optimizer_section_problems(section)
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
         import deepspeed
         import torch.distributed as dist
         from deepspeed.accelerator import get_accelerator
 
+        compat.check_version()
         self._ds = deepspeed
-        self.mpu = mpu
-        zero = raw_config.get("zero_optimization", {}) or {}
-        offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-        if optimizer_factory is None and training.optimizer is not None and not offload and get_accelerator().device_name() == "cpu":
+        cfg = ctx.config
+        options = cfg.backend_options or self.check_config(cfg.raw, cfg.training, cfg.world_size, "lift")[0]
+        self.mpu = ctx.passthrough.get("mpu")
+        factory = self.optimizer_factory
+        cpu = get_accelerator().device_name() == "cpu"
+        if factory is None and self.training.optimizer is not None and not options.offload_optimizer and cpu:
             # On CPU DeepSpeed would compile FusedAdam (about a minute); torch's optimizer is the same math.
-            optimizer_factory = optimizer_factory_from_section(training.optimizer)
-            self.optimizer_factory = optimizer_factory
-            logger.info("CPU accelerator: the config's %s optimizer runs as torch.optim (no op to compile)", training.optimizer["type"])
-        self.ds_config = self.deepspeed_config(raw_config, training, client_optimizer=optimizer_factory is not None)
-        if self.ds_config.get("optimizer") is None and optimizer_factory is None:
+            factory = self.optimizer_factory = optimizer_factory_from_section(self.training.optimizer)
+            logger.info("CPU accelerator: the config's %s optimizer runs as torch.optim (no op to compile)", self.training.optimizer["type"])
+        self.ds_config = self.deepspeed_config(dict(cfg.raw), self.training, client_optimizer=factory is not None)
+        if self.ds_config.get("optimizer") is None and factory is None:
             raise ConfigError(["optimizer: none given; pass optimizer= a callable params -> Optimizer, or add an \"optimizer\" section"])
-        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        if get_accelerator().device_name() == "cpu":
-            # deepspeed_shm_comm only serves inference all-reduce and costs a ~50 s compile on CPU.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        if not dist.is_initialized() and dist_init_required is not False:
+        self.zero_stage = options.zero_stage
+        self._offload = options.offload_optimizer
+        if cpu:
+            compat.disable_shm_comm_op()
+        if not dist.is_initialized() and ctx.passthrough.get("dist_init_required") is not False:
             init_process_group(get_accelerator().communication_backend_name())
             deepspeed.init_distributed()  # DeepSpeed's comm layer over the group just made
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -152,7 +168,6 @@ class DeepSpeedBackend(Backend):
         self._engine: Any = None
         self._params: list[nn.Parameter] = []
         self._built_once = False
-        self._offload = offload
 
     def memory_layout(self) -> tuple[int, bool]:
         return self.zero_stage, self._offload
@@ -197,7 +212,7 @@ class DeepSpeedBackend(Backend):
         """
         if self.zero_stage < 1:
             return self.ds_config
-        numel = max(1, sum(int(getattr(p, "ds_numel", p.numel())) for p in params))
+        numel = max(1, sum(compat.full_numel(p) for p in params))
         cfg = dict(self.ds_config)
         zero = dict(cfg.get("zero_optimization", {}))
         keys = ("reduce_bucket_size",) if self.zero_stage == 3 else ("reduce_bucket_size", "allgather_bucket_size")
@@ -210,7 +225,7 @@ class DeepSpeedBackend(Backend):
     def build(self, params: list[nn.Parameter]) -> None:
         opt = self.optimizer_factory(params) if self.optimizer_factory is not None else None
         skip = self._built_once and self.zero_stage < 3
-        with _skip_model_broadcast(skip), _cheap_zero3_build(self.zero_stage == 3):
+        with compat.skip_model_broadcast(skip), compat.cheap_zero3_build(self.zero_stage == 3):
             engine, _, _, _ = self._ds.initialize(
                 model=self.model, model_parameters=params, optimizer=opt, config=self.phase_config(params),
                 mpu=self.mpu, dist_init_required=False,
@@ -223,16 +238,7 @@ class DeepSpeedBackend(Backend):
         if self._engine is None:
             return
         engine, self._engine = self._engine, None
-        release_engine(engine, self.model)
-        # The engine and its ZeRO optimizer sit in reference cycles (lambdas and bound methods in
-        # their own attributes), which only a full gc.collect() frees: 0.2 s with transformers
-        # loaded, 80% of a ZeRO-2 phase switch. Emptying their attribute dicts frees every tensor
-        # they hold at once (optimizer state, fp32 master, buffers); with bf16 an empty engine
-        # shell can stay in a cycle through a closure until Python's own collector runs, holding
-        # no tensor (checked by live-tensor census in tests/distributed, leak scenario).
-        for obj in (innermost_optimizer(engine.optimizer), engine.optimizer, engine):
-            if obj is not None and hasattr(obj, "__dict__"):
-                obj.__dict__.clear()
+        compat.release_engine(engine, self.model)
         del engine
         self._params = []
 
@@ -276,21 +282,18 @@ class DeepSpeedBackend(Backend):
         """Elements of optimizer state this rank holds (moments; fp32 master partitions not counted)."""
         if self._engine is None:
             return 0
-        inner = innermost_optimizer(self._engine.optimizer)
+        inner = compat.innermost_optimizer(self._engine.optimizer)
         return sum(v.numel() for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
 
-    # ----------------------------------------------------------------- collectives
+    # ----------------------------------------------------------------- sizes and collectives
 
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
+    def numel(self, p: torch.Tensor) -> int:
+        return compat.full_numel(p)
 
     @contextlib.contextmanager
     def gathered(self, params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
         """Full values of ZeRO-3 partitioned ``params`` inside the block (collective)."""
-        z3 = [p for p in params if is_zero3_param(p)]
+        z3 = [p for p in params if compat.is_zero3_param(p)]
         if not z3:
             yield
             return
@@ -305,7 +308,7 @@ class DeepSpeedBackend(Backend):
             with self.gathered([p]):
                 yield n, p.detach().to("cpu", copy=True)
 
-    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
         names = [n for n, _ in self.model.named_parameters()]
         out = {}
         for n, t in self.named_full_params(names):
@@ -334,7 +337,7 @@ class DeepSpeedBackend(Backend):
             for n in names:
                 p = named[n]
                 with self.gathered([p], modifier_rank=0), torch.no_grad():
-                    if self.rank == 0 or not is_zero3_param(p):
+                    if self.rank == 0 or not compat.is_zero3_param(p):
                         p.data.copy_(f.get_tensor(n).to(p.dtype))
         return names
 
@@ -351,25 +354,22 @@ class DeepSpeedBackend(Backend):
 
     def stash_optimizer_state(self) -> Any:
         sd = self._engine.optimizer.state_dict()
-        return _to_cpu(sd)
+        return to_cpu(sd)
 
     def restore_optimizer_state(self, state: Any) -> None:
         opt = self._engine.optimizer
         if self.zero_stage == 0:
             opt.load_state_dict(state)
             return
-        # ZeRO optimizers take one state per rank and pick their own: same block, same ranks, same
-        # partitioning. The fp32 master partitions are restored too, then copied into the params.
-        per_rank: list[Any] = [None] * self.world_size
-        per_rank[self.rank] = state
-        opt.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
+        compat.load_zero_state(opt, state, self.rank, self.world_size)
 
 
-def _to_cpu(obj: Any) -> Any:
+def to_cpu(obj: Any) -> Any:
+    """A copy of nested state with every tensor on CPU."""
     if torch.is_tensor(obj):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(to_cpu(v) for v in obj)
     return obj

@@ -14,19 +14,55 @@ forward therefore runs once under ``no_grad`` with every parameter trainable (pu
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
-from torch import nn
 
 from ..blocks import find_layer_stack
-from ..config import ConfigError, TrainingConfig, fsdp_problems
-from ..optim import OptimizerFactory
+from ..config import TrainingConfig, is_comment_key
 from ..utils import get_logger, init_process_group
-from .base import TorchOptimizerBackend
+from .base import BackendContext, TorchOptimizerBackend
 
 logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class FSDPOptions:
+    """The ``"fsdp"`` section."""
+
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+
+
+FSDP_KEYS = ("cpu_offload", "reshard_after_forward")
+
+
+def _fsdp_problems(raw: Mapping[str, Any], training: TrainingConfig) -> list[str]:
+    """Keys backend ``fsdp`` cannot honour, and a check of its ``"fsdp"`` section."""
+    problems = []
+    zero = raw.get("zero_optimization") or {}
+    if isinstance(zero, Mapping) and zero.get("stage", 0) not in (0, None):
+        problems.append(
+            f"zero_optimization.stage: {zero.get('stage')} is a DeepSpeed ZeRO stage; backend \"fsdp\" always shards "
+            "parameters, gradients and optimizer state (like ZeRO-3). Remove zero_optimization or use backend \"deepspeed\""
+        )
+    if isinstance(zero, Mapping) and (zero.get("offload_optimizer") or zero.get("offload_param")):
+        problems.append("zero_optimization.offload_*: DeepSpeed offload does not apply to backend \"fsdp\"; use \"fsdp\": {\"cpu_offload\": true}")
+    if training.precision == "fp16":
+        problems.append("fp16.enabled: backend \"fsdp\" has no loss scaler here; use bf16")
+    sec = raw.get("fsdp", {})
+    if not isinstance(sec, Mapping):
+        return problems + [f"fsdp: must be an object, got {sec!r}"]
+    for k, v in sec.items():
+        if is_comment_key(k):
+            continue
+        if k not in FSDP_KEYS:
+            problems.append(f"fsdp.{k}: unknown key; allowed: {', '.join(FSDP_KEYS)}")
+        elif not isinstance(v, bool):
+            problems.append(f"fsdp.{k}: must be true or false, got {v!r}")
+    return problems
 
 def _to_portable(obj: Any) -> Any:
     """Optimizer state with DTensors replaced by (local shard on CPU, mesh, placements)."""
@@ -61,11 +97,19 @@ class FSDPBackend(TorchOptimizerBackend):
 
     name = "fsdp"
 
-    def __init__(self, model: nn.Module, training: TrainingConfig, raw_config: dict[str, Any], optimizer_factory: OptimizerFactory | None) -> None:
-        super().__init__(model, training, raw_config, optimizer_factory)
-        problems = fsdp_problems(raw_config)
-        if problems:
-            raise ConfigError(problems)
+    @classmethod
+    def check_config(cls, raw: Mapping[str, Any], training: TrainingConfig, world_size: int, method: str) -> tuple[Any, list[str]]:
+        _, problems = super().check_config(raw, training, world_size, method)
+        fsdp_problems = _fsdp_problems(raw, training)
+        sec = raw.get("fsdp") or {}
+        options = FSDPOptions(**{k: v for k, v in sec.items() if k in FSDP_KEYS}) if not fsdp_problems else None
+        return options, problems + fsdp_problems
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        cfg = ctx.config
+        opts = cfg.backend_options or self.check_config(cfg.raw, cfg.training, cfg.world_size, "lift")[0] or FSDPOptions()
+        model, training = self.model, self.training
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -78,17 +122,16 @@ class FSDPBackend(TorchOptimizerBackend):
         if cuda:
             torch.cuda.set_device(self.device)
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-        sec = raw_config.get("fsdp", {}) or {}
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if training.precision == "bf16" else MixedPrecisionPolicy()
-        offload = CPUOffloadPolicy(pin_memory=cuda) if sec.get("cpu_offload") else OffloadPolicy()
-        kw = dict(mesh=self.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=sec.get("reshard_after_forward", True))
-        model.to(self.device if not sec.get("cpu_offload") else torch.device("cpu"))
+        offload = CPUOffloadPolicy(pin_memory=cuda) if opts.cpu_offload else OffloadPolicy()
+        kw = dict(mesh=self.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=opts.reshard_after_forward)
+        model.to(self.device if not opts.cpu_offload else torch.device("cpu"))
         _, stack = find_layer_stack(model)
         for layer in stack:
             fully_shard(layer, **kw)
         fully_shard(model, **kw)
         self._needs_dtype_warmup = training.precision == "bf16"
-        self._offload = bool(sec.get("cpu_offload"))
+        self._offload = opts.cpu_offload
 
     def memory_layout(self) -> tuple[int, bool]:
         return 3, self._offload
@@ -110,32 +153,16 @@ class FSDPBackend(TorchOptimizerBackend):
             self._warmup(args, kwargs)
         return self.model(*args, **kwargs)
 
-    def optimizer_state_numel(self) -> int:
-        """Elements of optimizer state this rank holds (its shards of the active block's moments)."""
-        if self._optimizer is None:
-            return 0
-        total = 0
-        for st in self._optimizer.state.values():
-            for v in st.values():
-                if torch.is_tensor(v) and v.dim() > 0:
-                    total += v.to_local().numel() if hasattr(v, "to_local") else v.numel()
-        return total
-
     # ----------------------------------------------------------------- collectives
 
     @property
     def comm_device(self) -> torch.device:
         return self.device
 
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
     def _full(self, p: torch.Tensor) -> torch.Tensor:
         return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True)
 
-    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: self._full(p) for n, p in self.model.named_parameters()}
 
     # ----------------------------------------------------------------- checkpoints

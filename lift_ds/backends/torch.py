@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
-from torch import nn
 
-from ..config import ConfigError, TrainingConfig
-from ..optim import OptimizerFactory
-from .base import TorchOptimizerBackend
+from ..config import TrainingConfig
+from .base import BackendContext, TorchOptimizerBackend
 
 
 class TorchBackend(TorchOptimizerBackend):
@@ -20,19 +17,25 @@ class TorchBackend(TorchOptimizerBackend):
 
     name = "torch"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        training: TrainingConfig,
-        raw_config: dict[str, Any],
-        optimizer_factory: OptimizerFactory | None,
-    ) -> None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError([
-                f"lift.backend: \"torch\" is single-process but WORLD_SIZE={os.environ['WORLD_SIZE']}; "
-                "use backend \"deepspeed\" (or \"fsdp\") under a multi-rank launcher"
-            ])
-        super().__init__(model, training, raw_config, optimizer_factory)
+    @classmethod
+    def check_config(cls, raw: Mapping[str, Any], training: TrainingConfig, world_size: int, method: str) -> tuple[Any, list[str]]:
+        _, problems = super().check_config(raw, training, world_size, method)
+        if world_size > 1:
+            problems.append(f"lift.backend: \"torch\" is single-process but WORLD_SIZE={world_size}; "
+                            "use backend \"deepspeed\" (or \"fsdp\") under a multi-rank launcher")
+        if training.precision == "fp16":
+            problems.append("fp16.enabled: the torch reference backend has no loss scaler; use bf16 or backend \"deepspeed\"")
+        zero = raw.get("zero_optimization")
+        if zero is not None:
+            z = zero if isinstance(zero, Mapping) else {}
+            if not isinstance(zero, Mapping) or z.get("stage", 0) not in (0, None) or z.get("offload_optimizer") or z.get("offload_param"):
+                problems.append(f"zero_optimization: {zero!r} is DeepSpeed ZeRO, which the single-process torch backend cannot honour; "
+                                "set lift.backend to \"deepspeed\" (or \"auto\"), or remove the section")
+        problems += cls.foreign_section_problems(raw, cls.name, {"fsdp": "fsdp"})
+        return None, problems
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         ctx = (
@@ -42,6 +45,7 @@ class TorchBackend(TorchOptimizerBackend):
         )
         with ctx:
             return self.model(*args, **kwargs)
+
     def save_weights(self, path: Path, param_names: list[str]) -> None:
         named = dict(self.model.named_parameters())
         torch.save({n: named[n].detach().cpu().clone() for n in param_names}, path / "weights.pt")

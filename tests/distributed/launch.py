@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -20,24 +21,97 @@ REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 
 
-def torchrun(scenarios: dict, tmp: Path, name: str = "run", timeout: int = 900, nproc: int = WORLD, expect_results: bool = True) -> dict:
+class ScenarioFailed(AssertionError):
+    """One scenario of a shared multi-rank job failed, or the job ended before it produced a result."""
+
+
+class ScenarioResults(Mapping):
+    """Results of a shared multi-rank job, attributed per scenario.
+
+    ``results[name]`` is that scenario's output; it raises :class:`ScenarioFailed` (naming the job,
+    the scenario and the error on every rank that raised) when the scenario failed, or when the job
+    died before the scenario finished, so a failing scenario fails its own tests and no others.
+    """
+
+    def __init__(self, job: str, results: dict, errors: dict[str, str], missing: str) -> None:
+        self.job, self._results, self._errors, self._missing = job, dict(results), dict(errors), missing
+
+    def __getitem__(self, name: str) -> dict:
+        if name in self._errors:
+            raise ScenarioFailed(f"[job {self.job}] scenario {name!r} failed:\n{self._errors[name]}")
+        if name not in self._results:
+            raise ScenarioFailed(f"[job {self.job}] scenario {name!r} produced no result: {self._missing}")
+        return self._results[name]
+
+    def __iter__(self):
+        return iter({**self._results, **self._errors})
+
+    def __len__(self) -> int:
+        return len({**self._results, **self._errors})
+
+    def error(self, name: str) -> str | None:
+        """The scenario's error text (None when it produced a result)."""
+        if name in self._errors:
+            return self._errors[name]
+        return None if name in self._results else self._missing
+
+    def fail(self, name: str, because: str) -> None:
+        """Mark a scenario failed (e.g. the job it depends on failed)."""
+        self._results.pop(name, None)
+        self._errors[name] = because
+
+    def update(self, other: "ScenarioResults") -> None:
+        """Take in another job's scenarios (theirs win on a name clash)."""
+        for name in other:
+            self._results.pop(name, None)
+            self._errors.pop(name, None)
+            err = other.error(name)
+            if err is None:
+                self._results[name] = other[name]
+            else:
+                self._errors[name] = f"[job {other.job}] {err}"
+
+
+def torchrun(scenarios: dict, tmp: Path, name: str = "run", timeout: int = 900, nproc: int = WORLD, expect_results: bool = True) -> ScenarioResults:
+    """Run ``scenarios`` in one ``torchrun`` job of ``nproc`` ranks; results per scenario.
+
+    The worker writes each scenario's result as it finishes (and each rank its own errors), so a
+    scenario that raises, or a job killed by the timeout, leaves every other scenario's result intact.
+    With ``expect_results=False`` (a job whose scenarios end the process, e.g. to simulate a crash) a
+    non-zero exit fails every scenario of the job.
+    """
     spec = tmp / f"{name}.json"
-    out = tmp / f"{name}.pt"
+    out = tmp / f"{name}.results"
     spec.write_text(json.dumps(scenarios))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER), str(spec), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        code = f"killed after the {timeout} s timeout"
+        stdout, stderr = _text(e.stdout), _text(e.stderr)
+    tail = f"the job ended (exit {code}) before it finished.\n{stdout[-2000:]}\n{stderr[-5000:]}"
     if not expect_results:
-        if proc.returncode != 0:
-            raise AssertionError(f"worker failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
-        return {}
-    if not out.exists():
-        raise AssertionError(f"worker produced no results (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    results = torch.load(out, weights_only=False)
-    errors = {k: v["error"] for k, v in results.items() if "error" in v}
-    if errors:
-        raise AssertionError("\n\n".join(f"[{k}] {e}" for k, e in errors.items()))
-    return results
+        errors = {} if code == 0 else {k: tail for k in scenarios}
+        return ScenarioResults(name, {} if errors else {k: {} for k in scenarios}, errors, tail)
+    results: dict = {}
+    errors: dict[str, list[str]] = {}
+    for k in scenarios:
+        f = out / f"{k}.pt"
+        if f.is_file():
+            results[k] = torch.load(f, weights_only=False)
+    for f in sorted(out.glob("errors.rank*.jsonl")) if out.is_dir() else []:
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            errors.setdefault(rec["scenario"], []).append(f"rank {rec['rank']}: {rec['error']}")
+    for k in errors:
+        results.pop(k, None)
+    return ScenarioResults(name, results, {k: "\n".join(v) for k, v in errors.items()}, tail)
+
+
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
 OPTIMIZERS = {

@@ -49,8 +49,11 @@ def runs(tmp_path_factory):
     sc = scenarios(save)
     res = torchrun(sc, tmp, "fsdp")
     partial = {"partial": {**sc["full"], "save_at": 5, "save_dir": str(save), "die_after_save": True, "export_dir": None}}
-    torchrun(partial, tmp, "partial", expect_results=False)
-    res.update(torchrun({"resume": {**sc["full"], "resume_from": str(save), "export_dir": None}}, tmp, "resume"))
+    saved = torchrun(partial, tmp, "partial", expect_results=False)
+    resumed = torchrun({"resume": {**sc["full"], "resume_from": str(save), "export_dir": None}}, tmp, "resume")
+    if saved.error("partial"):
+        resumed.fail("resume", f"the run that wrote its checkpoint failed: {saved.error('partial')}")
+    res.update(resumed)
     return sc, res, save
 
 

@@ -1,6 +1,6 @@
 """Runs LIFT scenarios under a multi-rank launcher; rank 0 writes results for the pytest side.
 
-    torchrun --nproc_per_node 2 tests/distributed/worker.py SCENARIOS.json OUT.pt
+    torchrun --nproc_per_node 2 tests/distributed/worker.py SCENARIOS.json OUT_DIR
 
 Each scenario is a dict: config (a whole DeepSpeed config with a "lift" section), optimizer
 ("sgd" | "adamw" | "config"), steps, seed, and optional actions (save_at, resume_from,
@@ -81,6 +81,9 @@ def build_model(sc, ds_config):
 def run(sc, rank, world):
     import lift_ds
 
+    if sc.get("crash"):  # the whole job dies here (tests of the per-scenario attribution)
+        os._exit(3)
+
     model = build_model(sc, sc["config"])
     start = {n: t.clone() for n, t in _full_state(model).items()} if sc.get("report_start") else None
     opt = None if sc["optimizer"] == "config" else OPTIMIZERS[sc["optimizer"]]
@@ -123,8 +126,10 @@ def run(sc, rank, world):
             out.setdefault("uncollected_tensor_bytes", []).append(pending - live_tensor_bytes())
             out["engines"].append(live_engines())
             out.setdefault("optimizers", []).append(live_optimizers())
-            if engine.backend.name == "deepspeed":  # private DeepSpeed attribute, read by the test only
-                out.setdefault("bucket", []).append(int(engine.backend.engine.optimizer.reduce_bucket_size))
+            if engine.backend.name == "deepspeed":  # a private DeepSpeed attribute, through lift_ds's compat module
+                from lift_ds.backends.compat import zero_reduce_bucket_size
+
+                out.setdefault("bucket", []).append(zero_reduce_bucket_size(engine.backend.engine))
             out["hooks"].append(hook_count(engine.module))
             out["rss"].append(rss_mb())
         if was_boundary and sc.get("save_at") == engine.global_step:
@@ -167,21 +172,28 @@ def _full_state(model):
 
 def main() -> None:
     scenarios = json.loads(Path(sys.argv[1]).read_text())
-    out_path = Path(sys.argv[2])
+    out_dir = Path(sys.argv[2])
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    results = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, sc in scenarios.items():
+        # each scenario's result (rank 0) or error (every rank that raised) is written as soon as it
+        # is known, so one failing scenario, or a job killed later, leaves the others' results intact
         try:
-            results[name] = run(sc, rank, world)
-        except Exception as e:  # recorded and reported by the pytest side
+            result = run(sc, rank, world)
+        except Exception as e:  # recorded and reported by the pytest side, for this scenario only
             import traceback
 
-            results[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+            msg = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+            with open(out_dir / f"errors.rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps({"scenario": name, "rank": rank, "error": msg}) + "\n")
             print(f"[rank {rank}] scenario {name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        else:
+            if rank == 0:
+                tmp = out_dir / f".{name}.pt.partial"
+                torch.save(result, tmp)
+                os.replace(tmp, out_dir / f"{name}.pt")
         gc.collect()
-    if rank == 0:
-        torch.save(results, out_path)
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -1,0 +1,214 @@
+"""Checkpoints of a LIFT run: the stateful pieces, written atomically with every rank agreeing.
+
+A checkpoint ``save_dir/<tag>/`` holds:
+
+- ``lift_state.json`` (rank 0): the plan cursor, micro-step count, the step guard's counters, the
+  learning rate, world size, backend, the lift section, the names of the saved weights, client state;
+- ``rank<r>_state.pt`` (every rank): RNG states, the learning-rate schedule, stashed optimizer
+  states (``optimizer_state: offload``);
+- the weights of every block trained so far, written by the backend (``weights.safetensors`` or
+  ``weights.pt``; untouched blocks equal the model the run was built from, which a resumed run must
+  build again) and the active block's optimizer state (the backend's own format).
+
+Writes go to ``.<tag>.partial`` and are renamed at the end; ``latest`` is replaced atomically
+after that, so a crash mid-save leaves the previous checkpoint the newest. Each stage runs on every
+rank and is agreed (one all-reduced flag): a failure anywhere removes the partial directory and
+raises :class:`CheckpointError` on every rank, so no rank is left waiting.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .config import ConfigError
+from .faults import maybe_kill
+from .utils import get_logger, rng_state, set_rng_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import LiftEngine
+
+logger = get_logger(__name__)
+
+LATEST = "latest"
+STATE_FILE = "lift_state.json"
+FORMAT = 1
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (disk full, read-only or missing directory, ...); the
+    previous checkpoint is untouched and still the newest."""
+
+
+class ResumeError(ConfigError):
+    """A checkpoint this run cannot resume from as configured (a bad input: exit 2, nothing changed)."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__([message], source=str(path))
+
+
+class Checkpointer:
+    """Saves and restores a :class:`~lift_ds.engine.LiftEngine`'s stateful pieces: the cursor,
+    the step guard, the learning-rate schedule, the stashed optimizer states, RNG, and (through the
+    backend) the trained weights and the active block's optimizer state."""
+
+    def __init__(self, engine: "LiftEngine") -> None:
+        self.engine = engine
+
+    @property
+    def _rank(self) -> int:
+        return self.engine.backend.rank
+
+    # ----------------------------------------------------------------- save
+
+    def save(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None) -> Path:
+        """Write a checkpoint (collective: every rank calls it); returns its directory."""
+        e = self.engine
+        if e.micro_steps % e.training.gradient_accumulation_steps:
+            raise RuntimeError("save_checkpoint() in the middle of gradient accumulation; save after an optimizer step")
+        save_dir = Path(save_dir)
+        tag = tag or f"global_step{e.global_step}"
+        final, tmp = save_dir / tag, save_dir / f".{tag}.partial"
+        names = e.saved_param_names()
+
+        def prepare() -> None:
+            if self._rank == 0:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+                need = self._checkpoint_bytes(names)
+                free = shutil.disk_usage(save_dir).free
+                if free < need:
+                    raise OSError(errno.ENOSPC, f"{free / 2**20:.0f} MiB free, the checkpoint needs about {need / 2**20:.0f} MiB", str(save_dir))
+
+        def write_state() -> None:
+            torch.save({"rng": rng_state(), "stash": e.stash, "lr_scheduler": e.lr_scheduler.state_dict()}, tmp / f"rank{self._rank}_state.pt")
+            if self._rank == 0:
+                meta = {
+                    "format": FORMAT, "cursor": e.cursor.state_dict(), "micro_steps": e.micro_steps, "lr": e.lr_scheduler.lr,
+                    "world_size": e.world_size, "backend": e.backend.name, "lift": e.lift.to_dict(), "saved_params": names,
+                    **e.guard.state_dict(), "client_state": client_state or {},
+                }
+                (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
+
+        def publish() -> None:
+            if self._rank == 0:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                latest_tmp = save_dir / f".{LATEST}.partial"
+                latest_tmp.write_text(tag)
+                os.replace(latest_tmp, save_dir / LATEST)
+
+        agreed = lambda fn: self._agreed(fn, save_dir, tmp, final)  # noqa: E731
+        agreed(prepare)
+        agreed(lambda: e.backend.save_weights(tmp, names))
+        if e.active_block_index is not None:
+            agreed(lambda: e.backend.save_optimizer(tmp))
+        maybe_kill("save_midway", e.global_step, self._rank)
+        agreed(write_state)
+        agreed(publish)
+        logger.info("saved checkpoint %s (step %d, %d parameter tensors)", final, e.global_step, len(names))
+        return final
+
+    def _checkpoint_bytes(self, names: list[str]) -> int:
+        """Rough size: saved weights plus the active block's optimizer state (all ranks)."""
+        e = self.engine
+        named = dict(e.module.named_parameters())
+        weights = sum(e.backend.numel(named[n]) * named[n].element_size() for n in names if n in named)
+        active = sum(e.backend.numel(named[n]) for n in (e.trainable_param_names() if e.active_block_index is not None else []) if n in named)
+        return weights + 12 * active
+
+    def _agreed(self, fn: Callable[[], None], save_dir: Path, tmp: Path, final: Path) -> None:
+        """Run one stage of a save on every rank; if it failed on any rank, remove the partial
+        checkpoint and raise :class:`CheckpointError` on every rank."""
+        err: OSError | None = None
+        try:
+            fn()
+        except OSError as ex:
+            err = ex
+        if not self.engine.backend.any_rank(err is not None):
+            return
+        if self._rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = save_dir / LATEST
+        prev = latest.read_text().strip() if latest.is_file() else None
+        if err is None:
+            cause = "another rank could not write its part (see its message)"
+        else:
+            what = err.strerror or str(err)
+            cause = f"{what} ({err.filename})" if err.filename else what
+        raise CheckpointError(
+            errno.EIO if err is None else (err.errno or errno.EIO),
+            f"could not write checkpoint {final}: {cause}. "
+            + (f"The previous checkpoint {save_dir / prev} is untouched and still the newest ({latest}). " if prev else "No earlier checkpoint exists. ")
+            + f"Free disk space or make {save_dir} writable (or choose another --output_dir and copy the checkpoints there), then resume with --resume.",
+        )
+
+    # ----------------------------------------------------------------- load
+
+    def find(self, load_dir: str | os.PathLike, tag: str | None = None) -> Path | None:
+        """The checkpoint to resume from (default: the tag in ``load_dir/latest``); None when there
+        is none. Removes unpublished ``.partial`` writes (collective)."""
+        load_dir = Path(load_dir)
+        if self._rank == 0 and load_dir.is_dir():
+            for stale in load_dir.glob(".*.partial"):  # a save that was killed mid-write; never published
+                logger.warning("removing %s, an unfinished checkpoint write", stale)
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        self.engine.backend.barrier()
+        if tag is None:
+            latest = load_dir / LATEST
+            if not latest.is_file():
+                logger.warning("no checkpoint in %s (no %s file)", load_dir, LATEST)
+                return None
+            tag = latest.read_text().strip()
+        path = load_dir / tag
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"checkpoint {path} is incomplete or missing ({STATE_FILE} not found)")
+        return path
+
+    def load(self, load_dir: str | os.PathLike, tag: str | None = None) -> tuple[Path | None, dict]:
+        """Restore every piece from a checkpoint; ``(path, client_state)``, or ``(None, {})``."""
+        e = self.engine
+        path = self.find(load_dir, tag)
+        if path is None:
+            return None, {}
+        meta = json.loads((path / STATE_FILE).read_text())
+        if meta["world_size"] != e.world_size:
+            raise ResumeError(
+                f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {e.world_size}; resume with the same "
+                f"number of ranks ({meta['world_size']})", path)
+        try:
+            e.cursor.load_state_dict(meta["cursor"])
+        except ValueError as ex:
+            raise ResumeError(str(ex), path) from None
+        e.micro_steps = meta["micro_steps"]
+        e.guard.load_state_dict(meta)
+        e.end_phase()  # also after the plan finished, when the last engine is kept for evaluation
+        e.backend.load_weights(path)
+        own = torch.load(path / f"rank{self._rank}_state.pt", map_location="cpu", weights_only=False)
+        e.stash = own["stash"]
+        if not e.done:
+            e.start_phase(e.cursor.block, restore_stash=False)
+            e.backend.load_optimizer(path)
+        e.lr_scheduler.load_state_dict(own["lr_scheduler"])
+        if e.optimizer is not None:
+            e.lr_scheduler.apply(e.optimizer)
+        set_rng_state(own["rng"])
+        logger.info("resumed from %s at step %d", path, e.global_step)
+        return path, meta.get("client_state", {})
+
+
+def _json_default(o: Any) -> Any:
+    if torch.is_tensor(o):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")

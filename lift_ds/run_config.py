@@ -1,0 +1,167 @@
+"""The whole run configuration, built once: a DeepSpeed JSON, command-line overrides, the sections
+of :mod:`lift_ds.config`, the chosen backend and its own checks (see :func:`load_run_config`)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .config import ConfigError, LiftConfig, TrainingConfig, parse_lift_section, resolve_training
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is configured with, checked once.
+
+    Attributes:
+        lift: the ``"lift"`` section.
+        training: the top-level keys LIFT reads, batch sizes resolved for ``world_size``.
+        backend: the backend that runs it (``torch``, ``deepspeed`` or ``fsdp``).
+        backend_reason: why that backend (``lift.backend``, or the config section it followed).
+        backend_options: the backend's own typed options (its ``Options`` dataclass), or None.
+        raw: the whole JSON with overrides applied (DeepSpeed's own keys pass through to it).
+        source: the file the config came from, or ``"config"``.
+        world_size: the number of ranks the batch sizes were resolved for.
+    """
+
+    lift: LiftConfig
+    training: TrainingConfig
+    backend: str
+    backend_reason: str
+    backend_options: Any = None
+    raw: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "config"
+    world_size: int = 1
+
+    def with_lift(self, **changes: Any) -> "RunConfig":
+        """A copy with ``lift`` keys changed (validated again), e.g. ``total_steps`` from ``--max_steps``."""
+        try:
+            lift = self.lift.replace(**changes)
+        except ConfigError as e:
+            raise ConfigError(e.problems, self.source) from None
+        return dataclasses.replace(self, lift=lift)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The merged configuration as JSON-ready data (for the log and checkpoints)."""
+        raw = {k: v for k, v in self.raw.items() if k != "lift"}
+        return {**raw, "lift": {**self.lift.to_dict(), "backend": self.backend}}
+
+
+def read_config_file(config: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """``(a copy of the config as a dict, its source name)``; file problems are a ConfigError."""
+    if isinstance(config, Mapping):
+        return json.loads(json.dumps(config)), "config"
+    p = Path(config)
+    if p.is_dir():
+        raise ConfigError([f"{str(p)!r} is a directory; give the path of a DeepSpeed JSON file (e.g. ds_configs/zero2.json)"], source=str(p))
+    if not p.is_file():
+        raise ConfigError([f"file {str(p)!r} does not exist"], source=str(p))
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"], source=str(p)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"cannot read {str(p)!r}: {e}"], source=str(p)) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level must be a JSON object, got {type(data).__name__}"], source=str(p))
+    return data, str(p)
+
+
+@dataclass(frozen=True)
+class Override:
+    """One command-line override: a dotted JSON path, its value, and the flag it came from."""
+
+    path: str
+    value: Any
+    origin: str = ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[Override]) -> list[str]:
+    """Set each override's dotted path in ``raw`` (creating objects on the way); returns problems."""
+    problems = []
+    for o in overrides:
+        keys = o.path.split(".")
+        node: Any = raw
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                problems.append(f"{o.path}: cannot set it{_origin(o)}: {k} is a {type(node[k]).__name__}, not an object")
+                break
+            node = node[k]
+        else:
+            node[keys[-1]] = o.value
+    return problems
+
+
+def _origin(o: Override) -> str:
+    return f" (from {o.origin})" if o.origin else ""
+
+
+def _attribute(problems: list[str], overrides: Iterable[Override]) -> list[str]:
+    """Name the flag behind a problem whose JSON path was set on the command line."""
+    by_path = {o.path: o for o in overrides if o.origin}
+    out = []
+    for p in problems:
+        path = p.split(":", 1)[0]
+        o = by_path.get(path)
+        out.append(f"{p} [set by {o.origin}]" if o else p)
+    return out
+
+
+def load_run_config(
+    config: "str | Path | Mapping[str, Any] | RunConfig",
+    overrides: Iterable[Override] = (),
+    world_size: int = 1,
+    method: str = "lift",
+    check_backend: bool = True,
+    source: str | None = None,
+) -> RunConfig:
+    """Read, override, check and type a whole run configuration: the one place it is built.
+
+    Args:
+        config: a DeepSpeed JSON path or dict with a ``"lift"`` section (a RunConfig is returned as is).
+        overrides: command-line values for dotted JSON paths (``lift.schedule``, ``optimizer.params.lr``).
+        world_size: ranks the run will have (resolves ``"auto"`` batch sizes).
+        method: ``lift``, or the ``full`` / ``lora`` baseline (some backends refuse a combination).
+        check_backend: let the chosen backend check its keys and the hardware (imports it).
+        source: the name to report for a dict config (e.g. the file it was read from).
+
+    Raises:
+        ConfigError: listing every problem at once, each with its JSON path (and flag).
+    """
+    if isinstance(config, RunConfig):
+        return config
+    raw, name = read_config_file(config)
+    source = source or name
+    overrides = list(overrides)
+    problems = apply_overrides(raw, overrides)
+    lift = training = None
+    try:
+        lift = parse_lift_section(raw.get("lift", {}))
+    except ConfigError as e:
+        problems += e.problems
+    try:
+        training = resolve_training(raw, world_size)
+    except ConfigError as e:
+        problems += e.problems
+    backend, reason, options = "torch", "", None
+    if lift is not None:
+        from .backends import choose_backend
+
+        backend, reason, choice_problems = choose_backend(lift.backend, raw, world_size)
+        problems += choice_problems
+        if check_backend and training is not None and not choice_problems:
+            from .backends import get_backend_class
+
+            options, backend_problems = get_backend_class(backend).check_config(raw, training, world_size, method)
+            problems += backend_problems
+    if problems:
+        raise ConfigError(_attribute(problems, overrides), source=source)
+    assert lift is not None and training is not None
+    return RunConfig(lift=lift, training=training, backend=backend, backend_reason=reason, backend_options=options,
+                     raw=copy.deepcopy(raw), source=source, world_size=world_size)

@@ -1,0 +1,119 @@
+"""One test per DeepSpeed private detail that lift_ds.backends.compat works around.
+
+Each test fails if a DeepSpeed release changes the detail: the workaround would then be wrong, or no
+longer needed. Live facts come from one 1-rank job (compat_probe.py); the rest read DeepSpeed's
+source, where the detail is a line of code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lift_ds.backends import compat
+
+from .launch import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compat") / "facts.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           str(REPO / "tests" / "distributed" / "compat_probe.py"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert out.is_file(), proc.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+def test_installed_version_is_verified(facts):
+    assert facts["version_verified"] and compat.check_version()
+
+
+def test_release_engine_destroy_leaves_hooks_that_release_removes(facts):
+    """engine.destroy() leaves module_forward_pre/post_hook registered (a leak of every old engine);
+    release_engine removes them and frees the optimizer state by reference counting."""
+    assert facts["engine_hook_attributes_are_handles"], "DeepSpeed renamed its forward hook attributes: release_engine misses them"
+    assert facts["destroy_leaves_forward_hooks"], "destroy() now removes its hooks: release_engine's removal can go"
+    assert facts["hooks_after_release"] == 0
+    assert facts["release_frees_optimizer_state_without_gc"], "the engine's state now needs gc.collect() to be freed"
+    assert facts["engine_collected"]
+
+
+def test_release_engine_parameter_backrefs():
+    """ZeRO-1/2 set ``lp._zero_optimizer`` and ZeRO-3 ``p._z3_optimizer`` on parameters."""
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    assert "lp._zero_optimizer = self" in inspect.getsource(stage_1_and_2)
+    assert "p._z3_optimizer = self" in inspect.getsource(stage3)
+    assert set(compat._PARAM_BACKREFS) == {"_zero_optimizer", "_z3_optimizer"}
+
+
+def test_release_engine_removes_zero3_backrefs(facts):
+    assert facts["zero3_backref_on_params"], "ZeRO-3 no longer sets _z3_optimizer on parameters"
+    assert not facts["zero3_backref_after_release"]
+
+
+def test_skip_model_broadcast(facts):
+    """Every build calls DeepSpeedEngine._broadcast_model; skip_model_broadcast stops it."""
+    assert facts["broadcast_calls_plain_build"] >= 1, "DeepSpeed no longer broadcasts through _broadcast_model"
+    assert facts["broadcast_calls_skipped_build"] == 0
+
+
+def test_cheap_zero3_build_details():
+    """ZeRO-3's optimizer formats locals() for a log line; zero.utils.defragment runs gc.collect()."""
+    import deepspeed.runtime.zero.utils as zero_utils
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    assert "{locals()}" in inspect.getsource(DeepSpeedZeroOptimizer_Stage3.__init__)
+    assert hasattr(zero_utils, "gc") and "gc.collect()" in inspect.getsource(zero_utils.defragment)
+    import torch
+
+    before = torch.nn.Parameter.__repr__
+    with compat.cheap_zero3_build(True):
+        assert zero_utils.gc.collect() == 0
+        assert repr(torch.nn.Parameter(torch.zeros(2, 3))) == "Parameter(shape=(2, 3), dtype=torch.float32)"
+    assert torch.nn.Parameter.__repr__ is before and zero_utils.gc.collect is not None
+
+
+def test_disable_shm_comm_op():
+    import deepspeed
+
+    assert "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__
+
+
+def test_innermost_optimizer_holds_the_partitioned_state(facts):
+    assert facts["innermost_is_torch_optimizer"]
+    # AdamW's two moments over this rank's (here: the only rank's) partition of the layer
+    assert facts["innermost_state_numel"] >= 2 * facts["layer_numel"]
+
+
+def test_zero3_parameter_attributes(facts):
+    assert facts["zero3_param_has_ds_id"]
+    assert facts["zero3_local_numel"] == 0 or facts["zero3_local_numel"] < facts["zero3_full_numel"]
+    assert facts["zero3_full_numel"] == facts["zero3_expected_numel"] > 0
+
+
+def test_load_zero_state_round_trip(facts):
+    """A ZeRO optimizer's state_dict() loads back through load_state_dict(per-rank list, ...): the
+    moments and the fp32 master partition (ZeRO-3 also copies it into the parameters)."""
+    assert facts["zero2_state_roundtrip_restores_state"]
+    assert facts["zero3_state_roundtrip_restores_state"]
+    assert facts["zero3_state_roundtrip_restores_weights"]
+
+
+def test_cpu_adam_prebuilt_reads_installed_ops():
+    from deepspeed.git_version_info import installed_ops
+
+    assert "cpu_adam" in installed_ops and compat.cpu_adam_prebuilt() == bool(installed_ops["cpu_adam"])
+
+
+def test_zero_reduce_bucket_size(facts):
+    assert facts["reduce_bucket_size"] == 12345
