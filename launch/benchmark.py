@@ -237,7 +237,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
         if a in results and b in results:
             ra, rb = results[a], results[b]
             print(f"{b} / {a}: model states {rb['model_state_bytes'] / ra['model_state_bytes']:.2f}x, peak RSS {rb['peak_rss_bytes'] / ra['peak_rss_bytes']:.2f}x, "
-                  f"step time {rb['median_step_s'] / ra['median_step_s']:.2f}x")
+                  f"step time {rb['median_step_s'] / ra['median_step_s']:.2f}x (median step, switches excluded), "
+                  f"whole run {rb['run_s'] / ra['run_s']:.2f}x (steps and phase switches)")
     for m in ("lift-bf16-switch", "badam-switch"):
         if m in results and results[m]["switches"]:
             print(f"{m}: {1000 * results[m]['switch_s'] / results[m]['switches']:.1f} ms per block switch")
@@ -257,8 +258,12 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--report", default=None, metavar="JSON", help="print the table and ratios of a saved run (e.g. docs/benchmark.json); runs nothing")
     args = p.parse_args()
-    if args.worker:
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        report(saved["results"], argparse.Namespace(**{**vars(args), **saved["args"]}))
+    elif args.worker:
         worker(args)
     else:
         orchestrate(args)

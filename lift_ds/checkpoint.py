@@ -2,13 +2,20 @@
 
 A checkpoint ``save_dir/<tag>/`` holds:
 
-- ``lift_state.json`` (rank 0): the plan cursor, micro-step count, the step guard's counters, the
-  learning rate, world size, backend, the lift section, the names of the saved weights, client state;
-- ``rank<r>_state.pt`` (every rank): RNG states, the learning-rate schedule, stashed optimizer
-  states (``optimizer_state: offload``);
-- the weights of every block trained so far, written by the backend (``weights.safetensors`` or
-  ``weights.pt``; untouched blocks equal the model the run was built from, which a resumed run must
-  build again) and the active block's optimizer state (the backend's own format).
+- ``lift_state.json`` (rank 0): the plan cursor, the samples read so far (the data position, keyed
+  by global sample index), the batch layout, the step guard's counters, the learning rate, world
+  size, backend, the lift section, the names of the saved weights, client state;
+- ``rank<r>_state.pt`` (every rank): RNG states and the learning-rate schedule;
+- ``stash.rank<r>.pt`` (every rank): its share of the stashed optimizer states
+  (``optimizer_state: offload``, split across ranks by parameter);
+- ``weights.safetensors``: the full weights of every block trained so far (untouched blocks equal
+  the model the run was built from, which a resumed run must build again);
+- ``optimizer_state.pt``: the active block's optimizer state and fp32 master as full tensors.
+
+Nothing in it depends on the number of ranks or the backend: a checkpoint resumes on any world size
+and any backend that can run the config. When the global batch (micro batch x accumulation x ranks)
+is kept, every optimizer step reads the same samples as the uninterrupted run; changing it needs
+``allow_batch_change`` and the result differs from an uninterrupted run.
 
 Writes go to ``.<tag>.partial`` and are renamed at the end; ``latest`` is replaced atomically
 after that, so a crash mid-save leaves the previous checkpoint the newest. Each stage runs on every
@@ -38,7 +45,7 @@ logger = get_logger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "lift_state.json"
-FORMAT = 1
+FORMAT = 2
 
 
 class CheckpointError(OSError):
@@ -89,12 +96,17 @@ class Checkpointer:
                     raise OSError(errno.ENOSPC, f"{free / 2**20:.0f} MiB free, the checkpoint needs about {need / 2**20:.0f} MiB", str(save_dir))
 
         def write_state() -> None:
-            torch.save({"rng": rng_state(), "stash": e.stash, "lr_scheduler": e.lr_scheduler.state_dict()}, tmp / f"rank{self._rank}_state.pt")
+            torch.save({"rng": rng_state(), "lr_scheduler": e.lr_scheduler.state_dict()}, tmp / f"rank{self._rank}_state.pt")
+            torch.save(e.stash, tmp / f"stash.rank{self._rank}.pt")
             if self._rank == 0:
+                t = e.training
                 meta = {
-                    "format": FORMAT, "cursor": e.cursor.state_dict(), "micro_steps": e.micro_steps, "lr": e.lr_scheduler.lr,
-                    "world_size": e.world_size, "backend": e.backend.name, "lift": e.lift.to_dict(), "saved_params": names,
-                    **e.guard.state_dict(), "client_state": client_state or {},
+                    "format": FORMAT, "cursor": e.cursor.state_dict(), "samples_seen": e.samples_seen, "lr": e.lr_scheduler.lr,
+                    "world_size": e.world_size, "backend": e.backend.name, "zero_stage": e.backend.memory_layout()[0],
+                    "micro_batch_size": t.micro_batch_size,
+                    "gradient_accumulation_steps": t.gradient_accumulation_steps, "train_batch_size": t.train_batch_size,
+                    "precision": t.precision, "lift": e.lift.to_dict(), "saved_params": names, **e.guard.state_dict(),
+                    "client_state": client_state or {},
                 }
                 (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
 
@@ -174,36 +186,75 @@ class Checkpointer:
             raise FileNotFoundError(f"checkpoint {path} is incomplete or missing ({STATE_FILE} not found)")
         return path
 
-    def load(self, load_dir: str | os.PathLike, tag: str | None = None) -> tuple[Path | None, dict]:
-        """Restore every piece from a checkpoint; ``(path, client_state)``, or ``(None, {})``."""
+    def load(self, load_dir: str | os.PathLike, tag: str | None = None, allow_batch_change: bool = False) -> tuple[Path | None, dict]:
+        """Restore every piece from a checkpoint, on any world size and backend; ``(path,
+        client_state)``, or ``(None, {})`` when there is none.
+
+        Raises:
+            ResumeError: another plan, a checkpoint from an older format, or (without
+                ``allow_batch_change``) another global batch size.
+        """
         e = self.engine
         path = self.find(load_dir, tag)
         if path is None:
             return None, {}
         meta = json.loads((path / STATE_FILE).read_text())
-        if meta["world_size"] != e.world_size:
-            raise ResumeError(
-                f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {e.world_size}; resume with the same "
-                f"number of ranks ({meta['world_size']})", path)
+        if meta.get("format") != FORMAT:
+            raise ResumeError(f"checkpoint {path} has format {meta.get('format')}, this lift_ds reads format {FORMAT}; resume it with "
+                              "the lift_ds version that wrote it", path)
+        self._check_layout(meta, path, allow_batch_change)
         try:
             e.cursor.load_state_dict(meta["cursor"])
         except ValueError as ex:
             raise ResumeError(str(ex), path) from None
-        e.micro_steps = meta["micro_steps"]
+        e.samples_seen = int(meta["samples_seen"])
+        e.micro_steps = e.cursor.step * e.training.gradient_accumulation_steps
         e.guard.load_state_dict(meta)
         e.end_phase()  # also after the plan finished, when the last engine is kept for evaluation
         e.backend.load_weights(path)
-        own = torch.load(path / f"rank{self._rank}_state.pt", map_location="cpu", weights_only=False)
-        e.stash = own["stash"]
+        old_world = int(meta["world_size"])
+        e.stash = self._load_stash(path, old_world)
         if not e.done:
             e.start_phase(e.cursor.block, restore_stash=False)
             e.backend.load_optimizer(path)
+        own = torch.load(path / f"rank{self._rank % old_world}_state.pt", map_location="cpu", weights_only=False)
         e.lr_scheduler.load_state_dict(own["lr_scheduler"])
         if e.optimizer is not None:
             e.lr_scheduler.apply(e.optimizer)
         set_rng_state(own["rng"])
         logger.info("resumed from %s at step %d", path, e.global_step)
         return path, meta.get("client_state", {})
+
+    def _check_layout(self, meta: dict, path: Path, allow_batch_change: bool) -> None:
+        """Log what changed since the checkpoint; refuse another global batch unless allowed."""
+        e, t = self.engine, self.engine.training
+        now = {"world_size": e.world_size, "backend": e.backend.name, "zero_stage": e.backend.memory_layout()[0], "micro_batch_size": t.micro_batch_size,
+               "gradient_accumulation_steps": t.gradient_accumulation_steps, "precision": t.precision}
+        changed = [f"{k} {meta[k]} -> {v}" for k, v in now.items() if meta.get(k) != v]
+        if changed:
+            logger.info("resuming %s with a changed layout: %s", path, ", ".join(changed))
+        if meta["train_batch_size"] != t.train_batch_size:
+            what = (f"the global batch changes from {meta['train_batch_size']} to {t.train_batch_size} samples per optimizer step "
+                    f"(micro batch x accumulation x ranks)")
+            if not allow_batch_change:
+                raise ResumeError(f"checkpoint {path}: {what}. Keep it (e.g. {meta['train_batch_size']} = micro batch x accumulation x "
+                                  "ranks), or pass --allow_batch_change to accept a run that differs from an uninterrupted one", path)
+            logger.warning("%s: the resumed run continues from sample %d but will not equal an uninterrupted run", what, meta["samples_seen"])
+
+    def _load_stash(self, path: Path, old_world: int) -> dict[int, Any]:
+        """This rank's share of the stashed optimizer states, re-split for the current world size."""
+        files = [torch.load(path / f"stash.rank{r}.pt", map_location="cpu", weights_only=False, mmap=True) for r in range(old_world)]
+        if old_world == self.engine.world_size:
+            return files[self._rank]
+        out: dict[int, Any] = {}
+        world = self.engine.world_size
+        for block, share in files[0].items():
+            owned = {}
+            for i, n in enumerate(share["names"]):
+                if i % world == self._rank:
+                    owned[n] = files[i % old_world][block]["owned"][n]
+            out[block] = {**share, "owned": owned}
+        return out
 
 
 def _json_default(o: Any) -> Any:

@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_every", type=int, default=0, help="evaluate every N steps (0: before and after only)")
     a("--eval_limit", type=int, default=0, help="evaluate on the first N held-out items (0: all)")
     a("--eval_batch_size", type=int, default=16)
-    a("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
+    a("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir (any number of ranks, any backend)")
+    a("--allow_batch_change", action="store_true", help="with --resume: accept a global batch size (micro batch x accumulation x ranks) "
+      "other than the checkpoint's; the result then differs from an uninterrupted run")
     a("--no_truncate", action="store_true", help="error on examples longer than --seq_len instead of truncating them")
     a("--no_final_model", action="store_true", help="skip writing output_dir/final")
     a("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -227,29 +227,43 @@ def collate(batch: list[tuple[list[int], Any]], pad_id: int) -> dict:
 
 
 class RankBatches:
-    """Deterministic micro-batches for one rank: epoch-seeded shuffles, ranks disjoint.
+    """Deterministic micro-batches for one rank, keyed by global sample index.
 
-    Global micro-step ``k`` (counted over the whole run) maps to a fixed batch on every rank, so a
-    resumed run at micro-step ``k`` sees exactly the batches an uninterrupted run would have.
+    The run reads one stream of samples: epoch ``e`` is a permutation of the data seeded with
+    ``seed + e``, cut to whole global batches. Optimizer step ``s`` consumes samples
+    ``[s*G, (s+1)*G)`` with ``G = micro_batch x accumulation x world``; within it, rank ``r`` takes
+    the micro-batch chunk ``q = j*world + r`` at accumulation step ``j``. A layout that keeps ``G``
+    and the micro batch (2 ranks x 1 accumulation step, or 1 rank x 2) reads the same chunks for every
+    step, so a run resumed on another number of ranks sees the samples an uninterrupted run would.
     """
 
-    def __init__(self, data: TokenizedData, micro_batch: int, rank: int, world: int, seed: int, pad_id: int) -> None:
+    def __init__(self, data: TokenizedData, micro_batch: int, rank: int, world: int, seed: int, pad_id: int, accumulation: int = 1) -> None:
         n = len(data.input_ids)
-        self.per_step = micro_batch * world
-        if n < self.per_step:
-            raise DataError(f"{n} training examples are fewer than one global micro-batch ({micro_batch} x {world} ranks)")
-        self.data, self.micro_batch, self.rank, self.seed, self.pad_id = data, micro_batch, rank, seed, pad_id
-        self.steps_per_epoch = n // self.per_step
+        self.global_batch = micro_batch * accumulation * world
+        if n < self.global_batch:
+            raise DataError(f"{n} training examples are fewer than one global batch ({micro_batch} x {accumulation} accumulation "
+                            f"step(s) x {world} ranks)")
+        self.data, self.micro_batch, self.rank, self.world, self.seed, self.pad_id = data, micro_batch, rank, world, seed, pad_id
+        self.accumulation = accumulation
+        #: optimizer steps per epoch (a partial last global batch is left out)
+        self.steps_per_epoch = n // self.global_batch
+        self.samples_per_epoch = self.steps_per_epoch * self.global_batch
         self._epoch, self._order = -1, []
 
     def batch(self, micro_step: int) -> dict:
+        """This rank's micro-batch at its micro-step ``micro_step`` (counted from the run's start)."""
+        step, j = divmod(micro_step, self.accumulation)
+        return self.batch_at(step * self.global_batch, j)
+
+    def batch_at(self, step_start: int, j: int) -> dict:
+        """This rank's micro-batch ``j`` of the optimizer step whose samples start at global index ``step_start``."""
         import torch
 
-        epoch, k = divmod(micro_step, self.steps_per_epoch)
+        start = step_start + (j * self.world + self.rank) * self.micro_batch
+        epoch, k = divmod(start, self.samples_per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
             self._order = torch.randperm(len(self.data.input_ids), generator=g).tolist()
             self._epoch = epoch
-        start = k * self.per_step + self.rank * self.micro_batch
-        idx = self._order[start : start + self.micro_batch]
+        idx = self._order[k : k + self.micro_batch]
         return collate([(self.data.input_ids[i], self.data.labels[i]) for i in idx], self.pad_id)

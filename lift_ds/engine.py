@@ -57,6 +57,8 @@ class LiftEngine:
         self.guard = StepGuard(self.lift.max_consecutive_skipped_steps, self.training.precision)
         self.checkpointer = Checkpointer(self)
         self.micro_steps = 0
+        #: global samples read so far (the data position: a resumed run continues from here)
+        self.samples_seen = 0
         self.last_grad_norm: float | None = None
         self.phase_switch_seconds = 0.0
         self.phase_switches = 0
@@ -224,6 +226,7 @@ class LiftEngine:
             norm = self.backend.step(True)
             applied = self.backend.step_applied
         self.micro_steps += 1
+        self.samples_seen += self.training.train_batch_size
         self.last_grad_norm = norm
         self.guard.record(applied, bad_loss, norm, self.global_step + 1, self.active_block)
         self.lr_scheduler.step()
@@ -251,8 +254,9 @@ class LiftEngine:
         """
         return self.checkpointer.save(save_dir, tag, client_state)
 
-    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None) -> tuple[Path | None, dict]:
-        """Resume from ``load_dir/<tag>`` (default: the tag in ``load_dir/latest``).
+    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None, allow_batch_change: bool = False) -> tuple[Path | None, dict]:
+        """Resume from ``load_dir/<tag>`` (default: the tag in ``load_dir/latest``), on any number
+        of ranks and any backend; see :mod:`lift_ds.checkpoint`.
 
         Returns:
             ``(path, client_state)`` like DeepSpeed; ``(None, {})`` when there is no checkpoint.
@@ -260,4 +264,4 @@ class LiftEngine:
         Raises:
             ResumeError: the checkpoint cannot be resumed by this run as configured.
         """
-        return self.checkpointer.load(load_dir, tag)
+        return self.checkpointer.load(load_dir, tag, allow_batch_change)

@@ -128,14 +128,15 @@ def load_task_data(train_path: str, eval_path: str | None, fmt: str, tokenizer: 
 
 
 def optimizer_step(engine: "LiftEngine", batches: RankBatches, nan_loss: bool = False) -> tuple[float, int]:
-    """One optimizer step: ``gradient_accumulation_steps`` micro-batches (chosen by the engine's
-    micro-step, so a resumed run sees the same batches). Returns ``(mean loss, tokens over all ranks)``.
+    """One optimizer step: ``gradient_accumulation_steps`` micro-batches, chosen by the global
+    sample index the engine has reached (so a run resumed on another layout reads the same samples).
+    Returns ``(mean loss, tokens over all ranks)``.
 
     ``nan_loss`` makes every micro-batch's loss NaN (fault rehearsal)."""
     gas = engine.gradient_accumulation_steps()
     loss_sum, tokens = 0.0, 0
-    for _ in range(gas):
-        batch = batches.batch(engine.micro_steps)
+    for j in range(gas):
+        batch = batches.batch_at(engine.samples_seen, j)
         loss = engine(**batch).loss
         if nan_loss:
             loss = loss * float("nan")
@@ -152,24 +153,33 @@ def optimizer_step(engine: "LiftEngine", batches: RankBatches, nan_loss: bool = 
 def evaluate(engine: "LiftEngine", data: TaskData, tokenizer: Any, seq_len: int, batch_size: int, with_loss: bool = True) -> dict[str, float]:
     """Held-out metrics (collective: every rank calls it): a head's loss and accuracy; else the loss
     and perplexity (``with_loss``) and, for classification / multiple choice, choice accuracy."""
-    from .evaluate import choice_accuracy, eval_loss, head_metrics
-
-    if data.held is None:
-        return {}
     engine.eval()
-    fwd: Callable[..., Any] = engine.forward
-    r, w, reduce = engine.rank, engine.world_size, engine.backend.all_reduce_sum
-    pad = tokenizer.pad_token_id
-    out: dict[str, float] = {}
-    if data.held.class_labels:
-        out = head_metrics(fwd, data.held, batch_size, r, w, pad, reduce)
-    elif with_loss or not data.held_examples:
-        out = eval_loss(fwd, data.held, batch_size, r, w, pad, reduce)
-    if data.held_examples:
-        out.update(choice_accuracy(fwd, data.held_examples, tokenizer, seq_len, batch_size, r, w, reduce))
+    out = held_out_metrics(engine.forward, data, tokenizer, seq_len, batch_size, engine.rank, engine.world_size,
+                           engine.backend.all_reduce_sum, with_loss)
     engine.train()
     return out
 
 
-__all__ = ["DataError", "HEAD_NAMES", "TaskData", "build_model", "evaluate", "head_module_names", "load_task_data",
+def held_out_metrics(forward: Callable[..., Any], data: TaskData, tokenizer: Any, seq_len: int, batch_size: int, rank: int = 0,
+                     world: int = 1, reduce: Callable[[list[float]], list[float]] = lambda v: v, with_loss: bool = True) -> dict[str, float]:
+    """:func:`evaluate` for any forward function (e.g. a bare model: zero-shot scores)."""
+    import torch
+
+    from .evaluate import choice_accuracy, eval_loss, head_metrics
+
+    if data.held is None:
+        return {}
+    pad = tokenizer.pad_token_id
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        if data.held.class_labels:
+            out = head_metrics(forward, data.held, batch_size, rank, world, pad, reduce)
+        elif with_loss or not data.held_examples:
+            out = eval_loss(forward, data.held, batch_size, rank, world, pad, reduce)
+        if data.held_examples:
+            out.update(choice_accuracy(forward, data.held_examples, tokenizer, seq_len, batch_size, rank, world, reduce))
+    return out
+
+
+__all__ = ["DataError", "HEAD_NAMES", "TaskData", "build_model", "evaluate", "head_module_names", "held_out_metrics", "load_task_data",
            "load_tokenizer", "optimizer_step"]

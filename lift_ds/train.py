@@ -58,7 +58,8 @@ class Run:
         elif args.method == "full":
             fixed = [n for n, _ in self.model.named_parameters()]
         self.engine, _, _, _ = initialize(model=self.model, config=config, fixed_trainable=fixed)
-        self.batches = RankBatches(self.data.train, self.engine.train_micro_batch_size_per_gpu(), self.engine.rank, self.engine.world_size, args.seed, pad)
+        self.batches = RankBatches(self.data.train, self.engine.train_micro_batch_size_per_gpu(), self.engine.rank, self.engine.world_size, args.seed, pad,
+                                   accumulation=self.engine.gradient_accumulation_steps())
         if self.engine.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             logger.info("backend %s, chosen by %s", config.backend, config.backend_reason)
@@ -89,7 +90,7 @@ class Run:
                     self._tb.add_scalar(k, v, record["step"])
 
     def save(self) -> None:
-        self.engine.save_checkpoint(self.ckpt_dir, client_state={"micro_steps": self.engine.micro_steps})
+        self.engine.save_checkpoint(self.ckpt_dir, client_state={"samples_seen": self.engine.samples_seen})
         if self.engine.rank == 0 and self.args.keep_checkpoints:
             tags = sorted((p for p in self.ckpt_dir.glob("global_step*") if p.is_dir()), key=lambda p: int(p.name[len("global_step"):]))
             for old in tags[: -self.args.keep_checkpoints]:
@@ -102,7 +103,7 @@ class Run:
 
         args, engine = self.args, self.engine
         if args.resume:
-            path, _ = engine.load_checkpoint(self.ckpt_dir)
+            path, _ = engine.load_checkpoint(self.ckpt_dir, allow_batch_change=args.allow_batch_change)
             if path is None:
                 logger.warning("--resume: no checkpoint in %s, starting from the beginning", self.ckpt_dir)
         before = self.evaluate() if engine.global_step == 0 else {}
@@ -110,6 +111,7 @@ class Run:
             logger.info("before training: %s", _fmt(before))
             self.log({"step": 0, **before})
         total = engine.plan.total_steps
+        t_loop = time.perf_counter()
         bar = tqdm(total=total, initial=engine.global_step, disable=engine.rank != 0, dynamic_ncols=True, file=sys.stderr)
         t_step = time.perf_counter()
         while not engine.done:
@@ -140,13 +142,15 @@ class Run:
                 else:
                     self.save()
         bar.close()
+        loop_seconds = time.perf_counter() - t_loop
         after = self.evaluate()
         if after:
             self.log({"step": engine.global_step, **after})
         self.save()
         if not args.no_final_model:
             self.export()
-        return {"before": before, "after": after, "phase_switch_seconds": engine.phase_switch_seconds, "skipped_steps": engine.skipped_steps}
+        return {"before": before, "after": after, "phase_switch_seconds": engine.phase_switch_seconds, "skipped_steps": engine.skipped_steps,
+                "train_loop_seconds": loop_seconds}
 
     def export(self) -> None:
         from .export import save_hf_checkpoint
@@ -160,6 +164,25 @@ class Run:
             self.engine.backend.barrier()
         else:
             save_hf_checkpoint(self.engine, final, tokenizer=self.tokenizer)
+
+
+def write_result(run: Run, result: dict[str, Any]) -> None:
+    """``output_dir/result.json``: what this run measured, where and when (the data behind the
+    README's quickstart figures)."""
+    import datetime
+    import platform
+
+    from .backends.hardware import cpu_model
+
+    engine = run.engine
+    record = {
+        **result, "steps": engine.global_step, "world_size": engine.world_size, "backend": engine.backend.name,
+        "method": run.args.method, "phase_switches": engine.phase_switches, "process_seconds": time.process_time(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+    (run.out / "result.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -203,5 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         if result["skipped_steps"]:
             print(f"{result['skipped_steps']} optimizer steps were skipped for a NaN/inf loss or gradient (see metrics.jsonl)")
         print(f"phase switches took {result['phase_switch_seconds']:.1f} s; outputs in {run.out}")
+        write_result(run, result)
     run.engine.close()
     return 0

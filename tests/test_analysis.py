@@ -115,3 +115,13 @@ def test_metrics_without_eval_loss_is_a_clear_error(tmp_path, capsys):
     f.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
     assert main(["curves", "--run", f"A={f}", "--out", str(tmp_path / "c.png")]) == 2
     assert "no records with 'eval_loss' (train with --eval_every N" in capsys.readouterr().err
+
+
+def test_zeroshot_scores_the_untrained_model(d, capsys):
+    out = d / "zeroshot"
+    assert main(["zeroshot", "--model", str(d / "model"), *tasks(d), "--out", str(out)]) == 0
+    res = json.loads((out / "zeroshot.json").read_text())
+    assert set(res["tasks"]) == {"reviews", "mc"}
+    for r in res["tasks"].values():
+        assert 0.0 <= r["score"] <= 1.0 and r["score"] == r["eval_accuracy"]
+    assert "reviews: zero-shot score" in capsys.readouterr().out

@@ -222,8 +222,26 @@ def test_offload_without_a_buildable_op(d, capsys, monkeypatch):
     assert cpu_op_problems()
 
 
-def test_at_least_forty_distinct_cases():
-    assert len(CONFIG_CASES) + len(CLI_CASES) + len(DATA_CASES) + 1 >= 40
+def test_at_least_forty_distinct_refusals(d, capsys):
+    """Runs every case (not a count of literals): each is refused with exit 2 before any process
+    group, and at least forty different messages come out."""
+    messages = set()
+    for name, cfg, argv, needles in CONFIG_CASES:
+        (d / f"{name}.json").write_text(json.dumps(cfg))
+        code, err = run_main(d, ["--ds_config", str(d / f"{name}.json"), *argv], capsys)
+        check(code, err, needles)
+        messages.add(err[err.rfind("error:"):].strip())
+    for name, argv, needles in CLI_CASES:
+        code, err = run_main(d, argv, capsys)
+        check(code, err, needles)
+        messages.add(err[err.rfind("error:"):].strip())
+    for name, content, needles in DATA_CASES:
+        path = d / ("empty.jsonl" if name == "empty-file" else "data.jsonl")
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        code, err = run_main(d, ["--data", str(path), *(["--labels", "positive,negative"] if name == "label-not-in-set" else [])], capsys)
+        check(code, err, needles)
+        messages.add(err[err.rfind("error:"):].strip())
+    assert len(messages) >= 40, len(messages)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

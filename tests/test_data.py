@@ -119,8 +119,22 @@ def test_rank_batches_disjoint_and_reproducible(tmp_path, tok):
     assert len(seen) == 40
     again = RankBatches(data, 4, 0, 2, seed=3, pad_id=0)
     assert again.batch(7)["input_ids"].tolist() == r0.batch(7)["input_ids"].tolist()
-    with pytest.raises(DataError, match="fewer than one global micro-batch"):
+    with pytest.raises(DataError, match="fewer than one global batch"):
         RankBatches(data, 32, 0, 2, seed=0, pad_id=0)
+
+
+def test_rank_batches_are_keyed_by_global_sample_index(tmp_path, tok):
+    """2 ranks x 1 accumulation step and 1 rank x 2 read the same micro-batches at every optimizer
+    step (epochs included), so a run can resume on another number of ranks with the same data."""
+    p = tmp_path / "s.jsonl"
+    write_sentiment(p, 44)
+    data = tokenize(load_examples(p, "classification")[0], tok, "classification", 32)
+    two = [RankBatches(data, 4, r, 2, seed=3, pad_id=0) for r in (0, 1)]
+    one = RankBatches(data, 4, 0, 1, seed=3, pad_id=0, accumulation=2)
+    assert two[0].steps_per_epoch == one.steps_per_epoch == 5  # 44 samples: 5 global batches of 8 per epoch
+    for step in range(12):  # past two epoch boundaries
+        for r in (0, 1):
+            assert two[r].batch(step)["input_ids"].tolist() == one.batch(2 * step + r)["input_ids"].tolist(), (step, r)
 
 
 def test_sentencepiece_tokenizer_model_directory(tmp_path):

@@ -280,3 +280,49 @@ def test_load_checkpoint_into_a_finished_engine(tmp_path):
     train(engine, data[3:])
     for (n, a), (_, b) in zip(ref.module.named_parameters(), engine.module.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_resume_with_another_global_batch_needs_allow_batch_change(tmp_path, caplog):
+    """The data position is a global sample index: another global batch size changes what every later
+    step reads, so it is refused unless allowed (then the run continues from the samples read so far)."""
+    from lift_ds.checkpoint import ResumeError
+
+    engine, _, _ = make(lift={"total_steps": 8})
+    train(engine, lm_batches(3))
+    engine.save_checkpoint(tmp_path)
+    assert engine.samples_seen == 3 * 4
+    other, _, _ = make(lift={"total_steps": 8}, gradient_accumulation_steps=2)
+    with pytest.raises(ResumeError, match="the global batch changes from 4 to 8 samples per optimizer step"):
+        other.load_checkpoint(tmp_path)
+    other, _, _ = make(lift={"total_steps": 8}, gradient_accumulation_steps=2)
+    with caplog.at_level("WARNING"):
+        path, _ = other.load_checkpoint(tmp_path, allow_batch_change=True)
+    assert path is not None and other.global_step == 3 and other.samples_seen == 12 and other.micro_steps == 6
+    assert "will not equal an uninterrupted run" in caplog.text
+
+
+def test_checkpoint_is_portable_between_backends_and_layouts(tmp_path):
+    """What a checkpoint holds is full tensors: the weights file and the optimizer state name every
+    parameter of the active block with its full shape, and a fresh engine gets that state back."""
+    import torch as T
+
+    from lift_ds.backends.state import OPTIMIZER_FILE, WEIGHTS_FILE
+
+    lift = {"total_steps": 8, "policy": "cyclic", "optimizer_state": "offload"}
+    engine, _, _ = make(lift=lift)
+    train(engine, lm_batches(5))  # block 2 of 4 active (1 step done on it), blocks 1, 3, 4 stashed
+    saved_state = engine.backend.full_optimizer_state()
+    path = engine.save_checkpoint(tmp_path)
+    assert (path / WEIGHTS_FILE).is_file() and (path / OPTIMIZER_FILE).is_file()
+    state = T.load(path / OPTIMIZER_FILE, weights_only=False)
+    named = dict(engine.module.named_parameters())
+    assert sorted(state["master"]) == sorted(engine.trainable_param_names()) and state["step"] == 1.0
+    for n, t in state["master"].items():
+        assert t.shape == named[n].shape and state["state"][n]["exp_avg"].shape == named[n].shape
+    fresh, _, _ = make(lift=lift)
+    fresh.load_checkpoint(tmp_path)
+    got = fresh.backend.full_optimizer_state()
+    for n in saved_state["master"]:
+        assert T.equal(got["master"][n], saved_state["master"][n])
+        assert T.equal(got["state"][n]["exp_avg_sq"], saved_state["state"][n]["exp_avg_sq"])
+    assert sorted(fresh.stash) == sorted(engine.stash) == [0, 2, 3]

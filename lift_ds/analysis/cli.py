@@ -21,6 +21,8 @@ the highest mean relative score.
 all layers / front2end / grouped, the paper's tables 5-10; ``full``: every combination) plus FT-Full,
 and prints a table in the paper's layout (rows = settings, columns = tasks, an average column).
 
+**zeroshot** scores the untrained model on each task's held-out items (the baseline of every table).
+
 **curves** plots validation loss against step from launch/train.py ``metrics.jsonl`` files (figure 5).
 
 Every run is single-process on the torch backend (the reference LIFT engine), seeded; ``--seeds``
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from .ablation import ablation, markdown_table, settings
-from .common import Setup, parse_task
+from .common import Setup, parse_task, zero_shot
 from .contribution import contribution
 from .curves import curves
 
@@ -69,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--policies", default="grouped,cyclic")
     a.add_argument("--grid", default="oat", help="oat: one factor at a time from all/front2end/grouped (default); full: every combination")
     a.add_argument("--no_full_ft", action="store_true", help="skip the FT-Full reference row")
+    z = sub.add_parser("zeroshot", help="held-out scores of the untrained model (the baseline of every table); writes zeroshot.json")
+    common(z)
     v = sub.add_parser("curves", help="validation loss against step from metrics.jsonl files, as a PNG")
     v.add_argument("--run", action="append", required=True, help="LABEL=path/to/metrics.jsonl; repeat for several")
     v.add_argument("--metric", default="eval_loss")
@@ -109,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                       micro_batch=args.micro_batch, eval_limit=args.eval_limit, classifier_head=args.classifier_head, random_init=args.random_init)
         tasks = [parse_task(t) for t in args.task]
         out = Path(args.out)
-        if args.command == "contribution":
+        if args.command == "zeroshot":
+            res = zero_shot(setup, tasks, out)
+            for name, r in res["tasks"].items():
+                print(f"{name}: zero-shot score {r['score']:.4f}")
+            print(f"wrote {out}/zeroshot.json")
+        elif args.command == "contribution":
             from transformers import AutoConfig
 
             layers = AutoConfig.from_pretrained(setup.model).num_hidden_layers

@@ -117,6 +117,22 @@ def run_once(setup: Setup, task: Task, seed: int, trainable: list[str] | None = 
     return {"score": score, "train_loss": statistics.mean(losses[-5:]), "seconds": time.perf_counter() - t0, **metrics}
 
 
+def zero_shot(setup: Setup, tasks: list[Task], out: Path) -> dict:
+    """Held-out scores of the model before any training (the baseline every fine-tuned row is read
+    against); writes ``out/zeroshot.json``."""
+    from ..recipe import held_out_metrics
+
+    result: dict[str, Any] = {"model": setup.model, "eval_limit": setup.eval_limit, "tasks": {}}
+    for task in tasks:
+        model = setup.model_for(task, seed=0)
+        model.eval()
+        metrics = held_out_metrics(model, setup.data(task), setup.tokenizer(), setup.seq_len, 32, with_loss=False)
+        result["tasks"][task.name] = {"score": metrics.get("eval_accuracy", -metrics.get("eval_loss", float("nan"))), **metrics}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "zeroshot.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def mean_over_seeds(setup: Setup, task: Task, seeds: list[int], **kw: Any) -> dict[str, float]:
     runs = [run_once(setup, task, s, **kw) for s in seeds]
     out = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}

@@ -23,6 +23,8 @@ from ..optim import OptimizerFactory, optimizer_factory_from_section
 from . import hardware
 from .lr_schedules import scheduler_problems
 
+from .state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE, load_torch_optimizer_full_state, placed_like, torch_optimizer_full_state
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import RunConfig
 
@@ -196,21 +198,84 @@ class Backend(ABC):
     def load_weights(self, path: Path) -> list[str]:
         """Load saved parameter values into the model; return their names."""
 
+    # ----------------------------------------------------------------- optimizer state, portable
+
     @abstractmethod
+    def full_optimizer_state(self) -> dict[str, Any]:
+        """The active block's optimizer state as full per-parameter tensors on CPU, on every rank
+        (collective): ``{"step": float | None, "keys": [...], "state": {name: {key: tensor}},
+        "master": {name: fp32 tensor}}``. ``master`` is the fp32 value the optimizer updates (the
+        parameter itself, or DeepSpeed's fp32 master copy). Independent of ranks and backend."""
+
+    @abstractmethod
+    def load_full_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Set the active block's optimizer state (and fp32 master) from :meth:`full_optimizer_state`'s
+        form; after :meth:`build` for the same block; every rank passes the same full state."""
+
     def save_optimizer(self, path: Path) -> None:
-        """Save the current phase's optimizer state (each rank its own partition)."""
+        """Write the active block's optimizer state in the portable form (collective; rank 0 writes)."""
+        state = self.full_optimizer_state()
+        if self.rank == 0:
+            torch.save({"format": OPTIMIZER_FORMAT, **state}, path / OPTIMIZER_FILE)
 
-    @abstractmethod
     def load_optimizer(self, path: Path) -> None:
-        """Load the current phase's optimizer state (after :meth:`build` for the same block)."""
+        """Load a state written by :meth:`save_optimizer`, on any number of ranks and any backend."""
+        state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False, mmap=True)
+        if state.get("format") != OPTIMIZER_FORMAT:
+            raise ValueError(f"{path / OPTIMIZER_FILE}: not a lift_ds optimizer state ({state.get('format')!r})")
+        mine = self.active_param_names()
+        if sorted(state["master"]) != sorted(mine):
+            raise ValueError(f"{path / OPTIMIZER_FILE} holds the state of {sorted(state['master'])[:3]}..., the active block is "
+                             f"{sorted(mine)[:3]}...")
+        self.load_full_optimizer_state(state)
+
+    def stash_optimizer_state(self) -> dict[str, Any]:
+        """The active block's optimizer state for ``optimizer_state: offload``, kept on CPU and split
+        across ranks by parameter (rank ``r`` keeps parameters ``i`` with ``i % world == r``), so the
+        stash is as portable as a checkpoint and each rank holds about 1/world of it."""
+        full = self.full_optimizer_state()
+        names = list(full["master"])
+        owned = {n: {"master": full["master"][n], **full["state"].get(n, {})} for i, n in enumerate(names) if i % self.world_size == self.rank}
+        shapes = {n: tuple(full["master"][n].shape) for n in names}
+        return {"step": full["step"], "keys": full["keys"], "names": names, "shapes": shapes, "owned": owned}
+
+    def restore_optimizer_state(self, stash: dict[str, Any]) -> None:
+        """Put back a :meth:`stash_optimizer_state` (after :meth:`build` for that block; collective:
+        each parameter's state comes from the rank that kept it)."""
+        full: dict[str, Any] = {"step": stash["step"], "keys": stash["keys"], "state": {}, "master": {}}
+        for i, n in enumerate(stash["names"]):
+            owner = i % self.world_size
+            tensors = []
+            for key in ["master", *stash["keys"]]:
+                t = stash["owned"][n][key] if owner == self.rank else torch.empty(stash["shapes"][n], dtype=torch.float32)
+                tensors.append(self.broadcast(t, owner))
+            full["master"][n] = tensors[0]
+            full["state"][n] = dict(zip(stash["keys"], tensors[1:]))
+        self.load_full_optimizer_state(full)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """``tensor`` from rank ``src`` on every rank (a CPU tensor back; collective when distributed)."""
+        if not self._distributed():
+            return tensor
+        import torch.distributed as dist
+
+        t = tensor.to(self.comm_device)
+        dist.broadcast(t, src)
+        return t.cpu()
+
+    def active_param_names(self) -> list[str]:
+        """Names of the parameters the current phase trains, in model order."""
+        names = self._param_names()
+        return [names[id(p)] for p in self.active_params()]
+
+    def _param_names(self) -> dict[int, str]:
+        if getattr(self, "_names_by_id", None) is None:
+            self._names_by_id = {id(p): n for n, p in self.model.named_parameters()}
+        return self._names_by_id
 
     @abstractmethod
-    def stash_optimizer_state(self) -> Any:
-        """The active block's optimizer state, moved to CPU, for ``optimizer_state: offload``."""
-
-    @abstractmethod
-    def restore_optimizer_state(self, state: Any) -> None:
-        """Put back a state from :meth:`stash_optimizer_state` (after :meth:`build` for that block)."""
+    def active_params(self) -> list[nn.Parameter]:
+        """The parameters the current phase trains (empty between phases)."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full parameter values (gathered from partitions), valid on rank 0; collective."""
@@ -272,6 +337,37 @@ class TorchOptimizerBackend(Backend):
     def discard_gradients(self) -> None:
         if self._optimizer is not None:
             self._optimizer.zero_grad(set_to_none=True)
+
+    def active_params(self) -> list[nn.Parameter]:
+        return list(self._params)
+
+    def save_weights(self, path: Path, param_names: list[str]) -> None:
+        from safetensors.torch import save_file
+
+        named = dict(self.model.named_parameters())
+        values = {n: (named[n].full_tensor() if hasattr(named[n], "full_tensor") else named[n]).detach().to("cpu", copy=True).contiguous()
+                  for n in param_names}
+        if self.rank == 0:
+            save_file(values, str(path / WEIGHTS_FILE))
+
+    def load_weights(self, path: Path) -> list[str]:
+        from safetensors import safe_open
+
+        named = dict(self.model.named_parameters())
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f, torch.no_grad():
+            names = list(f.keys())
+            for n in names:
+                p, value = named[n], placed_like(f.get_tensor(n), named[n])
+                (p.to_local() if hasattr(p, "to_local") else p).copy_(value.to_local() if hasattr(value, "to_local") else value)
+        return names
+
+    def full_optimizer_state(self) -> dict[str, Any]:
+        assert self._optimizer is not None, "full_optimizer_state() before build()"
+        return torch_optimizer_full_state(self._optimizer, self.active_param_names(), self._params)
+
+    def load_full_optimizer_state(self, state: dict[str, Any]) -> None:
+        assert self._optimizer is not None, "load_full_optimizer_state() before build()"
+        load_torch_optimizer_full_state(self._optimizer, self.active_param_names(), self._params, state)
 
     def optimizer_state_numel(self) -> int:
         if self._optimizer is None:

@@ -14,7 +14,9 @@ once when another version is found.
 | :func:`disable_shm_comm_op` | ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]`` (a ~50 s compile on CPU for an op LIFT never uses) |
 | :func:`innermost_optimizer` | the ZeRO optimizer's ``.optimizer`` attribute holds the torch optimizer and its partitioned state |
 | :func:`is_zero3_param`, :func:`full_numel` | ZeRO-3 parameter attributes ``ds_id``, ``ds_numel`` |
-| :func:`load_zero_state` | the ZeRO optimizers' ``load_state_dict(list_per_rank, load_optimizer_states, load_from_fp32_weights)`` |
+| :func:`has_fp32_master` | ZeRO parameter attributes ``_hp_mapping`` (ZeRO-1/2, bf16 optimizer) and ``ds_id`` (ZeRO-3) |
+| :func:`zero_step_and_keys` | where a ZeRO optimizer's base optimizer keeps its state and step (flat partitions; ZeRO-3's ``fp32_partitioned_groups_flat``; state or parameter group) |
+| :func:`materialize_zero_state` | creating a fresh ZeRO optimizer's flat state and linking it (``_lazy_init_hp_params_optimizer_state``) |
 | :func:`cpu_adam_prebuilt` | ``deepspeed.git_version_info.installed_ops`` |
 | :func:`zero_reduce_bucket_size` | ``optimizer.reduce_bucket_size`` (read by the leak test) |
 """
@@ -156,14 +158,59 @@ def full_numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
-def load_zero_state(opt: Any, state: Any, rank: int, world_size: int) -> None:
-    """Put back a ZeRO-1/2/3 optimizer state this rank saved (``state_dict()``) for the same block
-    and ranks: the optimizers take one state per rank and pick their own. The moments and the fp32
-    master partition are restored; ZeRO-3 also copies the master into the parameters, ZeRO-1/2 at
-    their next step (LIFT restores a block whose weights have not changed since it was stashed)."""
-    per_rank: list[Any] = [None] * world_size
-    per_rank[rank] = state
-    opt.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
+def has_fp32_master(params: list[torch.Tensor]) -> bool:
+    """Whether DeepSpeed keeps an fp32 master behind these parameters (ZeRO-1/2 and the bf16
+    optimizer link one through ``_hp_mapping``, ZeRO-3 partitions carry ``ds_id``); ZeRO-0 in fp32
+    trains the parameters themselves with the client optimizer."""
+    return any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in params)
+
+
+def zero_step_and_keys(opt: Any) -> tuple[float | None, list[str]]:
+    """``(step, state keys)`` of a ZeRO optimizer's base optimizer (``(None, [])`` before its first
+    step). The step lives in each flat partition's state (torch optimizers, DeepSpeedCPUAdam) or in
+    the parameter group (FusedAdam)."""
+    inner = innermost_optimizer(opt)
+    for group, flat in _flat_partitions(opt):
+        st = inner.state.get(flat)
+        if st:
+            step = st.get("step", group.get("step"))
+            keys = sorted(k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0)
+            return (None if step is None else float(step)), keys
+    return None, []
+
+
+def _flat_partitions(opt: Any) -> list[tuple[dict, torch.Tensor]]:
+    """``(base-optimizer param group, flat fp32 partition)`` pairs whose state the base optimizer
+    keeps. ZeRO-3 empties the groups' params outside its step and keys the state by
+    ``fp32_partitioned_groups_flat`` (one per sub-group)."""
+    inner = innermost_optimizer(opt)
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        return [(inner.param_groups[0], flat) for flat in opt.fp32_partitioned_groups_flat]
+    return [(group, flat) for group in inner.param_groups for flat in group["params"]]
+
+
+def materialize_zero_state(opt: Any, keys: list[str], step: float | None) -> None:
+    """Create a fresh ZeRO optimizer's base-optimizer state (zeros, the given step) so that
+    ``safe_set_full_optimizer_state`` has somewhere to write: torch optimizers create it lazily at
+    the first step. ZeRO-1/2 and the bf16 optimizer then link their per-parameter fragments to it
+    (``_lazy_init_hp_params_optimizer_state``, which they otherwise run after their first step);
+    ZeRO-3 reads the flat state directly."""
+    inner = innermost_optimizer(opt)
+    for group, flat in _flat_partitions(opt):
+        st = inner.state[flat]
+        for k in keys:
+            if k not in st:
+                st[k] = torch.zeros_like(flat)
+        if step is not None:
+            if "step" in group and "step" not in st:  # FusedAdam counts per group
+                group["step"] = int(step)
+            else:
+                old = st.get("step")
+                st["step"] = int(step) if isinstance(old, int) else torch.tensor(float(step), dtype=torch.float32,
+                                                                                  device=old.device if torch.is_tensor(old) else "cpu")
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16 optimizer: link the new state
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
 
 
 def cpu_adam_prebuilt() -> bool | None:

@@ -23,6 +23,7 @@ from ..optim import optimizer_factory_from_section
 from ..utils import get_logger, init_process_group
 from . import compat
 from .base import Backend, BackendContext
+from .state import WEIGHTS_FILE, load_torch_optimizer_full_state, torch_optimizer_full_state
 
 logger = get_logger(__name__)
 
@@ -326,13 +327,13 @@ class DeepSpeedBackend(Backend):
             if self.rank == 0:
                 values[n] = t.contiguous()
         if self.rank == 0:
-            save_file(values, str(path / "weights.safetensors"))
+            save_file(values, str(path / WEIGHTS_FILE))
 
     def load_weights(self, path: Path) -> list[str]:
         from safetensors import safe_open
 
         named = dict(self.model.named_parameters())
-        with safe_open(str(path / "weights.safetensors"), framework="pt") as f:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
             names = list(f.keys())
             for n in names:
                 p = named[n]
@@ -341,35 +342,39 @@ class DeepSpeedBackend(Backend):
                         p.data.copy_(f.get_tensor(n).to(p.dtype))
         return names
 
-    def save_optimizer(self, path: Path) -> None:
-        self._engine.save_checkpoint(str(path / "deepspeed"), tag="phase", save_latest=False, exclude_frozen_parameters=True)
+    # ----------------------------------------------------------------- optimizer state, portable
 
-    def load_optimizer(self, path: Path) -> None:
-        loaded, _ = self._engine.load_checkpoint(
-            str(path / "deepspeed"), tag="phase", load_module_strict=False, load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-        if loaded is None:
-            raise FileNotFoundError(f"no DeepSpeed optimizer state under {path / 'deepspeed'}")
+    def active_params(self) -> list[nn.Parameter]:
+        return list(self._params)
 
-    def stash_optimizer_state(self) -> Any:
-        sd = self._engine.optimizer.state_dict()
-        return to_cpu(sd)
+    def full_optimizer_state(self) -> dict[str, Any]:
+        """Through DeepSpeed's public per-parameter API (``safe_get_full_fp32_param``,
+        ``safe_get_full_optimizer_state``): full values gathered from every rank's partition."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    def restore_optimizer_state(self, state: Any) -> None:
-        opt = self._engine.optimizer
-        if self.zero_stage == 0:
-            opt.load_state_dict(state)
+        names, opt = self.active_param_names(), self._engine.optimizer
+        if not compat.has_fp32_master(self._params):  # ZeRO-0 in fp32: a torch optimizer over the module's parameters
+            return torch_optimizer_full_state(compat.innermost_optimizer(opt), names, self._params)
+        step, keys = compat.zero_step_and_keys(opt)
+        out: dict[str, Any] = {"step": step, "keys": keys, "state": {}, "master": {}}
+        for n, p in zip(names, self._params):
+            out["master"][n] = safe_get_full_fp32_param(p).to("cpu", torch.float32, copy=True)
+            out["state"][n] = {k: safe_get_full_optimizer_state(p, k).to("cpu", torch.float32, copy=True) for k in keys}
+        return out
+
+    def load_full_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Through DeepSpeed's ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``: each
+        rank keeps its partition of the full values (a fresh optimizer's state is created first)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        names, opt = self.active_param_names(), self._engine.optimizer
+        if not compat.has_fp32_master(self._params):
+            load_torch_optimizer_full_state(compat.innermost_optimizer(opt), names, self._params, state)
             return
-        compat.load_zero_state(opt, state, self.rank, self.world_size)
-
-
-def to_cpu(obj: Any) -> Any:
-    """A copy of nested state with every tensor on CPU."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
+        device = self.comm_device
+        if state["keys"]:
+            compat.materialize_zero_state(opt, state["keys"], state["step"])
+        for n, p in zip(names, self._params):
+            safe_set_full_fp32_param(p, state["master"][n].to(device))
+            for k in state["keys"]:
+                safe_set_full_optimizer_state(p, state["state"][n][k].to(device), k)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -63,34 +62,6 @@ def _fsdp_problems(raw: Mapping[str, Any], training: TrainingConfig) -> list[str
         elif not isinstance(v, bool):
             problems.append(f"fsdp.{k}: must be true or false, got {v!r}")
     return problems
-
-def _to_portable(obj: Any) -> Any:
-    """Optimizer state with DTensors replaced by (local shard on CPU, mesh, placements)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(obj, DTensor):
-        return ("__dtensor__", obj.to_local().detach().to("cpu", copy=True), obj.device_mesh, obj.placements, obj.shape, obj.stride())
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_portable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_portable(v) for v in obj]
-    return obj
-
-
-def _from_portable(obj: Any, device: torch.device) -> Any:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(obj, tuple) and obj and obj[0] == "__dtensor__":
-        _, local, mesh, placements, shape, stride = obj
-        return DTensor.from_local(local.to(device), mesh, placements, shape=shape, stride=stride, run_check=False)
-    if isinstance(obj, dict):
-        return {k: _from_portable(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_from_portable(v, device) for v in obj]
-    return obj
-
 
 class FSDPBackend(TorchOptimizerBackend):
     """FSDP2 with per-layer units and a per-phase optimizer (see module docstring)."""
@@ -159,60 +130,5 @@ class FSDPBackend(TorchOptimizerBackend):
     def comm_device(self) -> torch.device:
         return self.device
 
-    def _full(self, p: torch.Tensor) -> torch.Tensor:
-        return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True)
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: self._full(p) for n, p in self.model.named_parameters()}
-
-    # ----------------------------------------------------------------- checkpoints
-
-    def save_weights(self, path: Path, param_names: list[str]) -> None:
-        from safetensors.torch import save_file
-
-        named = dict(self.model.named_parameters())
-        values = {n: self._full(named[n]).contiguous() for n in param_names}
-        if self.rank == 0:
-            save_file(values, str(path / "weights.safetensors"))
-
-    def load_weights(self, path: Path) -> list[str]:
-        from safetensors import safe_open
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        named = dict(self.model.named_parameters())
-        with safe_open(str(path / "weights.safetensors"), framework="pt") as f, torch.no_grad():
-            names = list(f.keys())
-            for n in names:
-                p, full = named[n], f.get_tensor(n)
-                if isinstance(p, DTensor):
-                    local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements).to_local()
-                    p.to_local().copy_(local)
-                else:
-                    p.copy_(full.to(p.dtype))
-        return names
-
-    def save_optimizer(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        assert self._optimizer is not None
-        dcp.save({"optim": get_optimizer_state_dict(self.model, self._optimizer)}, checkpoint_id=str(path / "optimizer"))
-
-    def load_optimizer(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-        assert self._optimizer is not None
-        state = {"optim": get_optimizer_state_dict(self.model, self._optimizer)}
-        dcp.load(state, checkpoint_id=str(path / "optimizer"))
-        set_optimizer_state_dict(self.model, self._optimizer, state["optim"])
-
-    def stash_optimizer_state(self) -> Any:
-        assert self._optimizer is not None
-        return {"state": _to_portable(self._optimizer.state_dict()["state"])}
-
-    def restore_optimizer_state(self, state: Any) -> None:
-        assert self._optimizer is not None
-        sd = self._optimizer.state_dict()
-        sd["state"] = _from_portable(state["state"], self.device)
-        self._optimizer.load_state_dict(sd)
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}

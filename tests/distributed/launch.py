@@ -154,3 +154,14 @@ def max_rel_error(final: dict, ref: dict, start: dict) -> tuple[float, float]:
     err = max((final[n].float() - ref[n].float()).abs().max().item() for n in ref)
     move = max((ref[n] - start[n]).abs().max().item() for n in ref)
     return err, move
+
+
+def assert_same_state(got: dict, want: dict) -> None:
+    """Two full optimizer states (lift_ds.backends.state form) are equal: step, keys, every tensor."""
+    assert got is not None and want is not None, (got is None, want is None)
+    assert got["step"] == want["step"] and got["keys"] == want["keys"], (got["step"], want["step"], got["keys"], want["keys"])
+    assert sorted(got["master"]) == sorted(want["master"]) and want["master"]
+    for n in want["master"]:
+        assert torch.equal(got["master"][n], want["master"][n]), n
+        for k in want["keys"]:
+            assert torch.equal(got["state"][n][k], want["state"][n][k]), (n, k)

@@ -22,14 +22,19 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 
+# eps 1e-3: with Adam's default 1e-8 a fresh moment estimate turns float noise (a different reduction
+# order, e.g. ZeRO-3 after ZeRO-2) into sign-sized steps; the layout tests compare across such changes
 CONFIGS = {
     "zero2": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2},
-              "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0}},
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0, "eps": 1e-3}},
               "lift": {"backend": "deepspeed", "include_head": True}},
     "fsdp": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
-             "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0}},
+             "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0, "eps": 1e-3}},
              "lift": {"backend": "fsdp", "include_head": True}},
 }
+CONFIGS["zero3"] = {**CONFIGS["zero2"], "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+# every step a new phase and every block's Adam state stashed between its phases: the stash must resume anywhere too
+CONFIGS["zero2_offload_cyclic"] = {**CONFIGS["zero2"], "lift": {**CONFIGS["zero2"]["lift"], "policy": "cyclic", "optimizer_state": "offload"}}
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +47,9 @@ def files(tmp_path_factory):
     return d
 
 
-def launch(files: Path, config: str, out: Path, *extra: str, faults: str = "", restarts: int = 0) -> subprocess.CompletedProcess:
+def launch(files: Path, config: str, out: Path, *extra: str, faults: str = "", restarts: int = 0, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LIFT_DS_FAULTS": faults}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", str(restarts),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "--max-restarts", str(restarts),
            "launch/train.py", "--ds_config", str(files / f"{config}.json"), "--model", str(files / "model"),
            "--data", str(files / "train.jsonl"), "--format", "classification", "--max_steps", "16", "--save_every", "4",
            "--keep_checkpoints", "3", "--seq_len", "32", "--output_dir", str(out), *extra]
@@ -63,6 +68,9 @@ def assert_same(a: dict, b: dict) -> None:
     assert diff <= 1e-6, diff
 
 
+uninterrupted_dir: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(files, tmp_path_factory):
     out = {}
@@ -71,6 +79,7 @@ def uninterrupted(files, tmp_path_factory):
         proc = launch(files, config, d)
         assert proc.returncode == 0, proc.stderr[-5000:]
         out[config] = final_weights(d)
+        uninterrupted_dir[config] = d
     return out
 
 
@@ -79,6 +88,7 @@ def uninterrupted(files, tmp_path_factory):
     ("zero2", "kill@7", "global_step4"),          # right after the switch from block 2 to block 3
     ("zero2", "save_midway@8:0", "global_step4"),  # during the write of checkpoint 8
     ("fsdp", "kill@10:0", "global_step8"),         # FSDP2, right after a switch
+    ("zero3", "kill@6:1", "global_step4"),         # ZeRO-3 mid-phase, rank 1 only
 ])
 def test_sigkill_then_resume_equals_uninterrupted(files, tmp_path, uninterrupted, config, fault, resumes_from):
     out = tmp_path / "run"
@@ -91,9 +101,46 @@ def test_sigkill_then_resume_equals_uninterrupted(files, tmp_path, uninterrupted
         assert not (ckpts / "global_step8").exists()
     proc = launch(files, config, out, "--resume")
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert f"resumed from {ckpts / resumes_from}" in proc.stderr
+    assert f"resumed from {ckpts / resumes_from} at step {resumes_from[len('global_step'):]}" in proc.stderr
     assert not list(ckpts.glob(".*.partial"))
+    # the resumed run trained only the steps after the checkpoint
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps[-(16 - int(resumes_from[len("global_step"):])):] == list(range(int(resumes_from[len("global_step"):]) + 1, 17)), steps
     assert_same(final_weights(out), uninterrupted[config])
+
+
+def initial_weights(files: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(files / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("first,then,nproc,extra", [
+    ("zero2_offload_cyclic", "zero2_offload_cyclic", 1, ["--gradient_accumulation_steps", "2"]),  # 2 ranks -> 1 rank, 2x accumulation
+    ("zero2", "zero3", 2, []),   # ZeRO-2 -> ZeRO-3
+    ("zero2", "fsdp", 2, []),    # DeepSpeed -> FSDP2
+    ("fsdp", "zero2", 2, []),    # FSDP2 -> DeepSpeed
+])
+def test_resume_on_another_layout(files, tmp_path, uninterrupted, first, then, nproc, extra):
+    """Resume the uninterrupted run's mid-phase checkpoint (step 8; block 3 trains steps 8-10, or every
+    step is a phase with its block's state stashed) on another number of ranks or another backend,
+    keeping the global batch: the final fp32 weights are those of the uninterrupted run."""
+    import shutil
+
+    src = uninterrupted_dir[first] / "checkpoints"
+    out = tmp_path / "resumed"
+    shutil.copytree(src, out / "checkpoints")
+    for later in ("global_step12", "global_step16"):
+        shutil.rmtree(out / "checkpoints" / later)
+    (out / "checkpoints" / "latest").write_text("global_step8")
+    proc = launch(files, then, out, "--resume", *extra, nproc=nproc)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert f"resumed from {out / 'checkpoints' / 'global_step8'} at step 8" in proc.stderr
+    assert "with a changed layout" in proc.stderr
+    final, ref, start = final_weights(out), uninterrupted[first], initial_weights(files)
+    move = max((ref[n].float() - start[n].float()).abs().max().item() for n in ref)
+    err = max((final[n].float() - ref[n].float()).abs().max().item() for n in ref)
+    assert move > 1e-3 and err <= 1e-5 * move, (err, move)
 
 
 def test_torchrun_elastic_restart_resumes_by_itself(files, tmp_path, uninterrupted):

@@ -14,6 +14,7 @@ from .launch import WORLD, max_rel_error, reference, torchrun
 pytestmark = pytest.mark.slow
 
 STAGES = (1, 2, 3)
+CLIP = 0.05
 
 
 def ds_config(stage: int, lift: dict, **top) -> dict:
@@ -32,15 +33,16 @@ def ds_config(stage: int, lift: dict, **top) -> dict:
 def matrix() -> dict:
     scenarios = {}
     for stage, schedule, policy, opt in itertools.product(STAGES, SCHEDULES, POLICIES, ("sgd", "adamw")):
+        # SGD runs with a clip that actually clips (SGD at lr 0.5 on this model gives gradient norms of
+        # ~1-3), so clipping is compared with the reference in every schedule x policy; AdamW unclipped
+        clip = CLIP if opt == "sgd" else 0.0
         scenarios[f"z{stage}-{schedule}-{policy}-{opt}"] = {
-            "config": ds_config(stage, {"total_steps": 8, "schedule": schedule, "policy": policy, "seed": 11}),
+            "config": ds_config(stage, {"total_steps": 8, "schedule": schedule, "policy": policy, "seed": 11}, gradient_clipping=clip),
             "optimizer": opt, "steps": 8,
         }
     for stage in STAGES:
-        # a clip that actually clips (SGD at lr 0.5 on this model gives gradient norms of ~1-3)
-        scenarios[f"z{stage}-clip"] = {
-            "config": ds_config(stage, {"total_steps": 8, "policy": "cyclic"}, gradient_clipping=0.05),
-            "optimizer": "sgd", "steps": 8,
+        scenarios[f"z{stage}-noclip-sgd"] = {
+            "config": ds_config(stage, {"total_steps": 8, "policy": "cyclic"}), "optimizer": "sgd", "steps": 8,
         }
         scenarios[f"z{stage}-default-clip"] = {
             "config": {k: v for k, v in ds_config(stage, {"total_steps": 8}).items() if k != "gradient_clipping"},
@@ -89,13 +91,13 @@ def test_nan_loss_on_one_rank_skips_the_step_everywhere(results, stage):
     assert any(not torch.equal(clean[n], t) for n, t in res[f"z{stage}-nan"]["final"].items()), "the skip changed nothing"
 
 
-def test_clipping_changes_the_update(results):
-    """The clip scenarios really clip (they differ from the unclipped run) and still match."""
-    scenarios, res = results
-    for stage in STAGES:
-        clipped = res[f"z{stage}-clip"]["final"]
-        free = res[f"z{stage}-front2end-cyclic-sgd"]["final"]
-        assert max((clipped[n] - free[n]).abs().max().item() for n in free) > 1e-3
+@pytest.mark.parametrize("stage", STAGES)
+def test_clipping_changes_the_update(results, stage):
+    """The clipped SGD scenarios really clip (they differ from the same run unclipped) and still match the reference."""
+    _, res = results
+    clipped = res[f"z{stage}-front2end-cyclic-sgd"]["final"]
+    free = res[f"z{stage}-noclip-sgd"]["final"]
+    assert max((clipped[n] - free[n]).abs().max().item() for n in free) > 1e-3
 
 
 def test_optimizer_state_is_active_block_only_and_partitioned(results):

@@ -42,17 +42,26 @@ def rss_mb() -> float:
 
 
 def live_engines() -> int:
+    """DeepSpeed engines that still hold anything (a released engine's emptied shell may wait in a
+    reference cycle for Python's collector; it holds no tensor). No collection is forced."""
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    return sum(1 for o in gc.get_objects() if isinstance(o, DeepSpeedEngine))
+    return sum(1 for o in gc.get_objects() if isinstance(o, DeepSpeedEngine) and o.__dict__)
 
 
 def live_optimizers() -> int:
-    """Optimizers holding real parameters (LIFT's LR proxy holds one 1-element dummy; DeepSpeed may hold empty ones)."""
+    """Optimizers holding real parameters (LIFT's LR proxy holds one 1-element dummy; DeepSpeed may
+    hold empty ones; a released one's emptied shell holds none). No collection is forced."""
     return sum(
         1 for o in gc.get_objects()
-        if isinstance(o, torch.optim.Optimizer) and any(p.numel() > 1 for g in o.param_groups for p in g["params"])
+        if isinstance(o, torch.optim.Optimizer) and any(p.numel() > 1 for g in getattr(o, "param_groups", []) for p in g["params"])
     )
+
+
+def layer_modules(model):
+    from lift_ds.blocks import find_layer_stack
+
+    return list(find_layer_stack(model)[1])
 
 
 def hook_count(model) -> int:
@@ -93,8 +102,18 @@ def run(sc, rank, world):
     data = global_batches(sc, world)
     out: dict = {"losses": [], "state_numel": [], "phase_blocks": [], "trainable_numel": [], "engines": [], "hooks": [], "rss": []}
     if sc.get("resume_from"):
-        engine.load_checkpoint(sc["resume_from"])
+        path, _ = engine.load_checkpoint(sc["resume_from"])
+        # evidence that the checkpoint was loaded: where the run continues and the state it got
+        out["resumed_from"] = None if path is None else str(path)
+        out["resumed_at"] = engine.global_step
+        out["loaded_state"] = engine.backend.full_optimizer_state() if engine.active_block_index is not None else None
+    fired: list[int] = []
+    if sc.get("track_backward"):
+        # truncated backward: a block before the active one must see no backward at all
+        for i, layer in enumerate(layer_modules(model)):
+            layer.register_full_backward_hook(lambda mod, gi, go, i=i: fired.append(i))
     micro = engine.micro_steps
+    out["steps_run"] = 0
     t0 = time.perf_counter()
     while not engine.done:
         b = data[micro]
@@ -117,13 +136,15 @@ def run(sc, rank, world):
                 # FSDP: gradients exist for the active block only (checked before the step clears them)
                 out.setdefault("grad_names", []).append(sorted(n for n, p in engine.module.named_parameters() if p.grad is not None))
             out["phase_blocks"].append(block)
+        if was_boundary and sc.get("track_backward"):
+            out.setdefault("backward_fired", []).append((block, sorted(set(fired))))
+            fired.clear()
         engine.step()
         micro += 1
+        out["steps_run"] += int(was_boundary)
         if was_boundary and sc.get("track"):
-            # tensors only Python's cycle collector would free (the phase switch runs no gc.collect())
-            pending = live_tensor_bytes()
-            gc.collect()
-            out.setdefault("uncollected_tensor_bytes", []).append(pending - live_tensor_bytes())
+            # what a real run holds after each step: no collection is forced (phase switches run none)
+            out.setdefault("live_tensor_bytes", []).append(live_tensor_bytes())
             out["engines"].append(live_engines())
             out.setdefault("optimizers", []).append(live_optimizers())
             if engine.backend.name == "deepspeed":  # a private DeepSpeed attribute, through lift_ds's compat module
@@ -134,9 +155,16 @@ def run(sc, rank, world):
             out["rss"].append(rss_mb())
         if was_boundary and sc.get("save_at") == engine.global_step:
             engine.save_checkpoint(sc["save_dir"])
+            state = engine.backend.full_optimizer_state()  # what a resumed run must get back (tests compare)
+            if rank == 0:
+                torch.save({"step": engine.global_step, "state": state}, Path(sc["save_dir"]) / "probe_saved_state.pt")
             if sc.get("die_after_save"):
                 engine.backend.barrier()
                 os._exit(0)
+    if sc.get("track"):  # tensors only Python's cycle collector would free, after the whole run
+        pending = live_tensor_bytes()
+        gc.collect()
+        out["uncollected_at_end"] = pending - live_tensor_bytes()
     out["seconds"] = time.perf_counter() - t0
     out["switch_seconds"] = engine.phase_switch_seconds
     out["skipped_steps"] = engine.skipped_steps
