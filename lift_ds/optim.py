@@ -31,6 +31,10 @@ def optimizer_factory_from_section(section: Mapping[str, Any]) -> OptimizerFacto
     """
     kind = str(section.get("type", "")).lower()
     params = dict(section.get("params", {}))
+    autos = [k for k, v in params.items() if v == "auto"]
+    if autos:
+        raise ConfigError([f"optimizer.params.{k}: \"auto\" is filled in only by a Hugging Face Trainer "
+                           "(lift_ds.integrations.transformers.LiftTrainer); give a value here (the launcher's --lr sets lr)" for k in autos])
     adam_w_mode = params.get("adam_w_mode", True)
     kwargs = {k: v for k, v in params.items() if k not in _DS_ONLY_KEYS}
     if "betas" in kwargs:

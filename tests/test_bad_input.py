@@ -62,6 +62,8 @@ CONFIG_CASES = [
     ("optimizer-unknown-param", merged(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "momentum": 0.9}}), [], ["optimizer.params.momentum: not a parameter of AdamW"]),
     ("optimizer-lr-negative", merged(optimizer={"type": "AdamW", "params": {"lr": -1}}), [], ["optimizer.params.lr: must be a number > 0, got -1"]),
     ("optimizer-no-type", merged(optimizer={"params": {"lr": 1e-3}}), [], ["optimizer: must be an object with a string \"type\""]),
+    ("optimizer-auto-outside-trainer", merged(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "betas": "auto"}}), [],
+     ["optimizer.params.betas: \"auto\" is filled in only by a Hugging Face Trainer"]),
     ("scheduler-unknown", merged(scheduler={"type": "Cosine", "params": {}}), [], ["scheduler.type: 'Cosine' unknown", "WarmupLR"]),
     ("scheduler-bad-param", merged(scheduler={"type": "WarmupLR", "params": {"warmup_steps": 2, "decay": 1}}), [], ["scheduler.params.decay: not a parameter of WarmupLR", "scheduler.params.warmup_steps", "warmup_num_steps"]),
     ("zero-stage-4", merged(lift_backend="deepspeed", zero_optimization={"stage": 4}), [], ["zero_optimization.stage: got 4; allowed: 0, 1, 2, 3"]),

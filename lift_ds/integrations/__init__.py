@@ -1,0 +1,1 @@
+"""Integrations with the training pipelines users already run (``transformers.Trainer``, TRL)."""

@@ -1,0 +1,422 @@
+"""LIFT inside Hugging Face ``transformers.Trainer`` and TRL's ``SFTTrainer``.
+
+Change the class and add a ``"lift"`` section to the DeepSpeed JSON you already pass::
+
+    from lift_ds.integrations.transformers import LiftTrainer        # was: from transformers import Trainer
+    args = TrainingArguments(..., deepspeed="ds_configs/zero2.json")   # the JSON has a "lift" section
+    trainer = LiftTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train(); trainer.save_model()
+
+    from lift_ds.integrations.transformers import LiftSFTTrainer     # was: from trl import SFTTrainer
+
+Training goes through lift_ds's engine and backends: one block trains per phase, the DeepSpeed engine
+(or FSDP2 optimizer) is rebuilt over the active block, optimizer state exists for that block only.
+That is what a callback toggling ``requires_grad`` cannot deliver under DeepSpeed: the engine it
+leaves in place was built over every parameter. For FSDP2 pass ``lift_config=`` a config with an
+``"fsdp"`` section instead of ``TrainingArguments.deepspeed``.
+
+Trainer settings keep their meaning: ``per_device_train_batch_size``, ``gradient_accumulation_steps``,
+``learning_rate``, ``weight_decay`` and the Adam betas/epsilon, ``optim`` (``adamw_torch``,
+``adamw_torch_fused``, ``sgd``), ``lr_scheduler_type`` and warm-up (one schedule across phases),
+``max_steps`` or ``num_train_epochs``, ``max_grad_norm``, ``bf16``, ``seed``/``data_seed``,
+``logging_steps`` and ``report_to``, ``eval_strategy`` (evaluation loss), ``save_strategy`` /
+``save_steps`` / ``save_total_limit`` and ``resume_from_checkpoint`` (exact: plan, learning rate and
+data position), ``save_model()`` (a consolidated Hugging Face model). ``"auto"`` values in the JSON are
+filled from the TrainingArguments, as Hugging Face does. A Trainer feature that cannot work with LIFT
+is a :class:`~lift_ds.config.ConfigError` when the trainer is built.
+
+Data order is lift_ds's own (keyed by global sample index, like ``launch/train.py``), so a resumed
+run reads exactly the samples an uninterrupted run would, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import ConfigError, load_run_config, read_config_file
+from ..utils import get_logger
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+#: TrainingArguments.optim values lift_ds builds per phase
+OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd")
+
+
+class _ModelView:
+    """What ``Trainer.compute_loss`` gets as ``model``: calls go through the LIFT engine (its
+    backend's wrapper), attributes come from the model."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._engine(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine.module, name)
+
+
+def unsupported_features(trainer: Any) -> list[str]:
+    """Trainer features LIFT cannot honour, each a problem naming the argument and what to do."""
+    a = trainer.args
+    problems = []
+    optim = getattr(a.optim, "value", a.optim)
+    if optim not in OPTIMS:
+        problems.append(f"TrainingArguments.optim: {optim!r} is not built per LIFT phase; use one of {', '.join(OPTIMS)}, or an "
+                        "\"optimizer\" section in the DeepSpeed config")
+    checks = [
+        ("load_best_model_at_end", a.load_best_model_at_end, "LIFT's checkpoints hold the blocks trained so far; pick a checkpoint yourself"),
+        ("torch_compile", a.torch_compile, "the model is re-wrapped at every phase"),
+        ("train_sampling_strategy", getattr(a, "train_sampling_strategy", "random") != "random",
+         "lift_ds orders data by a seeded permutation keyed by global sample index (exact resume on any layout)"),
+        ("auto_find_batch_size", a.auto_find_batch_size, "set per_device_train_batch_size"),
+        ("fsdp", bool(a.fsdp), "pass lift_config= a config with an \"fsdp\" section (lift_ds's FSDP2 backend)"),
+        ("neftune_noise_alpha", getattr(a, "neftune_noise_alpha", None) is not None, "not supported with LIFT"),
+        ("use_liger_kernel", getattr(a, "use_liger_kernel", False), "not supported with LIFT"),
+    ]
+    problems += [f"TrainingArguments.{name}: not supported with LIFT ({why})" for name, on, why in checks if on]
+    if trainer.model_init is not None:
+        problems.append("model_init: not supported with LIFT (pass model=)")
+    if getattr(trainer, "optimizer", None) is not None or getattr(trainer, "lr_scheduler", None) is not None:
+        problems.append("optimizers=: LIFT builds one optimizer per phase; configure it with TrainingArguments (optim, learning_rate, "
+                        "lr_scheduler_type) or the DeepSpeed config's \"optimizer\" / \"scheduler\" sections")
+    if trainer.compute_metrics is not None:
+        problems.append("compute_metrics: LIFT's evaluation reports the loss only; evaluate the saved model for other metrics")
+    return problems
+
+
+def _fill(section: dict, key: str, value: Any, problems: list[str], path: str) -> None:
+    """Fill ``"auto"`` (or an absent key) with the TrainingArguments value; a different explicit value is a problem."""
+    if section.get(key, "auto") == "auto":
+        section[key] = value
+    elif section[key] != value and not (isinstance(value, float) and isinstance(section[key], (int, float)) and math.isclose(section[key], value)):
+        problems.append(f"{path}: {section[key]!r} in the DeepSpeed config, but TrainingArguments says {value!r}; make them agree or "
+                        "set it to \"auto\"")
+
+
+def trainer_config(trainer: Any, source: Any, total_steps: int) -> dict[str, Any]:
+    """The lift_ds config dict: the JSON, with ``"auto"`` values filled from the TrainingArguments."""
+    a = trainer.args
+    raw, _ = read_config_file(source)
+    problems: list[str] = []
+    if not isinstance(raw.get("lift"), dict):
+        raise ConfigError(["lift: the config has no \"lift\" section; add one (see ds_configs/zero2.json) or use transformers.Trainer"],
+                          source=str(source))
+    _fill(raw, "train_micro_batch_size_per_gpu", a.per_device_train_batch_size, problems, "train_micro_batch_size_per_gpu")
+    _fill(raw, "gradient_accumulation_steps", a.gradient_accumulation_steps, problems, "gradient_accumulation_steps")
+    raw.pop("train_batch_size", None) if raw.get("train_batch_size") == "auto" else None
+    _fill(raw, "gradient_clipping", float(a.max_grad_norm), problems, "gradient_clipping")
+    for key, on in (("bf16", a.bf16), ("fp16", a.fp16)):
+        sec = raw.setdefault(key, {"enabled": False}) if isinstance(raw.get(key, {}), dict) else raw[key]
+        if isinstance(sec, dict):
+            _fill(sec, "enabled", bool(on), problems, f"{key}.enabled")
+    lift = raw["lift"]
+    _fill(lift, "total_steps", total_steps, problems, "lift.total_steps")
+    lift.setdefault("seed", a.data_seed if a.data_seed is not None else a.seed)
+    opt = raw.get("optimizer")
+    if isinstance(opt, dict) and isinstance(opt.get("params"), dict):
+        p = opt["params"]
+        for key, value in (("lr", a.learning_rate), ("betas", [a.adam_beta1, a.adam_beta2]), ("eps", a.adam_epsilon),
+                           ("weight_decay", a.weight_decay)):
+            if key in p:
+                _fill(p, key, value, problems, f"optimizer.params.{key}")
+    sched = raw.get("scheduler")
+    if isinstance(sched, dict) and isinstance(sched.get("params"), dict):
+        p = sched["params"]
+        for key, value in (("warmup_min_lr", 0.0), ("warmup_max_lr", a.learning_rate), ("warmup_num_steps", max(1, a.get_warmup_steps(total_steps))),
+                           ("total_num_steps", total_steps)):  # DeepSpeed's WarmupLR family needs >= 1 warm-up step
+            if key in p:
+                _fill(p, key, value, problems, f"scheduler.params.{key}")
+    if problems:
+        raise ConfigError(problems, source=str(source))
+    return raw
+
+
+def optimizer_factory(trainer: Any) -> Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]:
+    """The per-phase optimizer the TrainingArguments describe, with Trainer's weight-decay groups
+    (no decay for biases and norms)."""
+    a = trainer.args
+    model = trainer.model
+    optim = getattr(a.optim, "value", a.optim)
+    decay = set(trainer.get_decay_parameter_names(model))
+
+    def build(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        names = {id(p): n for n, p in model.named_parameters()}  # now: FSDP2 replaces the parameters when it shards
+        groups = [{"params": [p for p in params if names[id(p)] in decay], "weight_decay": a.weight_decay},
+                  {"params": [p for p in params if names[id(p)] not in decay], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        if optim == "sgd":
+            return torch.optim.SGD(groups, lr=a.learning_rate)
+        return torch.optim.AdamW(groups, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+                                 fused=optim == "adamw_torch_fused" or None)
+
+    return build
+
+
+def scheduler_factory(trainer: Any, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+    """``lr_scheduler_type`` with its warm-up, as one schedule over the whole run."""
+    from transformers import get_scheduler
+
+    a = trainer.args
+
+    def build(optimizer: torch.optim.Optimizer) -> Any:
+        return get_scheduler(a.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=a.get_warmup_steps(total_steps),
+                             num_training_steps=total_steps, scheduler_specific_kwargs=a.lr_scheduler_kwargs or {})
+
+    return build
+
+
+class SampleStream:
+    """Micro-batches of a dataset for one rank, keyed by global sample index (see
+    :class:`lift_ds.data.RankBatches`): epoch ``e`` is a permutation seeded with ``seed + e``, cut to
+    whole global batches; rank ``r`` takes chunk ``j*world + r`` of each optimizer step."""
+
+    def __init__(self, dataset: Any, collate: Callable, micro_batch: int, rank: int, world: int, accumulation: int, seed: int) -> None:
+        n = len(dataset)
+        self.global_batch = micro_batch * accumulation * world
+        if n < self.global_batch:
+            raise ConfigError([f"train_dataset: {n} samples are fewer than one global batch ({micro_batch} x {accumulation} x {world} ranks)"])
+        self.dataset, self.collate, self.micro_batch, self.rank, self.world, self.seed = dataset, collate, micro_batch, rank, world, seed
+        self.samples_per_epoch = (n // self.global_batch) * self.global_batch
+        self._epoch, self._order = -1, []
+
+    def batch_at(self, step_start: int, j: int) -> Any:
+        start = step_start + (j * self.world + self.rank) * self.micro_batch
+        epoch, k = divmod(start, self.samples_per_epoch)
+        if epoch != self._epoch:
+            self._order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            self._epoch = epoch
+        return self.collate([self.dataset[i] for i in self._order[k : k + self.micro_batch]])
+
+
+class LiftTrainerMixin:
+    """The LIFT training loop for a ``transformers.Trainer`` subclass (see the module docstring).
+
+    Args:
+        lift_config: a config (path or dict) with a ``"lift"`` section, used instead of
+            ``TrainingArguments.deepspeed`` (e.g. for the FSDP2 backend).
+    """
+
+    def __init__(self, *args: Any, lift_config: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.lift_config_source = lift_config if lift_config is not None else self.args.deepspeed
+        problems = unsupported_features(self)
+        if self.lift_config_source is None:
+            problems.append("TrainingArguments.deepspeed: a DeepSpeed JSON with a \"lift\" section is required (or pass lift_config=)")
+        if self.train_dataset is not None and self.args.max_steps <= 0 and not hasattr(self.train_dataset, "__len__"):
+            problems.append("TrainingArguments.max_steps: required for a dataset without a length (LIFT plans its steps up front)")
+        if problems:
+            raise ConfigError(problems, source="LiftTrainer")
+        self.lift_engine: Any = None
+
+    # ----------------------------------------------------------------- set-up
+
+    def _lift_total_steps(self) -> int:
+        a = self.args
+        if a.max_steps > 0:
+            return a.max_steps
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * world
+        return max(1, len(self.train_dataset) // per_step) * max(1, math.ceil(a.num_train_epochs))
+
+    def _lift_build(self) -> Any:
+        import lift_ds
+
+        total = self._lift_total_steps()
+        raw = trainer_config(self, self.lift_config_source, total)
+        config = load_run_config(raw, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                                 source=str(self.lift_config_source) if not isinstance(self.lift_config_source, dict) else "lift_config")
+        if getattr(self.args, "activation_checkpointing", False) or getattr(self.args, "gradient_checkpointing", False):
+            given = getattr(self.args, "activation_checkpointing_kwargs", None) or getattr(self.args, "gradient_checkpointing_kwargs", None) or {}
+            # non-reentrant: blocks before the active one are then neither recomputed nor back-propagated
+            kwargs = {"use_reentrant": False, **given}
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        optimizer = None if config.training.optimizer is not None else optimizer_factory(self)
+        schedule = None if config.training.scheduler is not None else scheduler_factory(self, total)
+        engine, _, _, _ = lift_ds.initialize(model=self.model, config=config, optimizer=optimizer, lr_scheduler=schedule)
+        return engine
+
+    def _lift_stream(self, engine: Any) -> SampleStream:
+        import datasets
+
+        dataset, collate = self.train_dataset, self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collate = self._get_collator_with_removed_columns(collate, description="training")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return SampleStream(dataset, collate, engine.train_micro_batch_size_per_gpu(), engine.rank, engine.world_size,
+                            engine.gradient_accumulation_steps(), seed)
+
+    # ----------------------------------------------------------------- training
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, ignore_keys_for_eval: Any = None, **kwargs: Any) -> Any:
+        """Train with LIFT; arguments as ``Trainer.train``. Returns a ``TrainOutput``."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        if trial is not None:
+            raise ConfigError(["trial: hyperparameter search is not supported with LIFT"], source="LiftTrainer")
+        a = self.args
+        if self.lift_engine is None:
+            self.lift_engine = self._lift_build()
+        engine = self.lift_engine
+        stream = self._lift_stream(engine)
+        self.state = TrainerState(max_steps=engine.plan.total_steps, logging_steps=a.logging_steps, eval_steps=a.eval_steps or a.logging_steps,
+                                  save_steps=a.save_steps, train_batch_size=a.per_device_train_batch_size,
+                                  is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero())
+        if resume_from_checkpoint:
+            self._lift_resume(resume_from_checkpoint)
+        engine.train()  # as Trainer does (from_pretrained returns a model in eval mode)
+        handler = self.callback_handler
+        handler.model, handler.optimizer, handler.lr_scheduler = self.model, engine.optimizer, engine.lr_scheduler
+        self.control = handler.on_train_begin(a, self.state, self.control)
+        view, gas, n = _ModelView(engine), engine.gradient_accumulation_steps(), len(stream.dataset)
+        logged_loss, logged_steps, t0, start_step = 0.0, 0, time.time(), engine.global_step
+        while not engine.done:
+            self.control = handler.on_step_begin(a, self.state, self.control)
+            step_loss = 0.0
+            for j in range(gas):
+                inputs = self._prepare_inputs(stream.batch_at(engine.samples_seen, j))
+                loss = self.compute_loss(view, inputs)
+                engine.backward(loss)
+                step_loss += loss.item() / gas
+                del loss  # DeepSpeed's hooks on it would keep this phase's engine alive
+                engine.step()
+            logged_loss, logged_steps = logged_loss + step_loss, logged_steps + 1
+            self.state.global_step, self.state.epoch = engine.global_step, engine.samples_seen / n
+            self.control = handler.on_step_end(a, self.state, self.control)
+            if a.logging_steps and (engine.global_step % a.logging_steps == 0 or engine.done):
+                self.log({"loss": logged_loss / logged_steps, "learning_rate": engine.get_lr()[0],
+                          "grad_norm": float(engine.last_grad_norm or 0.0), "lift_phase": float(engine.cursor.phase.index + 1 if not engine.done else len(engine.plan.phases))})
+                logged_loss, logged_steps = 0.0, 0
+            if self._lift_due(a.eval_strategy, a.eval_steps or a.logging_steps, engine, stream) and self.eval_dataset is not None:
+                self.evaluate(ignore_keys=ignore_keys_for_eval)
+            if self._lift_due(a.save_strategy, a.save_steps, engine, stream):
+                self._lift_save()
+            if self.control.should_training_stop:
+                break
+        self.control = handler.on_train_end(a, self.state, self.control)
+        seconds = time.time() - t0
+        metrics = {"train_runtime": seconds, "train_steps_per_second": (engine.global_step - start_step) / max(seconds, 1e-9),
+                   "lift_phase_switch_seconds": engine.phase_switch_seconds, "lift_skipped_steps": float(engine.skipped_steps)}
+        history = [h["loss"] for h in self.state.log_history if "loss" in h]
+        return TrainOutput(engine.global_step, sum(history) / max(len(history), 1), metrics)
+
+    @staticmethod
+    def _lift_due(strategy: Any, every: int, engine: Any, stream: SampleStream) -> bool:
+        kind = getattr(strategy, "value", strategy)
+        if kind == "steps":
+            return bool(every) and engine.global_step % every == 0
+        if kind == "epoch":  # the step that completed an epoch
+            return (engine.samples_seen // stream.samples_per_epoch) > ((engine.samples_seen - stream.global_batch) // stream.samples_per_epoch)
+        return False
+
+    # ----------------------------------------------------------------- evaluation
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The evaluation loss through the LIFT engine (collective): items split over ranks, averaged by item."""
+        engine = self.lift_engine
+        if engine is None:
+            raise RuntimeError("evaluate() before train(): the LIFT engine is built by train()")
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        import datasets
+
+        collate = self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="evaluation")
+        else:
+            collate = self._get_collator_with_removed_columns(collate, description="evaluation")
+        n, bs = len(dataset), self.args.per_device_eval_batch_size
+        per = math.ceil(n / engine.world_size)
+        mine = [(engine.rank * per + k, 1.0) if engine.rank * per + k < n else (n - 1, 0.0) for k in range(per)]
+        total = count = 0.0
+        engine.eval()
+        view = _ModelView(engine)
+        with torch.no_grad():
+            for s in range(0, len(mine), bs):
+                chunk = mine[s : s + bs]
+                inputs = self._prepare_inputs(collate([dataset[i] for i, _ in chunk]))
+                loss = float(self.compute_loss(view, inputs))
+                weight = sum(w for _, w in chunk)
+                total, count = total + loss * weight, count + weight
+        total, count = engine.backend.all_reduce_sum([total, count])
+        metrics = {f"{metric_key_prefix}_loss": total / max(count, 1.0)}
+        self.log(metrics)  # still in eval mode: TRL's log() files its own metrics under eval_
+        engine.train()
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ----------------------------------------------------------------- checkpoints and export
+
+    def _lift_save(self) -> Path:
+        """``output_dir/checkpoint-<step>/``: the LIFT checkpoint, with the TrainerState in it (atomic)."""
+        import shutil
+
+        out = Path(self.args.output_dir)
+        path = self.lift_engine.save_checkpoint(out, tag=f"{CHECKPOINT_PREFIX}{self.state.global_step}",
+                                                client_state={"trainer_state": json.loads(json.dumps(dataclasses.asdict(self.state), default=str))})
+        if self.is_world_process_zero() and self.args.save_total_limit:
+            done = sorted((p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()),
+                          key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+            for old in done[: -self.args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        return path
+
+    def _lift_resume(self, resume_from_checkpoint: str | bool) -> None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else str(resume_from_checkpoint)
+        if path is None:
+            raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        path = Path(path)
+        _, client = self.lift_engine.load_checkpoint(path.parent, tag=path.name)
+        if "trainer_state" in client:
+            saved = client["trainer_state"]
+            self.state.log_history, self.state.total_flos = saved.get("log_history", []), saved.get("total_flos", 0.0)
+        self.state.global_step = self.lift_engine.global_step
+        logger.info("resumed from %s at step %d", path, self.state.global_step)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A consolidated Hugging Face model (gathered from ZeRO-3 / FSDP2 shards; collective)."""
+        if self.lift_engine is None:
+            return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+        from ..export import save_hf_checkpoint
+
+        out = output_dir or self.args.output_dir
+        save_hf_checkpoint(self.lift_engine, out, tokenizer=self.processing_class)
+        if self.is_world_process_zero():
+            torch.save(self.args, os.path.join(out, "training_args.bin"))
+
+
+def _transformers_trainer() -> type:
+    from transformers import Trainer
+
+    return Trainer
+
+
+class LiftTrainer(LiftTrainerMixin, _transformers_trainer()):  # type: ignore[misc]
+    """``transformers.Trainer`` that trains one block at a time (see the module docstring)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LiftSFTTrainer":  # trl is optional: built on first use
+        from trl import SFTTrainer
+
+        cls = type("LiftSFTTrainer", (LiftTrainerMixin, SFTTrainer), {"__doc__": "TRL's ``SFTTrainer`` with LIFT (see the module docstring)."})
+        globals()["LiftSFTTrainer"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

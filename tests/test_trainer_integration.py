@@ -1,0 +1,87 @@
+"""LiftTrainer's up-front checks: Trainer features LIFT cannot honour, and DeepSpeed values that
+disagree with the TrainingArguments, are errors when the trainer is built (or before training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lift_ds.config import ConfigError
+
+from helpers import lm_batches, tiny_llama
+
+CFG = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "lift": {"backend": "torch"}}
+
+
+def data():
+    return [{"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()} for b in lm_batches(16, batch=1)]
+
+
+def collate(rows):
+    return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+
+
+def build(tmp_path, lift_config=CFG, trainer_kwargs=None, **args):
+    from transformers import TrainingArguments
+
+    from lift_ds.integrations.transformers import LiftTrainer
+
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=8, report_to=[], use_cpu=True, disable_tqdm=True)
+    return LiftTrainer(model=tiny_llama(), args=TrainingArguments(**{**base, **args}), train_dataset=data(), data_collator=collate,
+                       lift_config=lift_config, **(trainer_kwargs or {}))
+
+
+@pytest.mark.parametrize("args,needle", [
+    ({"optim": "adafactor"}, "TrainingArguments.optim: 'adafactor' is not built per LIFT phase"),
+    ({"torch_compile": True}, "TrainingArguments.torch_compile: not supported with LIFT"),
+    ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"}, "TrainingArguments.load_best_model_at_end"),
+])
+def test_unsupported_trainer_features_fail_at_construction(tmp_path, args, needle):
+    with pytest.raises(ConfigError) as info:
+        build(tmp_path, trainer_kwargs={"eval_dataset": data()[:2]}, **args)
+    assert needle in str(info.value)
+
+
+def test_compute_metrics_and_prebuilt_optimizers_are_refused(tmp_path):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ConfigError) as info:
+        build(tmp_path, trainer_kwargs={"compute_metrics": lambda p: {}, "optimizers": (opt, None)})
+    text = str(info.value)
+    assert "compute_metrics: LIFT's evaluation reports the loss only" in text and "optimizers=: LIFT builds one optimizer per phase" in text
+
+
+def test_a_config_without_lift_section_or_any_config(tmp_path):
+    with pytest.raises(ConfigError, match="TrainingArguments.deepspeed: a DeepSpeed JSON with a \"lift\" section is required"):
+        build(tmp_path, lift_config=None)
+    trainer = build(tmp_path, lift_config={"train_micro_batch_size_per_gpu": "auto"})
+    with pytest.raises(ConfigError, match="the config has no \"lift\" section"):
+        trainer.train()
+
+
+def test_explicit_values_must_agree_with_training_arguments(tmp_path):
+    cfg = {**CFG, "train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    trainer = build(tmp_path, lift_config=cfg, learning_rate=5e-4)
+    with pytest.raises(ConfigError) as info:
+        trainer.train()
+    text = str(info.value)
+    assert "train_micro_batch_size_per_gpu: 4 in the DeepSpeed config, but TrainingArguments says 2" in text
+    assert "optimizer.params.lr: 0.001 in the DeepSpeed config, but TrainingArguments says 0.0005" in text
+
+
+def test_one_process_run_logs_evaluates_saves_and_resumes(tmp_path):
+    """The torch backend, one process: logging, evaluation loss, checkpoints and an exact resume."""
+    trainer = build(tmp_path, logging_steps=2, save_steps=4, eval_strategy="steps", eval_steps=4, learning_rate=1e-2,
+                    trainer_kwargs={"eval_dataset": data()[:4]})
+    out = trainer.train()
+    assert out.global_step == 8 and [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [4, 8]
+    assert (tmp_path / "checkpoint-4").is_dir() and (tmp_path / "checkpoint-8").is_dir()
+    final = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    again = build(tmp_path, logging_steps=2, save_steps=4, learning_rate=1e-2)
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-8")
+    (tmp_path / "latest").write_text("checkpoint-4")
+    again.train(resume_from_checkpoint=True)
+    assert again.lift_engine.global_step == 8 and sum(1 for h in again.state.log_history if "loss" in h) == 4
+    for n, p in again.model.named_parameters():
+        assert torch.equal(p, final[n]), n
