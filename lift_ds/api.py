@@ -101,6 +101,8 @@ def initialize(
         logger.info("model_parameters is ignored: LIFT chooses the trainable parameters of each phase")
     # a model LIFT cannot split, a bad layer range or pattern fail here, before any process group
     plan = resolve_plan(model, run.lift, fixed_trainable)
+    if run.lift.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     # with no optimizer given, each backend builds the config's "optimizer" section its own way
     factory = None if optimizer is None and run.training.optimizer is not None else as_optimizer_factory(optimizer, run.training.optimizer)
     if lr_scheduler is None and run.training.scheduler is not None:
@@ -113,6 +115,28 @@ def initialize(
     if training_data is not None:
         loader = make_dataloader(training_data, run.training.micro_batch_size, backend.rank, backend.world_size, collate_fn, run.lift.seed)
     return engine, PhaseOptimizer(engine), loader, schedule
+
+
+def enable_gradient_checkpointing(model: nn.Module, **kwargs: Any) -> None:
+    """Non-reentrant activation checkpointing through transformers' own switch, keeping truncated
+    backward: a block before the active one is neither recomputed nor back-propagated.
+
+    transformers also makes the input embeddings' output require a gradient when it turns
+    checkpointing on (``enable_input_require_grads``, needed by reentrant checkpointing and PEFT);
+    every layer's output would then need a gradient and backward would run through every block
+    before the active one. Non-reentrant checkpointing does not need it, so it is removed here.
+    """
+    kwargs = {**kwargs, "use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError([f"lift.gradient_checkpointing: {type(model).__name__} has no activation_checkpointing_enable / "
+                           "gradient_checkpointing_enable (a Hugging Face PreTrainedModel has); wrap its layers yourself"])
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    logger.info("gradient checkpointing on (non-reentrant; truncated backward kept)")
 
 
 def make_dataloader(

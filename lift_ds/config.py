@@ -90,6 +90,9 @@ class LiftConfig:
                         kind="int", flag=False)
     optimizer_state: str = setting("reset", "reset: a fresh optimizer each phase; offload: a block's optimizer state (and fp32 "
                                    "master) waits on CPU and comes back when the block does", kind="choice", choices=OPTIMIZER_STATES)
+    gradient_checkpointing: bool = setting(False, "recompute each layer's activations during backward (non-reentrant, through "
+                                           "transformers' own switch): less activation memory; blocks before the active one are "
+                                           "neither recomputed nor back-propagated", kind="bool")
     max_consecutive_skipped_steps: int = setting(5, "a step with a NaN/inf loss or gradient norm is skipped and counted; this many "
                                                  "in a row stop the run (0: never)", kind="int", minimum=0)
 

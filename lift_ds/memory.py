@@ -191,6 +191,19 @@ def largest_fitting(gib: float, ranks: int, zero: int, **kw: Any) -> dict[str, s
     return out
 
 
+def peak_memory() -> dict[str, float]:
+    """Peak memory of this process so far, named for what it is: on CUDA the allocator's peak
+    (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``, GiB), else the peak resident set
+    size (RSS, GiB)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_cuda_allocated_gib": torch.cuda.max_memory_allocated() / GIB, "peak_cuda_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+    import resource
+
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}  # ru_maxrss is KiB on Linux
+
+
 def live_tensor_bytes() -> int:
     """Bytes of all live tensor storages in this process, each storage counted once (a census of what
     is held, the measured counterpart of :func:`estimate`; walks ``gc.get_objects()``, so not for hot paths)."""

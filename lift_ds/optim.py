@@ -23,11 +23,11 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 _DS_ONLY_KEYS = {"torch_adam", "adam_w_mode", "fused", "bias_correction", "amsgrad"}
 
 
-def optimizer_factory_from_section(section: Mapping[str, Any]) -> OptimizerFactory:
+def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> OptimizerFactory:
     """A factory for the DeepSpeed ``"optimizer"`` section's type, with DeepSpeed's meanings.
 
     DeepSpeed's ``"Adam"`` is AdamW unless ``"adam_w_mode": false``; ``"AdamW"`` and ``"SGD"`` are
-    as in torch.
+    as in torch. ``extra`` adds constructor arguments (e.g. ``fused=True`` on CUDA).
     """
     kind = str(section.get("type", "")).lower()
     params = dict(section.get("params", {}))
@@ -51,6 +51,8 @@ def optimizer_factory_from_section(section: Mapping[str, Any]) -> OptimizerFacto
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise ConfigError([f"optimizer.params.{k}: not a parameter of {cls.__name__}; allowed: {sorted(allowed)}" for k in unknown])
+
+    kwargs.update(extra or {})
 
     def factory(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         return cls(ps, **kwargs)

@@ -99,9 +99,11 @@ class Run:
     def train(self) -> dict[str, Any]:
         from tqdm import tqdm
 
+        from .memory import peak_memory
         from .recipe import optimizer_step
 
         args, engine = self.args, self.engine
+        engine.train()  # also when resuming past step 0 (from_pretrained returns a model in eval mode)
         if args.resume:
             path, _ = engine.load_checkpoint(self.ckpt_dir, allow_batch_change=args.allow_batch_change)
             if path is None:
@@ -120,13 +122,15 @@ class Run:
             loss, tokens = optimizer_step(engine, self.batches, nan_loss=faults.armed("nan_loss", engine.global_step + 1, engine.rank))
             dt = time.perf_counter() - t_step
             rec = {"step": engine.global_step, "loss": loss, "lr": engine.get_lr()[0], "block": block, "phase": phase,
-                   "grad_norm": engine.last_grad_norm, "tokens_per_s": tokens / dt, "step_s": dt}
+                   "grad_norm": engine.last_grad_norm, "tokens_per_s": tokens / dt, "step_s": dt, **peak_memory()}
             if engine.last_step_skipped:
                 rec["skipped"] = True
             if engine.skipped_steps:
                 rec["skipped_steps"] = engine.skipped_steps
             self.log(rec)
-            bar.set_postfix(phase=f"{phase}/{len(engine.cursor.phases)}", block=block, loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            mem = rec.get("peak_cuda_allocated_gib", rec.get("peak_rss_gib", 0.0))
+            bar.set_postfix(phase=f"{phase}/{len(engine.plan.phases)}", block=block, loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            **{"peak_gpu_GiB" if "peak_cuda_allocated_gib" in rec else "peak_rss_GiB": f"{mem:.2f}"})
             bar.update(1)
             t_step = time.perf_counter()
             faults.maybe_kill("kill", engine.global_step, engine.rank)

@@ -210,18 +210,34 @@ def test_model_without_blocks_fails_before_a_process_group():
     assert not dist.is_initialized()
 
 
-def test_offload_without_a_buildable_op(d, capsys, monkeypatch):
-    """No pre-built cpu_adam and no compiler: refused up front, not after a minute of failed compiling."""
+def test_offload_without_a_buildable_op_falls_back_to_torch(monkeypatch):
+    """No pre-built cpu_adam and no compiler: torch's AdamW runs over the offloaded CPU partitions
+    (DeepSpeed allows it with zero_force_ds_cpu_optimizer false), said in one line; no failed compile."""
     import shutil
 
-    from lift_ds.backends.deepspeed import cpu_op_problems
+    import torch
+
+    from lift_ds.backends.ops import choose_optimizer
 
     monkeypatch.setattr(shutil, "which", lambda cmd: None)
-    path = d / "offload.json"
-    path.write_text(json.dumps(merged(lift_backend="deepspeed", zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})))
-    code, err = run_main(d, ["--ds_config", str(path)], capsys)
-    check(code, err, ["cpu_adam", "a C++ compiler not found", "DS_BUILD_CPU_ADAM=1"])
-    assert cpu_op_problems()
+    choice = choose_optimizer({"type": "AdamW", "params": {"lr": 1e-3}}, "cpu", offload=True)
+    assert choice.factory is not None and choice.config == {"zero_force_ds_cpu_optimizer": False}
+    assert "runs as torch.optim.AdamW over the offloaded CPU partitions" in choice.message and "a C++ compiler not found" in choice.message
+    assert isinstance(choice.factory([torch.nn.Parameter(torch.zeros(2))]), torch.optim.AdamW)
+
+
+def test_fused_adam_on_a_gpu_without_the_op_uses_torch_fused(monkeypatch):
+    """On CUDA, DeepSpeed's FusedAdam only where it is pre-built or its builder is compatible and
+    the tools are there; otherwise torch.optim.AdamW(fused=True)."""
+    from lift_ds.backends import compat, ops
+
+    monkeypatch.setattr(compat, "installed_op", lambda name: False)
+    monkeypatch.setattr(ops, "_tools", lambda cuda: ["nvcc"])
+    choice = ops.choose_optimizer({"type": "Adam", "params": {"lr": 1e-3}}, "cuda", offload=False)
+    assert choice.factory is not None and "runs as torch.optim.AdamW(fused=True)" in choice.message
+    monkeypatch.setattr(compat, "installed_op", lambda name: True)
+    choice = ops.choose_optimizer({"type": "Adam", "params": {"lr": 1e-3}}, "cuda", offload=False)
+    assert choice.factory is None and "DeepSpeed's fused_adam (DeepSpeed was installed with fused_adam built)" in choice.message
 
 
 def test_at_least_forty_distinct_refusals(d, capsys):

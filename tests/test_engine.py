@@ -100,18 +100,34 @@ def test_truncated_backward_grads_and_hooks():
     assert "embed" not in fired and "layer0" not in fired and "layer1" not in fired
 
 
+def count_forward_calls(module, counts, key):
+    """Count calls of ``module.forward`` itself (transformers checkpoints a layer's forward inside its
+    hooks, so a forward hook would not see a recomputation)."""
+    inner = module.forward
+
+    def counted(*a, **k):
+        counts[key] = counts.get(key, 0) + 1
+        return inner(*a, **k)
+
+    module.forward = counted
+
+
 def test_truncated_backward_with_gradient_checkpointing():
+    from lift_ds.api import enable_gradient_checkpointing
+
     model = tiny_llama(layers=4)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     model.train()
     engine, _, _ = make(model=model, lift={"total_steps": 4, "layer_range": [2, 3]}, opt=lambda ps: torch.optim.SGD(ps, lr=0.1))
-    calls = []
-    model.model.layers[0].register_forward_hook(lambda *a: calls.append(0))
+    calls = {}
+    for i in (0, 1):
+        count_forward_calls(model.model.layers[i].mlp, calls, i)
     b = lm_batches(1)[0]
     engine(**b).loss.backward()
     grads = {n.split(".")[2] for n, p in model.named_parameters() if p.grad is not None}
     assert grads == {"1"}
-    assert len(calls) == 1  # layer 0 ran forward once and was not recomputed: no backward reached it
+    # layer 0 ran forward once and was not recomputed (no backward reached it); the active layer 1 was
+    assert calls == {0: 1, 1: 2}, calls
 
 
 def test_gradient_accumulation_matches_big_batch():
@@ -326,3 +342,42 @@ def test_checkpoint_is_portable_between_backends_and_layouts(tmp_path):
         assert T.equal(got["master"][n], saved_state["master"][n])
         assert T.equal(got["state"][n]["exp_avg_sq"], saved_state["state"][n]["exp_avg_sq"])
     assert sorted(fresh.stash) == sorted(engine.stash) == [0, 2, 3]
+
+
+def test_gradient_checkpointing_key_keeps_weights_and_truncated_backward():
+    """lift.gradient_checkpointing: the same weights as without it (float noise), the active layer
+    recomputed in backward (so it is on), blocks before the active one run forward once and get no
+    gradient (neither recomputed nor back-propagated)."""
+    lift = {"total_steps": 6, "layer_range": [2, 4], "include_head": True}
+    data = lm_batches(6)
+    plain, _, _ = make(lift=lift)
+    train(plain, data)
+    ckpt, _, _ = make(lift={**lift, "gradient_checkpointing": True})
+    assert ckpt.module.is_gradient_checkpointing
+    layers = ckpt.module.model.layers
+    calls = {}
+    for i in (0, 1):
+        count_forward_calls(layers[i].mlp, calls, i)
+    assert ckpt.active_block == "model.layers.1"
+    loss = ckpt(**data[0]).loss
+    ckpt.backward(loss)
+    assert calls == {0: 1, 1: 2}, calls  # layer 0 once (frozen, before the active block); layer 1 recomputed
+    assert all(p.grad is None for p in layers[0].parameters())
+    ckpt.step()
+    train(ckpt, data[1:])
+    for (n, a), (_, b) in zip(plain.module.named_parameters(), ckpt.module.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_bf16_weights_train_through_fp32_masters():
+    """Torch backend with bf16: every weight is 16-bit, the active block steps on fp32 masters (the
+    checkpointed master is fp32 and rounds to the weight), and the loss falls."""
+    engine, _, _ = make(lift={"total_steps": 16, "layer_range": [4, 4], "include_head": True}, bf16={"enabled": True})
+    assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
+    losses = train(engine, lm_batches(8))
+    state = engine.backend.full_optimizer_state()
+    named = dict(engine.module.named_parameters())
+    for n, master in state["master"].items():
+        assert master.dtype == torch.float32 and torch.equal(master.bfloat16(), named[n].detach())
+    losses += train(engine, lm_batches(8, seed=2))
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses

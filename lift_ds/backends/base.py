@@ -288,7 +288,12 @@ class Backend(ABC):
 
 class TorchOptimizerBackend(Backend):
     """A backend whose phase optimizer is a plain ``torch.optim`` over the active parameters
-    (the torch reference and FSDP2): the optimizer's life, backward, clipping and the step."""
+    (the torch reference and FSDP2): the optimizer's life, backward, clipping and the step.
+
+    When the model's weights are 16-bit (the torch backend with ``bf16``), the active block trains
+    through fp32 master copies, as DeepSpeed's ZeRO optimizers do: gradients are copied up, clipped and
+    stepped in fp32, and the result is written back into the 16-bit weights; frozen blocks stay 16-bit.
+    """
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
@@ -298,22 +303,28 @@ class TorchOptimizerBackend(Backend):
             self.optimizer_factory = optimizer_factory_from_section(self.training.optimizer)
         self._optimizer: torch.optim.Optimizer | None = None
         self._params: list[nn.Parameter] = []
+        #: what the optimizer updates: the parameters, or fp32 masters of 16-bit ones
+        self._masters: list[nn.Parameter] = []
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         return self._optimizer
 
+    def _half(self) -> bool:
+        return any(p.dtype in (torch.bfloat16, torch.float16) for p in self._params)
+
     def build(self, params: list[nn.Parameter]) -> None:
         self._params = params
         for p in params:
             p.grad = None
-        self._optimizer = self.optimizer_factory(params)
+        self._masters = [nn.Parameter(p.detach().float().clone()) for p in params] if self._half() else params
+        self._optimizer = self.optimizer_factory(self._masters)
 
     def teardown(self) -> None:
         for p in self.model.parameters():
             p.grad = None
         self._optimizer = None
-        self._params = []
+        self._params, self._masters = [], []
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.training.gradient_accumulation_steps).backward()
@@ -322,21 +333,31 @@ class TorchOptimizerBackend(Backend):
         if not boundary:
             return None
         assert self._optimizer is not None, "step() before build()"
-        grads = [p.grad for p in self._params if p.grad is not None]
+        if self._masters is not self._params:  # 16-bit weights: the step runs on fp32 masters
+            for m, p in zip(self._masters, self._params):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        grads = [m.grad for m in self._masters if m.grad is not None]
         total = torch.nn.utils.get_total_norm(grads)
         # a DTensor under FSDP2: full_tensor() all-reduces it, so every rank sees the same norm
         norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
         self.step_applied = math.isfinite(norm)
         if self.step_applied:
             if self.training.gradient_clipping > 0:
-                torch.nn.utils.clip_grads_with_norm_(self._params, self.training.gradient_clipping, total)
+                torch.nn.utils.clip_grads_with_norm_(self._masters, self.training.gradient_clipping, total)
             self._optimizer.step()
+            if self._masters is not self._params:
+                with torch.no_grad():
+                    for m, p in zip(self._masters, self._params):
+                        p.copy_(m)
         self._optimizer.zero_grad(set_to_none=True)
         return norm
 
     def discard_gradients(self) -> None:
         if self._optimizer is not None:
             self._optimizer.zero_grad(set_to_none=True)
+        for p in self._params:
+            p.grad = None
 
     def active_params(self) -> list[nn.Parameter]:
         return list(self._params)
@@ -363,11 +384,15 @@ class TorchOptimizerBackend(Backend):
 
     def full_optimizer_state(self) -> dict[str, Any]:
         assert self._optimizer is not None, "full_optimizer_state() before build()"
-        return torch_optimizer_full_state(self._optimizer, self.active_param_names(), self._params)
+        return torch_optimizer_full_state(self._optimizer, self.active_param_names(), self._masters)
 
     def load_full_optimizer_state(self, state: dict[str, Any]) -> None:
         assert self._optimizer is not None, "load_full_optimizer_state() before build()"
-        load_torch_optimizer_full_state(self._optimizer, self.active_param_names(), self._params, state)
+        load_torch_optimizer_full_state(self._optimizer, self.active_param_names(), self._masters, state)
+        if self._masters is not self._params:
+            with torch.no_grad():
+                for m, p in zip(self._masters, self._params):
+                    p.copy_(m)
 
     def optimizer_state_numel(self) -> int:
         if self._optimizer is None:

@@ -17,7 +17,7 @@ once when another version is found.
 | :func:`has_fp32_master` | ZeRO parameter attributes ``_hp_mapping`` (ZeRO-1/2, bf16 optimizer) and ``ds_id`` (ZeRO-3) |
 | :func:`zero_step_and_keys` | where a ZeRO optimizer's base optimizer keeps its state and step (flat partitions; ZeRO-3's ``fp32_partitioned_groups_flat``; state or parameter group) |
 | :func:`materialize_zero_state` | creating a fresh ZeRO optimizer's flat state and linking it (``_lazy_init_hp_params_optimizer_state``) |
-| :func:`cpu_adam_prebuilt` | ``deepspeed.git_version_info.installed_ops`` |
+| :func:`installed_op` | ``deepspeed.git_version_info.installed_ops`` |
 | :func:`zero_reduce_bucket_size` | ``optimizer.reduce_bucket_size`` (read by the leak test) |
 """
 
@@ -213,13 +213,14 @@ def materialize_zero_state(opt: Any, keys: list[str], step: float | None) -> Non
         opt._lazy_init_hp_params_optimizer_state()
 
 
-def cpu_adam_prebuilt() -> bool | None:
-    """Whether DeepSpeed was installed with cpu_adam built (None: DeepSpeed is not installed)."""
+def installed_op(name: str) -> bool | None:
+    """Whether DeepSpeed was installed with op ``name`` (``cpu_adam``, ``fused_adam``) pre-built
+    (None: DeepSpeed is not installed)."""
     try:
         from deepspeed.git_version_info import installed_ops
     except ImportError:
         return None
-    return bool(installed_ops.get("cpu_adam"))
+    return bool(installed_ops.get(name))
 
 
 def zero_reduce_bucket_size(engine: Any) -> int:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainingConfig, is_comment_key
-from ..optim import optimizer_factory_from_section
 from ..utils import get_logger, init_process_group
 from . import compat
 from .base import Backend, BackendContext
+from .ops import choose_optimizer
 from .state import WEIGHTS_FILE, load_torch_optimizer_full_state, torch_optimizer_full_state
 
 logger = get_logger(__name__)
@@ -80,29 +80,7 @@ def _zero_problems(zero: Any, raw: Mapping[str, Any]) -> list[str]:
                     f"(DeepSpeedCPUAdam, -Adagrad, -Lion); optimizer.type {kind!r} has none. Use Adam, AdamW, Adagrad or Lion, "
                     "or remove the offload"
                 )
-            else:
-                problems += cpu_op_problems()
     return problems
-
-
-def cpu_op_problems() -> list[str]:
-    """[] when DeepSpeed's CPU optimizer op (cpu_adam) is pre-built or can be compiled here."""
-    import os
-    import shutil
-
-    prebuilt = compat.cpu_adam_prebuilt()
-    if prebuilt is None:
-        return ["zero_optimization.offload_optimizer: needs DeepSpeed (pip install deepspeed)"]
-    if prebuilt:
-        return []
-    from torch.utils.cpp_extension import is_ninja_available
-
-    missing = [name for name, ok in (("ninja", is_ninja_available()), ("a C++ compiler", shutil.which(os.environ.get("CXX", "c++")) is not None)) if not ok]
-    if not missing:
-        return []
-    return [f"zero_optimization.offload_optimizer: DeepSpeed's CPU optimizer op (cpu_adam) is not pre-built and cannot be compiled "
-            f"here: {' and '.join(missing)} not found. Install them (pip install ninja; apt-get install g++), or install DeepSpeed "
-            "with DS_BUILD_CPU_ADAM=1, or remove the offload"]
 
 
 def _offloaded(zero: Mapping[str, Any], key: str) -> bool:
@@ -149,12 +127,16 @@ class DeepSpeedBackend(Backend):
         options = cfg.backend_options or self.check_config(cfg.raw, cfg.training, cfg.world_size, "lift")[0]
         self.mpu = ctx.passthrough.get("mpu")
         factory = self.optimizer_factory
-        cpu = get_accelerator().device_name() == "cpu"
-        if factory is None and self.training.optimizer is not None and not options.offload_optimizer and cpu:
-            # On CPU DeepSpeed would compile FusedAdam (about a minute); torch's optimizer is the same math.
-            factory = self.optimizer_factory = optimizer_factory_from_section(self.training.optimizer)
-            logger.info("CPU accelerator: the config's %s optimizer runs as torch.optim (no op to compile)", self.training.optimizer["type"])
-        self.ds_config = self.deepspeed_config(dict(cfg.raw), self.training, client_optimizer=factory is not None)
+        device = get_accelerator().device_name()
+        cpu = device == "cpu"
+        extra: dict[str, Any] = {}
+        if factory is None and self.training.optimizer is not None:
+            # DeepSpeed's compiled op where it is pre-built or can be built here, torch's otherwise
+            choice = choose_optimizer(self.training.optimizer, device, options.offload_optimizer)
+            factory = self.optimizer_factory = choice.factory
+            extra = choice.config
+            logger.info("%s", choice.message)
+        self.ds_config = {**self.deepspeed_config(dict(cfg.raw), self.training, client_optimizer=factory is not None), **extra}
         if self.ds_config.get("optimizer") is None and factory is None:
             raise ConfigError(["optimizer: none given; pass optimizer= a callable params -> Optimizer, or add an \"optimizer\" section"])
         self.zero_stage = options.zero_stage

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Mapping
 
 import torch
@@ -12,7 +11,8 @@ from .base import BackendContext, TorchOptimizerBackend
 
 
 class TorchBackend(TorchOptimizerBackend):
-    """Single process, plain PyTorch, fp32 weights (bf16 via autocast when ``bf16.enabled``)."""
+    """Single process, plain PyTorch, on the GPU when there is one; fp32, or bf16 weights with fp32
+    masters for the active block (``bf16.enabled``)."""
 
     name = "torch"
 
@@ -35,12 +35,16 @@ class TorchBackend(TorchOptimizerBackend):
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
+        import os
+
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        # bf16: 16-bit weights everywhere (frozen blocks included), the active block through fp32 masters
+        self.model.to(device=self.device, dtype=torch.bfloat16 if self.training.precision == "bf16" else None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        ctx = (
-            torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-            if self.training.precision == "bf16"
-            else contextlib.nullcontext()
-        )
-        with ctx:
-            return self.model(*args, **kwargs)
+        args = tuple(a.to(self.device) if torch.is_tensor(a) else a for a in args)
+        kwargs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        return self.model(*args, **kwargs)

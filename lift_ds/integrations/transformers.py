@@ -236,13 +236,11 @@ class LiftTrainerMixin:
         config = load_run_config(raw, world_size=int(os.environ.get("WORLD_SIZE", "1")),
                                  source=str(self.lift_config_source) if not isinstance(self.lift_config_source, dict) else "lift_config")
         if getattr(self.args, "activation_checkpointing", False) or getattr(self.args, "gradient_checkpointing", False):
+            from ..api import enable_gradient_checkpointing
+
             given = getattr(self.args, "activation_checkpointing_kwargs", None) or getattr(self.args, "gradient_checkpointing_kwargs", None) or {}
-            # non-reentrant: blocks before the active one are then neither recomputed nor back-propagated
-            kwargs = {"use_reentrant": False, **given}
-            if hasattr(self.model, "activation_checkpointing_enable"):
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            # non-reentrant, without transformers' input-grad hook: truncated backward is kept
+            enable_gradient_checkpointing(self.model, **{k: v for k, v in given.items() if k in ("preserve_rng_state", "determinism_check")})
         optimizer = None if config.training.optimizer is not None else optimizer_factory(self)
         schedule = None if config.training.scheduler is not None else scheduler_factory(self, total)
         engine, _, _, _ = lift_ds.initialize(model=self.model, config=config, optimizer=optimizer, lr_scheduler=schedule)

@@ -112,10 +112,11 @@ def test_portable_optimizer_state_round_trip(facts, stage):
     assert facts[f"z{stage}_round_trip_same_next_step"]
 
 
-def test_cpu_adam_prebuilt_reads_installed_ops():
+def test_installed_op_reads_installed_ops():
     from deepspeed.git_version_info import installed_ops
 
-    assert "cpu_adam" in installed_ops and compat.cpu_adam_prebuilt() == bool(installed_ops["cpu_adam"])
+    for op in ("cpu_adam", "fused_adam"):
+        assert op in installed_ops and compat.installed_op(op) == bool(installed_ops[op])
 
 
 def test_zero_reduce_bucket_size(facts):
