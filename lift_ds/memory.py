@@ -130,9 +130,11 @@ class Estimate:
 
 
 def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: str = "bf16", offload: bool = False,
-             micro_batch: int = 1, seq_len: int = 2048, lora_r: int = 8) -> Estimate:
+             micro_batch: int = 1, seq_len: int = 2048, lora_r: int = 8, checkpointing: bool = False) -> Estimate:
     """Bytes per rank for one method. ``zero`` 0-3 (FSDP = 3). LIFT trains the largest of the
-    shape's candidate blocks (``model_shape(..., lift)``) at a time."""
+    shape's candidate blocks (``model_shape(..., lift)``) at a time. With ``checkpointing`` a stored
+    layer keeps only its input (2 s b h bytes in 16-bit) and one layer's activations exist at a time
+    during its recomputation."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
     if ranks < 1:
@@ -152,7 +154,10 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
     logits = 6 * seq_len * micro_batch * shape.vocab * (act_bytes / 2)
     # LIFT stores activations from its lowest candidate block upward (backward stops there)
     stored_layers = shape.num_layers if method != "lift" else shape.num_layers - max(shape.lowest_candidate_layer, 1) + 1
-    activations = stored_layers * per_layer + logits
+    if checkpointing:
+        activations = stored_layers * 2 * seq_len * micro_batch * shape.hidden * act_bytes / 2 + per_layer + logits
+    else:
+        activations = stored_layers * per_layer + logits
     return Estimate(method, trained, params, grads, optimizer, offload, activations)
 
 
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro_batch", type=int, default=1)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--lora_r", type=int, default=8)
+    p.add_argument("--checkpointing", action="store_true", help="activation (gradient) checkpointing: a layer keeps only its input")
     p.add_argument("--gib", type=float, default=80.0, help="memory per rank for the 'largest model that fits' line")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
@@ -250,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = args.ranks * args.nodes
-    kw = dict(precision=args.precision, offload=args.offload, micro_batch=args.micro_batch, seq_len=args.seq_len, lora_r=args.lora_r)
+    kw = dict(precision=args.precision, offload=args.offload, micro_batch=args.micro_batch, seq_len=args.seq_len, lora_r=args.lora_r,
+              checkpointing=args.checkpointing)
     rows = table(shape, n, args.zero, **kw)
     fit = largest_fitting(args.gib, n, args.zero, **kw)
     if args.json:
