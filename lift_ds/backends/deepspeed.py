@@ -23,7 +23,7 @@ from ..utils import get_logger, init_process_group
 from . import compat
 from .base import Backend, BackendContext
 from .ops import choose_optimizer
-from .state import WEIGHTS_FILE, load_torch_optimizer_full_state, torch_optimizer_full_state
+from .state import WEIGHTS_FILE, host_copies_done, load_torch_optimizer_full_state, to_host, torch_optimizer_full_state
 
 logger = get_logger(__name__)
 
@@ -340,8 +340,9 @@ class DeepSpeedBackend(Backend):
         step, keys = compat.zero_step_and_keys(opt)
         out: dict[str, Any] = {"step": step, "keys": keys, "state": {}, "master": {}}
         for n, p in zip(names, self._params):
-            out["master"][n] = safe_get_full_fp32_param(p).to("cpu", torch.float32, copy=True)
-            out["state"][n] = {k: safe_get_full_optimizer_state(p, k).to("cpu", torch.float32, copy=True) for k in keys}
+            out["master"][n] = to_host(safe_get_full_fp32_param(p))
+            out["state"][n] = {k: to_host(safe_get_full_optimizer_state(p, k)) for k in keys}
+        host_copies_done()
         return out
 
     def load_full_optimizer_state(self, state: dict[str, Any]) -> None:

@@ -20,19 +20,37 @@ OPTIMIZER_FILE = "optimizer_state.pt"
 OPTIMIZER_FORMAT = "lift_ds/full-optimizer-state/1"
 
 
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A fp32 copy on the host. From a GPU: into pinned memory, without waiting (the copy overlaps
+    what follows; :func:`host_copies_done` waits for all of them before the copies are read)."""
+    t = t.detach()
+    if t.is_cuda:
+        out = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        return out
+    return t.to("cpu", torch.float32, copy=True)
+
+
+def host_copies_done() -> None:
+    """Wait for the :func:`to_host` copies issued on the current CUDA stream (no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.current_stream().synchronize()
+
+
 def full_value(t: torch.Tensor) -> torch.Tensor:
-    """The full value of a (possibly DTensor-sharded) tensor, on CPU in fp32 (collective for a DTensor)."""
-    full = t.full_tensor() if hasattr(t, "full_tensor") else t
-    return full.detach().to("cpu", torch.float32, copy=True)
+    """The full value of a (possibly DTensor-sharded) tensor, on the host in fp32 (collective for a
+    DTensor; see :func:`to_host` for GPU tensors)."""
+    return to_host(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 def placed_like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``full`` placed like parameter ``p`` (its shard for a DTensor), in ``p``'s dtype and device."""
+    """``full`` placed like parameter ``p`` (its shard for a DTensor), in ``p``'s dtype and device
+    (a pinned host tensor goes up without blocking the host)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(p, DTensor):
-        return distribute_tensor(full.to(p.device_mesh.device_type, p.dtype), p.device_mesh, p.placements)
-    return full.to(p.device, p.dtype)
+        return distribute_tensor(full.to(p.device_mesh.device_type, p.dtype, non_blocking=full.is_pinned()), p.device_mesh, p.placements)
+    return full.to(p.device, p.dtype, non_blocking=full.is_pinned())
 
 
 def torch_optimizer_full_state(optimizer: torch.optim.Optimizer, names: list[str], params: list[nn.Parameter]) -> dict[str, Any]:
@@ -48,6 +66,7 @@ def torch_optimizer_full_state(optimizer: torch.optim.Optimizer, names: list[str
         if "step" in st:
             out["step"] = float(st["step"])
     out["keys"] = sorted(keys)
+    host_copies_done()
     return out
 
 
