@@ -59,6 +59,7 @@ class ModelShape:
     lora_per_rank_unit: int  # LoRA parameters per unit of rank r on q, k, v, o (sum of in + out)
     candidate_sizes: list[int]  # the plan's candidates (lift_ds.plan.resolve_plan), in order
     lowest_candidate_layer: int  # 1-indexed layer of the candidate nearest the input (0: the embedding)
+    layer_linear: int = 0  # parameters of the decoder layers' linear weights (what Q-LIFT would quantize)
 
     @property
     def num_layers(self) -> int:
@@ -98,6 +99,8 @@ def model_shape(model_or_config: str, lift: LiftConfig | None = None) -> ModelSh
     lora = sum(m.in_features + m.out_features for n, m in model.named_modules()
                if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") and hasattr(m, "in_features"))
     lowest = min((b.layer_number or 0) if b.kind != "head" else cfg.num_hidden_layers + 1 for b in plan.candidates)
+    stack = {n for b in blocks if b.kind == "layer" for n in b.param_names}
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and f"{n}.weight" in stack)
     return ModelShape(
         name=str(model_or_config), total=sum(p.numel() for p in named.values()),
         layer_sizes=[size(b.param_names) for b in blocks if b.kind == "layer"],
@@ -105,7 +108,7 @@ def model_shape(model_or_config: str, lift: LiftConfig | None = None) -> ModelSh
         head=sum(size(b.param_names) for b in blocks if b.kind == "head"),
         hidden=cfg.hidden_size, vocab=cfg.vocab_size, lora_per_rank_unit=lora,
         candidate_sizes=[size(plan.trainable_param_names(i)) for i in range(len(plan.candidates))],
-        lowest_candidate_layer=lowest,
+        lowest_candidate_layer=lowest, layer_linear=linear,
     )
 
 
@@ -129,12 +132,21 @@ class Estimate:
         return self.model_states + self.activations
 
 
+#: bytes per parameter of a quantized frozen weight: NF4 with 64-element blocks and double-quantized
+#: scales (4.127 bits, as QLoRA/bitsandbytes and torchao's NF4Tensor store it); int8 weight-only with
+#: one scale per output row (about 1 byte)
+QUANTIZED_BYTES = {"nf4": 4.127 / 8, "int8": 1.0}
+
+
 def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: str = "bf16", offload: bool = False,
-             micro_batch: int = 1, seq_len: int = 2048, lora_r: int = 8, checkpointing: bool = False) -> Estimate:
+             micro_batch: int = 1, seq_len: int = 2048, lora_r: int = 8, checkpointing: bool = False,
+             frozen_weights: str = "full") -> Estimate:
     """Bytes per rank for one method. ``zero`` 0-3 (FSDP = 3). LIFT trains the largest of the
     shape's candidate blocks (``model_shape(..., lift)``) at a time. With ``checkpointing`` a stored
     layer keeps only its input (2 s b h bytes in 16-bit) and one layer's activations exist at a time
-    during its recomputation."""
+    during its recomputation. ``frozen_weights`` ``nf4`` / ``int8`` (LIFT and LoRA, i.e. Q-LIFT and
+    QLoRA): the decoder layers' frozen linear weights held quantized (:data:`QUANTIZED_BYTES`), the
+    active block, norms, embeddings and head in 16-bit."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
     if ranks < 1:
@@ -148,6 +160,13 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
     else:
         raise ValueError(f"method must be lift, full or lora, got {method!r}")
     params, grads, optimizer = state_bytes(shape.total, trained, ranks, zero, precision)
+    if frozen_weights != "full":
+        if frozen_weights not in QUANTIZED_BYTES or method == "full" or zero == 3:
+            raise ValueError(f"frozen_weights {frozen_weights!r}: allowed full, {', '.join(QUANTIZED_BYTES)}, for lift and lora below ZeRO-3")
+        w = 2 if precision in ("bf16", "fp16") else 4
+        active_linear = min(trained, shape.layer_linear) if method == "lift" else 0
+        quantized = shape.layer_linear - active_linear
+        params = quantized * QUANTIZED_BYTES[frozen_weights] + (shape.total - quantized) * w
     half = precision in ("bf16", "fp16")
     act_bytes = 2 if half else 4
     per_layer = 34 * seq_len * micro_batch * shape.hidden * act_bytes / 2
@@ -184,6 +203,26 @@ def deepspeed_full_estimate(shape: ModelShape, ranks_per_node: int, nodes: int, 
 
 def table(shape: ModelShape, ranks: int, zero: int, **kw: Any) -> list[Estimate]:
     return [estimate(shape, m, ranks, zero, **kw) for m in ("lift", "full", "lora")]
+
+
+#: rows of the one-GPU table: (label, method, frozen weights)
+ONE_GPU_METHODS = (("LIFT-NF4", "lift", "nf4"), ("LIFT", "lift", "full"), ("LoRA r=16", "lora", "full"), ("QLoRA-style LoRA r=16", "lora", "nf4"),
+                   ("full fine-tuning", "full", "full"))
+
+
+def one_gpu_table(models: tuple[str, ...] = ("llama-2-7b", "llama-3-8b", "llama-2-70b"), gpus: tuple[int, ...] = (80, 24, 12),
+                  seq_len: int = 2048) -> str:
+    """Which models fit on one GPU of each size, per method: a markdown table of estimated GiB (bf16
+    weights, fp32 master and Adam for what trains, micro batch 1, activation checkpointing)."""
+    shapes = {m: model_shape(m) for m in models}
+    head = "| method | " + " | ".join(models) + " | " + " | ".join(f"fits {g} GiB" for g in gpus) + " |"
+    lines = [head, "|---" * (1 + len(models) + len(gpus)) + "|"]
+    for label, method, frozen in ONE_GPU_METHODS:
+        totals = {m: estimate(s, method, 1, 0, "bf16", seq_len=seq_len, lora_r=16, checkpointing=True, frozen_weights=frozen).total / GIB
+                  for m, s in shapes.items()}
+        fits = [", ".join(m for m in models if totals[m] <= g) or "none" for g in gpus]
+        lines.append(f"| {label} | " + " | ".join(f"{totals[m]:.1f}" for m in models) + " | " + " | ".join(fits) + " |")
+    return "\n".join(lines)
 
 
 def largest_fitting(gib: float, ranks: int, zero: int, **kw: Any) -> dict[str, str | None]:
@@ -237,7 +276,7 @@ def _fmt(b: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lift_ds.memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help=f"HF directory, config.json, or a preset: {', '.join(PRESETS)}")
+    p.add_argument("--model", default=None, help=f"HF directory, config.json, or a preset: {', '.join(PRESETS)}")
     p.add_argument("--ranks", type=int, default=8, help="ranks per node")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3), help="ZeRO stage (3 also stands for FSDP)")
@@ -249,7 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpointing", action="store_true", help="activation (gradient) checkpointing: a layer keeps only its input")
     p.add_argument("--gib", type=float, default=80.0, help="memory per rank for the 'largest model that fits' line")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--one_gpu", action="store_true", help="which presets fit on one 80 / 24 / 12 GiB GPU with LIFT-NF4, LIFT, LoRA, "
+                   "QLoRA-style LoRA and full fine-tuning (ignores the other options except --seq_len)")
     args = p.parse_args(argv)
+    if args.one_gpu:
+        print(one_gpu_table(seq_len=args.seq_len))
+        return 0
+    if args.model is None:
+        p.error("--model: required (or --one_gpu)")
     try:
         shape = model_shape(args.model)
     except ValueError as e:

@@ -82,3 +82,27 @@ def test_config_directory(tmp_path):
     assert memory.model_shape(str(tmp_path / "config.json")).total == s.total
     with pytest.raises(ValueError, match="method must be"):
         memory.estimate(s, "adapter", 2, 2)
+
+
+def test_quantized_frozen_weights_arithmetic():
+    """Q-LIFT / QLoRA estimate: the decoder layers' frozen linear weights at 4.127 bits (NF4) or a
+    byte (int8); the active block, norms, embeddings and head stay 16-bit."""
+    s = memory.model_shape("llama-2-7b")
+    lift = memory.estimate(s, "lift", 1, 0)
+    nf4 = memory.estimate(s, "lift", 1, 0, frozen_weights="nf4")
+    block_linear = min(max(s.candidate_sizes), s.layer_linear)
+    assert nf4.params == (s.layer_linear - block_linear) * 4.127 / 8 + (s.total - s.layer_linear + block_linear) * 2
+    assert nf4.optimizer == lift.optimizer and nf4.grads == lift.grads and nf4.params < 0.35 * lift.params  # embeddings, head stay 16-bit
+    qlora = memory.estimate(s, "lora", 1, 0, frozen_weights="int8")
+    assert qlora.params == s.layer_linear * 1.0 + (s.total - s.layer_linear) * 2
+    with pytest.raises(ValueError, match="frozen_weights 'nf4'"):
+        memory.estimate(s, "full", 1, 0, frozen_weights="nf4")
+
+
+def test_one_gpu_table(capsys):
+    assert memory.main(["--one_gpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "| method | llama-2-7b | llama-3-8b | llama-2-70b | fits 80 GiB | fits 24 GiB | fits 12 GiB |"
+    nf4 = next(line for line in out.splitlines() if line.startswith("| LIFT-NF4 |"))
+    assert nf4.endswith("| llama-2-7b, llama-3-8b, llama-2-70b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b |")
+    assert "| full fine-tuning |" in out and out.count("none") >= 3
