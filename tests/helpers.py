@@ -74,3 +74,17 @@ def make_model_dir(path, layers: int = 4, hidden: int = 32, tie: bool = False):
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def per_block_adam_reference(model, data, opt, layers: int, device: str = "cpu") -> None:
+    """Train ``model`` in place as LIFT's cyclic plan with ``optimizer_state: offload`` should: one
+    persistent optimizer per layer, stepping in turn (the reference for the stash)."""
+    blocks = [[p for n, p in model.named_parameters() if n.startswith(f"model.layers.{i}.")] for i in range(layers)]
+    opts = [opt(ps) for ps in blocks]
+    for k, b in enumerate(data):
+        i = k % layers
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith(f"model.layers.{i}."))
+        model(**{key: v.to(device) for key, v in b.items()}).loss.backward()
+        opts[i].step()
+        opts[i].zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ import lift_ds
 from lift_ds.config import ConfigError
 from lift_ds.optim import optimizer_state_elements
 
-from helpers import lm_batches, snapshot, tiny_llama
+from helpers import lm_batches, per_block_adam_reference, snapshot, tiny_llama
 
 
 def make(model=None, lift=None, opt=None, sched=None, **top):
@@ -227,16 +227,7 @@ def test_optimizer_state_offload_keeps_each_blocks_state():
     opt = lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=1e-3)
     engine, _, _ = make(model=model, lift={"total_steps": 9, "policy": "cyclic", "optimizer_state": "offload"}, opt=opt)
     train(engine, data)
-    # reference: one persistent Adam per layer, stepping in turn
-    blocks = [[p for n, p in ref_model.named_parameters() if n.startswith(f"model.layers.{i}.")] for i in range(3)]
-    opts = [opt(ps) for ps in blocks]
-    for k, b in enumerate(data):
-        i = k % 3
-        for n, p in ref_model.named_parameters():
-            p.requires_grad_(n.startswith(f"model.layers.{i}."))
-        ref_model(**b).loss.backward()
-        opts[i].step()
-        opts[i].zero_grad(set_to_none=True)
+    per_block_adam_reference(ref_model, data, opt, layers=3)  # one persistent Adam per layer, stepping in turn
     for (n, a), (_, b) in zip(model.named_parameters(), ref_model.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
     # and "reset" really differs

@@ -14,7 +14,7 @@ import torch
 
 import lift_ds
 
-from helpers import lm_batches, tiny_llama
+from helpers import lm_batches, per_block_adam_reference, tiny_llama
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,14 +96,6 @@ def test_offload_stash_round_trip_on_the_device():
         loss = engine(**b).loss
         engine.backward(loss)
         engine.step()
-    blocks = [[p for n, p in ref_model.named_parameters() if n.startswith(f"model.layers.{i}.")] for i in range(3)]
-    opts = [opt(ps) for ps in blocks]
-    for k, b in enumerate(data):
-        i = k % 3
-        for n, p in ref_model.named_parameters():
-            p.requires_grad_(n.startswith(f"model.layers.{i}."))
-        ref_model(**{key: v.to(DEVICE) for key, v in b.items()}).loss.backward()
-        opts[i].step()
-        opts[i].zero_grad(set_to_none=True)
+    per_block_adam_reference(ref_model, data, opt, layers=3, device=DEVICE)
     for (n, a), (_, r) in zip(model.named_parameters(), ref_model.named_parameters()):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4, msg=n)
