@@ -85,3 +85,19 @@ def test_one_process_run_logs_evaluates_saves_and_resumes(tmp_path):
     assert again.lift_engine.global_step == 8 and sum(1 for h in again.state.log_history if "loss" in h) == 4
     for n, p in again.model.named_parameters():
         assert torch.equal(p, final[n]), n
+
+
+def test_callbacks_see_the_current_phases_optimizer(tmp_path):
+    """Trainer callbacks get an optimizer handle that follows the phase switches (a new optimizer is
+    built at every switch): its parameters are the active block's."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            seen.append({id(p) for g in optimizer.param_groups for p in g["params"]})
+
+    trainer = build(tmp_path, trainer_kwargs={"callbacks": [Probe()]})
+    trainer.train()
+    assert len(seen) == 8 and seen[0] != seen[2] and seen[0] == seen[1]  # 4 layers x 2 steps: a new block every 2 steps

@@ -265,6 +265,8 @@ class LiftTrainerMixin:
         from transformers.trainer_callback import TrainerState
         from transformers.trainer_utils import TrainOutput
 
+        from ..api import PhaseOptimizer
+
         if trial is not None:
             raise ConfigError(["trial: hyperparameter search is not supported with LIFT"], source="LiftTrainer")
         a = self.args
@@ -279,7 +281,8 @@ class LiftTrainerMixin:
             self._lift_resume(resume_from_checkpoint)
         engine.train()  # as Trainer does (from_pretrained returns a model in eval mode)
         handler = self.callback_handler
-        handler.model, handler.optimizer, handler.lr_scheduler = self.model, engine.optimizer, engine.lr_scheduler
+        # PhaseOptimizer: always the current phase's optimizer (a new one is built at every switch)
+        handler.model, handler.optimizer, handler.lr_scheduler = self.model, PhaseOptimizer(engine), engine.lr_scheduler
         self.control = handler.on_train_begin(a, self.state, self.control)
         view, gas, n = _ModelView(engine), engine.gradient_accumulation_steps(), len(stream.dataset)
         logged_loss, logged_steps, t0, start_step = 0.0, 0, time.time(), engine.global_step
