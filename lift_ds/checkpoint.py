@@ -10,6 +10,8 @@ A checkpoint ``save_dir/<tag>/`` holds:
   (``optimizer_state: offload``, split across ranks by parameter);
 - ``weights.safetensors``: the full weights of every block trained so far (untouched blocks equal
   the model the run was built from, which a resumed run must build again);
+- ``block_store.safetensors`` (Q-LIFT, ``lift.frozen_weights``): the exact weights of trained
+  layers held quantized at the save, from the block store;
 - ``optimizer_state.pt``: the active block's optimizer state and fp32 master as full tensors.
 
 Nothing in it depends on the number of ranks or the backend: a checkpoint resumes on any world size
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .backends.state import WEIGHTS_FILE
 from .config import ConfigError
 from .faults import maybe_kill
 from .utils import get_logger, rng_state, set_rng_state
@@ -121,7 +124,10 @@ class Checkpointer:
 
         agreed = lambda fn: self._agreed(fn, save_dir, tmp, final)  # noqa: E731
         agreed(prepare)
-        agreed(lambda: e.backend.save_weights(tmp, names))
+        quantized = set(e.quant.quantized_names()) if e.quant is not None else set()
+        agreed(lambda: e.backend.save_weights(tmp, [n for n in names if n not in quantized]))
+        if e.quant is not None:
+            agreed(lambda: e.quant.save(tmp, names) if self._rank == 0 else None)
         if e.active_block_index is not None:
             agreed(lambda: e.backend.save_optimizer(tmp))
         maybe_kill("save_midway", e.global_step, self._rank)
@@ -211,7 +217,8 @@ class Checkpointer:
         e.micro_steps = e.cursor.step * e.training.gradient_accumulation_steps
         e.guard.load_state_dict(meta)
         e.end_phase()  # also after the plan finished, when the last engine is kept for evaluation
-        e.backend.load_weights(path)
+        taken = e.quant.load(path, path / WEIGHTS_FILE) if e.quant is not None else set()
+        e.backend.load_weights(path, skip=taken)
         old_world = int(meta["world_size"])
         e.stash = self._load_stash(path, old_world)
         if not e.done:

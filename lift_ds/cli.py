@@ -49,6 +49,8 @@ def _add_lift_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(f"--{f.name}", default=None, metavar="{" + ",".join(m["choices"]) + "}", help=help_)
         elif m["kind"] == "layer_range":
             g.add_argument(f"--{f.name}", default=None, metavar="FIRST,LAST", help=help_)
+        elif m["kind"] == "path":
+            g.add_argument(f"--{f.name}", default=None, metavar="DIR", help=help_)
         else:  # patterns
             g.add_argument(f"--{f.name}", default=None, metavar="PATTERN[,PATTERN...]", help=help_)
 

@@ -28,6 +28,9 @@ from .backends import REGISTRY
 from .schedule import POLICIES, SCHEDULES
 
 OPTIMIZER_STATES = ("reset", "offload")
+#: ``lift.frozen_weights``: full precision, or Q-LIFT's quantized frozen layers (lift_ds.quant)
+FROZEN_WEIGHTS = ("full", "int8", "nf4")
+BLOCK_STORES = ("memory", "disk")
 #: ``lift.backend`` values: the registered backends, and ``auto``, which follows the config
 #: (see :func:`lift_ds.backends.choose_backend`)
 BACKEND_CHOICES = ("auto", *REGISTRY)
@@ -57,7 +60,7 @@ def setting(default: Any, help: str, *, kind: str, choices: tuple[str, ...] = ()
     Args:
         default: the value when the key is absent.
         help: one sentence for ``--help`` and the README table.
-        kind: ``choice``, ``bool``, ``int``, ``layer_range`` or ``patterns``.
+        kind: ``choice``, ``bool``, ``int``, ``layer_range``, ``patterns`` or ``path`` (a string or null).
         choices: allowed values of a ``choice``.
         minimum: smallest allowed ``int``.
         auto: an ``int`` that may be ``"auto"`` / null (filled in by the caller, e.g. ``--max_steps``).
@@ -93,6 +96,15 @@ class LiftConfig:
     gradient_checkpointing: bool = setting(False, "recompute each layer's activations during backward (non-reentrant, through "
                                            "transformers' own switch): less activation memory; blocks before the active one are "
                                            "neither recomputed nor back-propagated", kind="bool")
+    frozen_weights: str = setting("full", "Q-LIFT: full keeps every frozen layer in the training dtype; int8 / nf4 hold the decoder "
+                                  "layers' linear weights quantized (torchao) while they are frozen, their exact weights in the block "
+                                  "store; the active layer trains from its exact weights (torch backend, or DeepSpeed ZeRO-1/2)",
+                                  kind="choice", choices=FROZEN_WEIGHTS)
+    block_store: str = setting("memory", "where Q-LIFT keeps the exact weights of quantized layers: memory (host RAM) or disk "
+                               "(a safetensors file per layer in block_store_dir, for models larger than host memory)",
+                               kind="choice", choices=BLOCK_STORES)
+    block_store_dir: str | None = setting(None, "directory of a disk block store (null: a temporary directory, removed at the end); "
+                                          "one per rank", kind="path")
     max_consecutive_skipped_steps: int = setting(5, "a step with a NaN/inf loss or gradient norm is skipped and counted; this many "
                                                  "in a row stop the run (0: never)", kind="int", minimum=0)
 
@@ -165,6 +177,10 @@ def check_setting(f: dataclasses.Field, value: Any, path: str) -> tuple[Any, str
             return None, (f"{path}: must be [first, last], 1-indexed integers with 1 <= first <= last (e.g. [6, 8] for the middle "
                           f"three of twelve layers), or null for all layers; got {value!r}")
         return (int(value[0]), int(value[1])), None
+    if kind == "path":
+        if value is None or (isinstance(value, str) and value):
+            return value, None
+        return None, f"{path}: must be a directory path (a string) or null, got {value!r}"
     if kind == "patterns":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) and x for x in items):

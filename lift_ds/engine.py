@@ -65,6 +65,12 @@ class LiftEngine:
         #: stashed optimizer states per candidate (``optimizer_state: offload``)
         self.stash: dict[int, Any] = {}
         self._active: int | None = None
+        #: Q-LIFT: the quantized frozen layers and their block store (``lift.frozen_weights``)
+        self.quant = None
+        if self.lift.frozen_weights != "full":
+            from .quant import build_quantized_blocks
+
+            self.quant = build_quantized_blocks(model, plan, self.lift.frozen_weights, self.lift.block_store, self.lift.block_store_dir)
         problem = plan.never_trained_problem()
         if problem:
             logger.warning("%s", problem)
@@ -165,6 +171,8 @@ class LiftEngine:
         """Make ``block`` the trainable one and rebuild the backend over it (ending any current phase)."""
         t0 = time.perf_counter()
         self.end_phase(stash=self.lift.optimizer_state == "offload")
+        if self.quant is not None:
+            self.quant.activate(self.candidates[block].name)
         params = set_trainable(self.module, self.trainable_param_names(block))
         try:
             self.backend.build(params)
@@ -189,6 +197,8 @@ class LiftEngine:
         if self._active is not None and stash:
             self.stash[self._active] = self.backend.stash_optimizer_state()
         self.backend.teardown()
+        if self.quant is not None and self._active is not None:
+            self.quant.deactivate(self.candidates[self._active].name)
         self._active = None
         set_trainable(self.module, [])
 
@@ -243,6 +253,8 @@ class LiftEngine:
         """Release the backend (the last engine, optimizer, gradients)."""
         self.backend.close()
         self._active = None
+        if self.quant is not None:
+            self.quant.close()
 
     # ----------------------------------------------------------------- checkpoints
 

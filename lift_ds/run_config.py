@@ -113,6 +113,26 @@ def _attribute(problems: list[str], overrides: Iterable[Override]) -> list[str]:
     return out
 
 
+def frozen_weights_problems(lift: Any, method: str) -> list[str]:
+    """Q-LIFT (``lift.frozen_weights`` int8 / nf4) settings that cannot work, and a missing torchao
+    (each backend refuses what it cannot shard in its own ``check_config``)."""
+    mode = lift.frozen_weights
+    if mode == "full":
+        return []
+    import importlib.util
+
+    problems = []
+    if method != "lift":
+        problems.append(f"lift.frozen_weights: {mode!r} quantizes LIFT's frozen layers; --method {method} trains other parameters "
+                        "(use \"full\")")
+    if lift.block_store_dir is not None and lift.block_store != "disk":
+        problems.append(f"lift.block_store_dir: set, but lift.block_store is {lift.block_store!r}; set block_store to \"disk\"")
+    if importlib.util.find_spec("torchao") is None:
+        problems.append(f"lift.frozen_weights: {mode!r} needs torchao for the quantized tensors: pip install 'lift_ds[quant]' "
+                        "(torchao), or use \"full\"")
+    return problems
+
+
 def load_run_config(
     config: "str | Path | Mapping[str, Any] | RunConfig",
     overrides: Iterable[Override] = (),
@@ -160,6 +180,7 @@ def load_run_config(
 
             options, backend_problems = get_backend_class(backend).check_config(raw, training, world_size, method)
             problems += backend_problems
+        problems += frozen_weights_problems(lift, method)
     if problems:
         raise ConfigError(_attribute(problems, overrides), source=source)
     assert lift is not None and training is not None

@@ -17,7 +17,7 @@ from lift_ds.config import ConfigError, LiftConfig, lift_settings, parse_lift_se
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lift_ds"
-BAD_VALUE = {"choice": "nonsense", "bool": "yes", "int": "ten", "layer_range": [3, 1], "patterns": 5}
+BAD_VALUE = {"choice": "nonsense", "bool": "yes", "int": "ten", "layer_range": [3, 1], "patterns": 5, "path": 7}
 
 
 def test_readme_configuration_table_is_the_declarations():

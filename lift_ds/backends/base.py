@@ -22,11 +22,16 @@ from ..config import ConfigError, TrainingConfig
 from ..optim import OptimizerFactory, optimizer_factory_from_section
 from . import hardware
 from .lr_schedules import scheduler_problems
-
 from .state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE, load_torch_optimizer_full_state, placed_like, torch_optimizer_full_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import RunConfig
+
+
+def frozen_weights_mode(raw: Mapping[str, Any]) -> Any:
+    """The raw ``lift.frozen_weights`` (Q-LIFT; checked in lift_ds.config), for backends that refuse it."""
+    lift = raw.get("lift")
+    return lift.get("frozen_weights", "full") if isinstance(lift, Mapping) else "full"
 
 
 @dataclass
@@ -195,8 +200,8 @@ class Backend(ABC):
         """Save the named parameters' full values (collective under ZeRO-3; rank 0 writes)."""
 
     @abstractmethod
-    def load_weights(self, path: Path) -> list[str]:
-        """Load saved parameter values into the model; return their names."""
+    def load_weights(self, path: Path, skip: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+        """Load saved parameter values into the model (all but ``skip``); return their names."""
 
     # ----------------------------------------------------------------- optimizer state, portable
 
@@ -269,9 +274,8 @@ class Backend(ABC):
         return [names[id(p)] for p in self.active_params()]
 
     def _param_names(self) -> dict[int, str]:
-        if getattr(self, "_names_by_id", None) is None:
-            self._names_by_id = {id(p): n for n, p in self.model.named_parameters()}
-        return self._names_by_id
+        # not cached: Q-LIFT gives a layer new parameter objects each time it becomes active
+        return {id(p): n for n, p in self.model.named_parameters()}
 
     @abstractmethod
     def active_params(self) -> list[nn.Parameter]:
@@ -371,12 +375,12 @@ class TorchOptimizerBackend(Backend):
         if self.rank == 0:
             save_file(values, str(path / WEIGHTS_FILE))
 
-    def load_weights(self, path: Path) -> list[str]:
+    def load_weights(self, path: Path, skip: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
         from safetensors import safe_open
 
         named = dict(self.model.named_parameters())
         with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f, torch.no_grad():
-            names = list(f.keys())
+            names = [n for n in f.keys() if n not in skip]
             for n in names:
                 p, value = named[n], placed_like(f.get_tensor(n), named[n])
                 (p.to_local() if hasattr(p, "to_local") else p).copy_(value.to_local() if hasattr(value, "to_local") else value)

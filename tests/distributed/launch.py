@@ -146,7 +146,10 @@ def reference(sc: dict, world: int = WORLD, start_state: dict | None = None) -> 
             loss = loss * float("nan")
         engine.backward(loss)
         engine.step()
-    return start, {n: p.detach().clone() for n, p in model.named_parameters()}
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if engine.quant is not None:  # Q-LIFT: quantized layers' exact weights are in the block store
+        final.update(engine.quant.exact_weights())
+    return start, final
 
 
 def max_rel_error(final: dict, ref: dict, start: dict) -> tuple[float, float]:

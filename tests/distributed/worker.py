@@ -169,6 +169,8 @@ def run(sc, rank, world):
     out["switch_seconds"] = engine.phase_switch_seconds
     out["skipped_steps"] = engine.skipped_steps
     out["final"] = _full_state(model)
+    if engine.quant is not None:  # Q-LIFT: quantized layers' exact weights are in the block store
+        out["final"].update({n: t.float() for n, t in engine.quant.exact_weights().items()})
     if sc.get("export_dir"):
         from lift_ds.export import save_hf_checkpoint
 
