@@ -1,0 +1,121 @@
+"""Q-LIFT on the quickstart's task, side by side: frozen weights full / int8 / nf4, one process.
+
+    python launch/bench_qlift.py --out docs/qlift/quickstart_qlift.json [--max_steps 150] [--modes full,int8,nf4]
+
+Each mode runs the quickstart (SmolLM2-135M-Instruct, movie-review sentiment, ds_configs/quickstart_cpu.json:
+AdamW 1e-4, WarmupDecayLR, clipping 1.0, front2end, grouped) on the single-process torch backend with the
+quickstart's global batch (16), the same seed and the same steps. Per mode it reports: held-out accuracy
+before training (full-precision model, and through the quantized layers), after training (through the
+quantized layers: what the run sees) and of the exported model (full precision, loaded with
+from_pretrained), mean step time after the first phase, and the census of the frozen layers' live bytes
+(quantized against the same weights in bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_mode(mode: str, args, tok, data, model_dir: str) -> dict:
+    import lift_ds
+    from lift_ds.data import RankBatches
+    from lift_ds.memory import live_tensor_bytes, peak_memory
+    from lift_ds.recipe import build_model, evaluate, held_out_metrics, optimizer_step
+
+    cfg = json.loads((REPO / "ds_configs" / "quickstart_cpu.json").read_text())
+    cfg.pop("zero_optimization")
+    cfg["train_micro_batch_size_per_gpu"] = 16  # the quickstart's global batch: 8 per rank x 2 ranks
+    cfg["lift"].update(backend="torch", total_steps=args.max_steps, frozen_weights=mode)
+    model = build_model(model_dir, seed=0)
+    engine, _, _, _ = lift_ds.initialize(model=model, config=cfg)
+    batches = RankBatches(data.train, 16, 0, 1, seed=0, pad_id=tok.pad_token_id)
+    out: dict = {"mode": mode}
+    if engine.quant is not None:  # before training, every layer quantized (the first active one too)
+        first = engine.active_block
+        engine.quant.deactivate(first)
+        out["before_quantized"] = held_out_metrics(engine.module, data, tok, args.seq_len, 16)
+        out["census"] = {**engine.quant.bytes(), "live_tensor_bytes": live_tensor_bytes()}
+        engine.quant.activate(first)
+    steps = []
+    engine.train()
+    while not engine.done:
+        t = time.perf_counter()
+        phase = engine.cursor.phase.index
+        loss, _ = optimizer_step(engine, batches)
+        steps.append((phase, time.perf_counter() - t, loss))
+    out["after_through_engine"] = evaluate(engine, data, tok, args.seq_len, 16)
+    later = [dt for ph, dt, _ in steps if ph > 0]
+    out.update(step_seconds_mean=statistics.mean(later), step_seconds_median=statistics.median(later),
+               phase_switch_seconds=engine.phase_switch_seconds, first_losses=[s[2] for s in steps[:5]],
+               last_losses=[s[2] for s in steps[-5:]], **peak_memory())
+    from transformers import AutoModelForCausalLM
+
+    from lift_ds.export import save_hf_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        save_hf_checkpoint(engine, d)
+        engine.close()
+        exported = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        exported.eval()
+        out["after_exported"] = held_out_metrics(exported, data, tok, args.seq_len, 16)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--max_steps", type=int, default=150)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--modes", default="full,int8,nf4")
+    args = p.parse_args()
+    from lift_ds import assets
+    from lift_ds.backends.hardware import cpu_model
+    from lift_ds.recipe import build_model, held_out_metrics, load_task_data, load_tokenizer
+
+    model_dir = str(assets.smollm2_135m())
+    train_path, eval_path = (str(x) for x in assets.movie_review_sentiment())
+    tok = load_tokenizer(model_dir)
+    data = load_task_data(train_path, eval_path, "classification", tok, args.seq_len)
+    base = build_model(model_dir, seed=0).eval()
+    record = {"before_full_precision": held_out_metrics(base, data, tok, args.seq_len, 16), "modes": {}}
+    del base
+    for mode in args.modes.split(","):
+        t0 = time.perf_counter()
+        record["modes"][mode] = run_mode(mode, args, tok, data, model_dir)
+        record["modes"][mode]["wall_seconds"] = time.perf_counter() - t0
+        print(json.dumps({mode: record["modes"][mode]}, default=str), flush=True)
+    record.update(steps=args.max_steps, eval_items=len(data.held_examples or []), torch_threads=torch.get_num_threads(),
+                  machine={"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+                  finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  command="python " + " ".join(sys.argv))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    full = record["modes"].get("full")
+    print(f"{'mode':6} {'before(q)':>9} {'after(q)':>9} {'exported':>9} {'step s':>7} {'frozen bytes vs bf16':>20}")
+    for mode, r in record["modes"].items():
+        c = r.get("census")
+        ratio = f"{c['quantized_bytes'] / c['bf16_bytes']:.3f}x" if c else "-"
+        print(f"{mode:6} {r.get('before_quantized', record['before_full_precision'])['eval_accuracy']:9.3f} "
+              f"{r['after_through_engine']['eval_accuracy']:9.3f} {r['after_exported']['eval_accuracy']:9.3f} "
+              f"{r['step_seconds_mean']:7.2f} {ratio:>20}" + (f"  step time {r['step_seconds_mean'] / full['step_seconds_mean']:.2f}x full" if full else ""))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
