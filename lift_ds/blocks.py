@@ -75,6 +75,23 @@ def find_layer_stack(model: "nn.Module") -> tuple[str, "nn.ModuleList"]:
     )
 
 
+def parameter_names(model: "nn.Module") -> list[str]:
+    """``model.named_parameters()``'s names in its order, plus the weight of each quantized frozen
+    linear module (Q-LIFT, :class:`lift_ds.quant.QuantizedFrozenLinear`: a buffer while frozen, a
+    parameter again when its layer trains)."""
+    seen: set[int] = set()
+    out: list[str] = []
+    for mname, mod in model.named_modules():
+        items = list(mod.named_parameters(recurse=False))
+        if hasattr(mod, "qweight"):
+            out.append(f"{mname}.weight")
+        for pname, p in items:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(f"{mname}.{pname}" if mname else pname)
+    return out
+
+
 def find_blocks(model: "nn.Module") -> list[Block]:
     """All blocks of a model in order: embedding (if any), each layer, head (if any)."""
     stack_name, stack = find_layer_stack(model)
@@ -82,7 +99,7 @@ def find_blocks(model: "nn.Module") -> list[Block]:
     before: list[str] = []
     after: list[str] = []
     per_layer: list[list[str]] = [[] for _ in range(len(stack))]
-    for pname, _ in model.named_parameters():
+    for pname in parameter_names(model):
         if pname.startswith(prefix):
             idx = int(pname[len(prefix):].split(".", 1)[0])
             per_layer[idx].append(pname)

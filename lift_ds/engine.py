@@ -70,7 +70,8 @@ class LiftEngine:
         if self.lift.frozen_weights != "full":
             from .quant import build_quantized_blocks
 
-            self.quant = build_quantized_blocks(model, plan, self.lift.frozen_weights, self.lift.block_store, self.lift.block_store_dir)
+            self.quant = build_quantized_blocks(model, plan, self.lift.frozen_weights, self.lift.block_store, self.lift.block_store_dir,
+                                               self.training.precision)
         problem = plan.never_trained_problem()
         if problem:
             logger.warning("%s", problem)

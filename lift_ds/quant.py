@@ -172,14 +172,15 @@ class QuantizedFrozenBlocks:
         mode: ``int8`` or ``nf4``.
         store: where the exact weights live.
         keep: parameter names never quantized (``always_trainable``).
+        dtype: the training dtype the store keeps (bf16 / fp16 runs; None: the weights' own).
 
     Raises:
         ConfigError: a weight NF4 cannot hold (its size is not a multiple of 64).
     """
 
     def __init__(self, model: nn.Module, layer_blocks: list[tuple[str, tuple[str, ...]]], mode: str, store: BlockStore,
-                 keep: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        self.model, self.mode, self.store = model, mode, store
+                 keep: set[str] = frozenset(), dtype: torch.dtype | None = None) -> None:  # type: ignore[assignment]
+        self.model, self.mode, self.store, self.dtype = model, mode, store, dtype
         modules = dict(model.named_modules())
         self.linears: dict[str, list[str]] = {}
         problems = []
@@ -216,12 +217,13 @@ class QuantizedFrozenBlocks:
         if not paths:
             return
         mods = {p: self.model.get_submodule(p) for p in paths}
-        self.store.put(block, {f"{p}.weight": m.weight for p, m in mods.items()})
+        weights = {p: m.weight.detach() if self.dtype is None else m.weight.detach().to(self.dtype) for p, m in mods.items()}
+        self.store.put(block, {f"{p}.weight": w for p, w in weights.items()})
         for p, m in mods.items():
             bias = m.bias
             if bias is not None:
                 bias.requires_grad_(False)
-            self._swap(p, QuantizedFrozenLinear(quantize_weight(m.weight, self.mode), bias, m.in_features, m.out_features))
+            self._swap(p, QuantizedFrozenLinear(quantize_weight(weights[p], self.mode), bias, m.in_features, m.out_features))
 
     @torch.no_grad()
     def activate(self, block: str) -> None:
@@ -232,7 +234,7 @@ class QuantizedFrozenBlocks:
         stored = self.store.get(block)
         for p in paths:
             q = self.model.get_submodule(p)
-            weight = stored[f"{p}.weight"].to(device=q.qweight.device, dtype=q.qweight.dtype)
+            weight = stored[f"{p}.weight"].to(device=q.qweight.device)  # the store's dtype: the training dtype
             lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
             lin.weight = nn.Parameter(weight, requires_grad=False)
             lin.bias = q.bias
@@ -298,18 +300,34 @@ class QuantizedFrozenBlocks:
             for p in paths:
                 q = self.model.get_submodule(p)
                 if f"{p}.weight" in mine:
-                    q.qweight = quantize_weight(updated[f"{p}.weight"].to(device=q.qweight.device, dtype=q.qweight.dtype), self.mode)
+                    q.qweight = quantize_weight(updated[f"{p}.weight"].to(device=q.qweight.device), self.mode)
         return taken
 
     def close(self) -> None:
         self.store.close()
 
 
-def build_quantized_blocks(model: nn.Module, plan: Any, mode: str, store_kind: str, store_dir: str | None) -> QuantizedFrozenBlocks:
-    """The :class:`QuantizedFrozenBlocks` of a run: every decoder layer of ``plan.blocks``."""
+def make_store(kind: str, directory: str | None) -> BlockStore:
+    """The run's block store; a disk store under several ranks gets a directory per rank (``rank<r>``)."""
+    import os
+
+    if directory is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        directory = str(Path(directory) / f"rank{os.environ.get('RANK', '0')}")
+    return BlockStore(kind, directory)
+
+
+def build_quantized_blocks(model: nn.Module, plan: Any, mode: str, store_kind: str, store_dir: str | None,
+                           precision: str = "fp32") -> QuantizedFrozenBlocks:
+    """The :class:`QuantizedFrozenBlocks` of a run: every decoder layer of ``plan.blocks``; the store
+    keeps the training dtype (bf16 / fp16 runs train 16-bit weights with fp32 masters)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     layers = [(b.name, b.param_names) for b in plan.blocks if b.kind == "layer"]
     keep = set(plan.always_trainable)
-    return QuantizedFrozenBlocks(model, layers, mode, BlockStore(store_kind, store_dir), keep)
+    store = getattr(model, "lift_block_store", None)  # a model built layer by layer (lift_ds.quant_load) brings its store
+    if store is not None and getattr(model, "lift_frozen_weights", mode) != mode:
+        raise ConfigError([f"lift.frozen_weights: {mode!r}, but the model was built with {model.lift_frozen_weights!r} layers; "
+                           "build it with the same mode"], source="model")
+    return QuantizedFrozenBlocks(model, layers, mode, store or make_store(store_kind, store_dir), keep, dtype)
 
 
 # --------------------------------------------------------------------------- export

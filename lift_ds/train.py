@@ -48,7 +48,15 @@ class Run:
             classifier_head=args.classifier_head, truncate=not args.no_truncate, eval_limit=args.eval_limit)
         pad = self.tokenizer.pad_token_id
         config = check_model(self.launch, model_dir, self.data.num_labels, pad)
-        self.model = recipe.build_model(model_dir, num_labels=self.data.num_labels, pad_id=pad, random_init=args.random_init, seed=args.seed)
+        if config.lift.frozen_weights != "full":  # Q-LIFT: layer by layer, never the whole model in full precision
+            from .quant import make_store
+            from .quant_load import build_quantized_model
+
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.training.precision, torch.float32)  # the store's: the training dtype
+            self.model = build_quantized_model(model_dir, config.lift.frozen_weights, make_store(config.lift.block_store, config.lift.block_store_dir),
+                                               random_init=args.random_init, seed=args.seed, num_labels=self.data.num_labels, pad_id=pad, dtype=dtype)
+        else:
+            self.model = recipe.build_model(model_dir, num_labels=self.data.num_labels, pad_id=pad, random_init=args.random_init, seed=args.seed)
         fixed = None
         if args.method == "lora":
             from peft import LoraConfig, get_peft_model

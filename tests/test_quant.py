@@ -200,3 +200,51 @@ def test_nf4_weight_of_unsupported_size_is_a_clear_error():
     model = tiny_llama(layers=4, hidden=24)  # k_proj 12 x 24 = 288 elements: not a multiple of NF4's block of 64
     with pytest.raises(ConfigError, match=r"nf4 needs weights whose size is a multiple of 64; model.layers.\d.self_attn.k_proj.weight has shape \[12, 24\]"):
         make("nf4", model=model)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_layer_by_layer_build_equals_loading_then_quantizing(tmp_path, tie):
+    """build_quantized_model reads the checkpoint layer by layer; its store holds the checkpoint's
+    exact weights, its quantized layers equal quantizing the loaded model, and a LIFT run on it equals a
+    run on the loaded model (the engine adopts its store)."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import make_model_dir
+    from lift_ds.quant import BlockStore
+    from lift_ds.quant_load import build_quantized_model
+
+    d = make_model_dir(tmp_path / "m", hidden=64, tie=tie)
+    loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    loaded.config.use_cache = False
+    want = snapshot(loaded)
+    built = build_quantized_model(str(d), "nf4", BlockStore("disk", tmp_path / "store"))
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(f"{n}.safetensors" for n in LAYERS)
+    live = snapshot(built)
+    stored = {n: t for b in LAYERS for n, t in built.lift_block_store.get(b).items()}
+    assert sorted(live) + sorted(stored) and sorted([*live, *stored]) == sorted(want)
+    for n, t in {**live, **stored}.items():
+        assert torch.equal(t, want[n]), n
+    q = built.model.layers[2].mlp.up_proj.qweight
+    assert torch.equal(q.get_original_weight(), quantize_weight(want["model.layers.2.mlp.up_proj.weight"], "nf4").get_original_weight())
+    if tie:
+        assert built.lm_head.weight is built.model.embed_tokens.weight
+    a, b = make("nf4", model=loaded, policy="cyclic"), make("nf4", model=built, policy="cyclic")
+    assert b.quant.store is built.lift_block_store
+    run(a), run(b)
+    wa, wb = {**snapshot(a.module), **a.quant.exact_weights()}, {**snapshot(b.module), **b.quant.exact_weights()}
+    for n in wa:
+        assert torch.equal(wa[n], wb[n]), n
+
+
+def test_layer_by_layer_random_init_has_the_models_init(tmp_path):
+    from lift_ds.quant import BlockStore
+    from lift_ds.quant_load import build_quantized_model
+    from helpers import tiny_llama_config
+
+    cfg = tiny_llama_config(layers=4, hidden=64)
+    built = build_quantized_model("unused", "int8", BlockStore("memory"), random_init=True, config=cfg)
+    w = built.lift_block_store.get("model.layers.1")["model.layers.1.mlp.up_proj.weight"]
+    assert abs(w.std().item() - cfg.initializer_range) < 0.002 and built.model.layers[1].input_layernorm.weight.eq(1).all()
+    assert built.model.rotary_emb.inv_freq.is_meta is False
+    out = built(input_ids=torch.randint(0, 128, (2, 8)), labels=torch.randint(0, 128, (2, 8)))
+    assert torch.isfinite(out.loss)
