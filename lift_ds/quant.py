@@ -95,6 +95,19 @@ class QuantizedFrozenLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.qweight, self.bias)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "QuantizedFrozenLinear":
+        # ``model.to(dtype=...)`` must not turn the quantized weight into a dense one (torchao's NF4
+        # ``.to(dtype)`` dequantizes): it follows device moves only, and keeps its own dtype
+        q = self._buffers.pop("qweight")
+        try:
+            super()._apply(fn, recurse)
+            target = fn(torch.zeros(1, device=q.device)).device
+            self._buffers["qweight"] = q if target == q.device else q.to(target)
+        except BaseException:
+            self._buffers.setdefault("qweight", q)
+            raise
+        return self
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qweight={type(self.qweight).__name__}"
 

@@ -248,3 +248,16 @@ def test_layer_by_layer_random_init_has_the_models_init(tmp_path):
     assert built.model.rotary_emb.inv_freq.is_meta is False
     out = built(input_ids=torch.randint(0, 128, (2, 8)), labels=torch.randint(0, 128, (2, 8)))
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_casting_the_model_keeps_the_layers_quantized(mode):
+    """The torch backend casts the model to bf16 (``model.to(dtype=...)``): a quantized weight must stay
+    quantized (torchao's NF4 ``.to(dtype)`` would return a dense tensor)."""
+    engine = make(mode)
+    before = engine.quant.bytes()
+    engine.module.to(dtype=torch.bfloat16)
+    engine.module.to("cpu")
+    assert engine.quant.bytes() == before
+    q = engine.module.model.layers[3].mlp.up_proj.qweight
+    assert type(q).__name__ in ("NF4Tensor", "Int8Tensor")
