@@ -44,6 +44,8 @@ from .utils import get_logger
 logger = get_logger(__name__)
 
 MODES = ("int8", "nf4")
+#: aten's linear (``torch.nn.functional.linear`` unless something replaced it)
+_LINEAR = torch._C._nn.linear
 NF4_BLOCK = 64
 NF4_SCALER_BLOCK = 256
 STORE_FILE = "block_store.safetensors"
@@ -93,7 +95,9 @@ class QuantizedFrozenLinear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.qweight, self.bias)
+        # the C function behind F.linear: a ZeRO-3 engine leaves torch.nn.functional.linear replaced by
+        # DeepSpeed's own, which quantized weights do not survive; torchao's tensors still dispatch here
+        return _LINEAR(x, self.qweight, self.bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "QuantizedFrozenLinear":
         # ``model.to(dtype=...)`` must not turn the quantized weight into a dense one (torchao's NF4

@@ -261,3 +261,22 @@ def test_casting_the_model_keeps_the_layers_quantized(mode):
     assert engine.quant.bytes() == before
     q = engine.module.model.layers[3].mlp.up_proj.qweight
     assert type(q).__name__ in ("NF4Tensor", "Int8Tensor")
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_layers_survive_a_replaced_functional_linear(monkeypatch, mode):
+    """A ZeRO-3 engine leaves torch.nn.functional.linear replaced by DeepSpeed's own (seen: a 2-rank
+    job whose ZeRO-3 scenario ran first); quantized layers must not go through it."""
+    engine = make(mode)
+    real = torch.nn.functional.linear
+
+    def replaced(x, w, b=None):
+        assert type(w) in (torch.Tensor, torch.nn.Parameter), f"a quantized weight went through the replaced linear: {type(w).__name__}"
+        return real(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", replaced)
+    b = lm_batches(1, vocab=128)[0]
+    loss = engine(**b).loss
+    engine.backward(loss)
+    engine.step()
+    assert torch.isfinite(loss)
