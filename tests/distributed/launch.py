@@ -80,6 +80,10 @@ def torchrun(scenarios: dict, tmp: Path, name: str = "run", timeout: int = 900, 
     With ``expect_results=False`` (a job whose scenarios end the process, e.g. to simulate a crash) a
     non-zero exit fails every scenario of the job.
     """
+    dying = [k for k, sc in scenarios.items() if sc.get("die_after_save")]
+    if dying and dying != list(scenarios)[-1:]:
+        # the process ends there: scenarios after it would never run, and nothing would say so
+        raise ValueError(f"job {name!r}: a die_after_save scenario must come last, not {dying} of {list(scenarios)}")
     spec = tmp / f"{name}.json"
     out = tmp / f"{name}.results"
     spec.write_text(json.dumps(scenarios))

@@ -124,9 +124,9 @@ def partial(save_dir: Path) -> dict:
     f = features(save_dir)
     return {
         "partial-z2": {**f["full-z2"], "save_at": 5, "save_dir": str(save_dir / "z2"), "export_dir": None},
-        # dies (os._exit, no clean-up) right after the checkpoint, mid-phase (3 steps per phase)
-        "partial-z3": {**f["full-z3"], "save_at": 5, "save_dir": str(save_dir / "z3"), "die_after_save": True, "export_dir": None},
         "partial-q": {**f["qlift-nf4-z2"], "save_at": 5, "save_dir": str(save_dir / "q")},
+        # dies (os._exit, no clean-up) right after the checkpoint, mid-phase (3 steps per phase): last
+        "partial-z3": {**f["full-z3"], "save_at": 5, "save_dir": str(save_dir / "z3"), "die_after_save": True, "export_dir": None},
     }
 
 

@@ -34,7 +34,8 @@ def scenarios(save: Path) -> dict:
     sc["nan"] = {"config": cfg({"total_steps": 8}), "optimizer": "adamw", "steps": 8, "nan_steps": [4], "nan_ranks": [1]}
     sc["offload-state"] = {"config": cfg({"total_steps": 12, "policy": "cyclic", "optimizer_state": "offload"}), "optimizer": "adamw", "steps": 12}
     sc["leak"] = {"config": cfg({"total_steps": 24, "policy": "cyclic", "layer_range": [1, 4]}), "optimizer": "adamw", "steps": 24,
-                  "hidden": 128, "vocab": 512, "track": True}
+                  # big enough that one block's state (>= 1 MB per rank) stands above the allocator's noise in RSS (~3 MB seen)
+                  "hidden": 256, "vocab": 1024, "track": True}
     fast = {"total_steps": 16, "layer_range": [4, 4], "include_head": True}
     # bf16 across many switches (FSDP2 caches gradient dtypes at lazy init): cyclic over 3 blocks, 16 phases
     sc["bf16"] = {"config": cfg({"total_steps": 24, "policy": "cyclic", "layer_range": [3, 4], "include_head": True}, bf16={"enabled": True}),

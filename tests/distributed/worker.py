@@ -9,6 +9,7 @@ die_after_save, track). Data: global batches of learnable token sequences; rank 
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -34,6 +35,12 @@ OPTIMIZERS = {
 
 
 def rss_mb() -> float:
+    """Resident memory after glibc hands its free pages back (malloc_trim): what is still allocated,
+    without the allocator's caching, which moved RSS by several MB between samples here."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
