@@ -20,7 +20,9 @@ from .data import FORMATS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "ds_configs" / "zero2.json"
-METHODS = ("lift", "full", "lora")
+#: --method: the engine's layer-wise methods (lift.method), then the baselines sharing the loop
+METHODS = ("lift", "badam", "lisa", "full", "lora")
+BASELINES = ("full", "lora")
 
 #: launcher flags that set a top-level config key: (flag, JSON path, type, help)
 TRAINING_FLAGS = (
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--format", default=None, choices=FORMATS, help="data format (default: classification for the built-in data, else text)")
     a("--labels", default=None, help="comma-separated label words for --format classification (default: those in the data)")
     a("--classifier_head", action="store_true", help="--format classification with a sequence-classification head (new, trained in every phase) instead of label-word likelihood")
-    a("--method", default="lift", choices=METHODS, help="lift, or a baseline: full fine-tuning or LoRA (peft)")
+    a("--method", default=None, choices=METHODS, help="lift (default; or the config's lift.method), the BAdam / LISA presets on the "
+      "same engine (lift.method), or a baseline: full fine-tuning or LoRA (peft)")
     for flag, _, kind, help_ in TRAINING_FLAGS:
         a(f"--{flag}", type=kind, default=None, help=help_)
     a("--seq_len", type=int, default=128)
@@ -145,6 +148,8 @@ def overrides_from_args(args: argparse.Namespace, raw: dict[str, Any], problems:
         if flag == "lr" and not isinstance(raw.get("optimizer"), dict):
             out.append(Override("optimizer.type", "AdamW", "--lr"))
         out.append(Override(path, value, f"--{flag}"))
+    if args.method is not None and args.method not in BASELINES:
+        out.append(Override("lift.method", args.method, "--method"))
     if not isinstance(raw.get("lift"), dict) or "seed" not in raw["lift"]:
         out.append(Override("lift.seed", args.seed, "--seed"))
     for item in args.overrides:
@@ -191,9 +196,15 @@ def resolve(args: argparse.Namespace) -> Launch:
     if args.max_steps is None and lift_raw.get("total_steps") in (None, "auto"):
         problems.append("--max_steps: required (the config's lift.total_steps is \"auto\")")
     try:
-        config = load_run_config(raw, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")), method=args.method, source=source)
+        baseline = args.method if args.method in BASELINES else "lift"
+        config = load_run_config(raw, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")), method=baseline, source=source)
     except ConfigError as e:
         problems += e.problems
+    else:
+        if args.method in BASELINES and config.lift.method != "lift":
+            problems.append(f"--method: {args.method} is a baseline, but the config's lift.method is {config.lift.method!r}; "
+                            f"use one or the other")
+        args.method = args.method if args.method in BASELINES else config.lift.method
     if problems:
         raise ConfigError(problems, source=args.ds_config)
     return Launch(args=args, config=config, builtin=builtin)
@@ -207,7 +218,7 @@ def check_model(launch: Launch, model_dir: str, num_labels: int | None, pad_id: 
     from .recipe import build_model, head_module_names
 
     config = launch.config
-    if launch.args.method != "lift":
+    if launch.args.method in BASELINES:
         return config
     model = build_model(model_dir, num_labels=num_labels, pad_id=pad_id, meta=True)
     if num_labels is not None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .backends import REGISTRY
-from .schedule import POLICIES, SCHEDULES
+from .schedule import DEFAULT_LISA_LAYERS, METHODS, POLICIES, SCHEDULES
 
 OPTIMIZER_STATES = ("reset", "offload")
 #: ``lift.frozen_weights``: full precision, or Q-LIFT's quantized frozen layers (lift_ds.quant)
@@ -77,12 +77,21 @@ class LiftConfig:
                            "torch (one process, the reference); auto follows the config: a zero_optimization section means "
                            "deepspeed, an fsdp section fsdp, neither torch on one process and deepspeed on several",
                            kind="choice", choices=BACKEND_CHOICES)
+    method: str = setting("lift", "lift: LIFT's plan; badam: BAdam 1.4's BlockOptimizer (one block per switch_every steps, a fresh "
+                          "Adam state per switch); lisa: LISA (embedding and head always, lisa_layers layers drawn per period of "
+                          "switch_every steps); the launcher's --method sets it", kind="choice", choices=METHODS, flag=False)
     schedule: str = setting("front2end", "block order: front2end (embedding side first, the paper's default), end2front, or "
-                            "random (N uniform draws with replacement, seeded)", kind="choice", choices=SCHEDULES)
+                            "random (N uniform draws with replacement, seeded); for badam: ascending, descending, or a fresh "
+                            "permutation per pass", kind="choice", choices=SCHEDULES)
     policy: str = setting("grouped", "grouped: each slot's floor(t/N) steps contiguous (the first t mod N slots get one more); "
                           "cyclic: round-robin, one step per block", kind="choice", choices=POLICIES)
     total_steps: int | None = setting(None, "optimizer steps t in the whole run; \"auto\": taken from --max_steps / total_steps=",
                                       kind="int", minimum=1, auto=True, flag=False)
+    switch_every: int | None = setting(None, "badam / lisa: optimizer steps per block (BAdam's switch_block_every; null: 50) or "
+                                       "per draw of layers (LISA's interval; null: 20); LIFT's phase lengths come from total_steps "
+                                       "and policy", kind="int", minimum=1, auto=True)
+    lisa_layers: int | None = setting(None, f"lisa: decoder layers trained together in each period (LISA's gamma; null: "
+                                      f"{DEFAULT_LISA_LAYERS}), drawn from the layer range without replacement", kind="int", minimum=1, auto=True)
     layer_range: tuple[int, int] | None = setting(None, "[first, last], 1-indexed inclusive over the layers ([6, 8] = the middle "
                                                   "three of twelve); null: all layers", kind="layer_range")
     include_embedding: bool = setting(False, "also train the input embedding block (with tied output embeddings)", kind="bool")
@@ -204,9 +213,38 @@ def parse_lift_section(section: Any, path: str = "lift") -> LiftConfig:
                 problems.append(problem)
             else:
                 values[f.name] = value
+    problems += _method_problems(section, values, path)
     if problems:
         raise ConfigError(problems)
     return LiftConfig(**values)
+
+
+def _method_problems(section: Mapping[str, Any], values: Mapping[str, Any], path: str) -> list[str]:
+    """Keys that contradict ``method`` (a key given for another method is an error, not ignored)."""
+    method = values.get("method", "lift")
+    given = lambda key: key in section and section[key] is not None  # noqa: E731
+    problems = []
+    if method == "lift":
+        for key in ("switch_every", "lisa_layers"):
+            if given(key):
+                problems.append(f"{path}.{key}: applies to method badam or lisa, not lift (LIFT's phase lengths come from "
+                                f"total_steps and policy); remove it or set {path}.method")
+        return problems
+    if values.get("policy", "grouped") != "grouped":
+        problems.append(f"{path}.policy: {values['policy']!r} is LIFT's; method {method} switches every switch_every steps; remove it")
+    if values.get("optimizer_state", "reset") != "reset":
+        problems.append(f"{path}.optimizer_state: {values['optimizer_state']!r} keeps a block's state across its phases; method "
+                        f"{method} starts a fresh optimizer state at every switch, as it is defined; remove it")
+    if method == "badam" and given("lisa_layers"):
+        problems.append(f"{path}.lisa_layers: applies to method lisa, not badam; remove it")
+    if method == "lisa":
+        for key in ("include_embedding", "include_head"):
+            if values.get(key):
+                problems.append(f"{path}.{key}: method lisa trains the embedding and the head in every period already; remove it")
+        if values.get("schedule", "front2end") != "front2end":
+            problems.append(f"{path}.schedule: {values['schedule']!r} orders LIFT / BAdam blocks; lisa draws its layers at random "
+                            f"(lift.seed); remove it")
+    return problems
 
 
 @dataclass(frozen=True)

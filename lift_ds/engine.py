@@ -53,7 +53,7 @@ class LiftEngine:
         self.lr_scheduler = lr_scheduler
         self.plan = plan
         self.candidates = list(plan.candidates)
-        self.cursor = PhaseCursor(list(plan.steps))
+        self.cursor = PhaseCursor(list(plan.steps), list(plan.units))
         self.guard = StepGuard(self.lift.max_consecutive_skipped_steps, self.training.precision)
         self.checkpointer = Checkpointer(self)
         self.micro_steps = 0
@@ -62,7 +62,7 @@ class LiftEngine:
         self.last_grad_norm: float | None = None
         self.phase_switch_seconds = 0.0
         self.phase_switches = 0
-        #: stashed optimizer states per candidate (``optimizer_state: offload``)
+        #: stashed optimizer states per unit (``optimizer_state: offload``, LIFT only: a unit is a block)
         self.stash: dict[int, Any] = {}
         self._active: int | None = None
         #: Q-LIFT: the quantized frozen layers and their block store (``lift.frozen_weights``)
@@ -76,8 +76,8 @@ class LiftEngine:
         if problem:
             logger.warning("%s", problem)
         logger.info(
-            "LIFT: %d candidate blocks (%s .. %s), %d steps, schedule=%s policy=%s, %d phases, backend=%s (%s)",
-            len(self.candidates), self.candidates[0].name, self.candidates[-1].name, plan.total_steps,
+            "%s: %d candidate blocks (%s .. %s), %d steps, schedule=%s policy=%s, %d phases, backend=%s (%s)",
+            self.lift.method.upper(), len(self.candidates), self.candidates[0].name, self.candidates[-1].name, plan.total_steps,
             self.lift.schedule, self.lift.policy, len(plan.phases), backend.name, config.backend_reason or "lift.backend",
         )
         self.start_phase(self.cursor.block)
@@ -96,12 +96,12 @@ class LiftEngine:
 
     @property
     def active_block(self) -> str | None:
-        """Name of the block training now (None once the plan is finished)."""
-        return None if self._active is None else self.candidates[self._active].name
+        """Name of the block training now, ``a+b`` for several (None once the plan is finished)."""
+        return None if self._active is None else self.plan.unit_name(self._active)
 
     @property
     def active_block_index(self) -> int | None:
-        """Index (into :attr:`candidates`) of the block training now."""
+        """Index (into ``plan.units``; for LIFT the same as into :attr:`candidates`) of the unit training now."""
         return self._active
 
     @property
@@ -131,13 +131,13 @@ class LiftEngine:
         return self.guard.last_step_skipped
 
     def trainable_param_names(self, block: int | None = None) -> list[str]:
-        """Parameters trained while ``block`` (default: the active one) is active."""
+        """Parameters trained while unit ``block`` (default: the active one) is active."""
         return self.plan.trainable_param_names(self._active if block is None else block)
 
     def saved_param_names(self) -> list[str]:
         """What a checkpoint saves: every block trained so far (all of the plan's once done)."""
         visited = self.cursor.visited_blocks() if not self.done else set(self.plan.steps)
-        return self.plan.param_names_of(visited)
+        return self.plan.param_names_of(c for u in visited for c in self.plan.units[u])
 
     # DeepSpeed engine methods users call
     def gradient_accumulation_steps(self) -> int:
@@ -169,18 +169,19 @@ class LiftEngine:
     # ----------------------------------------------------------------- phases
 
     def start_phase(self, block: int, restore_stash: bool = True) -> None:
-        """Make ``block`` the trainable one and rebuild the backend over it (ending any current phase)."""
+        """Make unit ``block`` the trainable one and rebuild the backend over it (ending any current phase)."""
         t0 = time.perf_counter()
         self.end_phase(stash=self.lift.optimizer_state == "offload")
         if self.quant is not None:
-            self.quant.activate(self.candidates[block].name)
+            for c in self.plan.units[block]:
+                self.quant.activate(self.candidates[c].name)
         params = set_trainable(self.module, self.trainable_param_names(block))
         try:
             self.backend.build(params)
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
-            raise PhaseOutOfMemoryError(oom_message(self.candidates[block].name, params, self.backend, e)) from e
+            raise PhaseOutOfMemoryError(oom_message(self.plan.unit_name(block), params, self.backend, e)) from e
         self._active = block
         assert self.backend.optimizer is not None
         self.lr_scheduler.attach(self.backend.optimizer)
@@ -190,7 +191,7 @@ class LiftEngine:
         self.phase_switches += 1
         ph = self.cursor.phase
         logger.info("phase %d/%d: training %s (%d parameter tensors) for steps %d..%d",
-                    ph.index + 1, len(self.plan.phases), self.candidates[block].name, len(params), ph.start + 1, ph.stop)
+                    ph.index + 1, len(self.plan.phases), self.plan.unit_name(block), len(params), ph.start + 1, ph.stop)
 
     def end_phase(self, stash: bool = False) -> None:
         """Release the current phase (optimizer, gradients, any engine); with ``stash`` keep the
@@ -199,7 +200,8 @@ class LiftEngine:
             self.stash[self._active] = self.backend.stash_optimizer_state()
         self.backend.teardown()
         if self.quant is not None and self._active is not None:
-            self.quant.deactivate(self.candidates[self._active].name)
+            for c in self.plan.units[self._active]:
+                self.quant.deactivate(self.candidates[c].name)
         self._active = None
         set_trainable(self.module, [])
 

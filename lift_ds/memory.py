@@ -57,7 +57,7 @@ class ModelShape:
     hidden: int
     vocab: int
     lora_per_rank_unit: int  # LoRA parameters per unit of rank r on q, k, v, o (sum of in + out)
-    candidate_sizes: list[int]  # the plan's candidates (lift_ds.plan.resolve_plan), in order
+    candidate_sizes: list[int]  # what trains in each distinct phase unit of the plan (lift_ds.plan.resolve_plan), in order
     lowest_candidate_layer: int  # 1-indexed layer of the candidate nearest the input (0: the embedding)
     layer_linear: int = 0  # parameters of the decoder layers' linear weights (what Q-LIFT would quantize)
 
@@ -107,7 +107,7 @@ def model_shape(model_or_config: str, lift: LiftConfig | None = None) -> ModelSh
         embedding=sum(size(b.param_names) for b in blocks if b.kind == "embedding"),
         head=sum(size(b.param_names) for b in blocks if b.kind == "head"),
         hidden=cfg.hidden_size, vocab=cfg.vocab_size, lora_per_rank_unit=lora,
-        candidate_sizes=[size(plan.trainable_param_names(i)) for i in range(len(plan.candidates))],
+        candidate_sizes=[size(plan.trainable_param_names(plan.units.index(u))) for u in dict.fromkeys(plan.units)],
         lowest_candidate_layer=lowest, layer_linear=linear,
     )
 

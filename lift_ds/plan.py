@@ -1,7 +1,8 @@
 """The LIFT plan of a run, resolved once from (model, lift config).
 
 :func:`resolve_plan` finds the model's blocks, selects the candidates (layer range, embedding,
-head), matches ``always_trainable`` and lays out the steps (schedule x policy). The launcher's
+head), matches ``always_trainable`` and lays out the steps (LIFT's schedule x policy, or the
+BAdam / LISA presets). The launcher's
 model check (on a meta-device model, before any weight is loaded), :func:`lift_ds.initialize`, the
 engine and ``lift_ds.memory`` all use it; nothing else interprets ``layer_range``.
 """
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from .blocks import Block, find_blocks, match_modules, select_candidates
 from .config import ConfigError, LiftConfig
-from .schedule import Phase, phases, plan
+from .schedule import DEFAULT_LISA_LAYERS, Phase, method_plan, phases, plan
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -27,13 +28,16 @@ class LiftPlan:
         blocks: every block of the model, in order (embedding, layers, head).
         candidates: the blocks the plan iterates over.
         always_trainable: parameter names trained in every phase.
-        steps: one candidate index per optimizer step (``len(steps) == total_steps``).
-        phases: maximal runs of consecutive steps on one block.
+        units: the candidates trained together (:func:`lift_ds.schedule.method_plan`): one block
+            each for LIFT and BAdam, the sampled layers of a period for LISA.
+        steps: one unit index per optimizer step (``len(steps) == total_steps``).
+        phases: maximal runs of consecutive steps on one unit.
     """
 
     blocks: tuple[Block, ...]
     candidates: tuple[Block, ...]
     always_trainable: tuple[str, ...]
+    units: tuple[tuple[int, ...], ...]
     steps: tuple[int, ...]
     phases: tuple[Phase, ...] = field(repr=False, default=())
 
@@ -41,14 +45,18 @@ class LiftPlan:
     def total_steps(self) -> int:
         return len(self.steps)
 
-    def trainable_param_names(self, candidate: int) -> list[str]:
-        """Parameters trained while ``candidate`` is active (its own plus ``always_trainable``)."""
-        return list(dict.fromkeys(list(self.candidates[candidate].param_names) + list(self.always_trainable)))
+    def unit_name(self, unit: int) -> str:
+        """``layers.3`` for one block, ``layers.3+layers.7`` for several."""
+        return "+".join(self.candidates[c].name for c in self.units[unit])
+
+    def trainable_param_names(self, unit: int) -> list[str]:
+        """Parameters trained while ``unit`` is active (its blocks' plus ``always_trainable``)."""
+        return self.param_names_of(self.units[unit])
 
     def never_trained_problem(self, name: str = "lift.total_steps") -> str | None:
         """A message when some candidate blocks get no step (``total_steps`` below their number), else None."""
         n, t = len(self.candidates), self.total_steps
-        if t >= n:
+        if t >= n or len(self.units) != n:  # BAdam / LISA: their switch interval decides, as in those methods
             return None
         layers = [b.layer_number for b in self.candidates if b.layer_number is not None]
         last = max(layers) if layers else n
@@ -57,7 +65,7 @@ class LiftPlan:
                 f"{max(1, last - t + 1)},{last})")
 
     def param_names_of(self, candidates: Iterable[int]) -> list[str]:
-        """Parameters of the given candidates plus ``always_trainable`` (what a checkpoint saves)."""
+        """Parameters of the given candidates plus ``always_trainable``, in model order."""
         names: list[str] = []
         for c in sorted(set(candidates)):
             names.extend(self.candidates[c].param_names)
@@ -93,5 +101,15 @@ def resolve_plan(model: "nn.Module", lift: LiftConfig, fixed_trainable: list[str
         blocks = tuple(find_blocks(model))
         candidates = tuple(select_candidates(list(blocks), lift))
         always = tuple(match_modules(model, lift.always_trainable))
-    step_blocks = tuple(plan(len(candidates), steps_total, lift.schedule, lift.policy, lift.seed))
-    return LiftPlan(blocks, candidates, always, step_blocks, tuple(phases(list(step_blocks))))
+        if lift.method == "lisa":  # LISA trains the embedding and the head in every period
+            always = tuple(dict.fromkeys([n for b in blocks if b.kind in ("embedding", "head") for n in b.param_names] + list(always)))
+            gamma = lift.lisa_layers or DEFAULT_LISA_LAYERS
+            if gamma > len(candidates):
+                raise ConfigError([f"lift.lisa_layers: {gamma} is more than the {len(candidates)} candidate layers "
+                                   f"(layer_range {list(lift.layer_range) if lift.layer_range else 'all'}); allowed: 1..{len(candidates)}"])
+    if fixed_trainable is not None or lift.method == "lift":
+        units, steps = [(c,) for c in range(len(candidates))], plan(len(candidates), steps_total, lift.schedule, lift.policy, lift.seed)
+    else:
+        units, steps = method_plan(lift.method, len(candidates), steps_total, lift.schedule, lift.policy, lift.seed,
+                                   lift.switch_every, lift.lisa_layers or DEFAULT_LISA_LAYERS)
+    return LiftPlan(blocks, candidates, always, tuple(units), tuple(steps), tuple(phases(list(steps))))

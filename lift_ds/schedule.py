@@ -6,7 +6,9 @@ plan from the same arguments without any communication.
 Terminology:
     slot: one entry of the schedule's order (``num_blocks`` slots per plan). With the ``random``
         schedule two slots may name the same block.
-    phase: a maximal run of consecutive steps on the same block; the distributed engine is rebuilt
+    unit: the candidate blocks trained together (one block for LIFT and BAdam; the sampled layers
+        for LISA); see :func:`method_plan`.
+    phase: a maximal run of consecutive steps on the same unit; the distributed engine is rebuilt
         only at phase boundaries.
 """
 
@@ -19,6 +21,12 @@ from typing import Any
 
 SCHEDULES = ("front2end", "end2front", "random")
 POLICIES = ("grouped", "cyclic")
+#: ``lift.method``: LIFT's plan, or a preset reproducing a peer's layer-wise method on the same engine
+METHODS = ("lift", "badam", "lisa")
+#: ``lift.switch_every`` when null: BAdam 1.4's ``switch_block_every`` and LMFlow's ``lisa_interval_steps``
+DEFAULT_SWITCH_EVERY = {"badam": 50, "lisa": 20}
+#: LMFlow's ``lisa_activated_layers``
+DEFAULT_LISA_LAYERS = 2
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -94,6 +102,73 @@ def plan(
     return steps
 
 
+def badam_phases(num_blocks: int, total_steps: int, switch_every: int, schedule: str = "front2end", seed: int = 0) -> list[tuple[int, int]]:
+    """BAdam 1.4's ``BlockOptimizer`` as ``(block, steps)`` per switch, ``total_steps`` steps in all.
+
+    BAdam switches after its ``g``-th step when ``(g + 1) % K == 0``, so the first block gets
+    ``K - 1`` steps (1 when ``K == 1``) and every later block ``K``. Orders: ``front2end`` is BAdam's
+    ``ascending`` (0, 1, .., N-1, 0, ..), ``end2front`` its ``descending`` (N-1, .., 0, N-1, ..),
+    ``random`` a fresh permutation of the blocks per pass (BAdam draws it with the global torch RNG;
+    here with ``random.Random(seed)``, so every rank and a resumed run agree).
+    """
+    _check_int("num_blocks", num_blocks, 1)
+    _check_int("total_steps", total_steps, 1)
+    _check_int("switch_every", switch_every, 1)
+    _check_choice("schedule", schedule, SCHEDULES)
+    rng = random.Random(seed)
+    order: list[int] = []
+    out: list[tuple[int, int]] = []
+    left = total_steps
+    while left > 0:
+        if not order:
+            order = list(range(num_blocks)) if schedule != "end2front" else list(range(num_blocks - 1, -1, -1))
+            if schedule == "random":
+                rng.shuffle(order)
+        length = min(left, max(switch_every - 1, 1) if not out else switch_every)
+        out.append((order.pop(0), length))
+        left -= length
+    return out
+
+
+def lisa_sets(num_layers: int, total_steps: int, switch_every: int, layers: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """LISA (LMFlow): the layers active in each period of ``switch_every`` steps, ``layers`` of the
+    ``num_layers`` drawn without replacement at the start of every period (sorted)."""
+    _check_int("num_layers", num_layers, 1)
+    _check_int("total_steps", total_steps, 1)
+    _check_int("switch_every", switch_every, 1)
+    _check_int("lisa_layers", layers, 1)
+    if layers > num_layers:
+        raise ValueError(f"lisa_layers must be at most the {num_layers} candidate layers, got {layers}")
+    rng = random.Random(seed)
+    periods = -(-total_steps // switch_every)
+    return [tuple(sorted(rng.sample(range(num_layers), layers))) for _ in range(periods)]
+
+
+def method_plan(method: str, num_blocks: int, total_steps: int, schedule: str = "front2end", policy: str = "grouped", seed: int = 0,
+                switch_every: int | None = None, lisa_layers: int = DEFAULT_LISA_LAYERS) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The plan of any method as ``(units, steps)``: ``units[u]`` is the tuple of candidate blocks
+    trained together, ``steps[k]`` the unit of optimizer step ``k``. A phase is a maximal run of
+    one unit.
+
+    LIFT: one unit per block, steps from :func:`plan` (consecutive steps on the same block are one
+    phase). BAdam and LISA: one unit per switch, so every switch starts a new phase (a fresh
+    optimizer) even when the same block or layers come back at once, as in those methods.
+    """
+    _check_choice("method", method, METHODS)
+    if method == "lift":
+        return [(b,) for b in range(num_blocks)], plan(num_blocks, total_steps, schedule, policy, seed)
+    every = switch_every if switch_every is not None else DEFAULT_SWITCH_EVERY[method]
+    if method == "badam":
+        units: list[tuple[int, ...]] = []
+        steps: list[int] = []
+        for block, length in badam_phases(num_blocks, total_steps, every, schedule, seed):
+            units.append((block,))
+            steps.extend([len(units) - 1] * length)
+        return units, steps
+    sets = lisa_sets(num_blocks, total_steps, every, lisa_layers, seed)
+    return sets, [k // every for k in range(total_steps)]
+
+
 @dataclass(frozen=True)
 class Phase:
     """A maximal run of consecutive steps on one block: steps ``[start, stop)``."""
@@ -119,9 +194,15 @@ def phases(steps: list[int]) -> list[Phase]:
     return out
 
 
-def plan_fingerprint(steps: list[int]) -> str:
-    """A short digest of a plan, stored in checkpoints to refuse resuming a different plan."""
-    return hashlib.sha256(",".join(map(str, steps)).encode()).hexdigest()[:16]
+def plan_fingerprint(steps: list[int], units: list[tuple[int, ...]] | None = None) -> str:
+    """A short digest of a plan, stored in checkpoints to refuse resuming a different plan.
+
+    ``units`` (see :func:`method_plan`) count only when they are not LIFT's one unit per block, so a
+    LIFT plan keeps the digest it had before units existed."""
+    text = ",".join(map(str, steps))
+    if units is not None and any(u != (i,) for i, u in enumerate(units)):
+        text += "|" + ";".join(",".join(map(str, u)) for u in units)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class PhaseCursor:
@@ -131,10 +212,11 @@ class PhaseCursor:
         steps: the plan, as returned by :func:`plan`.
     """
 
-    def __init__(self, steps: list[int]) -> None:
+    def __init__(self, steps: list[int], units: list[tuple[int, ...]] | None = None) -> None:
         if not steps:
             raise ValueError("steps must be a non-empty plan (got an empty list)")
         self.steps = list(steps)
+        self.fingerprint = plan_fingerprint(self.steps, units)
         self.phases = phases(self.steps)
         self._phase_of_step: list[int] = []
         for ph in self.phases:
@@ -181,17 +263,17 @@ class PhaseCursor:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "total_steps": len(self.steps), "fingerprint": plan_fingerprint(self.steps)}
+        return {"step": self.step, "total_steps": len(self.steps), "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position. Refuses a state saved for a different plan."""
-        fp = plan_fingerprint(self.steps)
+        fp = self.fingerprint
         if state.get("fingerprint") != fp or state.get("total_steps") != len(self.steps):
             raise ValueError(
                 "checkpointed LIFT plan does not match this run's plan "
                 f"(saved total_steps={state.get('total_steps')}, fingerprint={state.get('fingerprint')}; "
                 f"this run total_steps={len(self.steps)}, fingerprint={fp}). Resume with the same "
-                "lift.schedule, lift.policy, lift.seed, lift.total_steps, layer range and model."
+                "lift.method, lift.schedule, lift.policy, lift.seed, lift.total_steps, layer range and model."
             )
         step = state["step"]
         if not isinstance(step, int) or not 0 <= step <= len(self.steps):
