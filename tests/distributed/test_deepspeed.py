@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from lift_ds.schedule import POLICIES, SCHEDULES
+from lift_ds.schedule import POLICIES, SCHEDULES, lisa_sets
 
 from .launch import WORLD, max_rel_error, reference, torchrun
 
@@ -52,6 +52,16 @@ def matrix() -> dict:
         scenarios[f"z{stage}-nan"] = {
             "config": ds_config(stage, {"total_steps": 8}), "optimizer": "adamw", "steps": 8, "nan_steps": [4], "nan_ranks": [1],
         }
+        # the BAdam and LISA presets: each equal to its own single-process run
+        scenarios[f"z{stage}-badam"] = {
+            "config": ds_config(stage, {"total_steps": 10, "method": "badam", "switch_every": 3, "schedule": "end2front"}),
+            "optimizer": "adamw", "steps": 10,
+        }
+        scenarios[f"z{stage}-lisa"] = {
+            "config": ds_config(stage, {"total_steps": 9, "method": "lisa", "switch_every": 3, "lisa_layers": 2, "seed": 5,
+                                        "layer_range": None, "include_head": False}),
+            "optimizer": "adamw", "steps": 9, "track_names": True,
+        }
         scenarios[f"z{stage}-gas"] = {
             "config": ds_config(stage, {"total_steps": 6, "schedule": "end2front"}, gradient_accumulation_steps=2),
             "optimizer": "adamw", "steps": 6,
@@ -65,9 +75,15 @@ def results(tmp_path_factory):
     return matrix(), torchrun(matrix(), tmp, "matrix")
 
 
-def _frozen_names(start: dict) -> list[str]:
+def _frozen_names(name: str, start: dict) -> list[str]:
+    if name.endswith("-lisa"):  # embedding and head in every period: what never trains is the layers never drawn
+        return [n for n in start if n.startswith("model.layers.") and int(n.split(".")[2]) not in _lisa_drawn()]
     # layer_range [2, 4] + head: the embedding and layer 1 (model.layers.0) never train
     return [n for n in start if n.startswith("model.embed_tokens") or n.startswith("model.layers.0.")]
+
+
+def _lisa_drawn() -> set[int]:
+    return {i for s in lisa_sets(4, 9, 3, 2, seed=5) for i in s}
 
 
 @pytest.mark.parametrize("name", list(matrix()))
@@ -79,7 +95,7 @@ def test_matches_single_process_reference(results, name):
     err, move = max_rel_error(final, ref, start)
     assert move > 1e-3, "the reference did not train"
     assert err <= 1e-3 * move, f"{name}: max |ds - ref| = {err:.3g}, largest move {move:.3g}"
-    for n in _frozen_names(start):
+    for n in _frozen_names(name, start):
         assert torch.equal(final[n], start[n]), f"{n} is frozen but changed"
 
 
@@ -115,3 +131,26 @@ def test_optimizer_state_is_active_block_only_and_partitioned(results):
                 # exp_avg + exp_avg_sq of this rank's partition of the active block (plus alignment padding)
                 assert 2 * active / WORLD <= held <= 2 * active / WORLD + 2 * 64, (stage, k, held, active)
         assert all(n == 0 for n in out["state_numel"][0::2])  # a fresh optimizer at every phase start
+
+
+def test_lisa_under_zero2_trains_embedding_head_and_the_drawn_layers_only(results):
+    """LISA on 2 ranks under ZeRO-2: at every step exactly the embedding, the head and the period's
+    two drawn layers train, and each rank's optimizer state is its half of their moments (none at a
+    period's first step: a fresh optimizer per draw)."""
+    scenarios, res = results
+    out = res["z2-lisa"]
+    sets = lisa_sets(4, 9, 3, 2, seed=5)
+    assert len(set(sets)) > 1, "one draw only: the test would not see a switch"
+    start, _ = reference(scenarios["z2-lisa"])
+    always = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for k, names in enumerate(out["trainable_names"]):
+        drawn = sets[k // 3]
+        expected = always | {n for n in start if n.startswith("model.layers.") and int(n.split(".")[2]) in drawn}
+        assert set(names) == expected, (k, drawn, sorted(set(names) ^ expected))
+        active = sum(start[n].numel() for n in expected)
+        assert out["trainable_numel"][k] == active
+        held = out["state_numel"][k]
+        if k % 3 == 0:
+            assert held == 0, (k, held)
+        else:
+            assert 2 * active / WORLD <= held <= 2 * active / WORLD + 2 * 64, (k, held, active)

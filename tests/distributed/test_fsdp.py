@@ -36,6 +36,11 @@ def scenarios(save: Path) -> dict:
     sc["leak"] = {"config": cfg({"total_steps": 24, "policy": "cyclic", "layer_range": [1, 4]}), "optimizer": "adamw", "steps": 24,
                   # big enough that one block's state (>= 1 MB per rank) stands above the allocator's noise in RSS (~3 MB seen)
                   "hidden": 256, "vocab": 1024, "track": True}
+    # the BAdam and LISA presets, each equal to its single-process run
+    sc["badam"] = {"config": cfg({"total_steps": 10, "method": "badam", "switch_every": 3, "schedule": "random", "seed": 2}),
+                   "optimizer": "adamw", "steps": 10}
+    sc["lisa"] = {"config": cfg({"total_steps": 9, "method": "lisa", "switch_every": 3, "lisa_layers": 2, "seed": 5, "layer_range": None,
+                                 "include_head": False}), "optimizer": "adamw", "steps": 9}
     fast = {"total_steps": 16, "layer_range": [4, 4], "include_head": True}
     # bf16 across many switches (FSDP2 caches gradient dtypes at lazy init): cyclic over 3 blocks, 16 phases
     sc["bf16"] = {"config": cfg({"total_steps": 24, "policy": "cyclic", "layer_range": [3, 4], "include_head": True}, bf16={"enabled": True}),
@@ -61,7 +66,7 @@ def runs(tmp_path_factory):
     return sc, res, save
 
 
-MATRIX = [f"{s}-{p}-{o}" for s, p, o in itertools.product(SCHEDULES, POLICIES, ("sgd", "adamw"))] + ["noclip", "gas", "offload-state", "full", "nan"]
+MATRIX = [f"{s}-{p}-{o}" for s, p, o in itertools.product(SCHEDULES, POLICIES, ("sgd", "adamw"))] + ["noclip", "gas", "offload-state", "full", "nan", "badam", "lisa"]
 
 
 @pytest.mark.parametrize("name", MATRIX)

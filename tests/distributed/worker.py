@@ -139,6 +139,8 @@ def run(sc, rank, world):
             # state exists after the first step of a phase; count what this rank holds now (before step)
             out["state_numel"].append(engine.backend.optimizer_state_numel())
             out["trainable_numel"].append(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters() if p.requires_grad))
+            if sc.get("track_names"):
+                out.setdefault("trainable_names", []).append(sorted(n for n, p in engine.module.named_parameters() if p.requires_grad))
             if sc.get("track_grads"):
                 # FSDP: gradients exist for the active block only (checked before the step clears them)
                 out.setdefault("grad_names", []).append(sorted(n for n, p in engine.module.named_parameters() if p.grad is not None))
