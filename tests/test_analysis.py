@@ -125,3 +125,36 @@ def test_zeroshot_scores_the_untrained_model(d, capsys):
     for r in res["tasks"].values():
         assert 0.0 <= r["score"] <= 1.0 and r["score"] == r["eval_accuracy"]
     assert "reviews: zero-shot score" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compare_picks_best_lr_on_validation_and_reports_test_over_seeds(d, capsys):
+    """Runs through launch/train.py, best learning rate by mean validation score, test mean/std over
+    seeds at that rate; a second invocation reads finished runs back instead of repeating them."""
+    from types import SimpleNamespace
+
+    from lift_ds.analysis.common import Task
+    from lift_ds.analysis.compare import test_score
+
+    out = d / "compare"
+    argv = ["compare", "--model", str(d / "model"), "--task", f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
+            "--methods", "lift,lisa", "--lrs", "lift=1e-3,3e-2", "--lrs", "lisa=1e-2", "--seeds", "0,1", "--steps", "4",
+            "--micro_batch", "4", "--val_items", "8", "--switch_every", "2", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads((out / "compare.json").read_text())
+    assert len(res["runs"]) == 6 and len((out / "data" / "reviews" / "val.jsonl").read_text().splitlines()) == 8
+    lift = res["table"]["reviews"]["lift"]
+    means = {float(k): v for k, v in lift["val_by_lr"].items()}
+    assert lift["best_lr"] == max(means, key=lambda k: (means[k], -k))
+    at_best = [r["test"]["score"] for r in res["runs"] if r["method"] == "lift" and r["lr"] == lift["best_lr"]]
+    assert lift["seeds"] == 2 and abs(lift["test_mean"] - sum(at_best) / 2) < 1e-12
+    assert (out / "curves_reviews.png").read_bytes()[:8] == PNG
+    assert "| lift |" in (out / "compare.md").read_text()
+    # the test scorer (exported model, reloaded) gives the launcher's own validation score on the validation file
+    run = res["runs"][0]
+    run_dir = out / "runs" / "reviews" / "lift" / f"lr{run['lr']:g}" / "seed0"
+    args = SimpleNamespace(seq_len=64, test_limit=0)
+    task = Task("reviews", "classification", str(out / "data" / "reviews" / "train.jsonl"), str(out / "data" / "reviews" / "val.jsonl"))
+    assert test_score(run_dir / "out" / "final", task, out / "data" / "reviews" / "train.jsonl", args)["score"] == run["val"]
+    stamp = (run_dir / "result.json").stat().st_mtime_ns
+    assert main(argv) == 0 and (run_dir / "result.json").stat().st_mtime_ns == stamp

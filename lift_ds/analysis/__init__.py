@@ -1,6 +1,7 @@
 """The paper's analyses as tools (appendix B-D); run ``python -m lift_ds.analysis --help``.
 
-Modules: :mod:`.contribution` (which blocks matter), :mod:`.ablation` (which settings win),
+Modules: :mod:`.contribution` (which blocks matter), :mod:`.ablation` (which settings win), :mod:`.compare`
+(methods at their tuned learning rates),
 :mod:`.curves` (validation curves), :mod:`.common` (tasks and one seeded run through
 :mod:`lift_ds.recipe`), :mod:`.cli` (the command line).
 """

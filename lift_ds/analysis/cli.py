@@ -23,6 +23,14 @@ and prints a table in the paper's layout (rows = settings, columns = tasks, an a
 
 **zeroshot** scores the untrained model on each task's held-out items (the baseline of every table).
 
+**compare** runs methods (LIFT front2end and random, FT-Full, LoRA, BAdam, LISA) x learning rates x
+tasks x seeds through launch/train.py, picks each method's best learning rate on a validation split of
+the training file, and reports test accuracy (mean and std over seeds) at that rate, with validation
+curves (see :mod:`lift_ds.analysis.compare`)::
+
+    python -m lift_ds.analysis compare --task sentiment --task trec --seeds 0,1,2 --steps 60 --out outputs/compare \
+        [--methods lift,lift-random,full,lora,badam,lisa] [--lrs full=1e-5,3e-5 --lrs lift=1e-4,3e-4]
+
 **curves** plots validation loss against step from launch/train.py ``metrics.jsonl`` files (figure 5).
 
 Every run is single-process on the torch backend (the reference LIFT engine), seeded; ``--seeds``
@@ -39,6 +47,7 @@ from ..config import ConfigError
 from .ablation import ablation, markdown_table, settings
 from .common import Setup, parse_task, zero_shot
 from .contribution import contribution
+from .compare import DEFAULT_LRS, METHOD_FLAGS, compare
 from .curves import curves
 
 
@@ -73,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no_full_ft", action="store_true", help="skip the FT-Full reference row")
     z = sub.add_parser("zeroshot", help="held-out scores of the untrained model (the baseline of every table); writes zeroshot.json")
     common(z)
+    m = sub.add_parser("compare", help="methods x learning rates x tasks x seeds through the launcher; test mean +- std at each method's best lr")
+    m.add_argument("--model", default=None, help="HF directory (default: the built-in SmolLM2-135M-Instruct)")
+    m.add_argument("--task", action="append", required=True, help="sentiment, trec, bigbench:<task> or NAME=FORMAT:TRAIN[:EVAL]; repeat for several")
+    m.add_argument("--methods", default=",".join(METHOD_FLAGS), help=f"comma-separated, of {', '.join(METHOD_FLAGS)}")
+    m.add_argument("--lrs", action="append", default=[], metavar="METHOD=LR[,LR...]",
+                   help="a method's learning-rate grid (default: " + "; ".join(f"{k} {','.join(f'{x:g}' for x in v)}" for k, v in DEFAULT_LRS.items()) + ")")
+    m.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (at least 3 for a std worth reading)")
+    m.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    m.add_argument("--seq_len", type=int, default=64)
+    m.add_argument("--micro_batch", type=int, default=8)
+    m.add_argument("--val_items", type=int, default=100, help="validation items drawn (seed 0) from each training file, never trained on")
+    m.add_argument("--test_limit", type=int, default=0, help="test items scored per task (0: all of the held-out file)")
+    m.add_argument("--eval_every", type=int, default=0, help="validation every N steps for the curves (default: steps / 5)")
+    m.add_argument("--switch_every", type=int, default=0, help="badam / lisa: steps per switch (default: the methods' own, 50 / 20)")
+    m.add_argument("--out", required=True, help="output directory (a stopped study continues there)")
     v = sub.add_parser("curves", help="validation loss against step from metrics.jsonl files, as a PNG")
     v.add_argument("--run", action="append", required=True, help="LABEL=path/to/metrics.jsonl; repeat for several")
     v.add_argument("--metric", default="eval_loss")
@@ -96,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             curves(runs, args.metric, Path(args.out), args.title)
             print(f"wrote {args.out}")
             return 0
+        if args.command == "compare":
+            return _compare(args)
         problems = [f"--{k}: must be >= 1, got {getattr(args, k)}" for k in ("steps", "seq_len", "micro_batch") if getattr(args, k) < 1]
         if not args.lr > 0:
             problems.append(f"--lr: must be > 0, got {args.lr}")
@@ -140,3 +166,38 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _compare(args: argparse.Namespace) -> int:
+    problems = [f"--{k}: must be >= 1, got {getattr(args, k)}" for k in ("steps", "seq_len", "micro_batch", "val_items") if getattr(args, k) < 1]
+    problems += [f"--{k}: must be >= 0, got {getattr(args, k)}" for k in ("test_limit", "eval_every", "switch_every") if getattr(args, k) < 0]
+    methods = [m for m in args.methods.split(",") if m]
+    problems += [f"--methods: {m!r} unknown; allowed: {', '.join(METHOD_FLAGS)}" for m in methods if m not in METHOD_FLAGS]
+    lrs = {m: list(DEFAULT_LRS[m]) for m in methods if m in DEFAULT_LRS}
+    for spec in args.lrs:
+        name, eq, values = spec.partition("=")
+        try:
+            grid = [float(x) for x in values.split(",") if x]
+        except ValueError:
+            grid = []
+        if not eq or name not in methods or not grid or not all(x > 0 for x in grid):
+            problems.append(f"--lrs: {spec!r} must be METHOD=LR[,LR...] with METHOD one of --methods ({', '.join(methods)}) and rates > 0")
+        else:
+            lrs[name] = grid
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        seeds = []
+        problems.append(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if args.model is not None and not Path(args.model).is_dir():
+        problems.append(f"--model: directory {args.model!r} does not exist")
+    if problems:
+        raise ConfigError(problems)
+    from .. import assets
+
+    args.eval_every = args.eval_every or max(1, args.steps // 5)
+    model = args.model or str(assets.smollm2_135m())
+    res = compare(model, [parse_task(t) for t in args.task], methods, lrs, seeds, args, Path(args.out))
+    print((Path(args.out) / "compare.md").read_text())
+    print(f"wrote {args.out}/compare.json, .csv, .md, curves_<task>.png ({len(res['runs'])} runs)")
+    return 0

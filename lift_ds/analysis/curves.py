@@ -18,17 +18,23 @@ def read_curve(path: Path, metric: str) -> list[tuple[int, float]]:
 
 
 def curves(runs: list[tuple[str, Path]], metric: str, out: Path, title: str) -> dict[str, list[tuple[int, float]]]:
+    data = {label: read_curve(path, metric) for label, path in runs}
+    plot_series([(label, [s for s, _ in pts], [v for _, v in pts]) for label, pts in data.items()], out, title, metric)
+    return data
+
+
+def plot_series(series: list[tuple[str, list[int], list[float]]], out: Path, title: str, ylabel: str) -> None:
+    """One line per ``(label, steps, values)``, written as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = {label: read_curve(path, metric) for label, path in runs}
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pts in data.items():
-        ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", markersize=3, label=label)
+    for label, steps, values in series:
+        ax.plot(steps, values, marker="o", markersize=3, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -36,4 +42,3 @@ def curves(runs: list[tuple[str, Path]], metric: str, out: Path, title: str) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return data
