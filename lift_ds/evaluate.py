@@ -73,9 +73,11 @@ def head_metrics(forward: Callable[..., Any], data: TokenizedData, batch_size: i
 @torch.no_grad()
 def choice_accuracy(
     forward: Callable[..., Any], examples: list[Example], tokenizer: Any, seq_len: int, batch_size: int, rank: int, world: int,
-    reduce: Reduce = _local,
+    reduce: Reduce = _local, loglikelihoods: list[list[float]] | None = None,
 ) -> dict[str, float]:
-    """Accuracy of picking the choice with the highest summed log-likelihood after the prompt."""
+    """Accuracy of picking the choice with the highest summed log-likelihood after the prompt.
+
+    ``loglikelihoods`` (one process) receives every example's per-choice log-likelihoods, in order."""
     shard = _shard(len(examples), rank, world)
     seqs: list[tuple[list[int], int, int]] = []  # ids, prompt length, position in the shard
     for k, (i, _) in enumerate(shard):
@@ -95,7 +97,10 @@ def choice_accuracy(
             scores[k].append(logp[j, n_p - 1 : len(ids) - 1].gather(-1, tgt[:, None]).sum().item())
     correct = total = 0.0
     for (i, w), ll in zip(shard, scores):
-        correct += w * float(max(range(len(ll)), key=ll.__getitem__) == examples[i].answer)
+        pick = max(range(len(ll)), key=ll.__getitem__)
+        correct += w * float(pick == examples[i].answer)
         total += w
+        if loglikelihoods is not None and w:
+            loglikelihoods.append(ll)
     correct, total = reduce([correct, total])
     return {"eval_accuracy": correct / max(total, 1.0)}

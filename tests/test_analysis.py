@@ -158,3 +158,24 @@ def test_compare_picks_best_lr_on_validation_and_reports_test_over_seeds(d, caps
     assert test_score(run_dir / "out" / "final", task, out / "data" / "reviews" / "train.jsonl", args)["score"] == run["val"]
     stamp = (run_dir / "result.json").stat().st_mtime_ns
     assert main(argv) == 0 and (run_dir / "result.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("fmt", ["classification", "multiple_choice"])
+def test_lm_eval_agrees_with_lift_ds_item_by_item(d, tmp_path, fmt, capsys):
+    """EleutherAI's lm-eval, reading a YAML task over our local file, gives lift_ds's accuracy and the
+    same per-choice log-likelihoods (a changed prompt or continuation in the YAML shows as a gap)."""
+    pytest.importorskip("lm_eval")
+    from lift_ds.analysis.common import Task
+    from lift_ds.analysis.lmeval import agreement
+
+    task = (Task("reviews", "classification", f"{d}/train.jsonl", f"{d}/eval.jsonl") if fmt == "classification"
+            else Task("mc", "multiple_choice", f"{d}/mc.jsonl", f"{d}/mc.jsonl"))
+    r = agreement(str(d / "model"), task, 64, 0, tmp_path / "tasks")
+    assert r["items"] == r["lm_eval_items"] > 0
+    assert r["lm_eval_accuracy"] == r["lift_ds_accuracy"] and r["items_choosing_differently"] == 0
+    assert r["max_loglikelihood_gap"] < 1e-4, r
+    if fmt == "classification":
+        assert main(["lmeval", "--model", str(d / "model"), "--task", f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
+                     "--limit", "5", "--out", str(tmp_path / "cli")]) == 0
+        assert "5 items, lift_ds accuracy" in capsys.readouterr().out
+        assert json.loads((tmp_path / "cli" / "lmeval.json").read_text())[0]["items"] == 5

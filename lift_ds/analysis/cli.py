@@ -40,6 +40,7 @@ averages over seeds.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -97,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--eval_every", type=int, default=0, help="validation every N steps for the curves (default: steps / 5)")
     m.add_argument("--switch_every", type=int, default=0, help="badam / lisa: steps per switch (default: the methods' own, 50 / 20)")
     m.add_argument("--out", required=True, help="output directory (a stopped study continues there)")
+    m.add_argument("--lm_eval", action="store_true", help="also score each method's best-lr model (first seed) with lm-eval and "
+                   "report its agreement with lift_ds's evaluator (pip install 'lift_ds[eval]')")
+    e = sub.add_parser("lmeval", help="accuracy of a model by lift_ds's evaluator and by EleutherAI's lm-eval, item by item")
+    e.add_argument("--model", required=True, help="HF directory (e.g. an exported output_dir/final)")
+    e.add_argument("--task", action="append", required=True, help="sentiment, trec, bigbench:<task> or NAME=FORMAT:TRAIN[:EVAL]")
+    e.add_argument("--limit", type=int, default=200, help="held-out items (0: all)")
+    e.add_argument("--seq_len", type=int, default=64)
+    e.add_argument("--out", required=True, help="directory for the lm-eval task YAMLs and lmeval.json")
     v = sub.add_parser("curves", help="validation loss against step from metrics.jsonl files, as a PNG")
     v.add_argument("--run", action="append", required=True, help="LABEL=path/to/metrics.jsonl; repeat for several")
     v.add_argument("--metric", default="eval_loss")
@@ -122,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "compare":
             return _compare(args)
+        if args.command == "lmeval":
+            return _lmeval(args)
         problems = [f"--{k}: must be >= 1, got {getattr(args, k)}" for k in ("steps", "seq_len", "micro_batch") if getattr(args, k) < 1]
         if not args.lr > 0:
             problems.append(f"--lr: must be > 0, got {args.lr}")
@@ -200,4 +211,20 @@ def _compare(args: argparse.Namespace) -> int:
     res = compare(model, [parse_task(t) for t in args.task], methods, lrs, seeds, args, Path(args.out))
     print((Path(args.out) / "compare.md").read_text())
     print(f"wrote {args.out}/compare.json, .csv, .md, curves_<task>.png ({len(res['runs'])} runs)")
+    return 0
+
+
+def _lmeval(args: argparse.Namespace) -> int:
+    from .lmeval import agreement
+
+    problems = [f"--{k}: must be >= 0, got {getattr(args, k)}" for k in ("limit",) if getattr(args, k) < 0]
+    if not Path(args.model).is_dir():
+        problems.append(f"--model: directory {args.model!r} does not exist")
+    if problems:
+        raise ConfigError(problems)
+    rows = [agreement(args.model, parse_task(t), args.seq_len, args.limit, Path(args.out) / "tasks") for t in args.task]
+    for r in rows:
+        print(f"{r['task']}: {r['items']} items, lift_ds accuracy {r['lift_ds_accuracy']:.4f}, lm-eval acc {r['lm_eval_accuracy']:.4f}, "
+              f"{r['items_choosing_differently']} items chosen differently, largest log-likelihood gap {r['max_loglikelihood_gap']:.2e}")
+    Path(args.out, "lmeval.json").write_text(json.dumps(rows, indent=1))
     return 0

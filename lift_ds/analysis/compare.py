@@ -161,6 +161,16 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
              "test_std": table[t][m]["test_std"], "seeds": table[t][m]["seeds"], "val_by_lr": json.dumps(table[t][m]["val_by_lr"])}
             for t in names for m in methods]
     result = {"model": model, "steps": args.steps, "seeds": seeds, "lrs": lrs, "val_items": args.val_items, "table": table, "runs": results}
+    if getattr(args, "lm_eval", False):
+        from .lmeval import agreement
+
+        by_name = {t.name: t for t in tasks}
+        result["lm_eval"] = []
+        for t in names:
+            test = Task(t, by_name[t].fmt, str(out / "data" / t / "train.jsonl"), by_name[t].eval, by_name[t].labels)
+            for m in methods:
+                final = out / "runs" / t / m / f"lr{table[t][m]['best_lr']:g}" / f"seed{seeds[0]}" / "out" / "final"
+                result["lm_eval"].append({"method": m, **agreement(str(final), test, args.seq_len, args.test_limit, out / "lm_eval_tasks")})
     write_tables(out, "compare", result, rows)
     (out / "compare.md").write_text(markdown(table, methods, names) + "\n")
     for t in names:
