@@ -1,7 +1,8 @@
 """A tuned comparison of fine-tuning methods: methods x learning rates x tasks x seeds, each run
-through launch/train.py (one process, the torch backend), the best learning rate per method and
-task chosen on a validation split, test accuracy reported as mean and standard deviation over seeds
-at that rate, validation curves plotted.
+through launch/train.py (one process, the torch backend). Each method's learning rate is chosen per
+task on a validation split with the first seed (every rate of its grid); the other seeds run at that
+rate only, and test accuracy is reported as mean and standard deviation over all seeds at that rate,
+with validation curves.
 
 The validation split is drawn from the task's training file (``--val_items`` items, seeded, never
 trained on); the test set is the task's held-out file, scored on the exported model by lift_ds's
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,9 +88,18 @@ def launch_run(model: str, task: Task, train: Path, val: Path, method: str, lr: 
         raise RuntimeError(f"{task.name}/{method}/lr{lr}/seed{seed}: launch/train.py exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     records = [json.loads(ln) for ln in (run_dir / "out" / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     evals = [r for r in records if "eval_loss" in r or "eval_accuracy" in r]
+    final = run_dir / "out" / "final"
+    test = Task(task.name, task.fmt, str(train), task.eval, task.labels)
     result = {"task": task.name, "method": method, "lr": lr, "seed": seed, "seconds": time.perf_counter() - t0,
               "val": _score(evals[-1]), "val_curve": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}} for r in evals],
-              "test": test_score(run_dir / "out" / "final", task, train, args)}
+              "test": test_score(final, test, args)}
+    if getattr(args, "lm_eval", False) and seed == args.tune_seed:  # the model a best rate is picked from
+        from .lmeval import agreement
+
+        result["lm_eval"] = agreement(str(final), test, args.seq_len, args.test_limit, run_dir / "lm_eval_tasks")
+    if not getattr(args, "keep_models", False):  # a study writes a model per run: keep the numbers only
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(run_dir / "out" / "checkpoints", ignore_errors=True)
     done.write_text(json.dumps(result, indent=1))
     return result
 
@@ -97,14 +108,14 @@ def _score(metrics: dict) -> float:
     return metrics["eval_accuracy"] if "eval_accuracy" in metrics else -metrics["eval_loss"]
 
 
-def test_score(final: Path, task: Task, train: Path, args: Any) -> dict[str, float]:
-    """The exported model's held-out metrics on the task's test file (lift_ds's evaluator)."""
+def test_score(final: Path, task: Task, args: Any) -> dict[str, float]:
+    """The exported model's held-out metrics on ``task.eval`` (lift_ds's evaluator; labels from ``task.train``)."""
     import torch
 
     from ..recipe import build_model, held_out_metrics, load_task_data, load_tokenizer
 
     tok = load_tokenizer(str(final))
-    data = load_task_data(str(train), task.eval, task.fmt, tok, args.seq_len, eval_limit=args.test_limit)
+    data = load_task_data(task.train, task.eval, task.fmt, tok, args.seq_len, labels=task.labels, eval_limit=args.test_limit)
     model = build_model(str(final), pad_id=tok.pad_token_id)
     model.eval()
     with torch.no_grad():
@@ -112,20 +123,17 @@ def test_score(final: Path, task: Task, train: Path, args: Any) -> dict[str, flo
     return {"score": _score(metrics), **metrics}
 
 
-def summarize(results: list[dict], methods: list[str], tasks: list[str]) -> dict[str, Any]:
-    """Per task and method: the mean validation score of each learning rate, the best rate, and the
-    test score's mean and standard deviation over seeds at that rate."""
+def summarize(results: list[dict], methods: list[str], tasks: list[str], tune_seed: int) -> dict[str, Any]:
+    """Per task and method: the validation score of each learning rate (seed ``tune_seed``), the best
+    rate (ties: the lower), and the test score's mean and standard deviation over seeds at that rate."""
     table: dict[str, dict[str, Any]] = {}
     for t in tasks:
         table[t] = {}
         for m in methods:
             runs = [r for r in results if r["task"] == t and r["method"] == m]
-            by_lr: dict[float, list[dict]] = {}
-            for r in runs:
-                by_lr.setdefault(r["lr"], []).append(r)
-            val = {lr: statistics.mean(r["val"] for r in rs) for lr, rs in by_lr.items()}
+            val = {r["lr"]: r["val"] for r in runs if r["seed"] == tune_seed}
             best = max(val, key=lambda lr: (val[lr], -lr))
-            tests = [r["test"]["score"] for r in by_lr[best]]
+            tests = [r["test"]["score"] for r in runs if r["lr"] == best]
             table[t][m] = {"val_by_lr": {repr(k): v for k, v in sorted(val.items())}, "best_lr": best, "seeds": len(tests),
                            "test_mean": statistics.mean(tests), "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
                            "seconds_per_run": statistics.mean(r["seconds"] for r in runs)}
@@ -146,31 +154,36 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
     validation-curve PNG per task (each method at its best learning rate, seed ``seeds[0]``)."""
     from .curves import plot_series
 
-    results = []
+    args.tune_seed = seeds[0]
+    results: list[dict] = []
+    splits = {t.name: split_validation(t, args.val_items, out / "data" / t.name) for t in tasks}
+
+    def run(task: Task, m: str, lr: float, s: int) -> dict:
+        r = launch_run(model, task, *splits[task.name], m, lr, s, args, out / "runs" / task.name / m / f"lr{lr:g}" / f"seed{s}")
+        print(f"{task.name} {m} lr={lr:g} seed={s}: val {r['val']:.4f} test {r['test']['score']:.4f} ({r['seconds']:.0f} s)", flush=True)
+        results.append(r)
+        return r
+
+    # every rate with the first seed, every method, before any further seed: a study cut short still
+    # has each method's tuning; then the other seeds at each method's best rate only
+    best: dict[tuple[str, str], float] = {}
     for task in tasks:
-        train, val = split_validation(task, args.val_items, out / "data" / task.name)
         for m in methods:
-            for lr in lrs[m]:
-                for s in seeds:
-                    r = launch_run(model, task, train, val, m, lr, s, args, out / "runs" / task.name / m / f"lr{lr:g}" / f"seed{s}")
-                    print(f"{task.name} {m} lr={lr:g} seed={s}: val {r['val']:.4f} test {r['test']['score']:.4f} ({r['seconds']:.0f} s)", flush=True)
-                    results.append(r)
+            val = {lr: run(task, m, lr, seeds[0])["val"] for lr in lrs[m]}
+            best[task.name, m] = max(val, key=lambda lr: (val[lr], -lr))
+    for task in tasks:
+        for m in methods:
+            for s in seeds[1:]:
+                run(task, m, best[task.name, m], s)
     names = [t.name for t in tasks]
-    table = summarize(results, methods, names)
+    table = summarize(results, methods, names, seeds[0])
     rows = [{"task": t, "method": m, "best_lr": table[t][m]["best_lr"], "test_mean": table[t][m]["test_mean"],
              "test_std": table[t][m]["test_std"], "seeds": table[t][m]["seeds"], "val_by_lr": json.dumps(table[t][m]["val_by_lr"])}
             for t in names for m in methods]
     result = {"model": model, "steps": args.steps, "seeds": seeds, "lrs": lrs, "val_items": args.val_items, "table": table, "runs": results}
     if getattr(args, "lm_eval", False):
-        from .lmeval import agreement
-
-        by_name = {t.name: t for t in tasks}
-        result["lm_eval"] = []
-        for t in names:
-            test = Task(t, by_name[t].fmt, str(out / "data" / t / "train.jsonl"), by_name[t].eval, by_name[t].labels)
-            for m in methods:
-                final = out / "runs" / t / m / f"lr{table[t][m]['best_lr']:g}" / f"seed{seeds[0]}" / "out" / "final"
-                result["lm_eval"].append({"method": m, **agreement(str(final), test, args.seq_len, args.test_limit, out / "lm_eval_tasks")})
+        result["lm_eval"] = [{"method": m, "lr": table[t][m]["best_lr"], **r["lm_eval"]} for t in names for m in methods
+                             for r in results if r["task"] == t and r["method"] == m and r["lr"] == table[t][m]["best_lr"] and "lm_eval" in r]
     write_tables(out, "compare", result, rows)
     (out / "compare.md").write_text(markdown(table, methods, names) + "\n")
     for t in names:
