@@ -41,6 +41,15 @@ smollm_contribution() {
     --eval_limit 100 --window 3 --only embedding,$(seq -s, -f "model.layers.%g" 0 3 29) \
     --out "$OUT/smollm_contribution" | tee "$OUT/smollm_contribution.txt"
 }
+compare() {
+  # methods x learning rates x tasks x 3 seeds through launch/train.py; the rate is chosen on a validation
+  # split with seed 0, seeds 1-2 run at it; a stopped study continues where it was (finished runs are read back)
+  python -m lift_ds.analysis compare --task sentiment --task trec --task bigbench:strategyqa \
+    --methods lift,lift-random,full,lora,badam,lisa --lrs lift=1e-4,3e-4 --lrs lift-random=1e-4,3e-4 --lrs badam=1e-4,3e-4 \
+    --lrs lisa=1e-4,3e-4 --lrs full=1e-5,3e-5 --lrs lora=3e-4,1e-3 --seeds 0,1,2 --steps 60 --switch_every 2 --eval_every 20 \
+    --val_items 100 --test_limit 200 --lm_eval --out "$OUT/compare" | tee "$OUT/compare.txt"
+  mkdir -p docs/compare && cp "$OUT"/compare/compare.{json,csv,md} "$OUT"/compare/curves_*.png docs/compare/
+}
 
 phase_switch() { OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 launch/bench_phase_switch.py --out docs/bench_switch.json | tee "$OUT/phase_switch.txt"; }
 quickstart() { bash launch/quickstart.sh 2>&1 | tail -5 | tee "$OUT/quickstart.txt"; }
