@@ -161,6 +161,15 @@ def test_compare_picks_best_lr_on_validation_and_reports_test_over_seeds(d, caps
     assert test_score(run_dir / "out" / "final", task, args)["score"] == run["val"]
     stamp = (run_dir / "result.json").stat().st_mtime_ns
     assert main(argv) == 0 and (run_dir / "result.json").stat().st_mtime_ns == stamp
+    # --report_only launches nothing: asked for a third seed and a rate never run, it reports what exists
+    capsys.readouterr()
+    more = [a if a != "0,1" else "0,1,2" for a in argv]
+    more[more.index("lisa=1e-2")] = "lisa=1e-2,5e-2"
+    assert main(more + ["--report_only"]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    assert len(res["runs"]) == 5 and (run_dir / "result.json").stat().st_mtime_ns == stamp
+    assert not res["table"]["reviews"]["lift"]["complete"] and res["table"]["reviews"]["lift"]["seeds"] == 2
+    assert "(n=2, 1/2 rates)" in capsys.readouterr().out  # lisa: one of its two rates finished
 
 
 @pytest.mark.parametrize("fmt", ["classification", "multiple_choice"])

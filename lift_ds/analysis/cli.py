@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="output directory (a stopped study continues there)")
     m.add_argument("--lm_eval", action="store_true", help="also score each method's best-lr model (first seed) with lm-eval and "
                    "report its agreement with lift_ds's evaluator (pip install 'lift_ds[eval]')")
+    m.add_argument("--report_only", action="store_true", help="launch nothing: summarize the finished runs in --out (a study in progress or cut short)")
     m.add_argument("--keep_models", action="store_true", help="keep every run's exported model and checkpoint (default: removed once scored)")
     e = sub.add_parser("lmeval", help="accuracy of a model by lift_ds's evaluator and by EleutherAI's lm-eval, item by item")
     e.add_argument("--model", required=True, help="HF directory (e.g. an exported output_dir/final)")

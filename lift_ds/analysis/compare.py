@@ -144,7 +144,8 @@ def markdown(table: dict[str, Any], methods: list[str], tasks: list[str]) -> str
     head = "| method | " + " | ".join(f"{t} (test, mean ± std)" for t in tasks) + " | " + " | ".join(f"{t} best lr" for t in tasks) + " |"
     rows = [head, "|" + "---|" * (1 + 2 * len(tasks))]
     for m in methods:
-        cells = [f"{table[t][m]['test_mean']:.3f} ± {table[t][m]['test_std']:.3f} (n={table[t][m]['seeds']})" for t in tasks]
+        cells = [f"{table[t][m]['test_mean']:.3f} ± {table[t][m]['test_std']:.3f} (n={table[t][m]['seeds']}, "
+                 f"{len(table[t][m]['val_by_lr'])}/{table[t][m]['rates_in_grid']} rates)" for t in tasks]
         rows.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(f"{table[t][m]['best_lr']:g}" for t in tasks) + " |")
     return "\n".join(rows)
 
@@ -158,8 +159,11 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
     results: list[dict] = []
     splits = {t.name: split_validation(t, args.val_items, out / "data" / t.name) for t in tasks}
 
-    def run(task: Task, m: str, lr: float, s: int) -> dict:
-        r = launch_run(model, task, *splits[task.name], m, lr, s, args, out / "runs" / task.name / m / f"lr{lr:g}" / f"seed{s}")
+    def run(task: Task, m: str, lr: float, s: int) -> dict | None:
+        run_dir = out / "runs" / task.name / m / f"lr{lr:g}" / f"seed{s}"
+        if getattr(args, "report_only", False) and not (run_dir / "result.json").is_file():
+            return None
+        r = launch_run(model, task, *splits[task.name], m, lr, s, args, run_dir)
         print(f"{task.name} {m} lr={lr:g} seed={s}: val {r['val']:.4f} test {r['test']['score']:.4f} ({r['seconds']:.0f} s)", flush=True)
         results.append(r)
         return r
@@ -169,17 +173,28 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
     best: dict[tuple[str, str], float] = {}
     for task in tasks:
         for m in methods:
-            val = {lr: run(task, m, lr, seeds[0])["val"] for lr in lrs[m]}
-            best[task.name, m] = max(val, key=lambda lr: (val[lr], -lr))
+            tuned = {lr: run(task, m, lr, seeds[0]) for lr in lrs[m]}
+            val = {lr: r["val"] for lr, r in tuned.items() if r is not None}
+            if val:
+                best[task.name, m] = max(val, key=lambda lr: (val[lr], -lr))
     for task in tasks:
         for m in methods:
             for s in seeds[1:]:
-                run(task, m, best[task.name, m], s)
+                if (task.name, m) in best:
+                    run(task, m, best[task.name, m], s)
     names = [t.name for t in tasks]
+    # with --report_only, methods without a finished run are left out, and a row says how complete it is
+    methods = [m for m in methods if all((t, m) in best for t in names)]
+    if not methods:
+        raise ConfigError([f"--report_only: no finished run of any method in {out / 'runs'}"])
     table = summarize(results, methods, names, seeds[0])
+    for t in names:
+        for m in methods:
+            table[t][m]["rates_in_grid"] = len(lrs[m])
+            table[t][m]["complete"] = len(table[t][m]["val_by_lr"]) == len(lrs[m]) and table[t][m]["seeds"] == len(seeds)
     rows = [{"task": t, "method": m, "best_lr": table[t][m]["best_lr"], "test_mean": table[t][m]["test_mean"],
-             "test_std": table[t][m]["test_std"], "seeds": table[t][m]["seeds"], "val_by_lr": json.dumps(table[t][m]["val_by_lr"])}
-            for t in names for m in methods]
+             "test_std": table[t][m]["test_std"], "seeds": table[t][m]["seeds"], "complete": table[t][m]["complete"],
+             "val_by_lr": json.dumps(table[t][m]["val_by_lr"])} for t in names for m in methods]
     result = {"model": model, "steps": args.steps, "seeds": seeds, "lrs": lrs, "val_items": args.val_items, "table": table, "runs": results}
     if getattr(args, "lm_eval", False):
         result["lm_eval"] = [{"method": m, "lr": table[t][m]["best_lr"], **r["lm_eval"]} for t in names for m in methods
