@@ -88,6 +88,11 @@ class Setup:
                            random_init=self.random_init, seed=seed, meta=meta)
 
 
+def score_of(metrics: dict[str, float]) -> float:
+    """A run's score: accuracy where there is one, else minus the loss (higher is better)."""
+    return metrics.get("eval_accuracy", -metrics.get("eval_loss", float("nan")))
+
+
 def run_once(setup: Setup, task: Task, seed: int, trainable: list[str] | None = None, lift: dict | None = None) -> dict[str, float]:
     """Fine-tune (``trainable`` parameter names for the whole run, or LIFT with ``lift``) and score."""
     import torch
@@ -113,7 +118,7 @@ def run_once(setup: Setup, task: Task, seed: int, trainable: list[str] | None = 
     with torch.no_grad():
         metrics = evaluate(engine, data, setup.tokenizer(), setup.seq_len, 32, with_loss=False)
     engine.close()
-    score = metrics.get("eval_accuracy", -metrics.get("eval_loss", float("nan")))
+    score = score_of(metrics)
     return {"score": score, "train_loss": statistics.mean(losses[-5:]), "seconds": time.perf_counter() - t0, **metrics}
 
 
@@ -127,7 +132,7 @@ def zero_shot(setup: Setup, tasks: list[Task], out: Path) -> dict:
         model = setup.model_for(task, seed=0)
         model.eval()
         metrics = held_out_metrics(model, setup.data(task), setup.tokenizer(), setup.seq_len, 32, with_loss=False)
-        result["tasks"][task.name] = {"score": metrics.get("eval_accuracy", -metrics.get("eval_loss", float("nan"))), **metrics}
+        result["tasks"][task.name] = {"score": score_of(metrics), **metrics}
     out.mkdir(parents=True, exist_ok=True)
     (out / "zeroshot.json").write_text(json.dumps(result, indent=1))
     return result

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from .common import Task, write_tables
+from .common import Task, score_of, write_tables
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +91,7 @@ def launch_run(model: str, task: Task, train: Path, val: Path, method: str, lr: 
     final = run_dir / "out" / "final"
     test = Task(task.name, task.fmt, str(train), task.eval, task.labels)
     result = {"task": task.name, "method": method, "lr": lr, "seed": seed, "seconds": time.perf_counter() - t0,
-              "val": _score(evals[-1]), "val_curve": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}} for r in evals],
+              "val": score_of(evals[-1]), "val_curve": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}} for r in evals],
               "test": test_score(final, test, args)}
     if getattr(args, "lm_eval", False) and seed == args.tune_seed:  # the model a best rate is picked from
         from .lmeval import agreement
@@ -104,8 +104,9 @@ def launch_run(model: str, task: Task, train: Path, val: Path, method: str, lr: 
     return result
 
 
-def _score(metrics: dict) -> float:
-    return metrics["eval_accuracy"] if "eval_accuracy" in metrics else -metrics["eval_loss"]
+def best_rate(val: dict[float, float]) -> float:
+    """The learning rate with the highest validation score (ties: the lower rate)."""
+    return max(val, key=lambda lr: (val[lr], -lr))
 
 
 def test_score(final: Path, task: Task, args: Any) -> dict[str, float]:
@@ -120,7 +121,7 @@ def test_score(final: Path, task: Task, args: Any) -> dict[str, float]:
     model.eval()
     with torch.no_grad():
         metrics = held_out_metrics(model, data, tok, args.seq_len, 32, with_loss=False)
-    return {"score": _score(metrics), **metrics}
+    return {"score": score_of(metrics), **metrics}
 
 
 def summarize(results: list[dict], methods: list[str], tasks: list[str], tune_seed: int) -> dict[str, Any]:
@@ -132,7 +133,7 @@ def summarize(results: list[dict], methods: list[str], tasks: list[str], tune_se
         for m in methods:
             runs = [r for r in results if r["task"] == t and r["method"] == m]
             val = {r["lr"]: r["val"] for r in runs if r["seed"] == tune_seed}
-            best = max(val, key=lambda lr: (val[lr], -lr))
+            best = best_rate(val)
             tests = [r["test"]["score"] for r in runs if r["lr"] == best]
             table[t][m] = {"val_by_lr": {repr(k): v for k, v in sorted(val.items())}, "best_lr": best, "seeds": len(tests),
                            "test_mean": statistics.mean(tests), "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
@@ -176,7 +177,7 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
             tuned = {lr: run(task, m, lr, seeds[0]) for lr in lrs[m]}
             val = {lr: r["val"] for lr, r in tuned.items() if r is not None}
             if val:
-                best[task.name, m] = max(val, key=lambda lr: (val[lr], -lr))
+                best[task.name, m] = best_rate(val)
     for task in tasks:
         for m in methods:
             for s in seeds[1:]:
