@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
       "other than the checkpoint's; the result then differs from an uninterrupted run")
     a("--no_truncate", action="store_true", help="error on examples longer than --seq_len instead of truncating them")
     a("--no_final_model", action="store_true", help="skip writing output_dir/final")
+    a("--no_checkpoint", action="store_true", help="write no checkpoint, not even the last one (a run that only needs output_dir/final, "
+      "e.g. one of a study); not with --save_every or --resume")
     a("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
       help="set any config key by its JSON path, e.g. --set lift.seed=3 --set zero_optimization.stage=3 (VALUE is JSON, else a string)")
     a("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the deepspeed launcher")
@@ -180,6 +182,9 @@ def resolve(args: argparse.Namespace) -> Launch:
     for flag in ("save_every", "eval_every", "eval_limit", "keep_checkpoints"):
         if getattr(args, flag) < 0:
             problems.append(f"--{flag}: must be >= 0, got {getattr(args, flag)}")
+    if args.no_checkpoint and (args.save_every or args.resume):
+        problems.append(f"--no_checkpoint: contradicts {'--save_every ' + str(args.save_every) if args.save_every else '--resume'} "
+                        "(a run without checkpoints has nothing to resume from)")
     if args.lr is not None and not args.lr > 0:
         problems.append(f"--lr: must be > 0, got {args.lr}")
     fmt = args.format or ("classification" if builtin else "text")

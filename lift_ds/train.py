@@ -158,7 +158,8 @@ class Run:
         after = self.evaluate()
         if after:
             self.log({"step": engine.global_step, **after})
-        self.save()
+        if not args.no_checkpoint:
+            self.save()
         if not args.no_final_model:
             self.export()
         return {"before": before, "after": after, "phase_switch_seconds": engine.phase_switch_seconds, "skipped_steps": engine.skipped_steps,

@@ -7,4 +7,4 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS=1
 # ops that compile on first use (cpu_adam for offload) are cached here for the run
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=40 "$@"

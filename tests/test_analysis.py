@@ -140,6 +140,9 @@ def test_compare_picks_best_lr_on_validation_and_reports_test_over_seeds(d, caps
     argv = ["compare", "--model", str(d / "model"), "--task", f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
             "--methods", "lift,lisa", "--lrs", "lift=1e-3,3e-2", "--lrs", "lisa=1e-2", "--seeds", "0,1", "--steps", "4",
             "--micro_batch", "4", "--val_items", "8", "--switch_every", "2", "--keep_models", "--out", str(out)]
+    stale = out / "runs" / "reviews" / "lift" / "lr0.001" / "seed0" / "out"  # a run cut short by an earlier invocation
+    stale.mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_loss": 9.0, "eval_accuracy": 0.0}) + "\n")
     assert main(argv) == 0
     res = json.loads((out / "compare.json").read_text())
     # every rate with seed 0, then seed 1 at each method's best rate only: 3 + 2 runs
@@ -151,6 +154,9 @@ def test_compare_picks_best_lr_on_validation_and_reports_test_over_seeds(d, caps
     assert [r["lr"] for r in res["runs"] if r["method"] == "lift" and r["seed"] == 1] == [lift["best_lr"]]
     at_best = [r["test"]["score"] for r in res["runs"] if r["method"] == "lift" and r["lr"] == lift["best_lr"]]
     assert lift["seeds"] == 2 and abs(lift["test_mean"] - sum(at_best) / 2) < 1e-12
+    # the first seed's runs validate every step (the curves), the others before and after only; no run checkpoints
+    assert all([p["step"] for p in r["val_curve"]] == ([0, 1, 2, 3, 4] if r["seed"] == 0 else [0, 4]) for r in res["runs"])
+    assert not list((out / "runs").rglob("checkpoints"))
     assert (out / "curves_reviews.png").read_bytes()[:8] == PNG
     assert "| lift |" in (out / "compare.md").read_text()
     # the test scorer (exported model, reloaded) gives the launcher's own validation score on the validation file

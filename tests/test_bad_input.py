@@ -96,6 +96,8 @@ CLI_CASES = [
     ("seq-len-zero", ["--seq_len", "0"], ["--seq_len: must be >= 1, got 0"]),
     ("micro-batch-flag-zero", ["--micro_batch_size", "0"], ["--micro_batch_size: must be >= 1"]),
     ("save-every-negative", ["--save_every", "-1"], ["--save_every: must be >= 0, got -1"]),
+    ("no-checkpoint-save-every", ["--no_checkpoint", None, "--save_every", "4"], ["--no_checkpoint: contradicts --save_every 4"]),
+    ("no-checkpoint-resume", ["--no_checkpoint", None, "--resume", None], ["--no_checkpoint: contradicts --resume"]),
     ("keep-negative", ["--keep_checkpoints", "-2"], ["--keep_checkpoints: must be >= 0, got -2"]),
     ("schedule-flag", ["--schedule", "backwards"], ["lift.schedule: got 'backwards'"]),
     ("classifier-head-text", ["--format", "text", "--classifier_head", None], ["--classifier_head: needs --format classification"]),

@@ -60,11 +60,12 @@ def test_unknown_format_is_refused_by_argparse(files):
 
 
 def test_classifier_head_run_single_process(files, tmp_path):
-    """--classifier_head: a new sequence-classification head trains in every phase; final/ loads as such."""
+    """--classifier_head: a new sequence-classification head trains in every phase; final/ loads as such.
+    With --no_checkpoint (a study's run) nothing but final/ is written: no checkpoint, not even the last."""
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "head"
-    proc = run(["--eval_data", str(files / "train.jsonl"), "--max_steps", "8", "--output_dir", str(out), "--lr", "0.01"], files, flags=["--classifier_head"])
+    proc = run(["--eval_data", str(files / "train.jsonl"), "--max_steps", "8", "--output_dir", str(out), "--lr", "0.01"], files, flags=["--classifier_head", "--no_checkpoint"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out accuracy: before" in proc.stdout
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -72,6 +73,7 @@ def test_classifier_head_run_single_process(files, tmp_path):
     assert sum("loss" in r for r in records) == 8
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
     assert model.score.weight.shape[0] == 2
+    assert not (out / "checkpoints").exists() and "saved checkpoint" not in proc.stderr
     assert "always_trainable" in proc.stderr and '"score"' in proc.stderr  # logged merged config names the head
 
 

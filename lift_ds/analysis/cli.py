@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--micro_batch", type=int, default=8)
     m.add_argument("--val_items", type=int, default=100, help="validation items drawn (seed 0) from each training file, never trained on")
     m.add_argument("--test_limit", type=int, default=0, help="test items scored per task (0: all of the held-out file)")
-    m.add_argument("--eval_every", type=int, default=0, help="validation every N steps for the curves (default: steps / 5)")
+    m.add_argument("--eval_every", type=int, default=0, help="validation every N steps for the curves, runs of the first seed (default: steps / 5); the other seeds validate at the end only")
     m.add_argument("--switch_every", type=int, default=0, help="badam / lisa: steps per switch (default: the methods' own, 50 / 20)")
     m.add_argument("--out", required=True, help="output directory (a stopped study continues there)")
     m.add_argument("--lm_eval", action="store_true", help="also score each method's best-lr model (first seed) with lm-eval and "

@@ -73,13 +73,17 @@ def launch_run(model: str, task: Task, train: Path, val: Path, method: str, lr: 
     done = run_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
+    # a run without result.json was cut short: start it over (the launcher appends to an old metrics.jsonl)
+    shutil.rmtree(run_dir / "out", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_dir / "config.json"
     cfg.write_text(json.dumps(run_config(args.micro_batch), indent=1))
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--ds_config", str(cfg), "--model", model, "--data", str(train),
            "--eval_data", str(val), "--format", task.fmt, *METHOD_FLAGS[method], "--lr", repr(lr), "--max_steps", str(args.steps),
            "--seed", str(seed), "--seq_len", str(args.seq_len), "--micro_batch_size", str(args.micro_batch),
-           "--eval_every", str(args.eval_every), "--output_dir", str(run_dir / "out"), "--keep_checkpoints", "1"]
+           # the tuning seed's runs give the validation curves; the other seeds only their final validation score
+           "--eval_every", str(args.eval_every if seed == args.tune_seed else args.steps), "--output_dir", str(run_dir / "out"),
+           "--no_checkpoint"]
     if method in ("badam", "lisa") and args.switch_every:
         cmd += ["--switch_every", str(args.switch_every)]
     t0 = time.perf_counter()
