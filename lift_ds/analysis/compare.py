@@ -174,7 +174,7 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
         return r
 
     # every rate with the first seed, every method, before any further seed: a study cut short still
-    # has each method's tuning; then the other seeds at each method's best rate only
+    # has each method's tuning; then the other seeds at each method's best rate only, one seed at a time
     best: dict[tuple[str, str], float] = {}
     for task in tasks:
         for m in methods:
@@ -182,9 +182,9 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
             val = {lr: r["val"] for lr, r in tuned.items() if r is not None}
             if val:
                 best[task.name, m] = best_rate(val)
-    for task in tasks:
-        for m in methods:
-            for s in seeds[1:]:
+    for s in seeds[1:]:  # seed by seed: a study cut short has the same number of seeds for every method
+        for task in tasks:
+            for m in methods:
                 if (task.name, m) in best:
                     run(task, m, best[task.name, m], s)
     names = [t.name for t in tasks]
