@@ -183,8 +183,8 @@ def resolve(args: argparse.Namespace) -> Launch:
         if getattr(args, flag) < 0:
             problems.append(f"--{flag}: must be >= 0, got {getattr(args, flag)}")
     if args.no_checkpoint and (args.save_every or args.resume):
-        problems.append(f"--no_checkpoint: contradicts {'--save_every ' + str(args.save_every) if args.save_every else '--resume'} "
-                        "(a run without checkpoints has nothing to resume from)")
+        problems.append(f"--no_checkpoint: contradicts {'--save_every ' + str(args.save_every) if args.save_every else '--resume'}; "
+                        "drop one of the two (--no_checkpoint writes no checkpoint to save or to resume from)")
     if args.lr is not None and not args.lr > 0:
         problems.append(f"--lr: must be > 0, got {args.lr}")
     fmt = args.format or ("classification" if builtin else "text")
