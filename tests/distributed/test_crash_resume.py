@@ -84,7 +84,8 @@ def uninterrupted(files, tmp_path_factory):
 
 
 @pytest.mark.parametrize("config,fault,resumes_from", [
-    ("zero2", "kill@6:1", "global_step4"),        # mid-phase, rank 1 only
+    # zero2 mid-phase, rank 1 only (kill@6:1): test_torchrun_elastic_restart_resumes_by_itself, whose
+    # restart resumes that kill from global_step4 against the same uninterrupted weights
     ("zero2", "kill@7", "global_step4"),          # right after the switch from block 2 to block 3
     ("zero2", "save_midway@8:0", "global_step4"),  # during the write of checkpoint 8
     ("fsdp", "kill@10:0", "global_step8"),         # FSDP2, right after a switch
