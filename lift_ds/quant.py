@@ -333,11 +333,16 @@ def make_store(kind: str, directory: str | None) -> BlockStore:
     return BlockStore(kind, directory)
 
 
+def store_dtype(precision: str) -> torch.dtype | None:
+    """The dtype a block store keeps for a run in ``precision`` (its training dtype; None: fp32, as the model)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def build_quantized_blocks(model: nn.Module, plan: Any, mode: str, store_kind: str, store_dir: str | None,
                            precision: str = "fp32") -> QuantizedFrozenBlocks:
     """The :class:`QuantizedFrozenBlocks` of a run: every decoder layer of ``plan.blocks``; the store
     keeps the training dtype (bf16 / fp16 runs train 16-bit weights with fp32 masters)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = store_dtype(precision)
     layers = [(b.name, b.param_names) for b in plan.blocks if b.kind == "layer"]
     keep = set(plan.always_trainable)
     store = getattr(model, "lift_block_store", None)  # a model built layer by layer (lift_ds.quant_load) brings its store

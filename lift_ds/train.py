@@ -49,10 +49,10 @@ class Run:
         pad = self.tokenizer.pad_token_id
         config = check_model(self.launch, model_dir, self.data.num_labels, pad)
         if config.lift.frozen_weights != "full":  # Q-LIFT: layer by layer, never the whole model in full precision
-            from .quant import make_store
+            from .quant import make_store, store_dtype
             from .quant_load import build_quantized_model
 
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.training.precision, torch.float32)  # the store's: the training dtype
+            dtype = store_dtype(config.training.precision) or torch.float32
             self.model = build_quantized_model(model_dir, config.lift.frozen_weights, make_store(config.lift.block_store, config.lift.block_store_dir),
                                                random_init=args.random_init, seed=args.seed, num_labels=self.data.num_labels, pad_id=pad, dtype=dtype)
         else:
