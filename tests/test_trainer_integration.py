@@ -101,3 +101,40 @@ def test_callbacks_see_the_current_phases_optimizer(tmp_path):
     trainer = build(tmp_path, trainer_kwargs={"callbacks": [Probe()]})
     trainer.train()
     assert len(seen) == 8 and seen[0] != seen[2] and seen[0] == seen[1]  # 4 layers x 2 steps: a new block every 2 steps
+
+
+@pytest.mark.parametrize("method", ["badam", "lisa"])
+def test_badam_and_lisa_presets_through_the_trainer(tmp_path, method):
+    """lift.method badam / lisa under LiftTrainer: at every step the Trainer's optimizer holds exactly
+    the preset's parameters (BAdam: one layer per period, BAdam's first period one step short; LISA:
+    embedding, final norm and head plus the period's drawn layers) and starts each period empty."""
+    from transformers import TrainerCallback
+
+    from lift_ds.schedule import badam_phases, lisa_sets
+
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            seen.append(({id(p) for g in optimizer.param_groups for p in g["params"] if p.numel() > 1}, len(optimizer.state)))
+
+    lift = {"backend": "torch", "method": method, "switch_every": 3, "seed": 4, **({"lisa_layers": 2} if method == "lisa" else {})}
+    trainer = build(tmp_path, lift_config={**CFG, "lift": lift}, learning_rate=1e-2, trainer_kwargs={"callbacks": [Probe()]})
+    ids = {id(p): n for n, p in trainer.model.named_parameters()}
+    trainer.train()
+
+    def layers(ks):
+        return {n for n in ids.values() if n.startswith("model.layers.") and int(n.split(".")[2]) in ks}
+
+    if method == "badam":
+        expected = [layers({b}) for b, length in badam_phases(4, 8, 3) for _ in range(length)]
+        starts = {0, 2, 5}
+    else:
+        always = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+        expected = [always | layers(set(lisa_sets(4, 8, 3, 2, seed=4)[k // 3])) for k in range(8)]
+        starts = {0, 3, 6}
+    assert len(seen) == 8
+    for k, (params, state) in enumerate(seen):
+        assert {ids[i] for i in params} == expected[k], (k, sorted({ids[i] for i in params} ^ expected[k]))
+        assert (state == 0) == (k in starts), (k, state)  # a fresh optimizer at every period start, the state kept within
+    assert len({frozenset(e) for e in expected}) > 1
