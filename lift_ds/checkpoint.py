@@ -109,7 +109,7 @@ class Checkpointer:
                     "micro_batch_size": t.micro_batch_size,
                     "gradient_accumulation_steps": t.gradient_accumulation_steps, "train_batch_size": t.train_batch_size,
                     "precision": t.precision, "lift": e.lift.to_dict(), "saved_params": names, **e.guard.state_dict(),
-                    "client_state": client_state or {},
+                    "client_state": client_state or {}, "precision_state": e.backend.precision_state(),
                 }
                 (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
 
@@ -217,6 +217,7 @@ class Checkpointer:
         e.micro_steps = e.cursor.step * e.training.gradient_accumulation_steps
         e.guard.load_state_dict(meta)
         e.end_phase()  # also after the plan finished, when the last engine is kept for evaluation
+        e.backend.load_precision_state(meta.get("precision_state") or {})  # the fp16 loss scale, before the phase is built
         taken = e.quant.load(path, path / WEIGHTS_FILE) if e.quant is not None else set()
         e.backend.load_weights(path, skip=taken)
         old_world = int(meta["world_size"])

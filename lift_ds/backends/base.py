@@ -285,6 +285,14 @@ class Backend(ABC):
         """Full parameter values (gathered from partitions), valid on rank 0; collective."""
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
+    def precision_state(self) -> dict[str, Any]:
+        """Mixed-precision state that must outlive a phase and go into checkpoints (DeepSpeed: the
+        fp16 dynamic loss scale); empty where there is none."""
+        return {}
+
+    def load_precision_state(self, state: dict[str, Any]) -> None:
+        """Take :meth:`precision_state` back (on resume, before the phase is built)."""
+
     def close(self) -> None:
         """End the run: tear down the last phase."""
         self.teardown()

@@ -226,3 +226,42 @@ def installed_op(name: str) -> bool | None:
 def zero_reduce_bucket_size(engine: Any) -> int:
     """The reduce bucket (elements) a ZeRO optimizer allocated."""
     return int(engine.optimizer.reduce_bucket_size)
+
+
+#: what a dynamic loss scaler changes as it runs (the rest comes from the fp16 config)
+LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _dynamic_scaler(optimizer: Any) -> Any:
+    """The object holding a DeepSpeed 0.19 optimizer's dynamic loss scale: a ZeRO-1/2/3 optimizer's
+    ``loss_scaler`` (DynamicLossScaler), or the ZeRO-0 FP16 optimizers' ``loss_scale_config``;
+    None for a static scale, bf16/fp32, or an optimizer without either."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if scaler is not None:
+        return scaler if getattr(scaler, "dynamic", False) else None
+    config = getattr(optimizer, "loss_scale_config", None)
+    return config if getattr(config, "dynamic_loss_scale", False) else None
+
+
+def loss_scaler_state(optimizer: Any) -> dict[str, Any] | None:
+    """The running state of ``optimizer``'s dynamic loss scaler (None where it has none)."""
+    scaler = _dynamic_scaler(optimizer)
+    if scaler is None:
+        return None
+    return {k: _plain(getattr(scaler, k)) for k in LOSS_SCALER_FIELDS if hasattr(scaler, k)}
+
+
+def set_loss_scaler_state(optimizer: Any, state: dict[str, Any]) -> bool:
+    """Put ``state`` (from :func:`loss_scaler_state`) into a new optimizer's dynamic loss scaler;
+    False when it has none."""
+    scaler = _dynamic_scaler(optimizer)
+    if scaler is None:
+        return False
+    for k, v in state.items():
+        if k in LOSS_SCALER_FIELDS and hasattr(scaler, k):
+            setattr(scaler, k, v)
+    return True
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if torch.is_tensor(v) else v

@@ -155,6 +155,9 @@ class DeepSpeedBackend(Backend):
         self._engine: Any = None
         self._params: list[nn.Parameter] = []
         self._built_once = False
+        #: fp16: the dynamic loss scaler's state, carried from one phase's optimizer to the next (each
+        #: new ZeRO optimizer would start again at 2^initial_scale_power and skip steps to come down)
+        self._loss_scaler: dict[str, Any] | None = None
 
     def memory_layout(self) -> tuple[int, bool]:
         return self.zero_stage, self._offload
@@ -217,6 +220,8 @@ class DeepSpeedBackend(Backend):
                 model=self.model, model_parameters=params, optimizer=opt, config=self.phase_config(params),
                 mpu=self.mpu, dist_init_required=False,
             )
+        if self._loss_scaler is not None:
+            compat.set_loss_scaler_state(engine.optimizer, self._loss_scaler)
         self._engine = engine
         self._params = params
         self._built_once = True
@@ -225,9 +230,20 @@ class DeepSpeedBackend(Backend):
         if self._engine is None:
             return
         engine, self._engine = self._engine, None
+        self._loss_scaler = compat.loss_scaler_state(engine.optimizer) or self._loss_scaler
         compat.release_engine(engine, self.model)
         del engine
         self._params = []
+
+    def precision_state(self) -> dict[str, Any]:
+        state = compat.loss_scaler_state(self._engine.optimizer) if self._engine is not None else None
+        state = state or self._loss_scaler
+        return {"loss_scaler": state} if state else {}
+
+    def load_precision_state(self, state: dict[str, Any]) -> None:
+        self._loss_scaler = state.get("loss_scaler") or None
+        if self._engine is not None and self._loss_scaler is not None:
+            compat.set_loss_scaler_state(self._engine.optimizer, self._loss_scaler)
 
     # ----------------------------------------------------------------- training
 
