@@ -229,21 +229,24 @@ class DeepSpeedBackend(Backend):
     def teardown(self) -> None:
         if self._engine is None:
             return
+        self._loss_scaler = self._loss_scale_now()
         engine, self._engine = self._engine, None
-        self._loss_scaler = compat.loss_scaler_state(engine.optimizer) or self._loss_scaler
         compat.release_engine(engine, self.model)
         del engine
         self._params = []
 
+    def _loss_scale_now(self) -> dict[str, Any] | None:
+        """The current phase's fp16 loss-scaler state, or the one carried between phases."""
+        live = compat.loss_scaler_state(self._engine.optimizer) if self._engine is not None else None
+        return live or self._loss_scaler
+
     def precision_state(self) -> dict[str, Any]:
-        state = compat.loss_scaler_state(self._engine.optimizer) if self._engine is not None else None
-        state = state or self._loss_scaler
+        state = self._loss_scale_now()
         return {"loss_scaler": state} if state else {}
 
     def load_precision_state(self, state: dict[str, Any]) -> None:
+        # the checkpointer calls this between phases: the next build() puts it into the new optimizer
         self._loss_scaler = state.get("loss_scaler") or None
-        if self._engine is not None and self._loss_scaler is not None:
-            compat.set_loss_scaler_state(self._engine.optimizer, self._loss_scaler)
 
     # ----------------------------------------------------------------- training
 
