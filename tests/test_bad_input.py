@@ -229,14 +229,22 @@ def test_offload_without_a_buildable_op_falls_back_to_torch(monkeypatch):
 
 
 def test_fused_adam_on_a_gpu_without_the_op_uses_torch_fused(monkeypatch):
-    """On CUDA, DeepSpeed's FusedAdam only where it is pre-built or its builder is compatible and
-    the tools are there; otherwise torch.optim.AdamW(fused=True)."""
+    """On CUDA, DeepSpeed's FusedAdam only where it is pre-built: never a JIT build, not even where
+    DeepSpeed's builder says it could compile (nvcc and ninja there); otherwise torch.optim.AdamW(fused=True)."""
     from lift_ds.backends import compat, ops
 
     monkeypatch.setattr(compat, "installed_op", lambda name: False)
     monkeypatch.setattr(ops, "_tools", lambda cuda: ["nvcc"])
     choice = ops.choose_optimizer({"type": "Adam", "params": {"lr": 1e-3}}, "cuda", offload=False)
     assert choice.factory is not None and "runs as torch.optim.AdamW(fused=True)" in choice.message
+    real_status = ops.op_status
+    monkeypatch.setattr(ops, "op_status", lambda op: ("buildable", f"{op} compiles on first use"))
+    choice = ops.choose_optimizer({"type": "Adam", "params": {"lr": 1e-3}}, "cuda", offload=False)
+    assert choice.factory is not None and "runs as torch.optim.AdamW(fused=True)" in choice.message and "does not compile" in choice.message
+    # with optimizer offload a buildable cpu_adam is still compiled (once): torch's CPU AdamW is much slower
+    choice = ops.choose_optimizer({"type": "Adam", "params": {"lr": 1e-3}}, "cuda", offload=True)
+    assert choice.factory is None and "DeepSpeed's cpu_adam" in choice.message
+    monkeypatch.setattr(ops, "op_status", real_status)
     monkeypatch.setattr(compat, "installed_op", lambda name: True)
     choice = ops.choose_optimizer({"type": "Adam", "params": {"lr": 1e-3}}, "cuda", offload=False)
     assert choice.factory is None and "DeepSpeed's fused_adam (DeepSpeed was installed with fused_adam built)" in choice.message

@@ -2,10 +2,13 @@
 pre-built or can be built here, torch's own otherwise, said in one log line.
 
 DeepSpeed builds ``FusedAdam`` (GPU) and ``DeepSpeedCPUAdam`` (optimizer offload) from C++/CUDA sources
-on first use: minutes with ninja and a matching compiler, a failure without them. lift_ds asks
-DeepSpeed's own op builders (``is_compatible``) and looks for the tools before the first engine is
-built, and otherwise runs ``torch.optim.AdamW`` (``fused=True`` on CUDA; on CPU, with offload, over
-the CPU partitions, which DeepSpeed allows with ``zero_force_ds_cpu_optimizer: false``).
+on first use: minutes with ninja and a matching compiler, a failure without them. On CUDA lift_ds runs
+DeepSpeed's ``FusedAdam`` only where it was pre-built (``DS_BUILD_FUSED_ADAM=1`` at install), and
+otherwise ``torch.optim.AdamW(fused=True)``, a multi-tensor kernel of its own that needs no compile (a
+JIT build would cost minutes at the first phase, against a torch it was never tested with). For
+``cpu_adam`` (optimizer offload, where torch's CPU AdamW is much slower) it asks DeepSpeed's op builder
+(``is_compatible``) and looks for the tools; without them it runs ``torch.optim.AdamW`` over the CPU
+partitions, which DeepSpeed allows with ``zero_force_ds_cpu_optimizer: false``.
 """
 
 from __future__ import annotations
@@ -74,8 +77,10 @@ def choose_optimizer(section: Mapping[str, Any] | None, device: str, offload: bo
     op = "cpu_adam" if offload else "fused_adam" if device == "cuda" else None
     if op is not None:
         status, why = op_status(op)
-        if status != "unavailable":
+        if status == "prebuilt" or (status == "buildable" and op == "cpu_adam"):
             return OptimizerChoice(None, f"the config's {section.get('type')} runs as DeepSpeed's {op} ({why})")
+        if status == "buildable":
+            why = "DeepSpeed's fused_adam is not pre-built, and lift_ds does not compile it: torch's fused AdamW needs no build"
     else:
         why = "no op to compile on a CPU accelerator"
     fused = device == "cuda" and not offload
