@@ -89,7 +89,9 @@ def main() -> None:
             reset, off = (next(r for r in rows if r["backend"] == b and r["optimizer_state"] == s) for s in ("reset", "offload"))
             print(f"{b}: offload/reset switch time {off['switch_s'] / reset['switch_s']:.2f}x, step time {off['step_s'] / reset['step_s']:.2f}x")
         if args.out:
-            Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+            from lift_ds.provenance import write_json
+
+            write_json(args.out, {"args": vars(args), "world_size": int(os.environ.get("WORLD_SIZE", 1)), "rows": rows})
 
 
 if __name__ == "__main__":

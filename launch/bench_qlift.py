@@ -103,8 +103,9 @@ def main() -> int:
                   machine={"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command="python " + " ".join(sys.argv))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    from lift_ds.provenance import write_json
+
+    write_json(args.out, record)
     full = record["modes"].get("full")
     print(f"{'mode':6} {'before(q)':>9} {'after(q)':>9} {'exported':>9} {'step s':>7} {'frozen bytes vs bf16':>20}")
     for mode, r in record["modes"].items():

@@ -100,8 +100,9 @@ def main() -> int:
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command="python " + " ".join(sys.argv))
     engine.close()
     shutil.rmtree(args.store_dir, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    from lift_ds.provenance import write_json
+
+    write_json(args.out, record)
     losses = [s["loss"] for s in steps]
     print(f"losses {['%.3f' % x for x in losses]} -> {record['loss_after']:.3f} after the last step; peak RSS {record['peak_rss_gib']:.2f} GiB; "
           f"NF4 layers {census['quantized_bytes'] / 2**30:.2f} GiB = {record['census']['ratio_to_bf16']:.3f}x bf16; "

@@ -216,7 +216,9 @@ def orchestrate(args: argparse.Namespace) -> None:
         per_rank = [json.loads(res.with_suffix(f".rank{r}.json").read_text()) for r in range(ranks)]
         results[m] = {k: max(r[k] for r in per_rank) if isinstance(per_rank[0][k], (int, float)) else per_rank[0][k] for k in per_rank[0]}
         results[m]["wall_s"] = time.time() - t0
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    from lift_ds.provenance import write_json
+
+    write_json(args.out, {"args": vars(args), "results": results})
     report(results, args)
 
 
@@ -262,6 +264,10 @@ def main() -> None:
     args = p.parse_args()
     if args.report:
         saved = json.loads(Path(args.report).read_text())
+        prov = saved.get("provenance") or {}
+        cpu = (prov.get("machine") or {}).get("cpu") or {}
+        print(f"measured {prov.get('date', 'at an unrecorded date')}, commit {prov.get('commit', 'unrecorded')}, on "
+              f"{cpu.get('model', 'an unrecorded CPU')} ({cpu.get('cores', '?')} cores, flags {', '.join(cpu.get('flags') or []) or '-'})")
         report(saved["results"], argparse.Namespace(**{**vars(args), **saved["args"]}))
     elif args.worker:
         worker(args)

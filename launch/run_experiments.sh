@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The real runs behind docs/benchmarks.md and docs/experiments.md, one after the other (2 CPU cores, 24 GiB).
 # Each step writes under outputs/experiments/ and can be run alone:  bash launch/run_experiments.sh minilm_contribution
+# The timed CPU benchmarks (benchmark, phase_switch, bench_7b) and the validation curves are scripts/remeasure.sh's
+# steps (data files with machine, date and commit into docs/); the steps of the same name here run it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -8,13 +10,8 @@ OUT=outputs/experiments
 mkdir -p "$OUT"
 MINILM=$(python -c "from lift_ds import assets; print(assets.minilm_l6())")
 
-benchmark() {
-  OMP_NUM_THREADS=1 python launch/benchmark.py --steps 30 \
-    --methods lift-zero2,lift-zero3,lift-fsdp,full-zero2,full-zero3,lora-zero2,plain-fixed,lift-torch-fixed,badam-fixed,lift-bf16-fixed,badam-switch,lift-bf16-switch \
-    --out docs/benchmark.json | tee "$OUT/benchmark.txt"
-  python launch/plot_benchmark.py docs/benchmark.json --out docs/benchmark.png
-}
-bench_7b() { python launch/bench_7b.py --out docs/bench_7b.json | tee "$OUT/bench_7b.txt"; }
+benchmark() { PYTHON=python bash scripts/remeasure.sh benchmark; }
+bench_7b() { PYTHON=python bash scripts/remeasure.sh bench_7b; }
 minilm_contribution() {
   python -m lift_ds.analysis contribution --model "$MINILM" --classifier_head --task sentiment --task trec --sublayers \
     --steps 40 --micro_batch 16 --lr 3e-4 --seq_len 64 --eval_limit 150 --out "$OUT/minilm_contribution" | tee "$OUT/minilm_contribution.txt"
@@ -23,14 +20,7 @@ minilm_ablation() {
   python -m lift_ds.analysis ablation --model "$MINILM" --classifier_head --task sentiment --task trec \
     --steps 120 --micro_batch 16 --lr 3e-4 --seq_len 64 --seeds 0,1 --eval_limit 150 --out "$OUT/minilm_ablation" | tee "$OUT/minilm_ablation.txt"
 }
-curves() {
-  for m in lift full lora; do
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 launch/train.py --ds_config ds_configs/quickstart_cpu.json --method $m \
-      --max_steps 60 --eval_every 10 --eval_limit 100 --seq_len 64 --micro_batch_size 4 --no_final_model --output_dir "$OUT/curves_$m"
-  done
-  python -m lift_ds.analysis curves --run LIFT="$OUT/curves_lift/metrics.jsonl" --run FT-Full="$OUT/curves_full/metrics.jsonl" \
-    --run LoRA="$OUT/curves_lora/metrics.jsonl" --title "SmolLM2-135M, movie-review sentiment, validation loss" --out docs/experiments/curves.png
-}
+curves() { PYTHON=python bash scripts/remeasure.sh curves; }
 smollm_ablation() {
   python -m lift_ds.analysis ablation --task sentiment --task bigbench:strategyqa --steps 30 --micro_batch 8 --lr 1e-4 --seq_len 64 \
     --eval_limit 100 --out "$OUT/smollm_ablation" | tee "$OUT/smollm_ablation.txt"
@@ -51,7 +41,7 @@ compare() {
   mkdir -p docs/compare && cp "$OUT"/compare/compare.{json,csv,md} "$OUT"/compare/curves_*.png docs/compare/
 }
 
-phase_switch() { OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 launch/bench_phase_switch.py --out docs/bench_switch.json | tee "$OUT/phase_switch.txt"; }
+phase_switch() { PYTHON=python bash scripts/remeasure.sh phase_switch; }
 quickstart() { bash launch/quickstart.sh 2>&1 | tail -5 | tee "$OUT/quickstart.txt"; }
 
 steps=("$@")

@@ -195,7 +195,9 @@ def write_result(run: Run, result: dict[str, Any]) -> None:
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
-    (run.out / "result.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    from .provenance import write_json
+
+    write_json(run.out / "result.json", record)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

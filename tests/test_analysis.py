@@ -84,10 +84,16 @@ def test_curves_png(d, tmp_path):
     runs = []
     for name, losses in (("LIFT", [2.0, 1.5, 1.2]), ("FT-Full", [2.0, 1.4, 1.1])):
         f = tmp_path / f"{name}.jsonl"
-        f.write_text("".join(json.dumps({"step": 10 * i, "eval_loss": v}) + "\n" for i, v in enumerate(losses)) + json.dumps({"step": 5, "loss": 3.0}) + "\n")
+        f.write_text("".join(json.dumps({"step": 10 * i, "eval_loss": v}) + "\n" for i, v in enumerate(losses))
+                     + json.dumps({"step": 5, "loss": 3.0, "step_s": 0.5}) + "\n")
         runs += ["--run", f"{name}={f}"]
     assert main(["curves", *runs, "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG
+    # the data behind the plot, with where and when it was made (docs' tables are read from it)
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert [e["eval_loss"] for e in data["runs"]["LIFT"]["evaluations"]] == [2.0, 1.5, 1.2]
+    assert data["runs"]["FT-Full"]["median_step_s"] == 0.5
+    assert data["provenance"]["date"] and data["provenance"]["machine"]["cpu"]["model"] and "commit" in data["provenance"]
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -196,4 +202,4 @@ def test_lm_eval_agrees_with_lift_ds_item_by_item(d, tmp_path, fmt, capsys):
         assert main(["lmeval", "--model", str(d / "model"), "--task", f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
                      "--limit", "5", "--out", str(tmp_path / "cli")]) == 0
         assert "5 items, lift_ds accuracy" in capsys.readouterr().out
-        assert json.loads((tmp_path / "cli" / "lmeval.json").read_text())[0]["items"] == 5
+        assert json.loads((tmp_path / "cli" / "lmeval.json").read_text())["rows"][0]["items"] == 5

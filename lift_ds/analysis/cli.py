@@ -40,7 +40,6 @@ averages over seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -228,5 +227,7 @@ def _lmeval(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['task']}: {r['items']} items, lift_ds accuracy {r['lift_ds_accuracy']:.4f}, lm-eval acc {r['lm_eval_accuracy']:.4f}, "
               f"{r['items_choosing_differently']} items chosen differently, largest log-likelihood gap {r['max_loglikelihood_gap']:.2e}")
-    Path(args.out, "lmeval.json").write_text(json.dumps(rows, indent=1))
+    from ..provenance import write_json
+
+    write_json(Path(args.out, "lmeval.json"), {"rows": rows})
     return 0

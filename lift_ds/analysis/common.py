@@ -4,7 +4,6 @@ backend (through :mod:`lift_ds.recipe`, the same builders launch/train.py uses),
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..provenance import sidecar, write_json
 
 
 @dataclass
@@ -133,8 +133,7 @@ def zero_shot(setup: Setup, tasks: list[Task], out: Path) -> dict:
         model.eval()
         metrics = held_out_metrics(model, setup.data(task), setup.tokenizer(), setup.seq_len, 32, with_loss=False)
         result["tasks"][task.name] = {"score": score_of(metrics), **metrics}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "zeroshot.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "zeroshot.json", result)
     return result
 
 
@@ -146,10 +145,11 @@ def mean_over_seeds(setup: Setup, task: Task, seeds: list[int], **kw: Any) -> di
 
 
 def write_tables(out: Path, stem: str, result: dict, rows: list[dict]) -> None:
-    """``out/<stem>.json`` (the whole result) and ``out/<stem>.csv`` (its rows)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    """``out/<stem>.json`` (the whole result, with its provenance) and ``out/<stem>.csv`` (its rows, the
+    provenance in ``<stem>.csv.provenance.json``)."""
+    write_json(out / f"{stem}.json", result)
     with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    sidecar(out / f"{stem}.csv")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..provenance import sidecar, write_json
 from .common import Task, score_of, write_tables
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +105,7 @@ def launch_run(model: str, task: Task, train: Path, val: Path, method: str, lr: 
     if not getattr(args, "keep_models", False):  # a study writes a model per run: keep the numbers only
         shutil.rmtree(final, ignore_errors=True)
         shutil.rmtree(run_dir / "out" / "checkpoints", ignore_errors=True)
-    done.write_text(json.dumps(result, indent=1))
+    write_json(done, result)  # each run its own machine and date: a study can span sessions
     return result
 
 
@@ -206,6 +207,7 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
                              for r in results if r["task"] == t and r["method"] == m and r["lr"] == table[t][m]["best_lr"] and "lm_eval" in r]
     write_tables(out, "compare", result, rows)
     (out / "compare.md").write_text(markdown(table, methods, names) + "\n")
+    sidecar(out / "compare.md")
     for t in names:
         series = []
         for m in methods:
