@@ -5,20 +5,23 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama_config(layers: int = 4, hidden: int = 32, vocab: int = 128, tie: bool = False):
+def tiny_llama_config(layers: int = 4, hidden: int = 32, vocab: int = 128, tie: bool = False, attention_dropout: float = 0.0):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+        attention_dropout=attention_dropout,
     )
 
 
-def tiny_llama(layers: int = 4, hidden: int = 32, vocab: int = 128, tie: bool = False, seed: int = 0):
+def tiny_llama(layers: int = 4, hidden: int = 32, vocab: int = 128, tie: bool = False, seed: int = 0, attention_dropout: float = 0.0):
+    """A random-init LlamaForCausalLM; ``attention_dropout`` > 0 draws from the RNG in every training
+    forward (what makes a resume test need the RNG restore)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(layers, hidden, vocab, tie))
+    model = LlamaForCausalLM(tiny_llama_config(layers, hidden, vocab, tie, attention_dropout))
     model.config.use_cache = False
     return model
 
@@ -57,7 +60,7 @@ def write_sentiment(path, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"text": text, "label": lab}) + "\n")
 
 
-def make_model_dir(path, layers: int = 4, hidden: int = 32, tie: bool = False):
+def make_model_dir(path, layers: int = 4, hidden: int = 32, tie: bool = False, attention_dropout: float = 0.0):
     """A tiny random-init LLaMA and a small byte-level BPE tokenizer saved as a Hugging Face directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -68,7 +71,7 @@ def make_model_dir(path, layers: int = 4, hidden: int = 32, tie: bool = False):
     corpus = POSITIVE + NEGATIVE + ["Review:", "Sentiment:", " positive", " negative", "Question:", "Answer:"]
     tok.train_from_iterator(corpus * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-    model = tiny_llama(layers=layers, hidden=hidden, vocab=len(fast), tie=tie)
+    model = tiny_llama(layers=layers, hidden=hidden, vocab=len(fast), tie=tie, attention_dropout=attention_dropout)
     model.config.eos_token_id = fast.eos_token_id
     model.config.pad_token_id = fast.pad_token_id
     model.save_pretrained(path)

@@ -11,7 +11,8 @@ import torch
 
 from lift_ds.schedule import POLICIES, SCHEDULES
 
-from .launch import WORLD, assert_same_state, max_rel_error, reference, torchrun
+from .launch import OPTIMIZERS, WORLD, assert_same_state, max_rel_error, reference, torchrun
+from .plain_loop import plain_reference
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +82,16 @@ def test_matches_single_process_reference(runs, name):
         for n in start:
             if n.startswith("model.embed_tokens") or n.startswith("model.layers.0."):
                 assert torch.equal(final[n], start[n]), f"{n} is frozen but changed"
+
+
+@pytest.mark.parametrize("name", [f"{s}-{p}-{o}" for s, p, o in itertools.product(("front2end", "end2front"), POLICIES, ("sgd", "adamw"))])
+def test_matches_a_plain_loop_that_shares_no_engine_code(runs, name):
+    """Against a loop written in the test (tests/distributed/plain_loop.py), not lift_ds's torch backend."""
+    sc, res, _ = runs
+    start, ref = plain_reference(sc[name], WORLD, OPTIMIZERS)
+    err, move = max_rel_error(res[name]["final"], ref, start)
+    assert move > 1e-3, "the plain loop did not train"
+    assert err <= 1e-3 * move, f"{name}: max |fsdp - plain loop| = {err:.3g}, largest move {move:.3g}"
 
 
 def test_gradients_and_optimizer_state_for_active_block_only(runs):

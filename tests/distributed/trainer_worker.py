@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/distributed/trainer_worker.py SPEC.json OUT.pt
 
 SPEC: {"config": lift_ds config dict, "output_dir": ..., "max_steps": N, "save_steps": K,
-"kill_at": step or null, "resume": bool}. The dataset is fixed-length token sequences, so the mean
+"kill_at": step or null, "resume": bool, "attention_dropout": p (default 0)}. The dataset is fixed-length token sequences, so the mean
 over a global batch equals the mean of the per-rank means (the reference feeds the whole global batch
 at once).
 """
@@ -66,7 +66,7 @@ def main() -> None:
                 records["losses"].append(logs["loss"])
 
     args = TrainingArguments(output_dir=spec["output_dir"], max_steps=spec["max_steps"], save_steps=spec.get("save_steps", 10**6), **TRAINING)
-    trainer = LiftTrainer(model=tiny_llama(), args=args, train_dataset=dataset(), data_collator=collate, lift_config=spec["config"],
+    trainer = LiftTrainer(model=tiny_llama(attention_dropout=spec.get("attention_dropout", 0.0)), args=args, train_dataset=dataset(), data_collator=collate, lift_config=spec["config"],
                           callbacks=[Census()])
     out = trainer.train(resume_from_checkpoint=True if spec.get("resume") else None)
     records["global_step"] = out.global_step
