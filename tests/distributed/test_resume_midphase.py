@@ -56,7 +56,7 @@ def launch(files: Path, config: str, out: Path, *extra: str, faults: str = "", r
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", str(restarts),
            "launch/train.py", "--ds_config", str(files / f"{config}.json"), "--model", str(files / "model"),
            "--data", str(files / "train.jsonl"), "--format", "classification", "--max_steps", "16", "--save_every", "3",
-           "--keep_checkpoints", "2", "--seq_len", "32", "--output_dir", str(out), *extra]
+           "--keep_checkpoints", "0", "--seq_len", "32", "--output_dir", str(out), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
 
 
