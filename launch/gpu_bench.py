@@ -168,7 +168,7 @@ def build_model(shape: str, device: str, build: str):
     return model
 
 
-def make_engine(row: Row, model, steps: int, block_steps: int, device: str):
+def make_engine(row: Row, model, steps: int, device: str):
     """(engine or None, plain optimizer or None, trainable parameter count) for ``row``."""
     import torch
 
@@ -214,9 +214,10 @@ def worker(args: argparse.Namespace) -> dict:
     mb, seq = args.micro_batch, args.seq_len
     t0 = time.perf_counter()
     model = build_model(args.shape, dev.name, row.build)
+    built_dtypes = sorted({str(p.dtype) for p in model.parameters()})  # bf16 from the start, never an fp32 copy
     layers = model.config.num_hidden_layers
     steps = {"steady": 3 * args.block_steps, "average": layers * args.average_steps, "fixed": args.fixed_steps}[row.timing]
-    engine, plain_opt, trained = make_engine(row, model, steps, args.block_steps, dev.name)
+    engine, plain_opt, trained = make_engine(row, model, steps, dev.name)
     model = engine.module if engine is not None else model
     model.train()
     dev.sync()
@@ -225,7 +226,7 @@ def worker(args: argparse.Namespace) -> dict:
                  # Q-LIFT's quantized weights are buffers: counted by their shapes
                  "total_params": sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in model.modules()
                                                                                   if hasattr(m, "qweight")),
-                 "build_s": time.perf_counter() - t0, **dev.peak("build")}
+                 "built_dtypes": built_dtypes, "build_s": time.perf_counter() - t0, **dev.peak("build")}
     out["step_peak_reset"] = dev.reset_peak()
     g = torch.Generator(device=dev.name).manual_seed(1)
     batch = lambda: torch.randint(0, model.config.vocab_size, (mb, seq), generator=g, device=dev.name)  # noqa: E731

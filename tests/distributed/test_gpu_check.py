@@ -73,6 +73,7 @@ def test_cpu_smoke_has_a_row_per_method_with_the_environment(smoke):
         assert r["status"] == "ok", (name, r)
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["step_peak_rss_gib"] > 0 and r["build_peak_rss_gib"] > 0, (name, r)
         assert r["step_peak_reset"], (name, "the build's peak was not separated from the steps'")
+        assert r["built_dtypes"] == ["torch.bfloat16"], (name, "the model was not built in bf16", r["built_dtypes"])
         assert r["what"] and r["last_loss"] == r["last_loss"], name
     layers = 4  # the smoke shapes
     for name in ("lift-average", "lift-average-3b"):
