@@ -118,17 +118,27 @@ def cheap_zero3_build(active: bool) -> Iterator[None]:
     if not active:
         yield
         return
-    import deepspeed.runtime.zero.utils as zero_utils
-
     repr_ = torch.nn.Parameter.__repr__
-    gc_ = zero_utils.gc
+    holders = zero3_gc_holders()  # the defragmenting code: zero.utils from 0.19, stage3 itself before
+    saved = [(m, m.gc) for m in holders]
     torch.nn.Parameter.__repr__ = lambda self: f"Parameter(shape={tuple(self.shape)}, dtype={self.dtype})"  # type: ignore[method-assign]
-    zero_utils.gc = types.SimpleNamespace(collect=lambda *a, **k: 0)
+    for m in holders:
+        m.gc = types.SimpleNamespace(collect=lambda *a, **k: 0)
     try:
         yield
     finally:
         torch.nn.Parameter.__repr__ = repr_  # type: ignore[method-assign]
-        zero_utils.gc = gc_
+        for m, gc_ in saved:
+            m.gc = gc_
+
+
+def zero3_gc_holders() -> list[Any]:
+    """The DeepSpeed modules whose ``gc`` a ZeRO-3 build calls: ``zero.utils`` (its ``defragment``,
+    DeepSpeed 0.19) and ``zero.stage3`` (which defragments in place before 0.19)."""
+    import deepspeed.runtime.zero.stage3 as stage3
+    import deepspeed.runtime.zero.utils as zero_utils
+
+    return [m for m in (zero_utils, stage3) if hasattr(m, "gc")]
 
 
 def disable_shm_comm_op() -> None:

@@ -29,9 +29,9 @@ import copy
 from types import SimpleNamespace
 from typing import Any
 
-from ..config import ConfigError, read_config_file
+from ..config import ConfigError
 from ..utils import get_logger
-from .axolotl_args import PLUGIN_NAME
+from .axolotl_args import PLUGIN_NAME, lift_config
 from .transformers import LiftTrainerMixin
 
 __all__ = ["LiftPlugin", "lift_config", "lift_trainer_class"]
@@ -39,31 +39,6 @@ __all__ = ["LiftPlugin", "lift_config", "lift_trainer_class"]
 logger = get_logger(__name__)
 
 ARGS_NAME = "lift_ds.integrations.axolotl_args.LiftArgs"
-
-
-def lift_config(cfg: Any) -> dict[str, Any]:
-    """The lift_ds config (a dict with a ``"lift"`` section) a validated axolotl config describes.
-
-    The DeepSpeed JSON the YAML names (with its ``"lift"`` section, or the YAML's ``lift:``), or an
-    ``"fsdp"`` section made from axolotl's ``fsdp_config`` (FSDP2), or the ``lift:`` keys alone. Batch
-    sizes, clipping, precision, total steps and seed are left for the TrainingArguments to fill.
-    """
-    section = cfg.get("lift")
-    section = copy.deepcopy(dict(section)) if section is not None else None
-    if cfg.get("deepspeed"):
-        source = cfg["deepspeed"]
-        raw, _ = read_config_file(source.to_dict() if hasattr(source, "to_dict") else source)
-        if section is not None:
-            raw["lift"] = section
-        raw.setdefault("lift", {})
-        return raw
-    raw: dict[str, Any] = {"lift": section or {}}
-    fsdp = cfg.get("fsdp_config")
-    if fsdp:
-        fsdp = fsdp.to_dict() if hasattr(fsdp, "to_dict") else dict(fsdp)
-        raw["fsdp"] = {"cpu_offload": bool(fsdp.get("offload_params")),
-                       "reshard_after_forward": fsdp.get("reshard_after_forward") is not False}
-    return raw
 
 
 def axolotl_trainer_class(cfg: Any) -> type:

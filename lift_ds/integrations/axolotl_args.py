@@ -9,13 +9,16 @@ fight LIFT or that LIFT's training loop would silently drop. Imports pydantic an
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from ..config import ConfigError, lift_settings, parse_lift_section
+from ..backends import choose_backend, shards_parameters
+from ..config import ConfigError, lift_settings, parse_lift_section, read_config_file
 
 PLUGIN_NAME = "lift_ds.integrations.axolotl.LiftPlugin"
 
@@ -78,6 +81,45 @@ def _read_json(source: Any) -> dict[str, Any] | None:
     return None
 
 
+def lift_config(cfg: Any) -> dict[str, Any]:
+    """The lift_ds config (a dict with a ``"lift"`` section) an axolotl config describes.
+
+    The DeepSpeed JSON the YAML names (with its ``"lift"`` section, or the YAML's ``lift:``), or an
+    ``"fsdp"`` section made from axolotl's ``fsdp_config`` (FSDP2), or the ``lift:`` keys alone. Batch
+    sizes, clipping, precision, total steps and seed are left for the TrainingArguments to fill.
+    """
+    section = cfg.get("lift")
+    section = copy.deepcopy(dict(section)) if section is not None else None
+    if cfg.get("deepspeed"):
+        source = cfg["deepspeed"]
+        raw, _ = read_config_file(source.to_dict() if hasattr(source, "to_dict") else source)
+        if section is not None:
+            raw["lift"] = section
+        if not isinstance(raw.get("lift"), dict):
+            raw["lift"] = {}
+        return raw
+    raw = {"lift": section or {}}
+    fsdp = cfg.get("fsdp_config")
+    if fsdp:
+        fsdp = fsdp.to_dict() if hasattr(fsdp, "to_dict") else dict(fsdp)
+        raw["fsdp"] = {"cpu_offload": bool(fsdp.get("offload_params")),
+                       "reshard_after_forward": fsdp.get("reshard_after_forward") is not False}
+    return raw
+
+
+def _backend_problems(data: dict[str, Any]) -> list[str]:
+    """axolotl saves rank 0's copy of the model unless its own ZeRO-3 or FSDP is configured: a lift
+    backend that shards parameters must come from that configuration, not from ``lift.backend`` alone."""
+    if data.get("deepspeed") or data.get("fsdp_config") or not isinstance(data.get("lift"), dict):
+        return []
+    raw = lift_config(data)
+    backend, _, _ = choose_backend(raw["lift"].get("backend", "auto"), raw, int(os.environ.get("WORLD_SIZE", "1")))
+    if shards_parameters(backend, raw):
+        return [f"lift.backend: {backend!r} shards the model, but axolotl knows nothing of it and would save rank 0's shard; "
+                "configure the backend in axolotl (fsdp_version: 2 + fsdp_config, or deepspeed: a ZeRO-3 JSON) and drop lift.backend"]
+    return []
+
+
 def conflicts(data: dict[str, Any]) -> list[str]:
     """Every axolotl setting in ``data`` (a raw config) that LIFT cannot honour, one line each."""
     problems = [f"{key}: {data[key]!r} is set; {why}" for key, why in _CONFLICTS.items() if data.get(key) not in _HARMLESS]
@@ -94,6 +136,10 @@ def conflicts(data: dict[str, Any]) -> list[str]:
         problems.append(f"fsdp_version: {fsdp_version!r}; lift_ds's FSDP backend is FSDP2: set fsdp_version: 2")
     if data.get("deepspeed") and (data.get("fsdp_config") or data.get("fsdp")):
         problems.append("deepspeed and fsdp_config: both are set; choose one backend")
+    try:
+        problems += _backend_problems(data)
+    except ConfigError as e:
+        problems += e.problems
     ds = _read_json(data.get("deepspeed"))
     if ds is not None and isinstance(ds.get("lift"), dict) and data.get("lift") is not None:
         problems.append(f"lift: given in the YAML and as the \"lift\" section of {data['deepspeed']!r}; keep one")
