@@ -185,6 +185,8 @@ class LiftArgs(BaseModel):
     def _check_conflicts(cls, data: Any) -> Any:
         if isinstance(data, dict) and _uses_plugin(data):
             problems = conflicts(data)
+            if isinstance(data.get("lift"), dict):  # listed with the rest (a raised "before" check stops pydantic)
+                problems += _lift_problems(data["lift"], "lift")
             if problems:
                 raise ValueError(f"{PLUGIN_NAME} cannot run this config, {len(problems)} problem(s):\n"
                                  + "\n".join(f"  - {p}" for p in problems))
