@@ -365,6 +365,7 @@ class DeepSpeedBackend(Backend):
         if not compat.has_fp32_master(self._params):  # ZeRO-0 in fp32: a torch optimizer over the module's parameters
             return torch_optimizer_full_state(compat.innermost_optimizer(opt), names, self._params)
         step, keys = compat.zero_step_and_keys(opt)
+        compat.relink_zero_state(opt)
         out: dict[str, Any] = {"step": step, "keys": keys, "state": {}, "master": {}}
         for n, p in zip(names, self._params):
             out["master"][n] = to_host(safe_get_full_fp32_param(p))

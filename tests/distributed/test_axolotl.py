@@ -2,7 +2,7 @@
 (scripts/axolotl_venv.sh, built once under .cache/ and reused), a tiny local LLaMA, a local JSONL dataset.
 
 Four processes in all: LISA under ZeRO-2 with the ``"lift"`` section in the DeepSpeed JSON; the same
-run from ``lift:`` keys in the YAML, killed after step 6, then resumed by
+run from ``lift:`` keys in the YAML, killed after step 5, then resumed from checkpoint-3 (mid-period) by
 ``auto_resume_from_checkpoints`` (it must end bit for bit where the first one did); and a config with
 conflicting axolotl keys that must be refused at validation (axolotl's python launcher, one process).
 A second plugin (axolotl_probe.py) records per rank the optimizer state held and what is trainable
@@ -33,7 +33,7 @@ PLUGIN = "lift_ds.integrations.axolotl.LiftPlugin"
 OFFLINE = {"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "disabled", "WANDB_DISABLED": "true",
            "GRADIO_ANALYTICS_ENABLED": "False"}
-STEPS, SAVE_EVERY, KILL_AT = 8, 4, 6
+STEPS, SAVE_EVERY, KILL_AT = 8, 3, 5  # checkpoint-3 falls mid-period (LISA switches every 2 steps): optimizer state is saved
 AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
         "gradient_clipping": "auto"}
 
@@ -142,8 +142,8 @@ def test_each_rank_holds_optimizer_state_for_its_share_of_the_active_unit(runs, 
     _, ranks = ok(runs, name)
     for r in ranks:
         assert r["world"] == WORLD
-        for k, (held, active) in enumerate(zip(r["state_numel"], r["trainable_numel"])):
-            if k % 2 == 0:  # a unit's first step: a fresh engine, no state yet
+        for k, (step, held, active) in enumerate(zip(r["steps"], r["state_numel"], r["trainable_numel"])):
+            if step % 2 == 0:  # a unit's first step: a fresh engine, no state yet
                 assert held == 0, (name, r["rank"], k, held)
             else:
                 assert 2 * active / WORLD <= held <= 2 * active / WORLD + 2 * 64, (name, r["rank"], k, held, active)
@@ -152,10 +152,10 @@ def test_each_rank_holds_optimizer_state_for_its_share_of_the_active_unit(runs, 
 
 def test_kill_and_auto_resume_equal_the_uninterrupted_run(runs):
     killed, _ = runs["killed"]
-    assert killed.returncode != 0 and "checkpoint-4" in runs["killed_dir"] and "model.safetensors" not in runs["killed_dir"], \
+    assert killed.returncode != 0 and "checkpoint-3" in runs["killed_dir"] and "model.safetensors" not in runs["killed_dir"], \
         (killed.returncode, runs["killed_dir"], killed.stderr[-3000:])
     out, ranks = ok(runs, "resumed", out="killed")
-    assert ranks[0]["steps"] == list(range(SAVE_EVERY, STEPS)), ranks[0]["steps"]  # resumed at step 4 (auto_resume_from_checkpoints)
+    assert ranks[0]["steps"] == list(range(SAVE_EVERY, STEPS)), ranks[0]["steps"]  # resumed at step 3 (auto_resume_from_checkpoints)
     whole, _ = ok(runs, "lisa")
     ref, got = weights(whole), weights(out)
     assert set(ref) == set(got) and all(torch.equal(ref[n], got[n]) for n in ref), [n for n in ref if not torch.equal(ref[n], got[n])]
