@@ -93,3 +93,28 @@ def test_lift_config_from_an_axolotl_config(tmp_path):
     built = lift_config({"lift": section})
     built["lift"]["layer_range"].append(9)
     assert section == {"layer_range": [2, 3]}  # a copy: the axolotl config is never changed
+
+
+def test_the_composed_trainer_hands_the_plugins_config_to_the_mixin(tmp_path):
+    """What get_trainer_cls returns, on a class axolotl is not needed for: LiftTrainerMixin in front of
+    the base, the lift_ds config built from the axolotl config, the base's own arguments untouched."""
+    from transformers import Trainer, TrainingArguments
+
+    from helpers import tiny_llama
+    from lift_ds.integrations.transformers import LiftTrainerMixin
+
+    cfg = {"lift": {"backend": "torch", "layer_range": [2, 3]}}
+    cls = plugin_module.lift_trainer_class(cfg, base=Trainer)
+    assert cls.__mro__[1:4] == (plugin_module._AxolotlLift, LiftTrainerMixin, Trainer) and cls.__name__ == "LiftTrainer"
+    assert plugin_module.lift_trainer_class(cfg, base=cls) is cls  # already LIFT: not wrapped twice
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, use_cpu=True, report_to=[])
+    trainer = cls(model=tiny_llama(), args=args, train_dataset=[{"input_ids": [1, 2]}] * 4)
+    assert trainer.lift_config_source == {"lift": {"backend": "torch", "layer_range": [2, 3]}}
+    assert trainer.lift_config_source is not cls._lift_source  # each trainer gets its own copy
+    # axolotl's fsdp_config reaches TrainingArguments.fsdp (its final save reads it): accepted here only
+    from lift_ds.integrations.trainer_args import unsupported_features
+
+    trainer.args.fsdp = ["full_shard"]
+    assert not any(p.startswith("TrainingArguments.fsdp") for p in unsupported_features(trainer))
+    trainer.lift_fsdp_from_args = False
+    assert any(p.startswith("TrainingArguments.fsdp") for p in unsupported_features(trainer))
