@@ -17,7 +17,7 @@ once when another version is found.
 | :func:`has_fp32_master` | ZeRO parameter attributes ``_hp_mapping`` (ZeRO-1/2, bf16 optimizer) and ``ds_id`` (ZeRO-3) |
 | :func:`zero_step_and_keys` | where a ZeRO optimizer's base optimizer keeps its state and step (flat partitions; ZeRO-3's ``fp32_partitioned_groups_flat``; state or parameter group) |
 | :func:`materialize_zero_state` | creating a fresh ZeRO optimizer's flat state and linking it (``_lazy_init_hp_params_optimizer_state``) |
-| :func:`relink_zero_state` | ZeRO-1/2 before DeepSpeed 0.19 link the fragments of every parameter group after the first group's step, so later groups' fragments stay empty (``_hp_optimizer_states_linked``) |
+| :func:`relink_zero_state` | ZeRO-1/2 before DeepSpeed 0.19 link the fragments of every parameter group after the first group's step, so later groups' fragments stay empty (``_hp_optimizer_states_linked``); tested against 0.18.9 by tests/distributed/test_axolotl.py (axolotl's venv) |
 | :func:`installed_op` | ``deepspeed.git_version_info.installed_ops`` |
 | :func:`zero_reduce_bucket_size` | ``optimizer.reduce_bucket_size`` (read by the leak test) |
 """
