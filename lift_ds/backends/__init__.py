@@ -55,3 +55,13 @@ def choose_backend(requested: str, raw: Mapping[str, Any], world_size: int) -> t
     if world_size > 1:
         return "deepspeed", f"{world_size} ranks and no zero_optimization or fsdp section (lift.backend \"auto\": DeepSpeed, ZeRO-0)", []
     return "torch", "one process and no zero_optimization or fsdp section (lift.backend \"auto\")", []
+
+
+def shards_parameters(backend: str, raw: Mapping[str, Any]) -> bool:
+    """Whether ``backend`` keeps only a shard of each parameter on a rank (ZeRO-3, FSDP2), so that a
+    rank's own module does not hold the whole model (a framework that saves rank 0's copy must know)."""
+    if backend == "fsdp":
+        return True
+    if backend == "deepspeed":
+        return (raw.get("zero_optimization") or {}).get("stage", 0) == 3
+    return False

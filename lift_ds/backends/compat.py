@@ -17,6 +17,7 @@ once when another version is found.
 | :func:`has_fp32_master` | ZeRO parameter attributes ``_hp_mapping`` (ZeRO-1/2, bf16 optimizer) and ``ds_id`` (ZeRO-3) |
 | :func:`zero_step_and_keys` | where a ZeRO optimizer's base optimizer keeps its state and step (flat partitions; ZeRO-3's ``fp32_partitioned_groups_flat``; state or parameter group) |
 | :func:`materialize_zero_state` | creating a fresh ZeRO optimizer's flat state and linking it (``_lazy_init_hp_params_optimizer_state``) |
+| :func:`relink_zero_state` | ZeRO-1/2 before DeepSpeed 0.19 link the fragments of every parameter group after the first group's step, so later groups' fragments stay empty (``_hp_optimizer_states_linked``); tested against 0.18.9 by tests/distributed/test_axolotl.py (axolotl's venv) |
 | :func:`installed_op` | ``deepspeed.git_version_info.installed_ops`` |
 | :func:`zero_reduce_bucket_size` | ``optimizer.reduce_bucket_size`` (read by the leak test) |
 """
@@ -118,17 +119,27 @@ def cheap_zero3_build(active: bool) -> Iterator[None]:
     if not active:
         yield
         return
-    import deepspeed.runtime.zero.utils as zero_utils
-
     repr_ = torch.nn.Parameter.__repr__
-    gc_ = zero_utils.gc
+    holders = zero3_gc_holders()  # the defragmenting code: zero.utils from 0.19, stage3 itself before
+    saved = [(m, m.gc) for m in holders]
     torch.nn.Parameter.__repr__ = lambda self: f"Parameter(shape={tuple(self.shape)}, dtype={self.dtype})"  # type: ignore[method-assign]
-    zero_utils.gc = types.SimpleNamespace(collect=lambda *a, **k: 0)
+    for m in holders:
+        m.gc = types.SimpleNamespace(collect=lambda *a, **k: 0)
     try:
         yield
     finally:
         torch.nn.Parameter.__repr__ = repr_  # type: ignore[method-assign]
-        zero_utils.gc = gc_
+        for m, gc_ in saved:
+            m.gc = gc_
+
+
+def zero3_gc_holders() -> list[Any]:
+    """The DeepSpeed modules whose ``gc`` a ZeRO-3 build calls: ``zero.utils`` (its ``defragment``,
+    DeepSpeed 0.19) and ``zero.stage3`` (which defragments in place before 0.19)."""
+    import deepspeed.runtime.zero.stage3 as stage3
+    import deepspeed.runtime.zero.utils as zero_utils
+
+    return [m for m in (zero_utils, stage3) if hasattr(m, "gc")]
 
 
 def disable_shm_comm_op() -> None:
@@ -209,6 +220,18 @@ def materialize_zero_state(opt: Any, keys: list[str], step: float | None) -> Non
                 st["step"] = int(step) if isinstance(old, int) else torch.tensor(float(step), dtype=torch.float32,
                                                                                   device=old.device if torch.is_tensor(old) else "cpu")
     if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16 optimizer: link the new state
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def relink_zero_state(opt: Any) -> None:
+    """Link every parameter's optimizer-state fragments to the flat state again, so that
+    ``safe_get_full_optimizer_state`` sees all of it. DeepSpeed < 0.19's ZeRO-1/2 link once, after
+    the *first* parameter group's step, when the other groups have no state yet: with two groups (a
+    Trainer's decay / no-decay split) the second group's fragments stay empty and reading them fails
+    ("exp_avg not found in optimizer state fragment"). Idempotent; a no-op before the first step and
+    for optimizers without per-parameter fragments (ZeRO-3, ZeRO-0)."""
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state") and getattr(opt, "_hp_optimizer_states_linked", False):
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
 

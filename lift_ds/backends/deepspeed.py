@@ -260,7 +260,10 @@ class DeepSpeedBackend(Backend):
         self._engine.backward(loss)
 
     def step(self, boundary: bool) -> float | None:
-        self._engine.step()
+        # no_grad: DeepSpeed < 0.19 all-gathers ZeRO-1/2's updated partitions in grad mode, which gloo's
+        # all_gather_into_tensor (in-place copies into split views) refuses on CPU; an update needs no autograd
+        with torch.no_grad():
+            self._engine.step()
         if boundary:
             # ZeRO skips a step whose global gradient norm is NaN/inf (and fp16 overflows) itself
             self.step_applied = bool(self._engine.was_step_applied())
@@ -271,7 +274,8 @@ class DeepSpeedBackend(Backend):
     def discard_gradients(self) -> None:
         # The window's gradients are NaN (the engine poisons a non-finite loss): ZeRO's own overflow
         # check skips the update and clears them, and its step also ends the ZeRO-3 iteration.
-        self._engine.step()
+        with torch.no_grad():
+            self._engine.step()
         if self._engine.was_step_applied():
             raise RuntimeError(
                 "DeepSpeed applied an update from NaN/inf gradients (its overflow check is off: "
@@ -361,6 +365,7 @@ class DeepSpeedBackend(Backend):
         if not compat.has_fp32_master(self._params):  # ZeRO-0 in fp32: a torch optimizer over the module's parameters
             return torch_optimizer_full_state(compat.innermost_optimizer(opt), names, self._params)
         step, keys = compat.zero_step_and_keys(opt)
+        compat.relink_zero_state(opt)
         out: dict[str, Any] = {"step": step, "keys": keys, "state": {}, "master": {}}
         for n, p in zip(names, self._params):
             out["master"][n] = to_host(safe_get_full_fp32_param(p))
