@@ -8,7 +8,7 @@ once when another version is found.
 
 | workaround | private detail |
 |---|---|
-| :func:`release_engine` | ``engine.destroy()`` leaves ``module_forward_pre_hook`` / ``module_forward_post_hook`` on the module and ``_zero_optimizer`` / ``_z3_optimizer`` on every parameter; the engine sits in reference cycles |
+| :func:`release_engine` | ``engine.destroy()`` leaves ``module_forward_pre_hook`` / ``module_forward_post_hook`` on the module, ``_zero_optimizer`` / ``_z3_optimizer`` on every parameter and ZeRO-3's ``pre_bwd_fn`` / ``post_bwd_fn`` (bound to its coordinator) on every module; the engine sits in reference cycles |
 | :func:`skip_model_broadcast` | ``DeepSpeedEngine._broadcast_model`` re-broadcasts the whole model at every build |
 | :func:`cheap_zero3_build` | ZeRO-3's optimizer formats ``locals()`` (every parameter's repr) for a disabled log line; ``zero.utils.defragment`` runs ``gc.collect()`` |
 | :func:`disable_shm_comm_op` | ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]`` (a ~50 s compile on CPU for an op LIFT never uses) |
@@ -38,6 +38,9 @@ logger = get_logger(__name__)
 VERIFIED = ((0, 16), (0, 20))
 _PARAM_BACKREFS = ("_zero_optimizer", "_z3_optimizer")
 _ENGINE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook")
+#: ZeRO-3 caches these autograd Functions in each module's ``__dict__`` at its first registration; their
+#: closures call the parameter coordinator of the engine that made them
+_ZERO3_MODULE_FUNCTIONS = ("pre_bwd_fn", "post_bwd_fn")
 _warned = False
 
 
@@ -71,8 +74,19 @@ def release_engine(engine: Any, model: nn.Module) -> None:
     switch); emptying their attribute dicts frees every tensor they hold at once (optimizer state,
     fp32 master, buffers). An empty shell may wait in a cycle for Python's collector, holding no
     tensor.
+
+    ZeRO-3 also leaves, in each module's ``__dict__``, the pre-/post-backward autograd Functions its
+    first engine registered (``pre_bwd_fn``, ``post_bwd_fn``; a later engine reuses them when it finds
+    them). Their closures call that first engine's parameter coordinator, so under every later engine
+    the backward fetches went to a dead coordinator: the live one never learnt which module's backward
+    was running, and in a non-reentrant activation-checkpoint recompute it partitioned the frozen
+    parameters the recompute had just gathered (``CheckpointError``: recomputed shape [0], saved
+    [128]); the old coordinator stayed alive too. They are removed, so each engine registers its own.
     """
     engine.destroy()
+    for module in model.modules():
+        for attr in _ZERO3_MODULE_FUNCTIONS:
+            module.__dict__.pop(attr, None)
     for attr in _ENGINE_HOOKS:
         handle = getattr(engine, attr, None)
         if handle is not None:
