@@ -21,6 +21,7 @@ from .backends.base import Backend
 from .blocks import set_trainable
 from .checkpoint import Checkpointer, CheckpointError, ResumeError  # noqa: F401  (re-exported)
 from .config import RunConfig
+from .facade import DeepSpeedEngineMembers, NotUnderLiftError, ThroughputTimer
 from .guards import DivergenceError, PhaseOutOfMemoryError, StepGuard, is_out_of_memory, oom_message  # noqa: F401
 from .optim import CrossPhaseLRScheduler
 from .plan import LiftPlan
@@ -30,11 +31,14 @@ from .utils import get_logger
 logger = get_logger(__name__)
 
 
-class LiftEngine:
+class LiftEngine(DeepSpeedEngineMembers, nn.Module):
     """Trains one block at a time, following the plan, through a backend.
 
     Use it like a DeepSpeed engine: ``loss = engine(**batch).loss``, ``engine.backward(loss)``,
-    ``engine.step()``.
+    ``engine.step()``. Like DeepSpeedEngine it is an ``nn.Module`` wrapping the model as
+    ``engine.module`` (``named_parameters()`` names start with ``module.``, ``train()``/``eval()``
+    reach the model), carries the DeepSpeedEngine members training loops read
+    (:mod:`lift_ds.facade`), and forwards other attribute names to the model.
 
     Args:
         model: the model to fine-tune.
@@ -45,16 +49,19 @@ class LiftEngine:
     """
 
     def __init__(self, model: nn.Module, config: RunConfig, plan: LiftPlan, backend: Backend, lr_scheduler: CrossPhaseLRScheduler) -> None:
+        nn.Module.__init__(self)
         self.module = model
         self.config = config
         self.lift = config.lift
-        self.training = config.training
+        #: the checked training keys (``self.training`` is nn.Module's train/eval flag)
+        self.training_config = config.training
+        self.training = model.training
         self.backend = backend
         self.lr_scheduler = lr_scheduler
         self.plan = plan
         self.candidates = list(plan.candidates)
         self.cursor = PhaseCursor(list(plan.steps), list(plan.units))
-        self.guard = StepGuard(self.lift.max_consecutive_skipped_steps, self.training.precision)
+        self.guard = StepGuard(self.lift.max_consecutive_skipped_steps, self.training_config.precision)
         self.checkpointer = Checkpointer(self)
         self.micro_steps = 0
         #: global samples read so far (the data position: a resumed run continues from here)
@@ -62,6 +69,10 @@ class LiftEngine:
         self.last_grad_norm: float | None = None
         self.phase_switch_seconds = 0.0
         self.phase_switches = 0
+        #: the DataLoader lift_ds.initialize made for ``training_data`` (None otherwise), as DeepSpeed's
+        self.training_dataloader: Any = None
+        self._tput_timer = ThroughputTimer(config.training.train_batch_size)
+        self._in_no_sync = False
         #: stashed optimizer states per unit (``optimizer_state: offload``, LIFT only: a unit is a block)
         self.stash: dict[int, Any] = {}
         self._active: int | None = None
@@ -71,7 +82,7 @@ class LiftEngine:
             from .quant import build_quantized_blocks
 
             self.quant = build_quantized_blocks(model, plan, self.lift.frozen_weights, self.lift.block_store, self.lift.block_store_dir,
-                                               self.training.precision)
+                                               self.training_config.precision)
         problem = plan.never_trained_problem()
         if problem:
             logger.warning("%s", problem)
@@ -139,33 +150,6 @@ class LiftEngine:
         visited = self.cursor.visited_blocks() if not self.done else set(self.plan.steps)
         return self.plan.param_names_of(c for u in visited for c in self.plan.units[u])
 
-    # DeepSpeed engine methods users call
-    def gradient_accumulation_steps(self) -> int:
-        return self.training.gradient_accumulation_steps
-
-    def train_micro_batch_size_per_gpu(self) -> int:
-        return self.training.micro_batch_size
-
-    def train_batch_size(self) -> int:
-        return self.training.train_batch_size
-
-    def is_gradient_accumulation_boundary(self) -> bool:
-        """True when the next :meth:`step` is an optimizer step."""
-        return (self.micro_steps + 1) % self.training.gradient_accumulation_steps == 0
-
-    def get_lr(self) -> list[float]:
-        return self.lr_scheduler.get_last_lr()
-
-    def train(self, mode: bool = True) -> "LiftEngine":
-        self.module.train(mode)
-        return self
-
-    def eval(self) -> "LiftEngine":
-        return self.train(False)
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        return self.module.parameters()
-
     # ----------------------------------------------------------------- phases
 
     def start_phase(self, block: int, restore_stash: bool = True) -> None:
@@ -207,26 +191,36 @@ class LiftEngine:
 
     # ----------------------------------------------------------------- training
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.forward(*args, **kwargs)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model (through the backend's wrapper)."""
+        if self.training:
+            self._tput_timer.start()
         return self.backend.forward(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch's loss; gradients reach the active block only."""
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> None:
+        """Backward of one micro-batch's loss (scaled by 1 / gradient_accumulation_steps, as DeepSpeed's);
+        gradients reach the active block only."""
         if self.done:
             raise RuntimeError(f"backward() after the plan finished ({self.plan.total_steps} steps); raise lift.total_steps")
-        self.backend.backward(self.guard.poison(loss))
+        if not scale_wrt_gas:
+            raise NotUnderLiftError("backward(scale_wrt_gas=False): every LIFT backend scales the loss by 1 / gradient_accumulation_steps")
+        monitor = self.monitor
+        if monitor.enabled and self.rank == 0 and self.is_gradient_accumulation_boundary():
+            monitor.write_events([("Train/Samples/train_loss", float(loss.detach().mean()), self.samples_seen)])
+        self.backend.backward(self.guard.poison(loss), retain_graph=retain_graph)
 
-    def step(self) -> None:
+    def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
         """End a micro-step. At an accumulation boundary: optimizer step (or a skip, see
-        :class:`~lift_ds.guards.StepGuard`), schedule step, and a phase switch when the plan moves
-        to another block."""
+        :class:`~lift_ds.guards.StepGuard`), schedule step (``lr_kwargs`` go to the scheduler's
+        ``step``, e.g. ``{"metrics": val_loss}`` for ``ReduceLROnPlateau``, which is stepped only
+        then), and a phase switch when the plan moves to another block."""
         if self.done:
             raise RuntimeError(f"step() after the plan finished ({self.plan.total_steps} steps); raise lift.total_steps")
-        if not self.is_gradient_accumulation_boundary():
+        if self._in_no_sync:
+            raise RuntimeError("step() inside no_sync(): leave the no_sync block first (as in DeepSpeed)")
+        boundary = self.is_gradient_accumulation_boundary()
+        self._tput_timer.stop(global_step=boundary)
+        if not boundary:
             self.backend.step(False)
             self.micro_steps += 1
             return
@@ -239,10 +233,14 @@ class LiftEngine:
             norm = self.backend.step(True)
             applied = self.backend.step_applied
         self.micro_steps += 1
-        self.samples_seen += self.training.train_batch_size
+        self.samples_seen += self.training_config.train_batch_size
         self.last_grad_norm = norm
         self.guard.record(applied, bad_loss, norm, self.global_step + 1, self.active_block)
-        self.lr_scheduler.step()
+        if lr_kwargs or not self.lr_scheduler.plateau:
+            self.lr_scheduler.step(**(lr_kwargs or {}))
+        monitor = self.monitor
+        if monitor.enabled and self.rank == 0:
+            monitor.write_events([("Train/Samples/lr", self.get_lr()[0], self.samples_seen)])
         if self.cursor.advance():
             self.start_phase(self.cursor.block)
         elif not self.cursor.done:
@@ -251,6 +249,13 @@ class LiftEngine:
             # the last engine stays (ZeRO-3 forward needs its hooks for evaluation and export) until close()
             self._active = None
             set_trainable(self.module, [])
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # nn.Module's: parameters, buffers, submodules (``module``)
+        except AttributeError:
+            pass
+        return self._member(name)
 
     def close(self) -> None:
         """Release the backend (the last engine, optimizer, gradients)."""

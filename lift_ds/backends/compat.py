@@ -279,3 +279,53 @@ def set_loss_scaler_state(optimizer: Any, state: dict[str, Any]) -> bool:
 
 def _plain(v: Any) -> Any:
     return v.item() if torch.is_tensor(v) else v
+
+
+#: DeepSpeedEngine attributes set in ``__init__`` (not on the class) that loops read
+ENGINE_INSTANCE_ATTRIBUTES = frozenset({
+    "global_rank", "local_rank", "world_size", "dp_world_size", "mp_world_size", "global_steps", "global_samples", "micro_steps",
+    "skipped_steps", "tput_timer", "monitor", "lr_scheduler", "optimizer", "basic_optimizer", "client_optimizer", "client_lr_scheduler",
+    "training_dataloader", "module", "mpu", "losses", "timers", "device", "config", "gradient_average", "warn_unscaled_loss",
+    "data_parallel_group", "seq_data_parallel_group", "sequence_parallel_size", "pipeline_parallelism", "dist_backend",
+    "checkpoint_engine", "flops_profiler", "summary_events", "param_names", "has_moe_layers", "num_experts", "inside_no_sync_ctxt",
+})
+#: top-level config sections that make a DeepSpeedEngine open monitor writers
+MONITOR_SECTIONS = ("tensorboard", "wandb", "csv_monitor", "comet")
+
+
+def is_deepspeed_engine_member(name: str) -> bool:
+    """A public member of ``DeepSpeedEngine`` (a class attribute, or one its ``__init__`` sets)."""
+    if name.startswith("__"):
+        return False
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    return name in ENGINE_INSTANCE_ATTRIBUTES or (hasattr(DeepSpeedEngine, name) and not hasattr(torch.nn.Module, name))
+
+
+def phase_engine_member(current: Any, name: str) -> Any:
+    """``name`` of whichever DeepSpeed engine ``current()`` returns when it is used: a method is bound at each
+    call (a phase switch replaces the engine), any other member is read now. ``MISSING`` for other names."""
+    from .engine_members import MISSING
+
+    if not is_deepspeed_engine_member(name):
+        return MISSING
+    engine = current()
+    if engine is None:
+        return MISSING
+    if callable(getattr(type(engine), name, None)):
+        def member(*args: Any, **kwargs: Any) -> Any:
+            return getattr(current(), name)(*args, **kwargs)
+
+        member.__name__ = name
+        member.__doc__ = f"DeepSpeedEngine.{name} of the current LIFT phase's engine (the active block).\n\n" + (getattr(type(engine), name).__doc__ or "")
+        return member
+    return getattr(engine, name)
+
+
+def run_monitor(raw: dict[str, Any]) -> Any:
+    """One DeepSpeed ``MonitorMaster`` for the whole run from the config's monitor sections (each phase's
+    engine is built without them: its writers would restart their sample counts at every phase)."""
+    from deepspeed.monitor.config import get_monitor_config
+    from deepspeed.monitor.monitor import MonitorMaster
+
+    return MonitorMaster(get_monitor_config(raw))

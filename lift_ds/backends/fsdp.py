@@ -13,9 +13,10 @@ forward therefore runs once under ``no_grad`` with every parameter trainable (pu
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -111,6 +112,15 @@ class FSDPBackend(TorchOptimizerBackend):
 
     def memory_layout(self) -> tuple[int, bool]:
         return 3, self._offload
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """FSDP2 keeps unreduced gradients while this is open (``set_requires_gradient_sync``)."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def _warmup(self, args: Any, kwargs: Any) -> None:
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
