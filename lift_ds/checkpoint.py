@@ -77,8 +77,10 @@ class Checkpointer:
 
     # ----------------------------------------------------------------- save
 
-    def save(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None) -> Path:
-        """Write a checkpoint (collective: every rank calls it); returns its directory."""
+    def save(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None,
+             extra_files: Callable[[Path], None] | None = None) -> Path:
+        """Write a checkpoint (collective: every rank calls it); returns its directory. ``extra_files(dir)``
+        writes more files into it before it is published (collective; e.g. a Hugging Face model)."""
         e = self.engine
         if e.micro_steps % e.training_config.gradient_accumulation_steps:
             raise RuntimeError("save_checkpoint() in the middle of gradient accumulation; save after an optimizer step")
@@ -130,6 +132,8 @@ class Checkpointer:
             agreed(lambda: e.quant.save(tmp, names) if self._rank == 0 else None)
         if e.active_block_index is not None:
             agreed(lambda: e.backend.save_optimizer(tmp))
+        if extra_files is not None:
+            agreed(lambda: extra_files(tmp))
         maybe_kill("save_midway", e.global_step, self._rank)
         agreed(write_state)
         agreed(publish)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -266,17 +266,28 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
 
     # ----------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None) -> Path:
+    def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None, save_latest: bool = True,
+                        exclude_frozen_parameters: bool = False, extra_files: Callable[[Path], None] | None = None) -> Path:
         """Save everything a resumed run needs (see :mod:`lift_ds.checkpoint`); collective.
+
+        DeepSpeed's arguments: ``save_latest`` must stay True (``latest`` is what a resume finds);
+        blocks the plan has not trained yet are never saved, with or without
+        ``exclude_frozen_parameters`` (a resumed run rebuilds them from the model it starts from).
+        ``extra_files(dir)`` writes more files into the checkpoint before it is published (collective).
 
         Returns:
             The checkpoint directory.
         """
-        return self.checkpointer.save(save_dir, tag, client_state)
+        if not save_latest:
+            raise NotUnderLiftError("save_checkpoint(save_latest=False): LIFT publishes each checkpoint as `latest` atomically, the point a resume starts from")
+        return self.checkpointer.save(save_dir, tag, client_state, extra_files=extra_files)
 
-    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None, allow_batch_change: bool = False) -> tuple[Path | None, dict]:
+    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None, load_module_strict: bool = True, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False, allow_batch_change: bool = False,
+                        **kwargs: Any) -> tuple[Path | None, dict]:
         """Resume from ``load_dir/<tag>`` (default: the tag in ``load_dir/latest``), on any number
-        of ranks and any backend; see :mod:`lift_ds.checkpoint`.
+        of ranks and any backend; see :mod:`lift_ds.checkpoint`. DeepSpeed's switches keep their
+        defaults: a LIFT resume restores the plan position, weights, optimizer and schedule together.
 
         Returns:
             ``(path, client_state)`` like DeepSpeed; ``(None, {})`` when there is no checkpoint.
@@ -284,4 +295,11 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         Raises:
             ResumeError: the checkpoint cannot be resumed by this run as configured.
         """
+        partial = {k: v for k, v in (("load_module_strict", not load_module_strict), ("load_optimizer_states", not load_optimizer_states),
+                                     ("load_lr_scheduler_states", not load_lr_scheduler_states), ("load_module_only", load_module_only)) if v}
+        partial.update({k: v for k, v in kwargs.items() if v not in (None, False)})
+        if partial:
+            raise NotUnderLiftError(f"load_checkpoint({', '.join(partial)}): a LIFT checkpoint resumes exactly (plan position, weights, "
+                                    "optimizer state, schedule, data position) or not at all; to start a new run from its weights, "
+                                    "load weights.safetensors into the model before lift_ds.initialize")
         return self.checkpointer.load(load_dir, tag, allow_batch_change)
