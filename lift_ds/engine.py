@@ -20,6 +20,7 @@ from torch import nn
 from .backends.base import Backend
 from .blocks import set_trainable
 from .checkpoint import Checkpointer, CheckpointError, ResumeError  # noqa: F401  (re-exported)
+from . import faults
 from .config import RunConfig
 from .facade import DeepSpeedEngineMembers, NotUnderLiftError, ThroughputTimer
 from .guards import DivergenceError, PhaseOutOfMemoryError, StepGuard, is_out_of_memory, oom_message  # noqa: F401
@@ -173,9 +174,18 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
             self.backend.restore_optimizer_state(self.stash.pop(block))
         self.phase_switch_seconds += time.perf_counter() - t0
         self.phase_switches += 1
+        if os.environ.get("LIFT_DS_TRACE"):
+            faults.trace({"step": self.global_step, "block": self.plan.unit_name(block), "groups": self._group_settings(params)}, self.rank)
         ph = self.cursor.phase
         logger.info("phase %d/%d: training %s (%d parameter tensors) for steps %d..%d",
                     ph.index + 1, len(self.plan.phases), self.plan.unit_name(block), len(params), ph.start + 1, ph.stop)
+
+    def _group_settings(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """The phase optimizer's parameter groups: their parameters (by name) and settings (as the optimizer holds them)."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        members = self.backend.param_groups(params) if self.backend.param_groups is not None else [{"params": params}]
+        return [{"params": [names.get(id(p), "?") for p in m["params"]], "weight_decay": g.get("weight_decay"), "lr": g.get("lr")}
+                for m, g in zip(members, self.backend.optimizer.param_groups)]
 
     def end_phase(self, stash: bool = False) -> None:
         """Release the current phase (optimizer, gradients, any engine); with ``stash`` keep the
@@ -249,6 +259,7 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
             # the last engine stays (ZeRO-3 forward needs its hooks for evaluation and export) until close()
             self._active = None
             set_trainable(self.module, [])
+        faults.maybe_kill("kill", self.global_step, self.rank)  # LIFT_DS_FAULTS=kill@N: a crash right after step N, in any client loop
 
     def __getattr__(self, name: str) -> Any:
         try:

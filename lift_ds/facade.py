@@ -231,6 +231,10 @@ class DeepSpeedEngineMembers:
             logger.info("gradient_checkpointing_enable(use_reentrant=True): LIFT runs non-reentrant checkpointing (it keeps truncated backward)")
         enable_gradient_checkpointing(self.module, **given)
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Refused (nn.Module and DeepSpeedEngine both have it): see :data:`NOT_UNDER_LIFT`."""
+        raise NotUnderLiftError(f"LiftEngine.compile: not under LIFT: {NOT_UNDER_LIFT['compile']}")
+
     def destroy(self) -> None:
         """Release the engine (as :meth:`close`)."""
         self.close()  # type: ignore[attr-defined]
