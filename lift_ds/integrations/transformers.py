@@ -19,11 +19,14 @@ Trainer settings keep their meaning: ``per_device_train_batch_size``, ``gradient
 ``learning_rate``, ``weight_decay`` and the Adam betas/epsilon, ``optim`` (``adamw_torch``,
 ``adamw_torch_fused``, ``sgd``), ``lr_scheduler_type`` and warm-up (one schedule across phases),
 ``max_steps`` or ``num_train_epochs``, ``max_grad_norm``, ``bf16``, ``seed``/``data_seed``,
-``logging_steps`` and ``report_to``, ``eval_strategy`` (evaluation loss), ``save_strategy`` /
-``save_steps`` / ``save_total_limit`` and ``resume_from_checkpoint`` (exact: plan, learning rate and
-data position), ``save_model()`` (a consolidated Hugging Face model). ``"auto"`` values in the JSON are
-filled from the TrainingArguments, as Hugging Face does. A Trainer feature that cannot work with LIFT
-is a :class:`~lift_ds.config.ConfigError` when the trainer is built.
+``logging_steps`` and ``report_to``, ``eval_strategy`` and evaluation (Trainer's own loop, with
+``compute_metrics`` and ``preprocess_logits_for_metrics``, its forward passes through the engine),
+``save_strategy`` / ``save_steps`` / ``save_total_limit`` and ``resume_from_checkpoint`` (exact: plan,
+learning rate and data position; ``checkpoint-N`` also holds a Hugging Face model), ``save_model()`` (a
+consolidated Hugging Face model), ``end()``. Trainer's no-decay group (biases, norms) holds on every
+optimizer path. ``"auto"`` values and keys absent from the JSON follow the TrainingArguments, as Hugging
+Face and accelerate do. A Trainer feature that cannot work with LIFT is a
+:class:`~lift_ds.config.ConfigError` when the trainer is built. ``docs/drop-in.md`` lists what differs.
 
 Data order is lift_ds's own (keyed by global sample index, like ``launch/train.py``), so a resumed
 run reads exactly the samples an uninterrupted run would, on any number of ranks.
