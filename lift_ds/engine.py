@@ -9,8 +9,10 @@ skips, divergence) and the :class:`~lift_ds.checkpoint.Checkpointer`.
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,6 +76,8 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         self.training_dataloader: Any = None
         self._tput_timer = ThroughputTimer(config.training.train_batch_size)
         self._in_no_sync = False
+        self._closed = False
+        _track(self)
         #: stashed optimizer states per unit (``optimizer_state: offload``, LIFT only: a unit is a block)
         self.stash: dict[int, Any] = {}
         self._active: int | None = None
@@ -269,7 +273,12 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         return self._member(name)
 
     def close(self) -> None:
-        """Release the backend (the last engine, optimizer, gradients)."""
+        """Release the backend (the last engine, optimizer, gradients); idempotent. Not closed by then, an
+        engine is closed at interpreter exit (:func:`_release_at_exit`)."""
+        if self.__dict__.get("_closed", True):
+            return
+        self._closed = True
+        _LIVE.discard(self)
         self.backend.close()
         self._active = None
         if self.quant is not None:
@@ -314,3 +323,33 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
                                     "optimizer state, schedule, data position) or not at all; to start a new run from its weights, "
                                     "load weights.safetensors into the model before lift_ds.initialize")
         return self.checkpointer.load(load_dir, tag, allow_batch_change)
+
+
+#: engines not closed yet; closed, and the process group ended, at interpreter exit
+_LIVE: "weakref.WeakSet[LiftEngine]" = weakref.WeakSet()
+_EXIT_HOOK: list[Callable[[], None]] = []
+
+
+def _track(engine: LiftEngine) -> None:
+    _LIVE.add(engine)
+    if not _EXIT_HOOK:
+        _EXIT_HOOK.append(type(engine.backend).end_process_group)  # the backend's class: nothing of the run is kept alive
+        atexit.register(_release_at_exit)
+
+
+def _release_at_exit() -> None:
+    """Close every engine still open and end the process group before the interpreter tears down.
+
+    A script that never calls ``destroy()`` / ``trainer.end()`` (DeepSpeed-Chat's ``main.py``,
+    ``run_clm.py``) would otherwise leave its DeepSpeed engine and the gloo/NCCL process groups (and
+    their worker threads) to the interpreter's teardown, where they are destroyed in no set order; a
+    process group destroyed during C++ static destruction can abort the process (``terminate called
+    without an active exception``, exit -6) after a run that finished.
+    """
+    for engine in list(_LIVE):
+        try:
+            engine.close()
+        except Exception as e:  # exiting anyway: say what failed, end the rest
+            logger.warning("closing a LIFT engine at exit failed: %s", e)
+    if _EXIT_HOOK:
+        _EXIT_HOOK[0]()

@@ -45,6 +45,26 @@ class EngineMembers:
         """The run-long monitor (DeepSpeed's TensorBoard / W&B / CSV / Comet writers), or None."""
         return None
 
+    @staticmethod
+    def end_process_group() -> None:
+        """Destroy the default process group and every group made from it, if one is up (at exit), and free
+        them now, so their worker threads are joined before the interpreter tears down. Through DeepSpeed's
+        ``deepspeed.comm.destroy_process_group`` when DeepSpeed's comm layer is up: it also drops the
+        groups DeepSpeed keeps (``groups._WORLD_GROUP``, ...), which would keep their threads alive."""
+        import gc
+        import sys
+
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+        gc.collect()
+
     def gathers_16bit_on_save(self) -> bool:
         """Whether a consolidated 16-bit save writes the model (DeepSpeed ZeRO-3 asks its config)."""
         return True
