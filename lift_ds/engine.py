@@ -327,11 +327,14 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
 
 #: engines not closed yet; closed, and the process group ended, at interpreter exit
 _LIVE: "weakref.WeakSet[LiftEngine]" = weakref.WeakSet()
-_EXIT_HOOK: list[Callable[[], None]] = []
+#: the models engines were built on (weakly: a model the script dropped is gone already)
+_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_EXIT_HOOK: list[Callable[..., None]] = []
 
 
 def _track(engine: LiftEngine) -> None:
     _LIVE.add(engine)
+    _MODELS.add(engine.module)
     if not _EXIT_HOOK:
         _EXIT_HOOK.append(type(engine.backend).end_process_group)  # the backend's class: nothing of the run is kept alive
         atexit.register(_release_at_exit)
@@ -352,4 +355,4 @@ def _release_at_exit() -> None:
         except Exception as e:  # exiting anyway: say what failed, end the rest
             logger.warning("closing a LIFT engine at exit failed: %s", e)
     if _EXIT_HOOK:
-        _EXIT_HOOK[0]()
+        _EXIT_HOOK[0](list(_MODELS))

@@ -42,6 +42,9 @@ NOT_UNDER_LIFT = {
     "compile": "the model is re-wrapped by a new DeepSpeed engine at every phase, so a compiled engine would be thrown away at the first switch",
     "load_universal_checkpoint": "LIFT's checkpoints are already independent of ranks and backend (load_checkpoint reads them on any layout)",
     "zero_load_from_fp32_weights": "LIFT's checkpoints always hold the full weights and the active block's fp32 master",
+    "set_data_post_process_func": "the training DataLoader is lift_ds's own (lift_ds.initialize(training_data=...)), not DeepSpeed's "
+                                  "data-efficiency sampler, which each phase's engine would build anew",
+    "set_custom_curriculum_learning_schedule": "see set_data_post_process_func: DeepSpeed's curriculum sampler is not used",
 }
 
 

@@ -19,6 +19,7 @@ once when another version is found.
 | :func:`materialize_zero_state` | creating a fresh ZeRO optimizer's flat state and linking it (``_lazy_init_hp_params_optimizer_state``) |
 | :func:`installed_op` | ``deepspeed.git_version_info.installed_ops`` |
 | :func:`zero_reduce_bucket_size` | ``optimizer.reduce_bucket_size`` (read by the leak test) |
+| :func:`forget_process_groups` | ZeRO-3 parameters keep their process group in ``ds_process_group`` (dropped at exit) |
 """
 
 from __future__ import annotations
@@ -329,3 +330,19 @@ def run_monitor(raw: dict[str, Any]) -> Any:
     from deepspeed.monitor.monitor import MonitorMaster
 
     return MonitorMaster(get_monitor_config(raw))
+
+
+def forget_process_groups(models: list[nn.Module]) -> None:
+    """At exit: drop the process group that ZeRO-3 parameters and the ``zero.Init`` that converted them keep
+    (``ds_process_group``); it would keep the group, and its worker threads, alive into the interpreter's teardown."""
+    import gc
+
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    for model in models:
+        for p in model.parameters():
+            if getattr(p, "ds_process_group", None) is not None:
+                p.ds_process_group = None
+    for o in gc.get_objects():
+        if isinstance(o, Init) and getattr(o, "ds_process_group", None) is not None:
+            o.ds_process_group = None

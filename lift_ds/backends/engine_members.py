@@ -5,7 +5,7 @@ whether a consolidated 16-bit save happens. Defaults for every backend; ``deepsp
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterable
 
 #: ``Backend.library_member``'s answer for a name its library's engine does not have
 MISSING = object()
@@ -46,11 +46,12 @@ class EngineMembers:
         return None
 
     @staticmethod
-    def end_process_group() -> None:
+    def end_process_group(models: Iterable[Any] = ()) -> None:
         """Destroy the default process group and every group made from it, if one is up (at exit), and free
-        them now, so their worker threads are joined before the interpreter tears down. Through DeepSpeed's
+        them now, so their worker threads are joined while the interpreter is whole (gloo's threads, torn
+        down with the interpreter, can abort the process). Through DeepSpeed's
         ``deepspeed.comm.destroy_process_group`` when DeepSpeed's comm layer is up: it also drops the
-        groups DeepSpeed keeps (``groups._WORLD_GROUP``, ...), which would keep their threads alive."""
+        groups DeepSpeed keeps (``groups._WORLD_GROUP``, ...); ``models``' ZeRO-3 parameters drop theirs."""
         import gc
         import sys
 
@@ -59,7 +60,10 @@ class EngineMembers:
         if not (dist.is_available() and dist.is_initialized()):
             return
         ds_comm = sys.modules.get("deepspeed.comm")
-        if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None and ds_comm.is_initialized():
+        if ds_comm is not None and ds_comm.is_initialized():
+            from . import compat
+
+            compat.forget_process_groups(list(models))
             ds_comm.destroy_process_group()
         else:
             dist.destroy_process_group()

@@ -8,7 +8,7 @@ Checked for each: only the planned blocks move (the embedding and layer 1 stay b
 falls, every parameter's weight decay is what the script asked (no decay for norms and biases) in every
 phase's optimizer, and a run killed after a checkpoint and resumed equals the uninterrupted run within
 1e-6 of the largest move. DeepSpeed-Chat's loop also runs ZeRO-3 + gradient checkpointing (equal to
-ZeRO-3 without it), ZeRO-1 + checkpointing and FSDP2 + checkpointing (equal to ZeRO-2 without it), and
+ZeRO-3 without it), ZeRO-1/2 + checkpointing and FSDP2 + checkpointing (equal to ZeRO-2 without it), and
 its built ``get_scheduler`` curve equals the same scheduler stepped on a plain loop. Runs share 4
 launches (``clients/run_many.py``).
 """
@@ -104,6 +104,7 @@ def d(tmp_path_factory):
             "z3gc_stop": dschat(d, "z3gc_stop", "--zero_stage", "3", "--gradient_checkpointing", "--stop_after", str(KILL), "--save_dir", str(d / "ds-ckpt")),
             "z3gc_resume": dschat(d, "z3gc_resume", "--zero_stage", "3", "--gradient_checkpointing", "--resume_dir", str(d / "ds-ckpt")),
             "z2": dschat(d, "z2", "--zero_stage", "2"),
+            "z2gc": dschat(d, "z2gc", "--zero_stage", "2", "--gradient_checkpointing"),
             "z1gc": dschat(d, "z1gc", "--zero_stage", "1", "--gradient_checkpointing"),
             "fsdpgc": dschat(d, "fsdpgc", "--zero_stage", "0", "--gradient_checkpointing", lift={"backend": "fsdp"}),
             "z2bf16": dschat(d, "z2bf16", "--zero_stage", "2", "--dtype", "bf16", "--output_dir", str(d / "dschat-out")),
@@ -186,10 +187,10 @@ def test_dschat_zero3_with_gradient_checkpointing_equals_without(d):
     assert gc["eval"][-1] < gc["eval"][0] - 0.1, gc["eval"]
 
 
-def test_dschat_zero1_and_fsdp2_with_gradient_checkpointing_equal_zero2_without(d):
+def test_dschat_zero1_zero2_and_fsdp2_with_gradient_checkpointing_equal_zero2_without(d):
     z2 = record(d, "z2")
     assert_only_planned_blocks_moved(z2["start"], z2["final"])
-    for name in ("z1gc", "fsdpgc"):
+    for name in ("z1gc", "z2gc", "fsdpgc"):
         r = record(d, name)
         assert_only_planned_blocks_moved(z2["start"], r["final"])
         assert_close_to(r["final"], z2["final"], z2["start"], rel=1e-5)
