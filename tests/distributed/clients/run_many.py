@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -31,6 +32,7 @@ def main() -> int:
     runs = json.loads(Path(sys.argv[1]).read_text())
     for name, run in runs.items():
         print(f"=== run {name}", flush=True)
+        t0 = time.perf_counter()
         saved = {k: os.environ.get(k) for k in run.get("env", {})}
         os.environ.update(run.get("env", {}))
         try:
@@ -40,6 +42,7 @@ def main() -> int:
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         if code:
             raise SystemExit(f"run {name} returned {code}")
+        print(f"=== run {name}: {time.perf_counter() - t0:.1f} s", flush=True)
         gc.collect()
     import torch.distributed as dist
 
