@@ -107,7 +107,8 @@ def d(tmp_path_factory):
             "z2gc": dschat(d, "z2gc", "--zero_stage", "2", "--gradient_checkpointing"),
             "z1gc": dschat(d, "z1gc", "--zero_stage", "1", "--gradient_checkpointing"),
             "fsdpgc": dschat(d, "fsdpgc", "--zero_stage", "0", "--gradient_checkpointing", lift={"backend": "fsdp"}),
-            "z2bf16": dschat(d, "z2bf16", "--zero_stage", "2", "--dtype", "bf16", "--output_dir", str(d / "dschat-out")),
+            "z2bf16": dschat(d, "z2bf16", "--zero_stage", "2", "--dtype", "bf16", "--output_dir", str(d / "dschat-out"),
+                             "--csv_monitor", str(d / "monitor")),
             "clm": clm(d, "clm"),
             "clm_killed": clm(d, "clm_killed", env=kill),
         },
@@ -209,8 +210,9 @@ def test_dschat_resume_equals_uninterrupted(d):
 def test_dschat_parameter_groups_schedule_and_engine_members(d):
     """The optimizer DeepSpeed steps in each phase holds the script's two groups (weight decay 0.1, and
     0.0 for norms), the built get_scheduler curve equals the same scheduler on a plain loop, bf16 from
-    DeepSpeed-Chat's "bfloat16" section, and the engine members it reads (model.model, tput_timer,
-    named_modules, module.state_dict) worked: it saved a Hugging Face format model."""
+    DeepSpeed-Chat's "bfloat16" section, the engine members it reads (model.model, tput_timer,
+    named_modules, module.state_dict) worked: it saved a Hugging Face format model, and DeepSpeed's
+    monitor wrote one lr curve against the run's sample count."""
     from transformers import get_scheduler
 
     r = record(d, "z2bf16")
@@ -231,6 +233,9 @@ def test_dschat_parameter_groups_schedule_and_engine_members(d):
     used = [sorted({lr for _, lr in g.values()}) for g in r["groups"]]
     assert used == [[lr] for lr in [1e-2 * 0.0] + [w[0] for w in want[:-1]]], used
     assert r["epochs"] == 1 and r["samples_per_sec"] > 0
+    # the engine's monitor: one for the run, its x axis the run's samples (each phase's DeepSpeed engine would restart at 0)
+    rows = [line.split(",") for line in (d / "monitor" / "step1" / "Train_Samples_lr.csv").read_text().splitlines()[1:]]
+    assert [int(s) for s, _ in rows] == [4 * k for k in range(1, 17)] and [float(v) for _, v in rows] == pytest.approx([w[0] for w in want])
     saved = torch.load(d / "dschat-out" / "pytorch_model.bin", weights_only=True)
     assert torch.equal(saved["model.layers.1.mlp.up_proj.weight"].float(), r["final"]["model.layers.1.mlp.up_proj.weight"])
     assert json.loads((d / "dschat-out" / "config.json").read_text())["num_hidden_layers"] == 4

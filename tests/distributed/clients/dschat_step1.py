@@ -13,7 +13,8 @@ prints throughput from ``model.model`` (the wrapped model's attributes through t
 ``model.tput_timer.update_epoch_count()``, and saves: LoRA layers fused through ``model.named_modules()``,
 ``model.module.state_dict()`` in Hugging Face format, and ZeRO-3 parameters gathered one by one.
 
-Test instrumentation (not in DeepSpeed-Chat): ``--record FILE`` (rank 0 writes losses, start and final
+Test instrumentation (not in DeepSpeed-Chat): ``--csv_monitor DIR`` (a DeepSpeed ``csv_monitor`` section
+beside its ``tensorboard`` one, which needs tensorboard), ``--record FILE`` (rank 0 writes losses, start and final
 weights, and the weight decay and lr of every parameter in each step's optimizer), ``--stop_after N`` with
 ``--save_dir`` (save a checkpoint at step N and stop) and ``--resume_dir`` (load it and continue): the
 DeepSpeed engine API a resumable loop of this shape uses.
@@ -70,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--save_dir", default=None)
     p.add_argument("--stop_after", type=int, default=None)
     p.add_argument("--resume_dir", default=None)
+    p.add_argument("--csv_monitor", default=None, help="a DeepSpeed csv_monitor section writing under this directory")
     p = deepspeed.add_config_arguments(p)
     return p.parse_args(argv)
 
@@ -97,6 +99,8 @@ def train_ds_config(args, world_size: int) -> dict:
         config["bfloat16"] = {"enabled": True}
     elif args.dtype == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale_window": 100}
+    if args.csv_monitor:
+        config["csv_monitor"] = {"enabled": True, "output_path": args.csv_monitor, "job_name": "step1"}
     config["lift"] = json.loads(args.lift)  # LIFT's one addition
     return config
 
