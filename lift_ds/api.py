@@ -13,7 +13,7 @@ from .backends.base import BackendContext
 from .backends.lr_schedules import scheduler_factory
 from .config import ConfigError, RunConfig, load_run_config
 from .engine import LiftEngine
-from .optim import CrossPhaseLRScheduler, as_optimizer_factory
+from .optim import CrossPhaseLRScheduler, NamedGroups, resolve_optimizer
 from .plan import resolve_plan
 from .utils import get_logger
 
@@ -59,6 +59,7 @@ def initialize(
     config_params: Mapping[str, Any] | None = None,
     total_steps: int | None = None,
     fixed_trainable: list[str] | None = None,
+    param_groups: NamedGroups | None = None,
 ) -> tuple[LiftEngine, PhaseOptimizer, Any, Any]:
     """Build a LIFT engine; returns ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
@@ -66,14 +67,18 @@ def initialize(
         args: an argparse namespace; its ``deepspeed_config`` is used when ``config`` is None.
         model: the model (a Hugging Face model or any module with a layer ``ModuleList``).
         optimizer: a callable ``params -> torch.optim.Optimizer`` (one optimizer is built per
-            phase), an Optimizer whose class and defaults are reused per phase, or None to use the
+            phase), a built Optimizer (each phase gets one of its class and defaults over its
+            parameter groups restricted to the active block: every parameter keeps its group's
+            weight decay, lr, betas, ...; the instance itself is never stepped), or None to use the
             config's ``"optimizer"`` section.
         model_parameters: accepted for compatibility and ignored: LIFT picks the trainable
             parameters of each phase itself.
         training_data: a ``torch.utils.data.Dataset``; a DataLoader with the config's micro batch
             size (and a DistributedSampler on several ranks) is returned for it.
-        lr_scheduler: a callable ``optimizer -> scheduler``; the schedule runs over the whole run.
-            None uses the config's ``"scheduler"`` section (if any).
+        lr_scheduler: a callable ``optimizer -> scheduler``, or a scheduler already built on the
+            optimizer you pass (``get_scheduler(...)``, ``LambdaLR``, ``OneCycleLR``,
+            ``ReduceLROnPlateau``, ...); either way one schedule runs over the whole run, across
+            phases. None uses the config's ``"scheduler"`` section (if any).
         mpu, dist_init_required: passed through to the backend's library (DeepSpeed).
         collate_fn: collate function for the returned DataLoader.
         config: a DeepSpeed config (path or dict) with a ``"lift"`` section, or a checked
@@ -82,6 +87,8 @@ def initialize(
         total_steps: overrides ``lift.total_steps`` (e.g. from ``--max_steps``).
         fixed_trainable: parameter names trained for the whole run instead of the LIFT plan (the
             full fine-tuning and LoRA baselines in the same harness).
+        param_groups: parameter groups for the phase optimizers when ``optimizer`` is a callable or
+            None (e.g. the Trainer's no-decay group for biases and norms).
 
     Raises:
         ConfigError: every configuration problem at once, before any process group starts.
@@ -104,16 +111,24 @@ def initialize(
     if run.lift.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # with no optimizer given, each backend builds the config's "optimizer" section its own way
-    factory = None if optimizer is None and run.training.optimizer is not None else as_optimizer_factory(optimizer, run.training.optimizer)
+    factory, groups = (None, None) if optimizer is None and run.training.optimizer is not None else \
+        resolve_optimizer(optimizer, run.training.optimizer, model)
+    groups = groups or param_groups
+    missing = groups.missing(plan.param_names_of(range(len(plan.candidates)))) if groups is not None else []
+    if missing:
+        raise ConfigError([f"optimizer: {len(missing)} parameters LIFT trains are in none of the optimizer's parameter groups "
+                           f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); build it over every parameter of the "
+                           "blocks LIFT trains (e.g. model.parameters()), or pass a callable params -> Optimizer"])
     if lr_scheduler is None and run.training.scheduler is not None:
         lr_scheduler = scheduler_factory(run.training.scheduler, plan.total_steps)
-    schedule = CrossPhaseLRScheduler(lr_scheduler)
+    schedule = CrossPhaseLRScheduler(lr_scheduler, optimizer if isinstance(optimizer, torch.optim.Optimizer) else None)
     passthrough = {k: v for k, v in (("mpu", mpu), ("dist_init_required", dist_init_required)) if v is not None}
-    backend = get_backend_class(run.backend)(BackendContext(model, run, factory, passthrough))
+    backend = get_backend_class(run.backend)(BackendContext(model, run, factory, passthrough, groups))
     engine = LiftEngine(model, run, plan, backend, schedule)
     loader = None
     if training_data is not None:
         loader = make_dataloader(training_data, run.training.micro_batch_size, backend.rank, backend.world_size, collate_fn, run.lift.seed)
+        engine.training_dataloader = loader
     return engine, PhaseOptimizer(engine), loader, schedule
 
 

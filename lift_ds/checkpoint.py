@@ -77,10 +77,12 @@ class Checkpointer:
 
     # ----------------------------------------------------------------- save
 
-    def save(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None) -> Path:
-        """Write a checkpoint (collective: every rank calls it); returns its directory."""
+    def save(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None,
+             extra_files: Callable[[Path], None] | None = None) -> Path:
+        """Write a checkpoint (collective: every rank calls it); returns its directory. ``extra_files(dir)``
+        writes more files into it before it is published (collective; e.g. a Hugging Face model)."""
         e = self.engine
-        if e.micro_steps % e.training.gradient_accumulation_steps:
+        if e.micro_steps % e.training_config.gradient_accumulation_steps:
             raise RuntimeError("save_checkpoint() in the middle of gradient accumulation; save after an optimizer step")
         save_dir = Path(save_dir)
         tag = tag or f"global_step{e.global_step}"
@@ -102,7 +104,7 @@ class Checkpointer:
             torch.save({"rng": rng_state(), "lr_scheduler": e.lr_scheduler.state_dict()}, tmp / f"rank{self._rank}_state.pt")
             torch.save(e.stash, tmp / f"stash.rank{self._rank}.pt")
             if self._rank == 0:
-                t = e.training
+                t = e.training_config
                 meta = {
                     "format": FORMAT, "cursor": e.cursor.state_dict(), "samples_seen": e.samples_seen, "lr": e.lr_scheduler.lr,
                     "world_size": e.world_size, "backend": e.backend.name, "zero_stage": e.backend.memory_layout()[0],
@@ -130,6 +132,8 @@ class Checkpointer:
             agreed(lambda: e.quant.save(tmp, names) if self._rank == 0 else None)
         if e.active_block_index is not None:
             agreed(lambda: e.backend.save_optimizer(tmp))
+        if extra_files is not None:
+            agreed(lambda: extra_files(tmp))
         maybe_kill("save_midway", e.global_step, self._rank)
         agreed(write_state)
         agreed(publish)
@@ -214,7 +218,7 @@ class Checkpointer:
         except ValueError as ex:
             raise ResumeError(str(ex), path) from None
         e.samples_seen = int(meta["samples_seen"])
-        e.micro_steps = e.cursor.step * e.training.gradient_accumulation_steps
+        e.micro_steps = e.cursor.step * e.training_config.gradient_accumulation_steps
         e.guard.load_state_dict(meta)
         e.end_phase()  # also after the plan finished, when the last engine is kept for evaluation
         e.backend.load_precision_state(meta.get("precision_state") or {})  # the fp16 loss scale, before the phase is built
@@ -235,7 +239,7 @@ class Checkpointer:
 
     def _check_layout(self, meta: dict, path: Path, allow_batch_change: bool) -> None:
         """Log what changed since the checkpoint; refuse another global batch unless allowed."""
-        e, t = self.engine, self.engine.training
+        e, t = self.engine, self.engine.training_config
         now = {"world_size": e.world_size, "backend": e.backend.name, "zero_stage": e.backend.memory_layout()[0], "micro_batch_size": t.micro_batch_size,
                "gradient_accumulation_steps": t.gradient_accumulation_steps, "precision": t.precision}
         changed = [f"{k} {meta[k]} -> {v}" for k, v in now.items() if meta.get(k) != v]

@@ -321,7 +321,7 @@ def resolve_training(config: Mapping[str, Any], world_size: int) -> TrainingConf
         problems.append(f"gradient_clipping: must be a number >= 0 (0 turns clipping off), got {clip!r}")
     precision = "fp32"
     for key in ("bf16", "fp16"):
-        sec = config.get(key)
+        sec = config.get(key, config.get("bfloat16") if key == "bf16" else None)  # "bfloat16": DeepSpeed's older name
         if sec is None:
             continue
         if not isinstance(sec, Mapping) or not isinstance(sec.get("enabled", False), (bool, str)):

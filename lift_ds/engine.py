@@ -9,10 +9,12 @@ skips, divergence) and the :class:`~lift_ds.checkpoint.Checkpointer`.
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
+import weakref
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -20,7 +22,9 @@ from torch import nn
 from .backends.base import Backend
 from .blocks import set_trainable
 from .checkpoint import Checkpointer, CheckpointError, ResumeError  # noqa: F401  (re-exported)
+from . import faults
 from .config import RunConfig
+from .facade import DeepSpeedEngineMembers, NotUnderLiftError, ThroughputTimer
 from .guards import DivergenceError, PhaseOutOfMemoryError, StepGuard, is_out_of_memory, oom_message  # noqa: F401
 from .optim import CrossPhaseLRScheduler
 from .plan import LiftPlan
@@ -30,11 +34,14 @@ from .utils import get_logger
 logger = get_logger(__name__)
 
 
-class LiftEngine:
+class LiftEngine(DeepSpeedEngineMembers, nn.Module):
     """Trains one block at a time, following the plan, through a backend.
 
     Use it like a DeepSpeed engine: ``loss = engine(**batch).loss``, ``engine.backward(loss)``,
-    ``engine.step()``.
+    ``engine.step()``. Like DeepSpeedEngine it is an ``nn.Module`` wrapping the model as
+    ``engine.module`` (``named_parameters()`` names start with ``module.``, ``train()``/``eval()``
+    reach the model), carries the DeepSpeedEngine members training loops read
+    (:mod:`lift_ds.facade`), and forwards other attribute names to the model.
 
     Args:
         model: the model to fine-tune.
@@ -45,16 +52,19 @@ class LiftEngine:
     """
 
     def __init__(self, model: nn.Module, config: RunConfig, plan: LiftPlan, backend: Backend, lr_scheduler: CrossPhaseLRScheduler) -> None:
+        nn.Module.__init__(self)
         self.module = model
         self.config = config
         self.lift = config.lift
-        self.training = config.training
+        #: the checked training keys (``self.training`` is nn.Module's train/eval flag)
+        self.training_config = config.training
+        self.training = model.training
         self.backend = backend
         self.lr_scheduler = lr_scheduler
         self.plan = plan
         self.candidates = list(plan.candidates)
         self.cursor = PhaseCursor(list(plan.steps), list(plan.units))
-        self.guard = StepGuard(self.lift.max_consecutive_skipped_steps, self.training.precision)
+        self.guard = StepGuard(self.lift.max_consecutive_skipped_steps, self.training_config.precision)
         self.checkpointer = Checkpointer(self)
         self.micro_steps = 0
         #: global samples read so far (the data position: a resumed run continues from here)
@@ -62,6 +72,12 @@ class LiftEngine:
         self.last_grad_norm: float | None = None
         self.phase_switch_seconds = 0.0
         self.phase_switches = 0
+        #: the DataLoader lift_ds.initialize made for ``training_data`` (None otherwise), as DeepSpeed's
+        self.training_dataloader: Any = None
+        self._tput_timer = ThroughputTimer(config.training.train_batch_size)
+        self._in_no_sync = False
+        self._closed = False
+        _track(self)
         #: stashed optimizer states per unit (``optimizer_state: offload``, LIFT only: a unit is a block)
         self.stash: dict[int, Any] = {}
         self._active: int | None = None
@@ -71,7 +87,7 @@ class LiftEngine:
             from .quant import build_quantized_blocks
 
             self.quant = build_quantized_blocks(model, plan, self.lift.frozen_weights, self.lift.block_store, self.lift.block_store_dir,
-                                               self.training.precision)
+                                               self.training_config.precision)
         problem = plan.never_trained_problem()
         if problem:
             logger.warning("%s", problem)
@@ -139,33 +155,6 @@ class LiftEngine:
         visited = self.cursor.visited_blocks() if not self.done else set(self.plan.steps)
         return self.plan.param_names_of(c for u in visited for c in self.plan.units[u])
 
-    # DeepSpeed engine methods users call
-    def gradient_accumulation_steps(self) -> int:
-        return self.training.gradient_accumulation_steps
-
-    def train_micro_batch_size_per_gpu(self) -> int:
-        return self.training.micro_batch_size
-
-    def train_batch_size(self) -> int:
-        return self.training.train_batch_size
-
-    def is_gradient_accumulation_boundary(self) -> bool:
-        """True when the next :meth:`step` is an optimizer step."""
-        return (self.micro_steps + 1) % self.training.gradient_accumulation_steps == 0
-
-    def get_lr(self) -> list[float]:
-        return self.lr_scheduler.get_last_lr()
-
-    def train(self, mode: bool = True) -> "LiftEngine":
-        self.module.train(mode)
-        return self
-
-    def eval(self) -> "LiftEngine":
-        return self.train(False)
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        return self.module.parameters()
-
     # ----------------------------------------------------------------- phases
 
     def start_phase(self, block: int, restore_stash: bool = True) -> None:
@@ -189,9 +178,18 @@ class LiftEngine:
             self.backend.restore_optimizer_state(self.stash.pop(block))
         self.phase_switch_seconds += time.perf_counter() - t0
         self.phase_switches += 1
+        if os.environ.get("LIFT_DS_TRACE"):
+            faults.trace({"step": self.global_step, "block": self.plan.unit_name(block), "groups": self._group_settings(params)}, self.rank)
         ph = self.cursor.phase
         logger.info("phase %d/%d: training %s (%d parameter tensors) for steps %d..%d",
                     ph.index + 1, len(self.plan.phases), self.plan.unit_name(block), len(params), ph.start + 1, ph.stop)
+
+    def _group_settings(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """The phase optimizer's parameter groups: their parameters (by name) and settings (as the optimizer holds them)."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        members = self.backend.param_groups(params) if self.backend.param_groups is not None else [{"params": params}]
+        return [{"params": [names.get(id(p), "?") for p in m["params"]], "weight_decay": g.get("weight_decay"), "lr": g.get("lr")}
+                for m, g in zip(members, self.backend.optimizer.param_groups)]
 
     def end_phase(self, stash: bool = False) -> None:
         """Release the current phase (optimizer, gradients, any engine); with ``stash`` keep the
@@ -207,26 +205,36 @@ class LiftEngine:
 
     # ----------------------------------------------------------------- training
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.forward(*args, **kwargs)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model (through the backend's wrapper)."""
+        if self.training:
+            self._tput_timer.start()
         return self.backend.forward(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch's loss; gradients reach the active block only."""
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> None:
+        """Backward of one micro-batch's loss (scaled by 1 / gradient_accumulation_steps, as DeepSpeed's);
+        gradients reach the active block only."""
         if self.done:
             raise RuntimeError(f"backward() after the plan finished ({self.plan.total_steps} steps); raise lift.total_steps")
-        self.backend.backward(self.guard.poison(loss))
+        if not scale_wrt_gas:
+            raise NotUnderLiftError("backward(scale_wrt_gas=False): every LIFT backend scales the loss by 1 / gradient_accumulation_steps")
+        monitor = self.monitor
+        if monitor.enabled and self.rank == 0 and self.is_gradient_accumulation_boundary():
+            monitor.write_events([("Train/Samples/train_loss", float(loss.detach().mean()), self.samples_seen)])
+        self.backend.backward(self.guard.poison(loss), retain_graph=retain_graph)
 
-    def step(self) -> None:
+    def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
         """End a micro-step. At an accumulation boundary: optimizer step (or a skip, see
-        :class:`~lift_ds.guards.StepGuard`), schedule step, and a phase switch when the plan moves
-        to another block."""
+        :class:`~lift_ds.guards.StepGuard`), schedule step (``lr_kwargs`` go to the scheduler's
+        ``step``, e.g. ``{"metrics": val_loss}`` for ``ReduceLROnPlateau``, which is stepped only
+        then), and a phase switch when the plan moves to another block."""
         if self.done:
             raise RuntimeError(f"step() after the plan finished ({self.plan.total_steps} steps); raise lift.total_steps")
-        if not self.is_gradient_accumulation_boundary():
+        if self._in_no_sync:
+            raise RuntimeError("step() inside no_sync(): leave the no_sync block first (as in DeepSpeed)")
+        boundary = self.is_gradient_accumulation_boundary()
+        self._tput_timer.stop(global_step=boundary)
+        if not boundary:
             self.backend.step(False)
             self.micro_steps += 1
             return
@@ -239,10 +247,14 @@ class LiftEngine:
             norm = self.backend.step(True)
             applied = self.backend.step_applied
         self.micro_steps += 1
-        self.samples_seen += self.training.train_batch_size
+        self.samples_seen += self.training_config.train_batch_size
         self.last_grad_norm = norm
         self.guard.record(applied, bad_loss, norm, self.global_step + 1, self.active_block)
-        self.lr_scheduler.step()
+        if lr_kwargs or not self.lr_scheduler.plateau:
+            self.lr_scheduler.step(**(lr_kwargs or {}))
+        monitor = self.monitor
+        if monitor.enabled and self.rank == 0:
+            monitor.write_events([("Train/Samples/lr", self.get_lr()[0], self.samples_seen)])
         if self.cursor.advance():
             self.start_phase(self.cursor.block)
         elif not self.cursor.done:
@@ -251,9 +263,22 @@ class LiftEngine:
             # the last engine stays (ZeRO-3 forward needs its hooks for evaluation and export) until close()
             self._active = None
             set_trainable(self.module, [])
+        faults.maybe_kill("kill", self.global_step, self.rank)  # LIFT_DS_FAULTS=kill@N: a crash right after step N, in any client loop
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # nn.Module's: parameters, buffers, submodules (``module``)
+        except AttributeError:
+            pass
+        return self._member(name)
 
     def close(self) -> None:
-        """Release the backend (the last engine, optimizer, gradients)."""
+        """Release the backend (the last engine, optimizer, gradients); idempotent. Not closed by then, an
+        engine is closed at interpreter exit (:func:`_release_at_exit`)."""
+        if self.__dict__.get("_closed", True):
+            return
+        self._closed = True
+        _LIVE.discard(self)
         self.backend.close()
         self._active = None
         if self.quant is not None:
@@ -261,17 +286,28 @@ class LiftEngine:
 
     # ----------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None) -> Path:
+    def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None, save_latest: bool = True,
+                        exclude_frozen_parameters: bool = False, extra_files: Callable[[Path], None] | None = None) -> Path:
         """Save everything a resumed run needs (see :mod:`lift_ds.checkpoint`); collective.
+
+        DeepSpeed's arguments: ``save_latest`` must stay True (``latest`` is what a resume finds);
+        blocks the plan has not trained yet are never saved, with or without
+        ``exclude_frozen_parameters`` (a resumed run rebuilds them from the model it starts from).
+        ``extra_files(dir)`` writes more files into the checkpoint before it is published (collective).
 
         Returns:
             The checkpoint directory.
         """
-        return self.checkpointer.save(save_dir, tag, client_state)
+        if not save_latest:
+            raise NotUnderLiftError("save_checkpoint(save_latest=False): LIFT publishes each checkpoint as `latest` atomically, the point a resume starts from")
+        return self.checkpointer.save(save_dir, tag, client_state, extra_files=extra_files)
 
-    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None, allow_batch_change: bool = False) -> tuple[Path | None, dict]:
+    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None, load_module_strict: bool = True, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False, allow_batch_change: bool = False,
+                        **kwargs: Any) -> tuple[Path | None, dict]:
         """Resume from ``load_dir/<tag>`` (default: the tag in ``load_dir/latest``), on any number
-        of ranks and any backend; see :mod:`lift_ds.checkpoint`.
+        of ranks and any backend; see :mod:`lift_ds.checkpoint`. DeepSpeed's switches keep their
+        defaults: a LIFT resume restores the plan position, weights, optimizer and schedule together.
 
         Returns:
             ``(path, client_state)`` like DeepSpeed; ``(None, {})`` when there is no checkpoint.
@@ -279,4 +315,44 @@ class LiftEngine:
         Raises:
             ResumeError: the checkpoint cannot be resumed by this run as configured.
         """
+        partial = {k: v for k, v in (("load_module_strict", not load_module_strict), ("load_optimizer_states", not load_optimizer_states),
+                                     ("load_lr_scheduler_states", not load_lr_scheduler_states), ("load_module_only", load_module_only)) if v}
+        partial.update({k: v for k, v in kwargs.items() if v not in (None, False)})
+        if partial:
+            raise NotUnderLiftError(f"load_checkpoint({', '.join(partial)}): a LIFT checkpoint resumes exactly (plan position, weights, "
+                                    "optimizer state, schedule, data position) or not at all; to start a new run from its weights, "
+                                    "load weights.safetensors into the model before lift_ds.initialize")
         return self.checkpointer.load(load_dir, tag, allow_batch_change)
+
+
+#: engines not closed yet; closed, and the process group ended, at interpreter exit
+_LIVE: "weakref.WeakSet[LiftEngine]" = weakref.WeakSet()
+#: the models engines were built on (weakly: a model the script dropped is gone already)
+_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_EXIT_HOOK: list[Callable[..., None]] = []
+
+
+def _track(engine: LiftEngine) -> None:
+    _LIVE.add(engine)
+    _MODELS.add(engine.module)
+    if not _EXIT_HOOK:
+        _EXIT_HOOK.append(type(engine.backend).end_process_group)  # the backend's class: nothing of the run is kept alive
+        atexit.register(_release_at_exit)
+
+
+def _release_at_exit() -> None:
+    """Close every engine still open and end the process group before the interpreter tears down.
+
+    A script that never calls ``destroy()`` / ``trainer.end()`` (DeepSpeed-Chat's ``main.py``,
+    ``run_clm.py``) would otherwise leave its DeepSpeed engine and the gloo/NCCL process groups (and
+    their worker threads) to the interpreter's teardown, where they are destroyed in no set order; a
+    process group destroyed during C++ static destruction can abort the process (``terminate called
+    without an active exception``, exit -6) after a run that finished.
+    """
+    for engine in list(_LIVE):
+        try:
+            engine.close()
+        except Exception as e:  # exiting anyway: say what failed, end the rest
+            logger.warning("closing a LIFT engine at exit failed: %s", e)
+    if _EXIT_HOOK:
+        _EXIT_HOOK[0](list(_MODELS))

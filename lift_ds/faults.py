@@ -2,7 +2,8 @@
 
 ``LIFT_DS_FAULTS`` holds comma-separated ``point@step`` or ``point@step:rank`` entries:
 
-    kill@7          SIGKILL this process right after optimizer step 7 (before any save at step 7)
+    kill@7          SIGKILL this process right after optimizer step 7 (before any save at step 7), in
+                    LiftEngine.step: any training loop (launch/train.py, LiftTrainer, a client script)
     save_midway@8   SIGKILL during the checkpoint write at step 8 (weights and optimizer written,
                     the checkpoint not yet published)
     nan_loss@5:1    make the loss of step 5 NaN on rank 1 (every micro-batch of that step)
@@ -46,3 +47,20 @@ def maybe_kill(point: str, step: int, rank: int) -> None:
     """SIGKILL this process if ``point`` is armed (no cleanup, no flush: like the OOM killer)."""
     if armed(point, step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trace(event: dict, rank: int) -> None:
+    """Append ``event`` as a JSON line to the file ``LIFT_DS_TRACE`` names (rank 0; nothing when unset).
+
+    The engine writes one line per phase: the step it starts at, the block, and the phase optimizer's
+    parameter groups (their parameters' names, weight decay and learning rate): a record of what
+    trained with which settings that tests (and a user debugging a recipe) read without touching the
+    training script.
+    """
+    path = os.environ.get("LIFT_DS_TRACE")
+    if not path or rank != 0:
+        return
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps(event, default=str) + "\n")

@@ -244,10 +244,11 @@ def test_initialize_errors():
         lift_ds.initialize(model=model, config={"lift": {}}, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
     with pytest.raises(ConfigError, match="optimizer: none given"):
         lift_ds.initialize(model=model, config={"lift": {"total_steps": 4}})
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    built = torch.optim.lr_scheduler.StepLR(opt, 1)
-    with pytest.raises(ConfigError, match="lr_scheduler"):
-        lift_ds.initialize(model=model, config={"lift": {"total_steps": 4}}, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), lr_scheduler=built)
+    with pytest.raises(ConfigError, match="lr_scheduler: must be a callable optimizer -> scheduler, or a scheduler built on an optimizer"):
+        lift_ds.initialize(model=model, config={"lift": {"total_steps": 4}}, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), lr_scheduler=0.5)
+    stranger = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ConfigError, match="the SGD you passed holds none of the model's parameters"):
+        lift_ds.initialize(model=model, config={"lift": {"total_steps": 4}}, optimizer=stranger)
     with pytest.raises(ConfigError, match="optimizer.type: 'Lamb'"):
         lift_ds.initialize(model=model, config={"optimizer": {"type": "Lamb", "params": {}}, "lift": {"total_steps": 4}})
     with pytest.raises(ConfigError, match="always_trainable"):
@@ -259,8 +260,9 @@ def test_config_optimizer_section_and_optimizer_instance():
     cfg = {"optimizer": {"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 0.1}}, "lift": {"total_steps": 4}}
     engine, opt, _, _ = lift_ds.initialize(model=model, config=cfg)
     assert isinstance(engine.optimizer, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 0.1
+    model = tiny_llama()
     inst = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
-    engine, opt, _, _ = lift_ds.initialize(model=tiny_llama(), config={"lift": {"total_steps": 4}}, optimizer=inst)
+    engine, opt, _, _ = lift_ds.initialize(model=model, config={"lift": {"total_steps": 4}}, optimizer=inst)
     assert isinstance(engine.optimizer, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
     assert len(opt.param_groups[0]["params"]) == 9  # one layer's tensors, not the instance's
 

@@ -42,12 +42,30 @@ def test_unsupported_trainer_features_fail_at_construction(tmp_path, args, needl
     assert needle in str(info.value)
 
 
-def test_compute_metrics_and_prebuilt_optimizers_are_refused(tmp_path):
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    with pytest.raises(ConfigError) as info:
-        build(tmp_path, trainer_kwargs={"compute_metrics": lambda p: {}, "optimizers": (opt, None)})
-    text = str(info.value)
-    assert "compute_metrics: LIFT's evaluation reports the loss only" in text and "optimizers=: LIFT builds one optimizer per phase" in text
+def _accuracy(pred) -> dict:
+    preds, labels = pred
+    preds, labels = preds[:, :-1], labels[:, 1:]  # next-token accuracy, as run_clm.py computes it
+    mask = labels != -100
+    return {"accuracy": float((preds[mask] == labels[mask]).mean())}
+
+
+def test_evaluation_is_trainers_own_loop(tmp_path):
+    """compute_metrics and preprocess_logits_for_metrics run in Trainer's evaluation loop, through the
+    LIFT engine (evaluate() before train() builds it): the metrics equal plain Trainer's on the same model,
+    and after training the loss has fallen. TrainOutput carries train_loss."""
+    from transformers import Trainer, TrainingArguments
+
+    kw = {"eval_dataset": data()[:6], "compute_metrics": _accuracy, "preprocess_logits_for_metrics": lambda logits, labels: logits.argmax(-1)}
+    lift = build(tmp_path / "lift", learning_rate=1e-2, trainer_kwargs=kw)
+    before = lift.evaluate()
+    plain = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "plain"), per_device_eval_batch_size=8, report_to=[],
+                                                                use_cpu=True, disable_tqdm=True), data_collator=collate, **kw)
+    want = plain.evaluate()
+    assert before["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6) and before["eval_accuracy"] == want["eval_accuracy"]
+    out = lift.train()
+    assert out.metrics["train_loss"] == pytest.approx(out.training_loss) and out.training_loss > 0
+    after = lift.evaluate()
+    assert after["eval_loss"] < before["eval_loss"] - 0.03 and "eval_accuracy" in after
 
 
 def test_a_config_without_lift_section_or_any_config(tmp_path):

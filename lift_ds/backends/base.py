@@ -13,14 +13,16 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, TrainingConfig
 from ..optim import OptimizerFactory, optimizer_factory_from_section
 from . import hardware
+from .engine_members import EngineMembers
 from .lr_schedules import scheduler_problems
 from .state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE, load_torch_optimizer_full_state, placed_like, torch_optimizer_full_state
 
@@ -45,19 +47,22 @@ class BackendContext:
             builds the config's ``"optimizer"`` section its own way).
         passthrough: arguments of :func:`lift_ds.initialize` meant for the backend's library
             (DeepSpeed's ``mpu`` and ``dist_init_required``); None values are absent.
+        param_groups: splits the active parameters into parameter groups with their own settings
+            (:class:`~lift_ds.optim.NamedGroups`); the optimizer is built over the groups. None: one group.
     """
 
     model: nn.Module
     config: "RunConfig"
     optimizer_factory: OptimizerFactory | None = None
     passthrough: Mapping[str, Any] = field(default_factory=dict)
+    param_groups: Callable[[list[nn.Parameter]], list[dict[str, Any]]] | None = None
 
     @property
     def training(self) -> TrainingConfig:
         return self.config.training
 
 
-class Backend(ABC):
+class Backend(EngineMembers, ABC):
     """Base class of the LIFT backends (see the module docstring)."""
 
     name = "base"
@@ -67,6 +72,7 @@ class Backend(ABC):
         self.model = ctx.model
         self.training = ctx.config.training
         self.optimizer_factory = ctx.optimizer_factory
+        self.param_groups = ctx.param_groups
         self.rank = 0
         self.world_size = 1
         #: False after a boundary :meth:`step` that did not change the weights (a non-finite
@@ -122,16 +128,12 @@ class Backend(ABC):
         return torch.device("cpu")
 
     def _distributed(self) -> bool:
-        import torch.distributed as dist
-
         return self.world_size > 1 and dist.is_initialized()
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (collective when distributed)."""
         if not self._distributed():
             return flag
-        import torch.distributed as dist
-
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
@@ -140,8 +142,6 @@ class Backend(ABC):
         """Element-wise sums over ranks (float64; collective when distributed)."""
         if not self._distributed():
             return list(values)
-        import torch.distributed as dist
-
         t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(t)
         return t.cpu().tolist()
@@ -149,8 +149,6 @@ class Backend(ABC):
     def barrier(self) -> None:
         """Wait for every rank (no-op for one process)."""
         if self._distributed():
-            import torch.distributed as dist
-
             dist.barrier()
 
     # ----------------------------------------------------------------- phases and steps
@@ -178,7 +176,7 @@ class Backend(ABC):
         """Run the model."""
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """Backward of one micro-batch's loss (scaled by 1 / gradient_accumulation_steps)."""
 
     @abstractmethod
@@ -262,8 +260,6 @@ class Backend(ABC):
         """``tensor`` from rank ``src`` on every rank (a CPU tensor back; collective when distributed)."""
         if not self._distributed():
             return tensor
-        import torch.distributed as dist
-
         t = tensor.to(self.comm_device)
         dist.broadcast(t, src)
         return t.cpu()
@@ -330,7 +326,9 @@ class TorchOptimizerBackend(Backend):
         for p in params:
             p.grad = None
         self._masters = [nn.Parameter(p.detach().float().clone()) for p in params] if self._half() else params
-        self._optimizer = self.optimizer_factory(self._masters)
+        master_of = {id(p): m for p, m in zip(params, self._masters)}
+        groups = [{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in self.param_groups(params)] if self.param_groups else None
+        self._optimizer = self.optimizer_factory(groups if groups is not None else self._masters)
 
     def teardown(self) -> None:
         for p in self.model.parameters():
@@ -338,8 +336,8 @@ class TorchOptimizerBackend(Backend):
         self._optimizer = None
         self._params, self._masters = [], []
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.training.gradient_accumulation_steps).backward()
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        (loss / self.training.gradient_accumulation_steps).backward(retain_graph=retain_graph)
 
     def step(self, boundary: bool) -> float | None:
         if not boundary:

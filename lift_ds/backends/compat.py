@@ -8,7 +8,7 @@ once when another version is found.
 
 | workaround | private detail |
 |---|---|
-| :func:`release_engine` | ``engine.destroy()`` leaves ``module_forward_pre_hook`` / ``module_forward_post_hook`` on the module and ``_zero_optimizer`` / ``_z3_optimizer`` on every parameter; the engine sits in reference cycles |
+| :func:`release_engine` | ``engine.destroy()`` leaves ``module_forward_pre_hook`` / ``module_forward_post_hook`` on the module, ``_zero_optimizer`` / ``_z3_optimizer`` on every parameter and ZeRO-3's ``pre_bwd_fn`` / ``post_bwd_fn`` (bound to its coordinator) on every module; the engine sits in reference cycles |
 | :func:`skip_model_broadcast` | ``DeepSpeedEngine._broadcast_model`` re-broadcasts the whole model at every build |
 | :func:`cheap_zero3_build` | ZeRO-3's optimizer formats ``locals()`` (every parameter's repr) for a disabled log line; ``zero.utils.defragment`` runs ``gc.collect()`` |
 | :func:`disable_shm_comm_op` | ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]`` (a ~50 s compile on CPU for an op LIFT never uses) |
@@ -20,6 +20,7 @@ once when another version is found.
 | :func:`relink_zero_state` | ZeRO-1/2 before DeepSpeed 0.19 link the fragments of every parameter group after the first group's step, so later groups' fragments stay empty (``_hp_optimizer_states_linked``); tested against 0.18.9 by tests/distributed/test_axolotl.py (axolotl's venv) |
 | :func:`installed_op` | ``deepspeed.git_version_info.installed_ops`` |
 | :func:`zero_reduce_bucket_size` | ``optimizer.reduce_bucket_size`` (read by the leak test) |
+| :func:`forget_process_groups` | ZeRO-3 parameters keep their process group in ``ds_process_group`` (dropped at exit) |
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ logger = get_logger(__name__)
 VERIFIED = ((0, 16), (0, 20))
 _PARAM_BACKREFS = ("_zero_optimizer", "_z3_optimizer")
 _ENGINE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook")
+#: ZeRO-3 caches these autograd Functions in each module's ``__dict__`` at its first registration; their
+#: closures call the parameter coordinator of the engine that made them
+_ZERO3_MODULE_FUNCTIONS = ("pre_bwd_fn", "post_bwd_fn")
 _warned = False
 
 
@@ -72,8 +76,19 @@ def release_engine(engine: Any, model: nn.Module) -> None:
     switch); emptying their attribute dicts frees every tensor they hold at once (optimizer state,
     fp32 master, buffers). An empty shell may wait in a cycle for Python's collector, holding no
     tensor.
+
+    ZeRO-3 also leaves, in each module's ``__dict__``, the pre-/post-backward autograd Functions its
+    first engine registered (``pre_bwd_fn``, ``post_bwd_fn``; a later engine reuses them when it finds
+    them). Their closures call that first engine's parameter coordinator, so under every later engine
+    the backward fetches went to a dead coordinator: the live one never learnt which module's backward
+    was running, and in a non-reentrant activation-checkpoint recompute it partitioned the frozen
+    parameters the recompute had just gathered (``CheckpointError``: recomputed shape [0], saved
+    [128]); the old coordinator stayed alive too. They are removed, so each engine registers its own.
     """
     engine.destroy()
+    for module in model.modules():
+        for attr in _ZERO3_MODULE_FUNCTIONS:
+            module.__dict__.pop(attr, None)
     for attr in _ENGINE_HOOKS:
         handle = getattr(engine, attr, None)
         if handle is not None:
@@ -288,3 +303,69 @@ def set_loss_scaler_state(optimizer: Any, state: dict[str, Any]) -> bool:
 
 def _plain(v: Any) -> Any:
     return v.item() if torch.is_tensor(v) else v
+
+
+#: DeepSpeedEngine attributes set in ``__init__`` (not on the class) that loops read
+ENGINE_INSTANCE_ATTRIBUTES = frozenset({
+    "global_rank", "local_rank", "world_size", "dp_world_size", "mp_world_size", "global_steps", "global_samples", "micro_steps",
+    "skipped_steps", "tput_timer", "monitor", "lr_scheduler", "optimizer", "basic_optimizer", "client_optimizer", "client_lr_scheduler",
+    "training_dataloader", "module", "mpu", "losses", "timers", "device", "config", "gradient_average", "warn_unscaled_loss",
+    "data_parallel_group", "seq_data_parallel_group", "sequence_parallel_size", "pipeline_parallelism", "dist_backend",
+    "checkpoint_engine", "flops_profiler", "summary_events", "param_names", "has_moe_layers", "num_experts", "inside_no_sync_ctxt",
+})
+#: top-level config sections that make a DeepSpeedEngine open monitor writers
+MONITOR_SECTIONS = ("tensorboard", "wandb", "csv_monitor", "comet")
+
+
+def is_deepspeed_engine_member(name: str) -> bool:
+    """A public member of ``DeepSpeedEngine`` (a class attribute, or one its ``__init__`` sets)."""
+    if name.startswith("__"):
+        return False
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    return name in ENGINE_INSTANCE_ATTRIBUTES or (hasattr(DeepSpeedEngine, name) and not hasattr(torch.nn.Module, name))
+
+
+def phase_engine_member(current: Any, name: str) -> Any:
+    """``name`` of whichever DeepSpeed engine ``current()`` returns when it is used: a method is bound at each
+    call (a phase switch replaces the engine), any other member is read now. ``MISSING`` for other names."""
+    from .engine_members import MISSING
+
+    if not is_deepspeed_engine_member(name):
+        return MISSING
+    engine = current()
+    if engine is None:
+        return MISSING
+    if callable(getattr(type(engine), name, None)):
+        def member(*args: Any, **kwargs: Any) -> Any:
+            return getattr(current(), name)(*args, **kwargs)
+
+        member.__name__ = name
+        member.__doc__ = f"DeepSpeedEngine.{name} of the current LIFT phase's engine (the active block).\n\n" + (getattr(type(engine), name).__doc__ or "")
+        return member
+    return getattr(engine, name)
+
+
+def run_monitor(raw: dict[str, Any]) -> Any:
+    """One DeepSpeed ``MonitorMaster`` for the whole run from the config's monitor sections (each phase's
+    engine is built without them: its writers would restart their sample counts at every phase)."""
+    from deepspeed.monitor.config import get_monitor_config
+    from deepspeed.monitor.monitor import MonitorMaster
+
+    return MonitorMaster(get_monitor_config(raw))
+
+
+def forget_process_groups(models: list[nn.Module]) -> None:
+    """At exit: drop the process group that ZeRO-3 parameters and the ``zero.Init`` that converted them keep
+    (``ds_process_group``); it would keep the group, and its worker threads, alive into the interpreter's teardown."""
+    import gc
+
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    for model in models:
+        for p in model.parameters():
+            if getattr(p, "ds_process_group", None) is not None:
+                p.ds_process_group = None
+    for o in gc.get_objects():
+        if isinstance(o, Init) and getattr(o, "ds_process_group", None) is not None:
+            o.ds_process_group = None

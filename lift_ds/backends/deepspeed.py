@@ -22,6 +22,7 @@ from ..config import ConfigError, TrainingConfig, is_comment_key
 from ..utils import get_logger, init_process_group
 from . import compat
 from .base import Backend, BackendContext, frozen_weights_mode
+from .engine_members import NotUnderLiftError
 from .ops import choose_optimizer
 from .state import WEIGHTS_FILE, host_copies_done, load_torch_optimizer_full_state, to_host, torch_optimizer_full_state
 
@@ -158,20 +159,45 @@ class DeepSpeedBackend(Backend):
         #: fp16: the dynamic loss scaler's state, carried from one phase's optimizer to the next (each
         #: new ZeRO optimizer would start again at 2^initial_scale_power and skip steps to come down)
         self._loss_scaler: dict[str, Any] | None = None
+        self._monitor = compat.run_monitor(dict(cfg.raw)) if any(isinstance(cfg.raw.get(k), Mapping) for k in compat.MONITOR_SECTIONS) else None
 
     def memory_layout(self) -> tuple[int, bool]:
         return self.zero_stage, self._offload
+
+    # ----------------------------------------------------------------- the DeepSpeedEngine surface (lift_ds.facade)
+
+    def library_member(self, name: str) -> Any:
+        return compat.phase_engine_member(lambda: self._engine, name)
+
+    def library_member_problem(self, name: str) -> str | None:
+        if not compat.is_deepspeed_engine_member(name):
+            return None
+        return "a member of the phase's DeepSpeed engine, and there is none now (between phases, or after close())"
+
+    def no_sync(self) -> Any:
+        if self.zero_stage >= 2:  # DeepSpeed asserts the same
+            raise NotUnderLiftError(f"no_sync: incompatible with the gradient partitioning of ZeRO stage {self.zero_stage} (as in DeepSpeed)")
+        return self._engine.no_sync() if self._engine is not None else contextlib.nullcontext()
+
+    def monitor(self) -> Any:
+        return self._monitor
+
+    def gathers_16bit_on_save(self) -> bool:
+        zero = self.ds_config.get("zero_optimization") or {}
+        return self.zero_stage < 3 or bool(zero.get("stage3_gather_16bit_weights_on_model_save", zero.get("stage3_gather_fp16_weights_on_model_save")))
 
     # ----------------------------------------------------------------- config
 
     @staticmethod
     def deepspeed_config(raw: dict[str, Any], training: TrainingConfig, client_optimizer: bool) -> dict[str, Any]:
         """The config handed to ``deepspeed.initialize``: LIFT's section and the scheduler removed
-        (LIFT drives the learning rate across phases), ``"auto"`` batch sizes filled in, and
-        ``gradient_clipping`` always explicit."""
+        (LIFT drives the learning rate across phases), the monitor sections too (one monitor runs
+        for the whole run), ``"auto"`` batch sizes filled in, and ``gradient_clipping`` always explicit."""
         cfg = {k: v for k, v in copy.deepcopy(raw).items() if not is_comment_key(k)}
         cfg.pop("lift", None)
         cfg.pop("scheduler", None)
+        for key in compat.MONITOR_SECTIONS:  # one run-long monitor instead (Backend.monitor)
+            cfg.pop(key, None)
         cfg["train_micro_batch_size_per_gpu"] = training.micro_batch_size
         cfg["gradient_accumulation_steps"] = training.gradient_accumulation_steps
         cfg["train_batch_size"] = training.train_batch_size
@@ -213,11 +239,13 @@ class DeepSpeedBackend(Backend):
         return cfg
 
     def build(self, params: list[nn.Parameter]) -> None:
-        opt = self.optimizer_factory(params) if self.optimizer_factory is not None else None
+        # parameter groups (their own weight decay, lr, ...) reach the client optimizer, or DeepSpeed's own build of the config's
+        inputs = self.param_groups(params) if self.param_groups is not None else params
+        opt = self.optimizer_factory(inputs) if self.optimizer_factory is not None else None
         skip = self._built_once and self.zero_stage < 3
         with compat.skip_model_broadcast(skip), compat.cheap_zero3_build(self.zero_stage == 3):
             engine, _, _, _ = self._ds.initialize(
-                model=self.model, model_parameters=params, optimizer=opt, config=self.phase_config(params),
+                model=self.model, model_parameters=inputs, optimizer=opt, config=self.phase_config(params),
                 mpu=self.mpu, dist_init_required=False,
             )
         if self._loss_scaler is not None:
@@ -256,8 +284,8 @@ class DeepSpeedBackend(Backend):
                 return self.model(*args, **kwargs)
         return self._engine(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self._engine.backward(loss)
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        self._engine.backward(loss, retain_graph=retain_graph)
 
     def step(self, boundary: bool) -> float | None:
         # no_grad: DeepSpeed < 0.19 all-gathers ZeRO-1/2's updated partitions in grad mode, which gloo's

@@ -13,9 +13,10 @@ forward therefore runs once under ``no_grad`` with every parameter trainable (pu
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -47,7 +48,9 @@ def _fsdp_problems(raw: Mapping[str, Any], training: TrainingConfig) -> list[str
             f"zero_optimization.stage: {zero.get('stage')} is a DeepSpeed ZeRO stage; backend \"fsdp\" always shards "
             "parameters, gradients and optimizer state (like ZeRO-3). Remove zero_optimization or use backend \"deepspeed\""
         )
-    if isinstance(zero, Mapping) and (zero.get("offload_optimizer") or zero.get("offload_param")):
+    offloaded = [k for k in ("offload_optimizer", "offload_param") if isinstance(zero, Mapping) and zero.get(k)
+                 and (not isinstance(zero[k], Mapping) or (zero[k].get("device") or "none") != "none")]
+    if offloaded:  # {"device": "none"} (DeepSpeed-Chat's default) offloads nothing
         problems.append("zero_optimization.offload_*: DeepSpeed offload does not apply to backend \"fsdp\"; use \"fsdp\": {\"cpu_offload\": true}")
     if training.precision == "fp16":
         problems.append("fp16.enabled: backend \"fsdp\" has no loss scaler here; use bf16")
@@ -111,6 +114,15 @@ class FSDPBackend(TorchOptimizerBackend):
 
     def memory_layout(self) -> tuple[int, bool]:
         return 3, self._offload
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """FSDP2 keeps unreduced gradients while this is open (``set_requires_gradient_sync``)."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def _warmup(self, args: Any, kwargs: Any) -> None:
         flags = [(p, p.requires_grad) for p in self.model.parameters()]

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import ConfigError, read_config_file
+from ..optim import NamedGroups
 
 #: TrainingArguments.optim values lift_ds builds per phase
 OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd")
@@ -38,11 +39,6 @@ def unsupported_features(trainer: Any) -> list[str]:
     problems += [f"TrainingArguments.{name}: not supported with LIFT ({why})" for name, on, why in checks if on]
     if trainer.model_init is not None:
         problems.append("model_init: not supported with LIFT (pass model=)")
-    if getattr(trainer, "optimizer", None) is not None or getattr(trainer, "lr_scheduler", None) is not None:
-        problems.append("optimizers=: LIFT builds one optimizer per phase; configure it with TrainingArguments (optim, learning_rate, "
-                        "lr_scheduler_type) or the DeepSpeed config's \"optimizer\" / \"scheduler\" sections")
-    if trainer.compute_metrics is not None:
-        problems.append("compute_metrics: LIFT's evaluation reports the loss only; evaluate the saved model for other metrics")
     return problems
 
 
@@ -67,8 +63,11 @@ def trainer_config(trainer: Any, source: Any, total_steps: int) -> dict[str, Any
     _fill(raw, "gradient_accumulation_steps", a.gradient_accumulation_steps, problems, "gradient_accumulation_steps")
     raw.pop("train_batch_size", None) if raw.get("train_batch_size") == "auto" else None
     _fill(raw, "gradient_clipping", float(a.max_grad_norm), problems, "gradient_clipping")
+    if "bfloat16" in raw and "bf16" not in raw:  # DeepSpeed's older name of the section (DeepSpeed-Chat writes it)
+        raw["bf16"] = raw.pop("bfloat16")
     for key, on in (("bf16", a.bf16), ("fp16", a.fp16)):
-        sec = raw.setdefault(key, {"enabled": False}) if isinstance(raw.get(key, {}), dict) else raw[key]
+        # an absent section follows the TrainingArguments, as accelerate does; only an explicit disagreement is an error
+        sec = raw.setdefault(key, {"enabled": "auto"}) if isinstance(raw.get(key, {}), dict) else raw[key]
         if isinstance(sec, dict):
             _fill(sec, "enabled", bool(on), problems, f"{key}.enabled")
     lift = raw["lift"]
@@ -93,25 +92,32 @@ def trainer_config(trainer: Any, source: Any, total_steps: int) -> dict[str, Any
     return raw
 
 
-def optimizer_factory(trainer: Any) -> Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]:
-    """The per-phase optimizer the TrainingArguments describe, with Trainer's weight-decay groups
-    (no decay for biases and norms)."""
+def optimizer_factory(trainer: Any) -> Callable[[Any], torch.optim.Optimizer]:
+    """The per-phase optimizer the TrainingArguments describe (``optim``, ``learning_rate``, Adam
+    betas/epsilon), or the trainer's ``optimizer_cls_and_kwargs``; built over :func:`decay_groups`."""
     a = trainer.args
-    model = trainer.model
+    if getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
+        cls, kwargs = trainer.optimizer_cls_and_kwargs
+        return lambda groups: cls(groups, **kwargs)
     optim = getattr(a.optim, "value", a.optim)
-    decay = set(trainer.get_decay_parameter_names(model))
 
-    def build(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        names = {id(p): n for n, p in model.named_parameters()}  # now: FSDP2 replaces the parameters when it shards
-        groups = [{"params": [p for p in params if names[id(p)] in decay], "weight_decay": a.weight_decay},
-                  {"params": [p for p in params if names[id(p)] not in decay], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
+    def build(groups: Any) -> torch.optim.Optimizer:
         if optim == "sgd":
             return torch.optim.SGD(groups, lr=a.learning_rate)
         return torch.optim.AdamW(groups, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
                                  fused=optim == "adamw_torch_fused" or None)
 
     return build
+
+
+def decay_groups(trainer: Any, weight_decay: float | None) -> NamedGroups:
+    """Trainer's two parameter groups, on every optimizer path: ``weight_decay`` for the parameters
+    ``get_decay_parameter_names`` names (None: the optimizer's own default, e.g. a DeepSpeed config
+    section's), none for biases and norms."""
+    model = trainer.model
+    decay = set(trainer.get_decay_parameter_names(model))
+    group_of = {n: 0 if n in decay else 1 for n, _ in model.named_parameters()}
+    return NamedGroups(model, group_of, [{} if weight_decay is None else {"weight_decay": weight_decay}, {"weight_decay": 0.0}])
 
 
 def scheduler_factory(trainer: Any, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:

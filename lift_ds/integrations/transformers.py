@@ -19,11 +19,14 @@ Trainer settings keep their meaning: ``per_device_train_batch_size``, ``gradient
 ``learning_rate``, ``weight_decay`` and the Adam betas/epsilon, ``optim`` (``adamw_torch``,
 ``adamw_torch_fused``, ``sgd``), ``lr_scheduler_type`` and warm-up (one schedule across phases),
 ``max_steps`` or ``num_train_epochs``, ``max_grad_norm``, ``bf16``, ``seed``/``data_seed``,
-``logging_steps`` and ``report_to``, ``eval_strategy`` (evaluation loss), ``save_strategy`` /
-``save_steps`` / ``save_total_limit`` and ``resume_from_checkpoint`` (exact: plan, learning rate and
-data position), ``save_model()`` (a consolidated Hugging Face model). ``"auto"`` values in the JSON are
-filled from the TrainingArguments, as Hugging Face does. A Trainer feature that cannot work with LIFT
-is a :class:`~lift_ds.config.ConfigError` when the trainer is built.
+``logging_steps`` and ``report_to``, ``eval_strategy`` and evaluation (Trainer's own loop, with
+``compute_metrics`` and ``preprocess_logits_for_metrics``, its forward passes through the engine),
+``save_strategy`` / ``save_steps`` / ``save_total_limit`` and ``resume_from_checkpoint`` (exact: plan,
+learning rate and data position; ``checkpoint-N`` also holds a Hugging Face model), ``save_model()`` (a
+consolidated Hugging Face model), ``end()``. Trainer's no-decay group (biases, norms) holds on every
+optimizer path. ``"auto"`` values and keys absent from the JSON follow the TrainingArguments, as Hugging
+Face and accelerate do. A Trainer feature that cannot work with LIFT is a
+:class:`~lift_ds.config.ConfigError` when the trainer is built. ``docs/drop-in.md`` lists what differs.
 
 Data order is lift_ds's own (keyed by global sample index, like ``launch/train.py``), so a resumed
 run reads exactly the samples an uninterrupted run would, on any number of ranks.
@@ -43,7 +46,7 @@ import torch
 
 from ..config import ConfigError, load_run_config
 from ..utils import get_logger
-from .trainer_args import OPTIMS, SampleStream, optimizer_factory, scheduler_factory, trainer_config, unsupported_features
+from .trainer_args import OPTIMS, SampleStream, decay_groups, optimizer_factory, scheduler_factory, trainer_config, unsupported_features
 
 __all__ = ["LiftTrainer", "LiftTrainerMixin", "SampleStream", "OPTIMS"]
 
@@ -53,8 +56,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class _ModelView:
-    """What ``Trainer.compute_loss`` gets as ``model``: calls go through the LIFT engine (its
-    backend's wrapper), attributes come from the model."""
+    """What Trainer's ``compute_loss`` / ``prediction_step`` get as ``model``: calls go through the
+    LIFT engine (its backend's wrapper), other attributes come from the engine (and through it the
+    model); it is named like the model (Trainer picks the causal-LM label shift by that name)."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
@@ -62,8 +66,11 @@ class _ModelView:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._engine(*args, **kwargs)
 
+    def _get_name(self) -> str:
+        return self._engine.module._get_name()
+
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine.module, name)
+        return getattr(self._engine, name)
 
 
 class LiftTrainerMixin:
@@ -109,9 +116,17 @@ class LiftTrainerMixin:
             given = getattr(self.args, "activation_checkpointing_kwargs", None) or getattr(self.args, "gradient_checkpointing_kwargs", None) or {}
             # non-reentrant, without transformers' input-grad hook: truncated backward is kept
             enable_gradient_checkpointing(self.model, **{k: v for k, v in given.items() if k in ("preserve_rng_state", "determinism_check")})
-        optimizer = None if config.training.optimizer is not None else optimizer_factory(self)
-        schedule = None if config.training.scheduler is not None else scheduler_factory(self, total)
-        engine, _, _, _ = lift_ds.initialize(model=self.model, config=config, optimizer=optimizer, lr_scheduler=schedule)
+        # Trainer's no-decay group for biases and norms holds on every path (the config's optimizer section included)
+        groups = None
+        if self.optimizer is not None:  # optimizers=(optimizer, scheduler): built ones, kept group by group
+            optimizer = self.optimizer
+        elif config.training.optimizer is not None:
+            optimizer, groups = None, decay_groups(self, None)
+        else:
+            optimizer, groups = optimizer_factory(self), decay_groups(self, self.args.weight_decay)
+        schedule = self.lr_scheduler if self.lr_scheduler is not None else \
+            None if config.training.scheduler is not None else scheduler_factory(self, total)
+        engine, _, _, _ = lift_ds.initialize(model=self.model, config=config, optimizer=optimizer, lr_scheduler=schedule, param_groups=groups)
         return engine
 
     def _lift_stream(self, engine: Any) -> SampleStream:
@@ -128,32 +143,40 @@ class LiftTrainerMixin:
 
     # ----------------------------------------------------------------- training
 
+    def _lift_engine(self) -> Any:
+        """The LIFT engine, built on first use (by train(), or an evaluate() before it)."""
+        if self.lift_engine is None:
+            self.lift_engine = self._lift_build()
+            self.deepspeed = self.lift_engine  # Trainer's evaluation then builds no DeepSpeed engine of its own
+        return self.lift_engine
+
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, ignore_keys_for_eval: Any = None, **kwargs: Any) -> Any:
-        """Train with LIFT; arguments as ``Trainer.train``. Returns a ``TrainOutput``."""
+        """Train with LIFT; arguments as ``Trainer.train``. Returns a ``TrainOutput`` whose metrics hold
+        ``train_loss`` (the mean logged loss of the steps this call ran), ``train_runtime``,
+        ``train_samples_per_second``, ``train_steps_per_second``, ``total_flos`` and ``epoch``."""
         from transformers.trainer_callback import TrainerState
-        from transformers.trainer_utils import TrainOutput
+        from transformers.trainer_utils import TrainOutput, speed_metrics
 
         from ..api import PhaseOptimizer
 
         if trial is not None:
             raise ConfigError(["trial: hyperparameter search is not supported with LIFT"], source="LiftTrainer")
         a = self.args
-        if self.lift_engine is None:
-            self.lift_engine = self._lift_build()
-        engine = self.lift_engine
+        engine = self._lift_engine()
         stream = self._lift_stream(engine)
         self.state = TrainerState(max_steps=engine.plan.total_steps, logging_steps=a.logging_steps, eval_steps=a.eval_steps or a.logging_steps,
                                   save_steps=a.save_steps, train_batch_size=a.per_device_train_batch_size,
                                   is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero())
         if resume_from_checkpoint:
             self._lift_resume(resume_from_checkpoint)
+        self.is_in_train = True
         engine.train()  # as Trainer does (from_pretrained returns a model in eval mode)
         handler = self.callback_handler
         # PhaseOptimizer: always the current phase's optimizer (a new one is built at every switch)
         handler.model, handler.optimizer, handler.lr_scheduler = self.model, PhaseOptimizer(engine), engine.lr_scheduler
         self.control = handler.on_train_begin(a, self.state, self.control)
         view, gas, n = _ModelView(engine), engine.gradient_accumulation_steps(), len(stream.dataset)
-        logged_loss, logged_steps, t0, start_step = 0.0, 0, time.time(), engine.global_step
+        logged_loss, logged_steps, t0, start_step, total_loss = 0.0, 0, time.time(), engine.global_step, 0.0
         while not engine.done:
             self.control = handler.on_step_begin(a, self.state, self.control)
             step_loss = 0.0
@@ -164,7 +187,9 @@ class LiftTrainerMixin:
                 step_loss += loss.item() / gas
                 del loss  # DeepSpeed's hooks on it would keep this phase's engine alive
                 engine.step()
-            logged_loss, logged_steps = logged_loss + step_loss, logged_steps + 1
+            # the mean over ranks, as Trainer logs it
+            step_loss = engine.backend.all_reduce_sum([step_loss])[0] / engine.world_size
+            logged_loss, logged_steps, total_loss = logged_loss + step_loss, logged_steps + 1, total_loss + step_loss
             self.state.global_step, self.state.epoch = engine.global_step, engine.samples_seen / n
             self.control = handler.on_step_end(a, self.state, self.control)
             if a.logging_steps and (engine.global_step % a.logging_steps == 0 or engine.done):
@@ -177,12 +202,14 @@ class LiftTrainerMixin:
                 self._lift_save()
             if self.control.should_training_stop:
                 break
+        steps = engine.global_step - start_step
+        metrics = speed_metrics("train", t0, num_samples=steps * stream.global_batch, num_steps=steps)
+        metrics.update({"total_flos": float(self.state.total_flos), "train_loss": total_loss / max(steps, 1),
+                        "lift_phase_switch_seconds": engine.phase_switch_seconds, "lift_skipped_steps": float(engine.skipped_steps)})
+        self.is_in_train = False
+        self.log(metrics)
         self.control = handler.on_train_end(a, self.state, self.control)
-        seconds = time.time() - t0
-        metrics = {"train_runtime": seconds, "train_steps_per_second": (engine.global_step - start_step) / max(seconds, 1e-9),
-                   "lift_phase_switch_seconds": engine.phase_switch_seconds, "lift_skipped_steps": float(engine.skipped_steps)}
-        history = [h["loss"] for h in self.state.log_history if "loss" in h]
-        return TrainOutput(engine.global_step, sum(history) / max(len(history), 1), metrics)
+        return TrainOutput(engine.global_step, metrics["train_loss"], metrics)
 
     @staticmethod
     def _lift_due(strategy: Any, every: int, engine: Any, stream: SampleStream) -> bool:
@@ -195,47 +222,50 @@ class LiftTrainerMixin:
 
     # ----------------------------------------------------------------- evaluation
 
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """The evaluation loss through the LIFT engine (collective): items split over ranks, averaged by item."""
-        engine = self.lift_engine
-        if engine is None:
-            raise RuntimeError("evaluate() before train(): the LIFT engine is built by train()")
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        import datasets
+    def _wrap_model(self, model: Any, training: bool = True, dataloader: Any = None) -> Any:
+        # Trainer's evaluation and prediction loops run their forward passes through the LIFT engine
+        if self.lift_engine is not None:
+            return _ModelView(self.lift_engine)
+        return super()._wrap_model(model, training, dataloader)  # type: ignore[misc]
 
-        collate = self.data_collator
-        if isinstance(dataset, datasets.Dataset):
-            dataset = self._remove_unused_columns(dataset, description="evaluation")
-        else:
-            collate = self._get_collator_with_removed_columns(collate, description="evaluation")
-        n, bs = len(dataset), self.args.per_device_eval_batch_size
-        per = math.ceil(n / engine.world_size)
-        mine = [(engine.rank * per + k, 1.0) if engine.rank * per + k < n else (n - 1, 0.0) for k in range(per)]
-        total = count = 0.0
-        engine.eval()
-        view = _ModelView(engine)
-        with torch.no_grad():
-            for s in range(0, len(mine), bs):
-                chunk = mine[s : s + bs]
-                inputs = self._prepare_inputs(collate([dataset[i] for i, _ in chunk]))
-                loss = float(self.compute_loss(view, inputs))
-                weight = sum(w for _, w in chunk)
-                total, count = total + loss * weight, count + weight
-        total, count = engine.backend.all_reduce_sum([total, count])
-        metrics = {f"{metric_key_prefix}_loss": total / max(count, 1.0)}
-        self.log(metrics)  # still in eval mode: TRL's log() files its own metrics under eval_
-        engine.train()
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer's own evaluation (``compute_metrics``, ``preprocess_logits_for_metrics``, the eval
+        dataloader split over ranks and gathered), its forward passes through the LIFT engine; collective."""
+        engine = self._lift_engine()
+        training = engine.training
+        try:
+            return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)  # type: ignore[misc]
+        finally:
+            engine.train(training)
+
+    def predict(self, test_dataset: Any, ignore_keys: Any = None, metric_key_prefix: str = "test") -> Any:
+        """Trainer's prediction loop through the LIFT engine (see :meth:`evaluate`); collective."""
+        engine = self._lift_engine()
+        training = engine.training
+        try:
+            return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)  # type: ignore[misc]
+        finally:
+            engine.train(training)
 
     # ----------------------------------------------------------------- checkpoints and export
 
     def _lift_save(self) -> Path:
-        """``output_dir/checkpoint-<step>/``: the LIFT checkpoint, with the TrainerState in it (atomic)."""
+        """``output_dir/checkpoint-<step>/``, written atomically: lift_ds's resume state (with the
+        TrainerState in it) and, as in a Trainer checkpoint, the Hugging Face model (``from_pretrained``
+        loads it), the tokenizer, ``trainer_state.json`` and ``training_args.bin``."""
         import shutil
 
+        from ..export import save_hf_checkpoint
+
         out = Path(self.args.output_dir)
-        path = self.lift_engine.save_checkpoint(out, tag=f"{CHECKPOINT_PREFIX}{self.state.global_step}",
+
+        def trainer_files(tmp: Path) -> None:
+            save_hf_checkpoint(self.lift_engine, tmp, tokenizer=self.processing_class)
+            if self.is_world_process_zero():
+                self.state.save_to_json(str(tmp / "trainer_state.json"))
+                torch.save(self.args, tmp / "training_args.bin")
+
+        path = self.lift_engine.save_checkpoint(out, tag=f"{CHECKPOINT_PREFIX}{self.state.global_step}", extra_files=trainer_files,
                                                 client_state={"trainer_state": json.loads(json.dumps(dataclasses.asdict(self.state), default=str))})
         if self.is_world_process_zero() and self.args.save_total_limit:
             done = sorted((p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()),
@@ -269,6 +299,15 @@ class LiftTrainerMixin:
         save_hf_checkpoint(self.lift_engine, out, tokenizer=self.processing_class)
         if self.is_world_process_zero():
             torch.save(self.args, os.path.join(out, "training_args.bin"))
+
+    def end(self) -> None:
+        """Release the LIFT engine (its last DeepSpeed engine or FSDP state), then Trainer's ``end()``:
+        trackers finished, the process group destroyed. Call it once, at the end of the script."""
+        if self.lift_engine is not None:
+            self.lift_engine.close()
+            self.lift_engine = None
+            self.deepspeed = None
+        super().end()  # type: ignore[misc]
 
 
 def _transformers_trainer() -> type:

@@ -111,8 +111,10 @@ def main() -> None:
     facts["zero3_local_numel"] = p.numel()
     facts["zero3_expected_numel"] = int(p.ds_shape.numel()) if hasattr(p, "ds_shape") else -1
     facts["zero3_backref_on_params"] = any(hasattr(q, "_z3_optimizer") for q in model.parameters())
+    facts["zero3_module_functions_cached"] = sum(1 for m in model.modules() if any(a in m.__dict__ for a in compat._ZERO3_MODULE_FUNCTIONS))
     compat.release_engine(engine, model)
     facts["zero3_backref_after_release"] = any(hasattr(q, "_z3_optimizer") for q in model.parameters())
+    facts["zero3_module_functions_after_release"] = sum(1 for m in model.modules() if any(a in m.__dict__ for a in compat._ZERO3_MODULE_FUNCTIONS))
     for stage in (2, 3):
         facts.update(state_round_trip(stage))
     Path(sys.argv[1]).write_text(json.dumps(facts, indent=1))

@@ -61,6 +61,19 @@ def test_release_engine_removes_zero3_backrefs(facts):
     assert not facts["zero3_backref_after_release"]
 
 
+def test_release_engine_removes_zero3_module_backward_functions(facts):
+    """ZeRO-3 caches its pre-/post-backward autograd Functions in each module's __dict__ and reuses them
+    in a later engine: their closures would call the first engine's coordinator (a CheckpointError in
+    non-reentrant checkpoint recompute of frozen layers, tests/distributed/test_clients.py)."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    src = inspect.getsource(parameter_offload)
+    assert 'if "pre_bwd_fn" not in module.__dict__' in src and 'if "post_bwd_fn" not in module.__dict__' in src, \
+        "ZeRO-3 no longer reuses a module's cached backward Functions: release_engine's removal can go"
+    assert facts["zero3_module_functions_cached"] > 0
+    assert facts["zero3_module_functions_after_release"] == 0
+
+
 def test_skip_model_broadcast(facts):
     """Every build calls DeepSpeedEngine._broadcast_model; skip_model_broadcast stops it."""
     assert facts["broadcast_calls_plain_build"] >= 1, "DeepSpeed no longer broadcasts through _broadcast_model"
