@@ -20,7 +20,85 @@ from .config import ConfigError
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
-_DS_ONLY_KEYS = {"torch_adam", "adam_w_mode", "fused", "bias_correction", "amsgrad"}
+_DS_ONLY_KEYS = {"torch_adam", "adam_w_mode", "fused", "bias_correction"}
+#: numeric optimizer parameters: (must be >= this, strictly greater)
+_NUMERIC = {"lr": (0.0, True), "eps": (0.0, False), "weight_decay": (0.0, False), "momentum": (0.0, False), "dampening": (0.0, False)}
+#: words in torch's argument errors -> the parameter they are about
+_ERROR_KEYS = (("learning rate", "lr"), ("epsilon", "eps"), ("beta", "betas"), ("weight_decay", "weight_decay"), ("nesterov", "nesterov"),
+               ("momentum", "momentum"), ("dampening", "dampening"), ("amsgrad", "amsgrad"), ("maximize", "maximize"))
+
+
+def _section_value_problems(params: Mapping[str, Any]) -> list[str]:
+    """Types and ranges torch's constructors leave to fail later (or to train wrong)."""
+    problems = []
+    for key, (lo, strict) in _NUMERIC.items():
+        v = params.get(key)
+        if v is None or v == "auto":
+            continue
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > lo if strict else v >= lo):
+            problems.append(f"optimizer.params.{key}: must be a finite number {'>' if strict else '>='} {lo:g}, got {v!r}")
+    betas = params.get("betas")
+    if betas is not None and betas != "auto":
+        ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+        if not ok:
+            problems.append(f"optimizer.params.betas: must be a list of two numbers in [0, 1) (beta1, beta2), got {betas!r}")
+    if params.get("bias_correction", True) is not True:
+        problems.append("optimizer.params.bias_correction: false is DeepSpeed's FusedAdam only; torch's Adam/AdamW always correct the bias "
+                        "(remove the key)")
+    return problems
+
+
+def probe_optimizer(factory: "OptimizerFactory", where: str = "optimizer", params: Mapping[str, Any] | None = None) -> list[str]:
+    """Build the optimizer once on a dummy parameter and take one step on a zero gradient, so its
+    own argument checks (and a step that would turn a zero gradient into NaN, e.g. Adam's eps 0)
+    are problems now, named ``where.<param>`` for a config section, instead of errors after the
+    process group started. No process group, no model; milliseconds."""
+    import math
+
+    p = torch.nn.Parameter(torch.ones(2))
+    try:
+        opt = factory([p])
+        if not isinstance(opt, torch.optim.Optimizer):
+            return [f"{where}: the factory returned {type(opt).__name__}, not a torch.optim.Optimizer"]
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    except Exception as e:  # noqa: BLE001 - any error of the user's optimizer is a config problem here
+        text = str(e).lower()
+        key = next((k for word, k in _ERROR_KEYS if word in text), None) if params is not None else None
+        path = f"{where}.{key}" if key else where
+        got = f" (got {params[key]!r})" if key and params is not None and key in params else ""
+        return [f"{path}: the optimizer refuses it: {type(e).__name__}: {e}{got}"]
+    problems = []
+    for i, group in enumerate(opt.param_groups):
+        for k, v in group.items():
+            values = v if isinstance(v, (tuple, list)) and k != "params" else [v]
+            if k != "params" and any(isinstance(x, float) and not math.isfinite(x) for x in values):
+                problems.append(f"{where}: parameter group {i} has {k} = {v!r}; it must be finite")
+    if not problems and not torch.isfinite(p.detach()).all():
+        problems.append(f"{where}: one step on a zero gradient made the weights NaN/inf (an eps of 0 divides 0 by 0); raise eps")
+    return problems
+
+
+def probe_scheduler(factory: "SchedulerFactory", base_lr: float, total_steps: int | None, where: str = "lr_scheduler") -> list[str]:
+    """Build the schedule on a dummy optimizer and run it over the plan's steps (at most 2,000): an
+    error, or a learning rate that is negative or not finite, is a problem now."""
+    import math
+    import warnings
+
+    proxy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sched = factory(proxy)
+            for k in range(min(total_steps or 100, 2000)):
+                lr = float(proxy.param_groups[0]["lr"])
+                if not math.isfinite(lr) or lr < 0:
+                    return [f"{where}: the schedule gives a learning rate of {lr} at step {k}; it must be a finite number >= 0"]
+                proxy.step()
+                sched.step()
+    except Exception as e:  # noqa: BLE001
+        return [f"{where}: building or stepping the schedule failed: {type(e).__name__}: {e}"]
+    return []
 
 
 def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> OptimizerFactory:
@@ -35,6 +113,9 @@ def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[st
     if autos:
         raise ConfigError([f"optimizer.params.{k}: \"auto\" is filled in only by a Hugging Face Trainer "
                            "(lift_ds.integrations.transformers.LiftTrainer); give a value here (the launcher's --lr sets lr)" for k in autos])
+    problems = _section_value_problems(params)
+    if problems:
+        raise ConfigError(problems)
     adam_w_mode = params.get("adam_w_mode", True)
     kwargs = {k: v for k, v in params.items() if k not in _DS_ONLY_KEYS}
     if "betas" in kwargs:

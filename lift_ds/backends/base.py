@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainingConfig
-from ..optim import OptimizerFactory, optimizer_factory_from_section
-from . import hardware
-from .lr_schedules import scheduler_problems
+from ..optim import OptimizerFactory, optimizer_factory_from_section, probe_optimizer
+from . import compat, hardware
+from .lr_schedules import config_lr, config_total_steps, scheduler_problems
 from .state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE, load_torch_optimizer_full_state, placed_like, torch_optimizer_full_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,9 +84,10 @@ class Backend(ABC):
         their own keys and refuse sections they cannot honour.
         """
         problems = hardware.precision_problems(cls.name, training.precision)
+        problems += compat.section_problems(raw, ("bf16", "fp16"))  # e.g. a misspelled "enable": silently fp32 otherwise
         problems += cls.optimizer_section_problems(training.optimizer)
         if training.scheduler is not None:
-            problems += scheduler_problems(training.scheduler)
+            problems += scheduler_problems(training.scheduler, total_steps=config_total_steps(raw), base_lr=config_lr(training.optimizer))
         return None, problems
 
     @classmethod
@@ -95,10 +96,11 @@ class Backend(ABC):
         if section is None or not isinstance(section.get("params", {}), Mapping):
             return []
         try:
-            optimizer_factory_from_section(section)
+            factory = optimizer_factory_from_section(section)
         except ConfigError as e:
             return e.problems
-        return []
+        # built once on a dummy parameter and stepped: torch's own argument checks, here, named by JSON path
+        return probe_optimizer(factory, "optimizer.params", dict(section.get("params", {})))
 
     @staticmethod
     def foreign_section_problems(raw: Mapping[str, Any], name: str, sections: Mapping[str, str]) -> list[str]:

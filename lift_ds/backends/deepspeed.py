@@ -102,6 +102,9 @@ class DeepSpeedBackend(Backend):
         if zero is not None:
             zero_problems = _zero_problems(zero, raw)
             problems += zero_problems
+            # the rest of the section as DeepSpeed's own model reads it (it would refuse it after the process group started)
+            reported = tuple(p.split(":", 1)[0] for p in zero_problems) + (("zero_optimization",) if not isinstance(zero, Mapping) else ())
+            problems += compat.section_problems(raw, ("zero_optimization",), reported)
             if not zero_problems:
                 options = DeepSpeedOptions(int(zero.get("stage", 0)), _offloaded(zero, "offload_optimizer"), _offloaded(zero, "offload_param"))
         mode = frozen_weights_mode(raw)
