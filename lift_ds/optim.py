@@ -48,35 +48,55 @@ def _section_value_problems(params: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def probe_optimizer(factory: "OptimizerFactory", where: str = "optimizer", params: Mapping[str, Any] | None = None) -> list[str]:
-    """Build the optimizer once on a dummy parameter and take one step on a zero gradient, so its
-    own argument checks (and a step that would turn a zero gradient into NaN, e.g. Adam's eps 0)
-    are problems now, named ``where.<param>`` for a config section, instead of errors after the
-    process group started. No process group, no model; milliseconds."""
+#: optimizer-group keys that say how a step is computed, not what it computes (and the rate, which may change)
+_IMPLEMENTATION_KEYS = {"params", "lr", "initial_lr", "lift_base_lr", "foreach", "fused", "capturable", "differentiable", "step"}
+
+
+def describe_optimizer(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer's class and first group's hyperparameters (not its rate): part of a run's fingerprint."""
+    group = opt.param_groups[0]
+    out: dict[str, Any] = {"type": type(opt).__name__}
+    for k, v in sorted(group.items()):
+        if k not in _IMPLEMENTATION_KEYS and isinstance(v, (int, float, str, bool, tuple, list, type(None))):
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def probe_optimizer(factory: "OptimizerFactory", where: str = "optimizer", params: Mapping[str, Any] | None = None,
+                    param: torch.nn.Parameter | None = None, keep: bool = False) -> Any:
+    """Build the optimizer once, so its own argument checks are problems now, named
+    ``where.<param>`` for a config section, instead of errors after the process group started; its
+    groups' hyperparameters must be finite, and an Adam-style ``eps`` above 0 (with 0, a parameter
+    whose gradient is 0, e.g. an unused embedding row, becomes NaN). Nothing is stepped.
+
+    It runs on a dummy parameter, or on ``param`` (a model's parameter, for factories that look
+    their parameters up by name). Returns the problems, or with ``keep`` ``(problems, the optimizer
+    or None)``. No process group; milliseconds."""
     import math
 
-    p = torch.nn.Parameter(torch.ones(2))
+    p = param if param is not None else torch.nn.Parameter(torch.ones(2))
     try:
         opt = factory([p])
-        if not isinstance(opt, torch.optim.Optimizer):
-            return [f"{where}: the factory returned {type(opt).__name__}, not a torch.optim.Optimizer"]
-        p.grad = torch.zeros_like(p)
-        opt.step()
-    except Exception as e:  # noqa: BLE001 - any error of the user's optimizer is a config problem here
+    except Exception as e:  # noqa: BLE001 - any error of the optimizer is a config problem here
         text = str(e).lower()
         key = next((k for word, k in _ERROR_KEYS if word in text), None) if params is not None else None
         path = f"{where}.{key}" if key else where
         got = f" (got {params[key]!r})" if key and params is not None and key in params else ""
-        return [f"{path}: the optimizer refuses it: {type(e).__name__}: {e}{got}"]
+        problems = [f"{path}: the optimizer refuses it: {type(e).__name__}: {e}{got}"]
+        return (problems, None) if keep else problems
+    if not isinstance(opt, torch.optim.Optimizer):
+        problems = [f"{where}: the factory returned {type(opt).__name__}, not a torch.optim.Optimizer"]
+        return (problems, None) if keep else problems
     problems = []
     for i, group in enumerate(opt.param_groups):
         for k, v in group.items():
             values = v if isinstance(v, (tuple, list)) and k != "params" else [v]
             if k != "params" and any(isinstance(x, float) and not math.isfinite(x) for x in values):
                 problems.append(f"{where}: parameter group {i} has {k} = {v!r}; it must be finite")
-    if not problems and not torch.isfinite(p.detach()).all():
-        problems.append(f"{where}: one step on a zero gradient made the weights NaN/inf (an eps of 0 divides 0 by 0); raise eps")
-    return problems
+        if "betas" in group and group.get("eps") == 0:
+            problems.append(f"{where}{'.eps' if params is not None else ''}: eps 0 turns a zero gradient (e.g. an embedding row no batch "
+                            "used) into NaN in Adam's update; use a small positive eps such as 1e-8")
+    return (problems, opt) if keep else problems
 
 
 def probe_scheduler(factory: "SchedulerFactory", base_lr: float, total_steps: int | None, where: str = "lr_scheduler") -> list[str]:
@@ -228,13 +248,25 @@ class CrossPhaseLRScheduler:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], resume_step: int | None = None) -> str:
+        """Restore the schedule. When the phase optimizer's base learning rate differs from the saved
+        one (``--lr`` changed on resume) and ``resume_step`` is given, the new rate is applied
+        instead: the schedule is replayed to ``resume_step`` with it. Returns what changed ("" if nothing)."""
+        import math
+
         if self._proxy is None:
             raise RuntimeError("CrossPhaseLRScheduler.load_state_dict before any optimizer was attached")
+        old = state.get("base_lr")
+        if resume_step is not None and isinstance(old, (int, float)) and self.base_lr and not math.isclose(old, self.base_lr, rel_tol=1e-9):
+            for _ in range(resume_step):  # the schedule the new rate describes, at the resumed step
+                self.step()
+            return (f"the learning rate changed from {old:g} to {self.base_lr:g} since the checkpoint: applied, the schedule continues at "
+                    f"step {resume_step} as the new rate gives (lr now {self.lr:g}); the result will differ from an uninterrupted run")
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("proxy_lr") is not None:
             self._proxy.param_groups[0]["lr"] = state["proxy_lr"]
+        return ""
 
 
 def optimizer_state_elements(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None) -> int:

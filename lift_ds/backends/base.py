@@ -225,15 +225,9 @@ class Backend(ABC):
         if self.rank == 0:
             torch.save({"format": OPTIMIZER_FORMAT, **state}, path / OPTIMIZER_FILE)
 
-    def load_optimizer(self, path: Path) -> None:
-        """Load a state written by :meth:`save_optimizer`, on any number of ranks and any backend."""
-        state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False, mmap=True)
-        if state.get("format") != OPTIMIZER_FORMAT:
-            raise ValueError(f"{path / OPTIMIZER_FILE}: not a lift_ds optimizer state ({state.get('format')!r})")
-        mine = self.active_param_names()
-        if sorted(state["master"]) != sorted(mine):
-            raise ValueError(f"{path / OPTIMIZER_FILE} holds the state of {sorted(state['master'])[:3]}..., the active block is "
-                             f"{sorted(mine)[:3]}...")
+    def load_optimizer(self, state: dict[str, Any]) -> None:
+        """Load a state written by :meth:`save_optimizer` (read and checked by the checkpointer), on any
+        number of ranks and any backend."""
         self.load_full_optimizer_state(state)
 
     def stash_optimizer_state(self) -> dict[str, Any]:
