@@ -225,11 +225,19 @@ def check_fingerprint(ckpt: "Checkpointer", meta: dict[str, Any], path: Path) ->
     from .checkpoint import ResumeError
 
     saved, now = meta["fingerprint"], ckpt.fingerprint()
-    diffs = [k for k in sorted(set(saved) & set(now)) if saved[k] != now[k]]
+    diffs = []
+    for k in sorted(set(saved) & set(now)):
+        a, b = saved[k], now[k]
+        if a == b:
+            continue
+        where = f" ({SOURCES[k]})" if k in SOURCES else f" (--{k[5:]})" if k.startswith("lift.") else ""
+        if isinstance(a, dict) and isinstance(b, dict):  # name the keys inside that differ
+            diffs += [f"{k}.{sub}: {_short(a.get(sub))} -> {_short(b.get(sub))}{where}" for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        else:
+            diffs.append(f"{k}: {_short(a)} -> {_short(b)}{where}")
     if not diffs:
         return
-    said = "; ".join(f"{k}: {_short(saved[k])} -> {_short(now[k])}" + (f" ({SOURCES[k]})" if k in SOURCES else
-                                                                       f" (--{k[5:]})" if k.startswith("lift.") else "") for k in diffs)
+    said = "; ".join(diffs)
     raise ResumeError(f"checkpoint {path} was written with other settings that decide the result, so resuming would not continue that run: "
                       f"{said}. Resume with the checkpoint's values, or start a new run in another --output_dir (only the learning rate may "
                       "change on resume: it is applied from the resumed step)", path)

@@ -64,9 +64,9 @@ def is_tag(name: Any) -> bool:
 
 def _summary(e: BaseException) -> str:
     text = " ".join(str(e).split())
-    m = re.search(r"Unsupported (global|operand)[^.;]*", text)
+    m = re.search(r"Unsupported (?:global|operand)[: ]*(?:GLOBAL )?([\w.]+)", text)
     if m:
-        return f"it holds a pickled Python object ({m.group(0)}), which a safe load refuses"
+        return f"it holds a pickled Python object ({m.group(1)}), which a safe load refuses"
     return f"{type(e).__name__}: {text[:300]}"
 
 
@@ -112,7 +112,8 @@ def _fsync_dir(path: Path) -> None:
 
 def write_manifest(directory: Path, step: int, op: Op = _no_op) -> None:
     """Hash (and fsync) every file of ``directory`` into its manifest, written last and atomically."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p, sync=True)} for p in sorted(directory.iterdir()) if p.is_file()}
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p, sync=True)} for p in sorted(directory.iterdir())
+             if p.is_file() and not p.is_symlink() and not p.name.startswith(".")}
     tmp = directory / f".{MANIFEST}.partial"
     tmp.write_text(json.dumps({"format": 1, "step": step, "files": files}, indent=1))
     os.replace(tmp, directory / MANIFEST)
@@ -133,6 +134,8 @@ def verify(directory: Path) -> str | None:
     """None when ``directory`` is a complete checkpoint, else what is wrong with it."""
     if not directory.is_dir():
         return "missing"
+    if directory.is_symlink():
+        return "a link (a checkpoint is a directory inside the save directory)"
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         files = manifest["files"]
@@ -146,6 +149,8 @@ def verify(directory: Path) -> str | None:
         p = directory / name
         if not is_tag(name) or not p.is_file():
             return f"{name} is missing"
+        if p.is_symlink():
+            return f"{name} is a link (every file of a checkpoint lies in its directory)"
         if p.stat().st_size != want.get("size"):
             return f"{name} is truncated or changed ({p.stat().st_size} bytes, the manifest says {want.get('size')})"
         if _sha256(p) != want.get("sha256"):
@@ -157,7 +162,8 @@ def published(save_dir: Path) -> list[Path]:
     """Checkpoint directories with a manifest, newest first (by the step their manifest records)."""
     if not save_dir.is_dir():
         return []
-    found = [(s, p) for p in save_dir.iterdir() if is_tag(p.name) and p.is_dir() and (s := manifest_step(p)) is not None]
+    found = [(s, p) for p in save_dir.iterdir()
+             if is_tag(p.name) and p.is_dir() and not p.is_symlink() and (s := manifest_step(p)) is not None]
     return [p for _, p in sorted(found, key=lambda sp: (sp[0], sp[1].stat().st_mtime), reverse=True)]
 
 
