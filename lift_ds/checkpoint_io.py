@@ -7,13 +7,14 @@ rank's files) lists every file with its size and SHA-256 and all of them match. 
 1. every file is written into ``.<tag>.partial/``, then ``manifest.json`` (files fsynced);
 2. an existing ``<tag>/`` (a second save of the same step) is renamed ``.<tag>.old``;
 3. ``.<tag>.partial`` is renamed ``<tag>``;
-4. ``latest`` is replaced atomically (written to ``.latest.partial``, renamed);
+4. ``latest`` is replaced atomically (written to ``.latest.partial`` before step 2, renamed now);
 5. ``.<tag>.old`` is removed.
 
 A kill between any two steps leaves a complete checkpoint somewhere: :func:`recover` finishes an
-interrupted publish (a complete partial is renamed into place and ``latest`` moved to it if it is
-newer, a set-aside ``.old`` is put back) and removes only what no resume can need: a partial
-without a manifest, a set-aside copy whose replacement is in place, a rotation's ``.deleting``.
+interrupted publish (a complete partial is renamed into place, a set-aside ``.old`` is put back,
+``latest`` moved to the checkpoint the interrupted save meant) and removes only what no resume can
+need: a partial without a manifest, a set-aside copy whose replacement is in place, a rotation's
+``.deleting``. ``latest`` is otherwise left as it is (it may be set by hand to an older checkpoint).
 
 Every ``torch.load`` here is ``weights_only=True``: a checkpoint holds tensors, numbers, strings,
 lists and dicts only, so a pickled object in a shared or downloaded checkpoint is refused, never
@@ -184,19 +185,21 @@ def read_latest(save_dir: Path) -> tuple[str | None, str | None]:
     return tag, None
 
 
-def set_latest(save_dir: Path, tag: str, op: Op = _no_op) -> None:
+def set_latest(save_dir: Path, tag: str) -> None:
     """Point ``latest`` at ``tag`` atomically."""
     tmp = save_dir / f".{LATEST}.partial"
     tmp.write_text(tag)
-    op("latest written")
     os.replace(tmp, save_dir / LATEST)
     _fsync_dir(save_dir)
-    op("latest replaced")
 
 
 def publish(save_dir: Path, tag: str, tmp: Path, op: Op = _no_op) -> None:
-    """Steps 2-5 of the module docstring (after :func:`write_manifest`)."""
-    final, old = save_dir / tag, save_dir / f".{tag}.old"
+    """Steps 2-5 of the module docstring (after :func:`write_manifest`). The new ``latest`` is
+    written first as ``.latest.partial`` (the intent, so recovery can finish the publish) and
+    renamed over ``latest`` once the checkpoint is in place."""
+    final, old, intent = save_dir / tag, save_dir / f".{tag}.old", save_dir / f".{LATEST}.partial"
+    intent.write_text(tag)
+    op("latest written")
     if final.exists():
         if old.exists():
             shutil.rmtree(old)
@@ -205,7 +208,9 @@ def publish(save_dir: Path, tag: str, tmp: Path, op: Op = _no_op) -> None:
     os.replace(tmp, final)
     _fsync_dir(save_dir)
     op("renamed into place")
-    set_latest(save_dir, tag, op)
+    os.replace(intent, save_dir / LATEST)
+    _fsync_dir(save_dir)
+    op("latest replaced")
     if old.exists():
         shutil.rmtree(old)
         op("previous copy removed")
@@ -218,23 +223,24 @@ def _remove(path: Path, why: str) -> None:
 
 def recover(save_dir: Path) -> None:
     """Finish or undo what a kill interrupted in ``save_dir`` (rank 0, before choosing a checkpoint)."""
+    intent_file = save_dir / f".{LATEST}.partial"
+    intent = intent_file.read_text().strip() if intent_file.is_file() else None
     latest_tag, _ = read_latest(save_dir)
     latest_step = manifest_step(save_dir / latest_tag) if latest_tag and (save_dir / latest_tag).is_dir() else None
     for p in sorted(save_dir.glob(".*.partial")):
         tag = p.name[1 : -len(".partial")]
-        if p.name == f".{LATEST}.partial" or not p.is_dir() or not is_tag(tag):
-            _remove(p, "an unfinished write")
-        elif verify(p) is not None:
+        if p == intent_file:
+            continue
+        if not p.is_dir() or not is_tag(tag) or verify(p) is not None:
             _remove(p, "an unfinished checkpoint write, never published")
         elif (save_dir / tag).exists():
             _remove(p, f"a complete copy of {tag}, which is in place")
-        else:
+        else:  # killed between its manifest and its rename: complete, so finish the publish
             os.replace(p, save_dir / tag)
             logger.warning("finished the interrupted publish of %s (its files were complete)", save_dir / tag)
             step = manifest_step(save_dir / tag)
-            if latest_tag is None or latest_step is None or (step is not None and step >= latest_step):
-                set_latest(save_dir, tag)
-                latest_tag, latest_step = tag, step
+            if intent is None and (latest_step is None or (step is not None and step > latest_step)):
+                intent = tag
     for p in sorted(save_dir.glob(".*.old")):
         tag = p.name[1 : -len(".old")]
         if not is_tag(tag) or (save_dir / tag).exists():
@@ -242,6 +248,12 @@ def recover(save_dir: Path) -> None:
         else:
             os.replace(p, save_dir / tag)
             logger.warning("put back %s (set aside by a save that did not finish)", save_dir / tag)
+    if intent is not None and is_tag(intent) and verify(save_dir / intent) is None:
+        if intent != latest_tag:
+            logger.warning("moved %s to %s (the save that wrote it was cut short before it could)", save_dir / LATEST, intent)
+        set_latest(save_dir, intent)
+    elif intent_file.exists():
+        _remove(intent_file, "an unfinished update of latest")
     for p in sorted(save_dir.glob(".*.deleting")):
         _remove(p, "a rotated-out checkpoint whose removal did not finish")
 
