@@ -112,6 +112,11 @@ class Backend(ABC):
         """``(zero_stage, optimizer_offloaded)`` for :func:`lift_ds.memory.state_bytes` (FSDP: stage 3)."""
         return 0, False
 
+    @classmethod
+    def planned_memory_layout(cls, options: Any) -> tuple[int, bool]:
+        """:meth:`memory_layout` from the checked options, before any backend is built (memory preflight)."""
+        return 0, False
+
     # ----------------------------------------------------------------- sizes and collectives
 
     def numel(self, p: torch.Tensor) -> int:

@@ -165,6 +165,10 @@ class DeepSpeedBackend(Backend):
     def memory_layout(self) -> tuple[int, bool]:
         return self.zero_stage, self._offload
 
+    @classmethod
+    def planned_memory_layout(cls, options: Any) -> tuple[int, bool]:
+        return (options.zero_stage, options.offload_optimizer) if isinstance(options, DeepSpeedOptions) else (0, False)
+
     # ----------------------------------------------------------------- config
 
     @staticmethod

@@ -112,6 +112,10 @@ class FSDPBackend(TorchOptimizerBackend):
     def memory_layout(self) -> tuple[int, bool]:
         return 3, self._offload
 
+    @classmethod
+    def planned_memory_layout(cls, options: Any) -> tuple[int, bool]:
+        return 3, bool(getattr(options, "cpu_offload", False))
+
     def _warmup(self, args: Any, kwargs: Any) -> None:
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in flags:
