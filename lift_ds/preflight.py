@@ -93,13 +93,15 @@ def resolve_dir(value: str, flag: str, tokenizer_only: bool = False) -> tuple[st
     if _looks_like_path(value) or not _HUB_ID.match(value):
         return value, [f"{flag}: directory {value!r} does not exist (give a local Hugging Face directory or a hub id like org/name)"]
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # read now, not when huggingface_hub was imported: HF_HUB_OFFLINE and the cache location as they are
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    cache = os.environ.get("HF_HUB_CACHE") or (str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None)
     try:
         from huggingface_hub import snapshot_download
 
         patterns = ["*.json", "*.model", "*.txt", "*.tiktoken"] if tokenizer_only else HUB_FILES
-        return snapshot_download(value, allow_patterns=patterns), []
+        return snapshot_download(value, allow_patterns=patterns, cache_dir=cache, local_files_only=offline), []
     except Exception as e:  # noqa: BLE001 - every way the hub can fail ends the same way here
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = " ".join(str(e).split())[:200]
         where = ("HF_HUB_OFFLINE is set, so only the local cache was searched" if offline
                  else "the hub could not be reached or has no such repository")
