@@ -91,6 +91,8 @@ class Checkpointer:
 
     def __init__(self, engine: "LiftEngine") -> None:
         self.engine = engine
+        #: the file-operation counter of the last save (lift_ds.faults.save_ops)
+        self.last_ops: Callable[[str], None] = lambda what: None
 
     @property
     def _rank(self) -> int:
@@ -120,7 +122,7 @@ class Checkpointer:
         tag = tag or f"global_step{e.global_step}"
         final, tmp = save_dir / tag, save_dir / f".{tag}.partial"
         names = e.saved_param_names()
-        op = faults.save_ops(e.global_step, self._rank)
+        op = self.last_ops = faults.save_ops(e.global_step, self._rank)  # the launcher's rotation after the save counts on
 
         def prepare() -> None:
             if self._rank == 0:

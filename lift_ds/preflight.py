@@ -199,6 +199,11 @@ def machine_memory() -> tuple[int | None, str]:
     return total, what
 
 
+#: resident memory of a rank before its model (Python, torch, transformers, DeepSpeed): 0.8 GiB, from the
+#: LLaMA-2-7B NF4 run's 4.37 GiB after its build less its 3.6 GiB of tensors (docs/qlift/llama2_7b_nf4.json)
+RUNTIME_BYTES = 0.8 * GIB
+
+
 def host_estimate(shape: Any, method: str, ranks: int, local_ranks: int, zero: int, precision: str, offload: bool, micro_batch: int,
                   seq_len: int, lora_r: int, checkpointing: bool, frozen: str, store: str, on_gpu: bool) -> tuple[float, list[tuple[str, float]]]:
     """``(bytes on this node, [(part, bytes per rank)])``: the peak host memory of the launcher's run
@@ -207,11 +212,11 @@ def host_estimate(shape: Any, method: str, ranks: int, local_ranks: int, zero: i
 
     est = estimate(shape, "lift" if method in ("lift", "badam", "lisa") else method, ranks, zero, precision, offload, micro_batch, seq_len,
                    lora_r, checkpointing, frozen_weights=frozen if zero < 3 else "full")
-    parts: list[tuple[str, float]] = []
+    parts: list[tuple[str, float]] = [("Python, torch and libraries", RUNTIME_BYTES)]
     if frozen != "full":
         quantized = shape.layer_linear
-        parts.append(("quantized model and what stays in full precision", quantized * QUANTIZED_BYTES[frozen] + 4 * (shape.total - quantized)))
         store_w = 2 if precision in ("bf16", "fp16") else 4
+        parts.append(("quantized model and what stays in full precision", quantized * QUANTIZED_BYTES[frozen] + store_w * (shape.total - quantized)))
         layer = max(shape.layer_sizes) if shape.layer_sizes else 0
         parts.append(("Q-LIFT block store in memory" if store == "memory" else "one layer read from the disk block store",
                       store_w * (quantized if store == "memory" else layer)))

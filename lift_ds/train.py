@@ -120,7 +120,7 @@ class Run:
         self.saved_step = self.engine.global_step
         if self.engine.rank == 0 and self.args.keep_checkpoints:
             # the oldest go (renamed aside, then deleted), never the one just written
-            rotate(self.ckpt_dir, r"^global_step(\d+)$", self.args.keep_checkpoints, {path.name}, faults.save_ops(self.engine.global_step, 0))
+            rotate(self.ckpt_dir, r"^global_step(\d+)$", self.args.keep_checkpoints, {path.name}, self.engine.checkpointer.last_ops)
 
     def continue_metrics(self) -> None:
         """On resume: drop records past the resumed step from metrics.jsonl (those steps run again), so

@@ -409,3 +409,53 @@ def test_bf16_where_the_gpu_has_none_is_refused_for_torch_backends(monkeypatch):
         assert problem.startswith("bf16.enabled: true, but this machine cannot train in bf16")
         assert "Tesla V100-SXM2-32GB (compute capability 7.0" in problem and "to train in fp32" in problem
     assert hardware.precision_problems("torch", "fp32") == []
+
+
+@pytest.mark.parametrize("name,text,needles", [
+    ("duplicate-keys", '{"lift": {"backend": "torch", "schedule": "random", "schedule": "front2end"}, "train_micro_batch_size_per_gpu": 2, '
+                       '"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}',
+     ["lift.schedule: the key appears more than once", "train_micro_batch_size_per_gpu: the key appears more than once", "DeepSpeed refuses duplicates"]),
+    ("nan-literal", '{"lift": {"backend": "torch"}, "optimizer": {"type": "AdamW", "params": {"lr": NaN, "weight_decay": -Infinity}}}',
+     ["optimizer.params.lr: NaN is not a finite number", "optimizer.params.weight_decay: -Infinity is not a finite number"]),
+    ("recursion-deep", '{"lift": {"backend": "torch"}, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", ["nested more than 32 levels deep"]),
+])
+def test_json_that_plain_json_loads_accepts_is_refused(d, capsys, name, text, needles):
+    """What json.loads lets through: duplicate keys (the last silently won), NaN/Infinity literals
+    (a NaN model at exit 0), nesting past Python's recursion limit (a RecursionError traceback)."""
+    path = d / f"{name}.json"
+    path.write_text(text)
+    code, err = run_main(d, ["--ds_config", str(path)], capsys)
+    check(code, err, needles)
+
+
+def test_the_python_api_refuses_bad_models_optimizers_and_schedules_with_config_errors():
+    """lift_ds.initialize: a string for the model, a factory with a NaN or out-of-range argument, a
+    schedule that gives NaN or cannot step: each a ConfigError naming the argument, no process group."""
+    import torch
+
+    import lift_ds
+    from lift_ds.config import ConfigError
+
+    cfg = {"train_micro_batch_size_per_gpu": 2, "lift": {"backend": "deepspeed", "total_steps": 8}, "zero_optimization": {"stage": 2}}
+    adamw = lambda **kw: (lambda ps: torch.optim.AdamW(ps, **{"lr": 1e-3, **kw}))  # noqa: E731
+    cases = [
+        (dict(model="a string", optimizer=adamw()), "model: must be a torch.nn.Module, got str 'a string'"),
+        (dict(optimizer=adamw(lr=float("nan"))), "optimizer: the optimizer refuses it: ValueError: Invalid learning rate: nan"),
+        (dict(optimizer=adamw(weight_decay=float("inf"))), "optimizer: parameter group 0 has weight_decay = inf; it must be finite"),
+        (dict(optimizer=adamw(betas=(0.9, 1.2))), "Invalid beta parameter at index 1: 1.2"),
+        (dict(optimizer=adamw(eps=0.0)), "optimizer: eps 0 turns a zero gradient"),
+        (dict(optimizer=lambda ps: torch.optim.SGD(ps, lr=-1)), "Invalid learning rate: -1"),
+        (dict(optimizer=adamw(), lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: float("nan"))),
+         "lr_scheduler: the schedule gives a learning rate of nan at step 0"),
+        (dict(optimizer=adamw(), lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=0)), "lr_scheduler: building or stepping"),
+        (dict(optimizer=adamw(), config={**cfg, "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 4}}}),
+         "scheduler.params.total_num_steps: 4 is below the run's 8 optimizer steps"),
+        (dict(optimizer=adamw(), config={**cfg, "optimizer": {"type": "AdamW", "params": {"lr": float("nan")}}}),
+         "optimizer.params.lr: nan is not a finite number"),
+    ]
+    for kwargs, needle in cases:
+        kwargs = {"model": tiny_llama(), "config": cfg, **kwargs}
+        with pytest.raises(ConfigError) as info:
+            lift_ds.initialize(**kwargs)
+        assert needle in str(info.value), (needle, str(info.value))
+        assert not dist.is_initialized()
