@@ -174,6 +174,8 @@ CLI_CASES = [
     ("model-without-tokenizer", ["--model", "{d}/no_tokenizer"], ["--model (its tokenizer; or give --tokenizer): ", "holds no tokenizer files"]),
     ("tokenizer-larger-than-vocab", ["--model", "{d}/small_vocab", "--tokenizer", "{d}/model"],
      ["--tokenizer: the data has token ids up to", "the model's embedding has 40 rows"]),
+    ("sequences-past-learned-positions", ["--model", "{d}/short_positions", "--seq_len", "32"],
+     ["--seq_len: sequences of up to", "but the model has 8 learned positions; set --seq_len 8"]),
     ("hub-id-not-reachable", ["--model", "nobody-here/no-such-model"], ["--model: 'nobody-here/no-such-model' is not a local directory",
                                                                          "HF_HUB_OFFLINE is set, so only the local cache was searched"]),
 ]
@@ -218,6 +220,11 @@ def _model_dirs(d):
     (d / "missing_shard" / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     (d / "missing_shard" / "model.safetensors").rename(d / "missing_shard" / "model-00001-of-00002.safetensors")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    shutil.copytree(d / "model", d / "short_positions")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(json.loads((d / "model" / "tokenizer.json").read_text())["model"]["vocab"]) + 2, n_positions=8,
+                               n_embd=16, n_layer=2, n_head=2)).save_pretrained(d / "short_positions")
     (d / "empty").mkdir()
     (d / "used").mkdir()
     (d / "used" / "metrics.jsonl").write_text("{}\n")
