@@ -231,8 +231,8 @@ def check_fingerprint(ckpt: "Checkpointer", meta: dict[str, Any], path: Path) ->
         if a == b:
             continue
         where = f" ({SOURCES[k]})" if k in SOURCES else f" (--{k[5:]})" if k.startswith("lift.") else ""
-        if isinstance(a, dict) and isinstance(b, dict):  # name the keys inside that differ
-            diffs += [f"{k}.{sub}: {_short(a.get(sub))} -> {_short(b.get(sub))}{where}" for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        if isinstance(a, dict) and isinstance(b, dict):  # name the keys inside that differ (keys one side lacks, e.g. a newer torch's, pass)
+            diffs += [f"{k}.{sub}: {_short(a[sub])} -> {_short(b[sub])}{where}" for sub in sorted(set(a) & set(b)) if a[sub] != b[sub]]
         else:
             diffs.append(f"{k}: {_short(a)} -> {_short(b)}{where}")
     if not diffs:
