@@ -136,9 +136,14 @@ def _probe_before_any_process_group(run: RunConfig, model: nn.Module, factory: A
             problems, built = probe_optimizer(factory, "optimizer", param=next(iter(model.parameters()), None), keep=True)
         if built is not None:
             base_lr, fingerprint["optimizer"] = float(built.param_groups[0]["lr"]), describe_optimizer(built)
-    else:
+    else:  # every hyperparameter as torch.optim holds it (defaults included); DeepSpeed's own optimizers: the section
         section = run.training.optimizer or {}
-        fingerprint["optimizer"] = {"type": section.get("type"), **{k: v for k, v in section.get("params", {}).items() if k != "lr"}}
+        try:
+            from .optim import optimizer_factory_from_section
+
+            fingerprint["optimizer"] = describe_optimizer(optimizer_factory_from_section(section)([nn.Parameter(torch.zeros(1))]))
+        except (ConfigError, TypeError, ValueError):
+            fingerprint["optimizer"] = {"type": section.get("type"), **{k: v for k, v in section.get("params", {}).items() if k != "lr"}}
     if callable(lr_scheduler) and not problems:
         problems += probe_scheduler(lr_scheduler, base_lr, total_steps)
     elif lr_scheduler is None and run.training.scheduler is not None:

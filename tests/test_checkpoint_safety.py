@@ -294,3 +294,20 @@ def test_another_learning_rate_on_resume_is_applied_and_logged(tmp_path, caplog)
     same = make(sched=sched)
     same.load_checkpoint(tmp_path)
     assert same.get_lr()[0] == pytest.approx(1e-2 / 4)
+
+
+def test_an_optimizer_section_that_gains_a_key_on_resume_is_refused(tmp_path):
+    """The fingerprint holds the optimizer as torch holds it (defaults included), so adding a key
+    that changes a default is a change too."""
+    def run_cfg(params):
+        cfg = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, **params}},
+               "lift": {"backend": "torch", "total_steps": STEPS}}
+        engine, _, _, _ = lift_ds.initialize(model=tiny_llama(), config=cfg)
+        return engine
+
+    engine = run_cfg({})
+    train(engine, lm_batches(STEPS), 2)
+    engine.save_checkpoint(tmp_path)
+    with pytest.raises(ResumeError, match=r"optimizer\.weight_decay: 0\.01 -> 0\.1"):
+        run_cfg({"weight_decay": 0.1}).load_checkpoint(tmp_path)
+    run_cfg({"weight_decay": 0.01}).load_checkpoint(tmp_path)  # AdamW's default, written out: the same run
