@@ -466,3 +466,27 @@ def test_the_python_api_refuses_bad_models_optimizers_and_schedules_with_config_
             lift_ds.initialize(**kwargs)
         assert needle in str(info.value), (needle, str(info.value))
         assert not dist.is_initialized()
+
+
+def test_an_unwritable_or_full_output_directory_is_refused_before_anything_starts(d, capsys, monkeypatch):
+    """As root a chmod does not stop writes, so the refusals are made to happen: a read-only file
+    system (the write probe fails with EROFS), then a disk with 1 KiB free."""
+    import errno
+    import shutil
+    import tempfile
+
+    from collections import namedtuple
+
+    real = tempfile.mkstemp
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    code, err = run_main(d, ["--output_dir", str(d / "ro" / "run")], capsys)
+    check(code, err, ["--output_dir: cannot write in", "(Read-only file system); give a writable directory"])
+    monkeypatch.setattr(tempfile, "mkstemp", real)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 2**40 - 1024, 1024))
+    code, err = run_main(d, ["--output_dir", str(d / "full")], capsys)
+    check(code, err, ["--output_dir: ", "has 0.0 GiB free; this run writes about", "--no_checkpoint / --no_final_model write less"])
