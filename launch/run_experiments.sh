@@ -26,7 +26,7 @@ minilm_ablation() {
 curves() {
   for m in lift full lora; do
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 launch/train.py --ds_config ds_configs/quickstart_cpu.json --method $m \
-      --max_steps 60 --eval_every 10 --eval_limit 100 --seq_len 64 --micro_batch_size 4 --no_final_model --output_dir "$OUT/curves_$m"
+      --max_steps 60 --eval_every 10 --eval_limit 100 --seq_len 64 --micro_batch_size 4 --no_final_model --output_dir "$OUT/curves_$m" --overwrite_output_dir
   done
   python -m lift_ds.analysis curves --run LIFT="$OUT/curves_lift/metrics.jsonl" --run FT-Full="$OUT/curves_full/metrics.jsonl" \
     --run LoRA="$OUT/curves_lora/metrics.jsonl" --title "SmolLM2-135M, movie-review sentiment, validation loss" --out docs/experiments/curves.png
