@@ -153,3 +153,18 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_before_loading(d, tmp_path
     assert code == 2 and "more than this machine's 0.0 GiB (cgroup memory limit)" in err and "model as loaded (fp32)" in err
     code, err = run(d, tmp_path / "small2", "--skip_memory_check", "--max_steps", "2", "--save_every", "0", "--no_checkpoint", capsys=capsys)
     assert code == 0, err[-3000:]
+
+
+def test_a_run_too_large_for_the_gpu_is_refused_before_loading(d, tmp_path, monkeypatch, capsys):
+    """On a GPU the device estimate per rank is compared with the GPU's memory too (a GPU of 1 KiB
+    here, made up: no CUDA call is reached before the refusal)."""
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=1024, name="tiny GPU"))
+    code, err = run(d, tmp_path / "gpu", capsys=capsys)
+    assert code == 2 and "memory: the estimated peak device memory per rank is" in err and "more than the GPU's 0.0 GiB" in err
+    assert "ZeRO-3 or optimizer offload" in err and "Traceback" not in err
