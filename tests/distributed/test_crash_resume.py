@@ -192,7 +192,7 @@ def kill_plan() -> list[tuple[int, int, int]]:
 
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_sigkill_at_every_file_operation_of_a_save_resumes_exactly(files, tmp_path, uninterrupted, config):
-    """SIGKILL one rank right after each file operation of a checkpoint save (26 kill points: every
+    """SIGKILL one rank right after each file operation of a checkpoint save (24 kill points: every
     operation of rank 0's save before and after its manifest, rank 1's, a rotation's), one kill per
     attempt, each attempt restarting the run with --resume (tests/distributed/fork_restarts.py, which
     restarts like torchrun --max-restarts without paying the imports again). Every kill fires, and the
@@ -210,7 +210,7 @@ def test_sigkill_at_every_file_operation_of_a_save_resumes_exactly(files, tmp_pa
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     attempts = result["attempts"]
     logs = lambda a: "".join((tmp_path / "logs" / f"attempt{a}.rank{r}.log").read_text()[-3000:] for r in range(2))  # noqa: E731
-    assert len(attempts) == len(plan) + 1, (attempts, logs(len(attempts) - 1))
+    assert len(plan) >= 20 and len(attempts) == len(plan) + 1, (attempts, logs(len(attempts) - 1))
     for a, (s, r, n) in enumerate(plan):
         assert attempts[a][r] == -9, (a, (s, r, n), attempts[a], logs(a))  # the planned kill fired (SIGKILL)
     assert attempts[-1] == [0, 0], logs(len(plan))
