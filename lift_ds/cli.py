@@ -219,6 +219,8 @@ def resolve(args: argparse.Namespace) -> Launch:
             problems.append(f"--method: {args.method} is a baseline, but the config's lift.method is {config.lift.method!r}; "
                             f"use one or the other")
         args.method = args.method if args.method in BASELINES else config.lift.method
+        if config.lift.block_store == "disk" and config.lift.block_store_dir:
+            problems += preflight.writable_dir_problems(config.lift.block_store_dir, "--block_store_dir")
     if problems:
         raise ConfigError(problems, source=args.ds_config)
     return Launch(args=args, config=config, builtin=builtin)
@@ -257,7 +259,9 @@ def check_model(launch: Launch, model_dir: str, data: Any, pad_id: int | None) -
         if "Unrecognized configuration class" in text:
             text = f"{text[:text.find(' for this kind of AutoModel')]}: not {kind}, which LIFT trains"
         raise ConfigError([f"--model: transformers cannot build a model from {model_dir!r}: {type(e).__name__}: {text[:300]}"], source=source) from None
-    problems = preflight.architecture_problems(model) + preflight.data_fit_problems(model, data, pad_id, args.seq_len)
+    t = config.training
+    batch = (t.micro_batch_size, t.gradient_accumulation_steps, config.world_size)
+    problems = preflight.architecture_problems(model) + preflight.data_fit_problems(model, data, pad_id, args.seq_len, batch)
     if problems:
         raise ConfigError(problems, source=source)
     if args.method not in BASELINES:

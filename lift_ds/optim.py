@@ -42,6 +42,9 @@ def _section_value_problems(params: Mapping[str, Any]) -> list[str]:
         ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
         if not ok:
             problems.append(f"optimizer.params.betas: must be a list of two numbers in [0, 1) (beta1, beta2), got {betas!r}")
+    for key in ("amsgrad", "maximize", "nesterov", "foreach", "capturable", "differentiable", "fused", "adam_w_mode", "torch_adam"):
+        if key in params and params[key] is not None and not isinstance(params[key], bool):
+            problems.append(f"optimizer.params.{key}: must be true or false, got {params[key]!r}")
     if params.get("bias_correction", True) is not True:
         problems.append("optimizer.params.bias_correction: false is DeepSpeed's FusedAdam only; torch's Adam/AdamW always correct the bias "
                         "(remove the key)")

@@ -37,23 +37,31 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
-def output_dir_problems(args: Any) -> list[str]:
-    """``--output_dir`` problems (before any process group; ``args`` is the launcher's namespace)."""
-    out = Path(args.output_dir)
+def writable_dir_problems(path: str, flag: str) -> list[str]:
+    """A directory lift_ds will create or write into: not a file, not under a file, writable."""
+    out = Path(path)
     if out.exists() and not out.is_dir():
-        return [f"--output_dir: {str(out)!r} is a file, not a directory; give a directory"]
+        return [f"{flag}: {str(out)!r} is a file, not a directory; give a directory"]
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        return [f"--output_dir: {str(out)!r} lies under {str(probe)!r}, which is a file, not a directory"]
+        return [f"{flag}: {str(out)!r} lies under {str(probe)!r}, which is a file, not a directory"]
     try:
         fd, name = tempfile.mkstemp(dir=probe, prefix=".lift_ds_write_test")
         os.close(fd)
         os.unlink(name)
     except OSError as e:
-        return [f"--output_dir: cannot write in {str(probe)!r} ({e.strerror or e}); give a writable directory"]
-    problems = []
+        return [f"{flag}: cannot write in {str(probe)!r} ({e.strerror or e}); give a writable directory"]
+    return []
+
+
+def output_dir_problems(args: Any) -> list[str]:
+    """``--output_dir`` problems (before any process group; ``args`` is the launcher's namespace)."""
+    out = Path(args.output_dir)
+    problems = writable_dir_problems(args.output_dir, "--output_dir")
+    if problems:
+        return problems
     if args.resume and args.overwrite_output_dir:
         problems.append("--overwrite_output_dir: contradicts --resume (one replaces what --output_dir holds, the other continues it); drop one")
     elif out.is_dir() and not args.resume and not args.overwrite_output_dir:
@@ -90,6 +98,8 @@ def resolve_dir(value: str, flag: str, tokenizer_only: bool = False) -> tuple[st
     as it is; a hub id fetched into (or, with HF_HUB_OFFLINE=1, found in) the Hugging Face cache."""
     if Path(value).expanduser().is_dir():
         return str(Path(value).expanduser()), []
+    if Path(value).expanduser().exists():
+        return value, [f"{flag}: {value!r} is a file; give the {'tokenizer' if tokenizer_only else 'model'}'s directory (or a hub id)"]
     if _looks_like_path(value) or not _HUB_ID.match(value):
         return value, [f"{flag}: directory {value!r} does not exist (give a local Hugging Face directory or a hub id like org/name)"]
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -250,7 +260,7 @@ def memory_problems(total_bytes: float, parts: list[tuple[str, float]], local_ra
             "Or pass --skip_memory_check to run anyway"]
 
 
-def data_fit_problems(model: Any, data: Any, pad_id: int | None, seq_len: int) -> list[str]:
+def data_fit_problems(model: Any, data: Any, pad_id: int | None, seq_len: int, batch: tuple[int, int, int] | None = None) -> list[str]:
     """The tokenized data fits the model: every token id (and the pad id) has an embedding row, and
     no sequence is longer than a learned position table."""
     rows = model.get_input_embeddings().num_embeddings
@@ -260,6 +270,9 @@ def data_fit_problems(model: Any, data: Any, pad_id: int | None, seq_len: int) -
     if top >= rows or (pad_id is not None and pad_id >= rows):
         problems.append(f"--tokenizer: the data has token ids up to {max(top, pad_id or -1)}, but the model's embedding has {rows} rows "
                         "(the tokenizer is larger than the model's vocabulary); use the model's own tokenizer")
+    if batch is not None and len(data.train.input_ids) < batch[0] * batch[1] * batch[2]:
+        problems.append(f"--micro_batch_size: {len(data.train.input_ids)} training examples are fewer than one global batch ({batch[0]} x "
+                        f"{batch[1]} accumulation step(s) x {batch[2]} ranks); lower the micro batch or the accumulation, or add data")
     limit = position_limit(model)
     longest = max((len(s) for s in seqs), default=0)
     if limit is not None and longest > limit:

@@ -94,3 +94,12 @@ def test_the_bigbench_sdist_is_read_as_a_tarball_and_pinned(cache, tmp_path, mon
     assert assets.inside(train, cache) and not marker.exists()
     with pytest.raises(ConfigError, match="no such task"):
         assets.bigbench_task("linked")
+
+
+@pytest.mark.parametrize("spec", ["../../escape=classification:data.jsonl", "a/b=text:x.txt", ".hidden=text:x.txt"])
+def test_a_user_task_name_never_becomes_a_path(spec):
+    """NAME of NAME=FORMAT:TRAIN names the analyses' files under --out: no separators, no leading dot."""
+    from lift_ds.analysis.common import parse_task
+
+    with pytest.raises(ConfigError, match="is not a task name"):
+        parse_task(spec)

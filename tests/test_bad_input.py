@@ -118,6 +118,9 @@ CONFIG_CASES = [
     ("misspelled-top-level-key", merged(gradient_cliping=0.5), [], ["gradient_cliping: unknown top-level key; did you mean \"gradient_clipping\"?"]),
     ("misspelled-batch-key", merged(train_micro_batch_size_per_gp=4), [], ["did you mean \"train_micro_batch_size_per_gpu\"?"]),
     ("nested-too-deep", merged(wandb=NESTED(40)), [], ["nested more than 32 levels deep"]),
+    ("optimizer-bool-as-string", merged(optimizer=ADAMW(maximize="yes")), [], ["optimizer.params.maximize: must be true or false, got 'yes'"]),
+    ("warmup-type-unknown", merged(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 2, "warmup_type": "cosine"}}), [],
+     ["scheduler.params.warmup_type: got 'cosine'; allowed: log, linear"]),
     ("lift-seed-negative", merged(lift_seed=-1), [], ["lift.seed: must be an integer >= 0"]),
     ("total-steps-huge", merged(lift_total_steps=10**9), ["--max_steps", None], ["lift.total_steps: must be an integer >= 1 and <= 10000000"]),
 ]
@@ -176,6 +179,10 @@ CLI_CASES = [
      ["--tokenizer: the data has token ids up to", "the model's embedding has 40 rows"]),
     ("sequences-past-learned-positions", ["--model", "{d}/short_positions", "--seq_len", "32"],
      ["--seq_len: sequences of up to", "but the model has 8 learned positions; set --seq_len 8"]),
+    ("model-is-a-file", ["--model", "{d}/train.jsonl"], ["--model: ", "train.jsonl' is a file; give the model's directory"]),
+    ("global-batch-larger-than-data", ["--micro_batch_size", "64"], ["--micro_batch_size: 16 training examples are fewer than one global batch (64 x 1"]),
+    ("block-store-dir-is-a-file", ["--frozen_weights", "nf4", "--block_store", "disk", "--block_store_dir", "{d}/train.jsonl"],
+     ["--block_store_dir: ", "train.jsonl' is a file, not a directory"]),
     ("hub-id-not-reachable", ["--model", "nobody-here/no-such-model"], ["--model: 'nobody-here/no-such-model' is not a local directory",
                                                                          "HF_HUB_OFFLINE is set, so only the local cache was searched"]),
 ]

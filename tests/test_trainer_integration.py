@@ -53,6 +53,7 @@ def test_unsupported_trainer_features_fail_at_construction(tmp_path, args, needl
     ({"ignore_data_skip": True}, "TrainingArguments.ignore_data_skip: True is not supported with LIFT"),
     ({"push_to_hub": True, "hub_model_id": "x/y"}, "TrainingArguments.push_to_hub: True is not supported with LIFT"),
     ({"bf16_full_eval": True}, "TrainingArguments.bf16_full_eval: True is not supported"),
+    ({"max_steps": -1, "num_train_epochs": 0}, "TrainingArguments.num_train_epochs: must be a number > 0 when max_steps is not set, got 0"),
 ])
 def test_arguments_lift_cannot_honour_fail_at_construction(tmp_path, args, needle):
     with pytest.raises(ConfigError) as info:

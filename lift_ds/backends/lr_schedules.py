@@ -33,6 +33,8 @@ def scheduler_problems(section: Mapping[str, Any], total_steps: int | None = Non
             problems.append(f"scheduler.params.{k}: must be an integer >= 0, got {v!r}")
         elif k.endswith("_lr") and v != "auto" and not isinstance(v, list) and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
             problems.append(f"scheduler.params.{k}: must be a number >= 0, got {v!r}")
+    if "warmup_type" in params and params["warmup_type"] not in ("log", "linear"):
+        problems.append(f"scheduler.params.warmup_type: got {params['warmup_type']!r}; allowed: log, linear (DeepSpeed would use log silently)")
     total = params.get("total_num_steps")
     if isinstance(total, int) and not isinstance(total, bool):
         warm = params.get("warmup_num_steps")

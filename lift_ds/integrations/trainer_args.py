@@ -202,7 +202,9 @@ def unhonoured_arguments(a: Any) -> list[str]:
         v = getattr(a, name)
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             problems.append(f"TrainingArguments.{name}: must be a finite number >= 0, got {v!r}")
-    for name in ("logging_steps", "eval_steps", "save_steps"):
+    if a.max_steps <= 0 and not (isinstance(a.num_train_epochs, (int, float)) and math.isfinite(a.num_train_epochs) and a.num_train_epochs > 0):
+        problems.append(f"TrainingArguments.num_train_epochs: must be a number > 0 when max_steps is not set, got {a.num_train_epochs!r}")
+    for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
         v = getattr(a, name)
         if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
             problems.append(f"TrainingArguments.{name}: must be a number >= 0 (below 1: a fraction of the run), got {v!r}")
