@@ -214,6 +214,11 @@ def test_sigkill_at_every_file_operation_of_a_save_resumes_exactly(files, tmp_pa
     for a, (s, r, n) in enumerate(plan):
         assert attempts[a][r] == -9, (a, (s, r, n), attempts[a], logs(a))  # the planned kill fired (SIGKILL)
     assert attempts[-1] == [0, 0], logs(len(plan))
+    for a, (s, r, n) in enumerate(plan):  # nothing complete is lost: the next attempt resumes from the newest complete save
+        step = s if r == 0 and n >= 7 else s - 2  # after the manifest (rank 0's 7th operation) the save at s is complete
+        log = (tmp_path / "logs" / f"attempt{a + 1}.rank0.log").read_text()
+        want = f"resumed from {out / 'checkpoints' / f'global_step{step}'} at step {step}" if step else "no checkpoint in"
+        assert want in log, (a + 1, (s, r, n), want)
     assert_same(final_weights(out), uninterrupted[config])
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text() == "global_step16" and not [p for p in ckpts.iterdir() if p.name.startswith(".")]
