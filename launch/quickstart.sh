@@ -7,4 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1
-exec deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/quickstart_cpu.json --output_dir outputs/quickstart "$@"
+# a second quickstart starts over in outputs/quickstart (or continues it when --resume is given)
+fresh=--overwrite_output_dir
+for a in "$@"; do [ "$a" = --resume ] && fresh=; done
+exec deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/quickstart_cpu.json --output_dir outputs/quickstart $fresh "$@"

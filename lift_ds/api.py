@@ -95,6 +95,9 @@ def initialize(
     """
     if model is None:
         raise ConfigError(["model: required (pass model=...)"])
+    if not isinstance(model, nn.Module):
+        raise ConfigError([f"model: must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}; load it first, e.g. "
+                           "AutoModelForCausalLM.from_pretrained(path)"])
     if config is None:
         config = config_params
     if config is None and args is not None:
@@ -119,17 +122,51 @@ def initialize(
         raise ConfigError([f"optimizer: {len(missing)} parameters LIFT trains are in none of the optimizer's parameter groups "
                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); build it over every parameter of the "
                            "blocks LIFT trains (e.g. model.parameters()), or pass a callable params -> Optimizer"])
+    fingerprint = _probe_before_any_process_group(run, model, factory, lr_scheduler, plan.total_steps)
     if lr_scheduler is None and run.training.scheduler is not None:
         lr_scheduler = scheduler_factory(run.training.scheduler, plan.total_steps)
     schedule = CrossPhaseLRScheduler(lr_scheduler, optimizer if isinstance(optimizer, torch.optim.Optimizer) else None)
     passthrough = {k: v for k, v in (("mpu", mpu), ("dist_init_required", dist_init_required)) if v is not None}
     backend = get_backend_class(run.backend)(BackendContext(model, run, factory, passthrough, groups))
     engine = LiftEngine(model, run, plan, backend, schedule)
+    engine.run_fingerprint.update(fingerprint)
     loader = None
     if training_data is not None:
         loader = make_dataloader(training_data, run.training.micro_batch_size, backend.rank, backend.world_size, collate_fn, run.lift.seed)
         engine.training_dataloader = loader
     return engine, PhaseOptimizer(engine), loader, schedule
+
+
+def _probe_before_any_process_group(run: RunConfig, model: nn.Module, factory: Any, lr_scheduler: Any, total_steps: int) -> dict[str, Any]:
+    """The optimizer and schedule the run will build, tried once (on a dummy parameter, or one of
+    the model's when the factory needs its own): a NaN or out-of-range argument is a ConfigError now,
+    not an error inside torch or DeepSpeed later. Returns their part of the run's fingerprint."""
+    from .backends.lr_schedules import config_lr, scheduler_problems
+    from .optim import describe_optimizer, probe_optimizer, probe_scheduler
+
+    problems, base_lr, fingerprint = [], config_lr(run.training.optimizer) or 1e-3, {}
+    if factory is not None:
+        problems, built = probe_optimizer(factory, "optimizer", keep=True)
+        if built is None and any("KeyError" in p for p in problems):  # a factory that looks its parameters up in the model
+            problems, built = probe_optimizer(factory, "optimizer", param=next(iter(model.parameters()), None), keep=True)
+        if built is not None:
+            base_lr, fingerprint["optimizer"] = float(built.param_groups[0]["lr"]), describe_optimizer(built)
+    else:  # every hyperparameter as torch.optim holds it (defaults included); DeepSpeed's own optimizers: the section
+        section = run.training.optimizer or {}
+        try:
+            from .optim import optimizer_factory_from_section
+
+            fingerprint["optimizer"] = describe_optimizer(optimizer_factory_from_section(section)([nn.Parameter(torch.zeros(1))]))
+        except (ConfigError, TypeError, ValueError):
+            fingerprint["optimizer"] = {"type": section.get("type"), **{k: v for k, v in section.get("params", {}).items() if k != "lr"}}
+    if callable(lr_scheduler) and not problems:
+        problems += probe_scheduler(lr_scheduler, base_lr, total_steps)
+    elif lr_scheduler is None and run.training.scheduler is not None:
+        problems += scheduler_problems(run.training.scheduler, total_steps, base_lr)
+        fingerprint["scheduler"] = run.training.scheduler
+    if problems:
+        raise ConfigError(problems, source=run.source)
+    return fingerprint
 
 
 def enable_gradient_checkpointing(model: nn.Module, **kwargs: Any) -> None:

@@ -1,10 +1,12 @@
-"""Checkpoints of a LIFT run: the stateful pieces, written atomically with every rank agreeing.
+"""Checkpoints of a LIFT run: the stateful pieces, written with every rank agreeing, published so
+that a kill at any point leaves a complete checkpoint, read back without running any pickled code.
 
 A checkpoint ``save_dir/<tag>/`` holds:
 
 - ``lift_state.json`` (rank 0): the plan cursor, the samples read so far (the data position, keyed
   by global sample index), the batch layout, the step guard's counters, the learning rate, world
-  size, backend, the lift section, the names of the saved weights, client state;
+  size, backend, the lift section, the names of the saved weights, the run's *fingerprint* (every
+  setting that decides the result), client state;
 - ``rank<r>_state.pt`` (every rank): RNG states and the learning-rate schedule;
 - ``stash.rank<r>.pt`` (every rank): its share of the stashed optimizer states
   (``optimizer_state: offload``, split across ranks by parameter);
@@ -12,22 +14,26 @@ A checkpoint ``save_dir/<tag>/`` holds:
   the model the run was built from, which a resumed run must build again);
 - ``block_store.safetensors`` (Q-LIFT, ``lift.frozen_weights``): the exact weights of trained
   layers held quantized at the save, from the block store;
-- ``optimizer_state.pt``: the active block's optimizer state and fp32 master as full tensors.
+- ``optimizer_state.pt``: the active block's optimizer state and fp32 master as full tensors;
+- ``manifest.json``: the size and SHA-256 of every file above, written last.
 
 Nothing in it depends on the number of ranks or the backend: a checkpoint resumes on any world size
 and any backend that can run the config. When the global batch (micro batch x accumulation x ranks)
 is kept, every optimizer step reads the same samples as the uninterrupted run; changing it needs
 ``allow_batch_change`` and the result differs from an uninterrupted run.
 
-Writes go to ``.<tag>.partial`` and are renamed at the end; ``latest`` is replaced atomically
-after that, so a crash mid-save leaves the previous checkpoint the newest. Each stage runs on every
-rank and is agreed (one all-reduced flag): a failure anywhere removes the partial directory and
-raises :class:`CheckpointError` on every rank, so no rank is left waiting.
+Writing, publishing, recovery after a kill and safe reading are :mod:`lift_ds.checkpoint_io`'s.
+Each write stage runs on every rank and is agreed (one all-reduced flag): a failure anywhere removes
+the partial directory and raises :class:`CheckpointError` on every rank. On resume the newest
+complete checkpoint is used (``latest``, or the newest that verifies when ``latest``'s is
+incomplete or corrupt, with a warning); a resume whose settings would change the result is refused
+naming them, except the learning rate, which is applied and logged (see :meth:`Checkpointer.load`).
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -36,9 +42,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .backends.state import WEIGHTS_FILE
+from . import checkpoint_io as cio
+from . import faults
+from .backends.state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE
+from .checkpoint_io import LATEST, CheckpointFileError, is_tag
 from .config import ConfigError
-from .faults import maybe_kill
 from .utils import get_logger, rng_state, set_rng_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,9 +54,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = get_logger(__name__)
 
-LATEST = "latest"
 STATE_FILE = "lift_state.json"
-FORMAT = 2
+FORMAT = 3
+#: lift keys that do not change the result (how and where it runs): left out of the fingerprint
+LAYOUT_LIFT_KEYS = ("backend", "gradient_checkpointing", "block_store", "block_store_dir", "max_consecutive_skipped_steps")
 
 
 class CheckpointError(OSError):
@@ -57,10 +66,22 @@ class CheckpointError(OSError):
 
 
 class ResumeError(ConfigError):
-    """A checkpoint this run cannot resume from as configured (a bad input: exit 2, nothing changed)."""
+    """A checkpoint this run cannot resume from (a bad input: exit 2, nothing changed)."""
 
     def __init__(self, message: str, path: Path) -> None:
         super().__init__([message], source=str(path))
+
+
+def _portable(state: Any, what: str) -> None:
+    """Refuse (at save time) a state a ``weights_only`` load could not read back."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(errno.EINVAL, f"{what} holds something other than tensors, numbers, strings, lists and dicts, "
+                              f"which a safe load (weights_only=True) refuses ({cio._summary(e)})") from None
 
 
 class Checkpointer:
@@ -70,10 +91,22 @@ class Checkpointer:
 
     def __init__(self, engine: "LiftEngine") -> None:
         self.engine = engine
+        #: the file-operation counter of the last save (lift_ds.faults.save_ops)
+        self.last_ops: Callable[[str], None] = lambda what: None
 
     @property
     def _rank(self) -> int:
         return self.engine.backend.rank
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Every setting that decides the result (JSON-ready): the plan, the lift keys that shape it,
+        clipping, precision, and what the run adds (``engine.run_fingerprint``: the optimizer, the
+        schedule, and for the launcher the data, data seed and model)."""
+        e = self.engine
+        fp: dict[str, Any] = {"plan": e.cursor.fingerprint}
+        fp.update({f"lift.{k}": v for k, v in e.lift.to_dict().items() if k not in LAYOUT_LIFT_KEYS})
+        fp.update({"gradient_clipping": e.training_config.gradient_clipping, "precision": e.training_config.precision, **e.run_fingerprint})
+        return json.loads(json.dumps(fp, default=str))
 
     # ----------------------------------------------------------------- save
 
@@ -84,10 +117,14 @@ class Checkpointer:
         e = self.engine
         if e.micro_steps % e.training_config.gradient_accumulation_steps:
             raise RuntimeError("save_checkpoint() in the middle of gradient accumulation; save after an optimizer step")
+        if tag is not None and not is_tag(tag):
+            raise ConfigError([f"tag: {tag!r} must be a plain directory name (letters, digits, _ . + -; no path separators, no "
+                               "leading dot, no ..), e.g. global_step100"])
         save_dir = Path(save_dir)
         tag = tag or f"global_step{e.global_step}"
         final, tmp = save_dir / tag, save_dir / f".{tag}.partial"
         names = e.saved_param_names()
+        op = self.last_ops = faults.save_ops(e.global_step, self._rank)  # the launcher's rotation after the save counts on
 
         def prepare() -> None:
             if self._rank == 0:
@@ -95,14 +132,26 @@ class Checkpointer:
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 tmp.mkdir()
+                op("directory made")
                 need = self._checkpoint_bytes(names)
                 free = shutil.disk_usage(save_dir).free
                 if free < need:
                     raise OSError(errno.ENOSPC, f"{free / 2**20:.0f} MiB free, the checkpoint needs about {need / 2**20:.0f} MiB", str(save_dir))
 
+        def then(fn: Callable[[], None], what: str, rank0: bool = True) -> Callable[[], None]:
+            def run() -> None:
+                fn()
+                if self._rank == 0 or not rank0:
+                    op(what)
+            return run
+
         def write_state() -> None:
-            torch.save({"rng": rng_state(), "lr_scheduler": e.lr_scheduler.state_dict()}, tmp / f"rank{self._rank}_state.pt")
+            state = {"rng": rng_state(), "lr_scheduler": e.lr_scheduler.state_dict()}
+            _portable(state, "the RNG / learning-rate scheduler state")
+            torch.save(state, tmp / f"rank{self._rank}_state.pt")
+            op("rank state written")
             torch.save(e.stash, tmp / f"stash.rank{self._rank}.pt")
+            op("stash written")
             if self._rank == 0:
                 t = e.training_config
                 meta = {
@@ -111,32 +160,29 @@ class Checkpointer:
                     "micro_batch_size": t.micro_batch_size,
                     "gradient_accumulation_steps": t.gradient_accumulation_steps, "train_batch_size": t.train_batch_size,
                     "precision": t.precision, "lift": e.lift.to_dict(), "saved_params": names, **e.guard.state_dict(),
-                    "client_state": client_state or {}, "precision_state": e.backend.precision_state(),
+                    "fingerprint": self.fingerprint(), "client_state": client_state or {}, "precision_state": e.backend.precision_state(),
                 }
                 (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
+                op(f"{STATE_FILE} written")
 
-        def publish() -> None:
+        def finish() -> None:
             if self._rank == 0:
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                latest_tmp = save_dir / f".{LATEST}.partial"
-                latest_tmp.write_text(tag)
-                os.replace(latest_tmp, save_dir / LATEST)
+                cio.write_manifest(tmp, e.global_step, op)
+                cio.publish(save_dir, tag, tmp, op)
 
         agreed = lambda fn: self._agreed(fn, save_dir, tmp, final)  # noqa: E731
         agreed(prepare)
         quantized = set(e.quant.quantized_names()) if e.quant is not None else set()
-        agreed(lambda: e.backend.save_weights(tmp, [n for n in names if n not in quantized]))
+        agreed(then(lambda: e.backend.save_weights(tmp, [n for n in names if n not in quantized]), "weights written"))
         if e.quant is not None:
-            agreed(lambda: e.quant.save(tmp, names) if self._rank == 0 else None)
+            agreed(then(lambda: e.quant.save(tmp, names) if self._rank == 0 else None, "block store written"))
         if e.active_block_index is not None:
-            agreed(lambda: e.backend.save_optimizer(tmp))
+            agreed(then(lambda: e.backend.save_optimizer(tmp), "optimizer state written"))
         if extra_files is not None:
-            agreed(lambda: extra_files(tmp))
-        maybe_kill("save_midway", e.global_step, self._rank)
+            agreed(then(lambda: extra_files(tmp), "extra files written"))
+        faults.maybe_kill("save_midway", e.global_step, self._rank)
         agreed(write_state)
-        agreed(publish)
+        agreed(finish)
         logger.info("saved checkpoint %s (step %d, %d parameter tensors)", final, e.global_step, len(names))
         return final
 
@@ -160,8 +206,7 @@ class Checkpointer:
             return
         if self._rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        latest = save_dir / LATEST
-        prev = latest.read_text().strip() if latest.is_file() else None
+        prev, _ = cio.read_latest(save_dir)
         if err is None:
             cause = "another rank could not write its part (see its message)"
         else:
@@ -170,49 +215,43 @@ class Checkpointer:
         raise CheckpointError(
             errno.EIO if err is None else (err.errno or errno.EIO),
             f"could not write checkpoint {final}: {cause}. "
-            + (f"The previous checkpoint {save_dir / prev} is untouched and still the newest ({latest}). " if prev else "No earlier checkpoint exists. ")
+            + (f"The previous checkpoint {save_dir / prev} is untouched and still the newest ({save_dir / LATEST}). " if prev else "No earlier checkpoint exists. ")
             + f"Free disk space or make {save_dir} writable (or choose another --output_dir and copy the checkpoints there), then resume with --resume.",
         )
 
     # ----------------------------------------------------------------- load
 
     def find(self, load_dir: str | os.PathLike, tag: str | None = None) -> Path | None:
-        """The checkpoint to resume from (default: the tag in ``load_dir/latest``); None when there
-        is none. Removes unpublished ``.partial`` writes (collective)."""
-        load_dir = Path(load_dir)
-        if self._rank == 0 and load_dir.is_dir():
-            for stale in load_dir.glob(".*.partial"):  # a save that was killed mid-write; never published
-                logger.warning("removing %s, an unfinished checkpoint write", stale)
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        self.engine.backend.barrier()
-        if tag is None:
-            latest = load_dir / LATEST
-            if not latest.is_file():
-                logger.warning("no checkpoint in %s (no %s file)", load_dir, LATEST)
-                return None
-            tag = latest.read_text().strip()
-        path = load_dir / tag
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"checkpoint {path} is incomplete or missing ({STATE_FILE} not found)")
-        return path
+        """The checkpoint to resume from: ``tag``, else the one ``load_dir/latest`` names, else (when
+        that one is missing, incomplete or corrupt) the newest complete one, with a warning; None
+        when there is none. Finishes or undoes what a kill interrupted first (collective)."""
+        from .checkpoint_find import choose
+
+        return choose(self.engine.backend, Path(load_dir), tag)
 
     def load(self, load_dir: str | os.PathLike, tag: str | None = None, allow_batch_change: bool = False) -> tuple[Path | None, dict]:
         """Restore every piece from a checkpoint, on any world size and backend; ``(path,
         client_state)``, or ``(None, {})`` when there is none.
 
+        Every file is read with ``weights_only=True`` (or as JSON / safetensors) before anything
+        changes, on every rank, and the ranks agree. A learning rate other than the checkpoint's is
+        applied: the schedule continues at the checkpoint's step as the new rate gives (logged).
+
         Raises:
-            ResumeError: another plan, a checkpoint from an older format, or (without
+            ResumeError: a file that cannot be read safely (named), another plan or another setting
+                that decides the result (named), a checkpoint from an older format, or (without
                 ``allow_batch_change``) another global batch size.
         """
+        from .checkpoint_find import check_fingerprint, check_layout, read_files, read_meta
+
         e = self.engine
         path = self.find(load_dir, tag)
         if path is None:
             return None, {}
-        meta = json.loads((path / STATE_FILE).read_text())
-        if meta.get("format") != FORMAT:
-            raise ResumeError(f"checkpoint {path} has format {meta.get('format')}, this lift_ds reads format {FORMAT}; resume it with "
-                              "the lift_ds version that wrote it", path)
-        self._check_layout(meta, path, allow_batch_change)
+        meta = read_meta(self, path)  # collective, as read_files: a ResumeError on every rank or on none
+        check_layout(e, meta, path, allow_batch_change)
+        check_fingerprint(self, meta, path)
+        files = read_files(self, path, meta)
         try:
             e.cursor.load_state_dict(meta["cursor"])
         except ValueError as ex:
@@ -224,49 +263,18 @@ class Checkpointer:
         e.backend.load_precision_state(meta.get("precision_state") or {})  # the fp16 loss scale, before the phase is built
         taken = e.quant.load(path, path / WEIGHTS_FILE) if e.quant is not None else set()
         e.backend.load_weights(path, skip=taken)
-        old_world = int(meta["world_size"])
-        e.stash = self._load_stash(path, old_world)
+        e.stash = files.stash
         if not e.done:
             e.start_phase(e.cursor.block, restore_stash=False)
-            e.backend.load_optimizer(path)
-        own = torch.load(path / f"rank{self._rank % old_world}_state.pt", map_location="cpu", weights_only=False)
-        e.lr_scheduler.load_state_dict(own["lr_scheduler"])
+            e.backend.load_optimizer(files.optimizer)
+        changed = e.lr_scheduler.load_state_dict(files.own["lr_scheduler"], resume_step=e.global_step)
+        if changed:
+            logger.warning("resuming %s: %s", path, changed)
         if e.optimizer is not None:
             e.lr_scheduler.apply(e.optimizer)
-        set_rng_state(own["rng"])
+        set_rng_state(files.own["rng"])
         logger.info("resumed from %s at step %d", path, e.global_step)
         return path, meta.get("client_state", {})
-
-    def _check_layout(self, meta: dict, path: Path, allow_batch_change: bool) -> None:
-        """Log what changed since the checkpoint; refuse another global batch unless allowed."""
-        e, t = self.engine, self.engine.training_config
-        now = {"world_size": e.world_size, "backend": e.backend.name, "zero_stage": e.backend.memory_layout()[0], "micro_batch_size": t.micro_batch_size,
-               "gradient_accumulation_steps": t.gradient_accumulation_steps, "precision": t.precision}
-        changed = [f"{k} {meta[k]} -> {v}" for k, v in now.items() if meta.get(k) != v]
-        if changed:
-            logger.info("resuming %s with a changed layout: %s", path, ", ".join(changed))
-        if meta["train_batch_size"] != t.train_batch_size:
-            what = (f"the global batch changes from {meta['train_batch_size']} to {t.train_batch_size} samples per optimizer step "
-                    f"(micro batch x accumulation x ranks)")
-            if not allow_batch_change:
-                raise ResumeError(f"checkpoint {path}: {what}. Keep it (e.g. {meta['train_batch_size']} = micro batch x accumulation x "
-                                  "ranks), or pass --allow_batch_change to accept a run that differs from an uninterrupted one", path)
-            logger.warning("%s: the resumed run continues from sample %d but will not equal an uninterrupted run", what, meta["samples_seen"])
-
-    def _load_stash(self, path: Path, old_world: int) -> dict[int, Any]:
-        """This rank's share of the stashed optimizer states, re-split for the current world size."""
-        files = [torch.load(path / f"stash.rank{r}.pt", map_location="cpu", weights_only=False, mmap=True) for r in range(old_world)]
-        if old_world == self.engine.world_size:
-            return files[self._rank]
-        out: dict[int, Any] = {}
-        world = self.engine.world_size
-        for block, share in files[0].items():
-            owned = {}
-            for i, n in enumerate(share["names"]):
-                if i % world == self._rank:
-                    owned[n] = files[i % old_world][block]["owned"][n]
-            out[block] = {**share, "owned": owned}
-        return out
 
 
 def _json_default(o: Any) -> Any:
@@ -275,3 +283,6 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointFileError", "ResumeError", "FORMAT", "OPTIMIZER_FILE", "OPTIMIZER_FORMAT", "STATE_FILE"]

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, Override, RunConfig, lift_settings, load_run_config, read_config_file
+from . import preflight
+from .config import MAX_TOTAL_STEPS, ConfigError, Override, RunConfig, lift_settings, load_run_config, read_config_file
 from .data import FORMATS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "ds_configs" / "zero2.json"
 #: --method: the engine's layer-wise methods (lift.method), then the baselines sharing the loop
 METHODS = ("lift", "badam", "lisa", "full", "lora")
+MAX_STEPS = MAX_TOTAL_STEPS
 BASELINES = ("full", "lora")
 
 #: launcher flags that set a top-level config key: (flag, JSON path, type, help)
@@ -86,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_every", type=int, default=0, help="evaluate every N steps (0: before and after only)")
     a("--eval_limit", type=int, default=0, help="evaluate on the first N held-out items (0: all)")
     a("--eval_batch_size", type=int, default=16)
-    a("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir (any number of ranks, any backend)")
+    a("--resume", action="store_true", help="continue from the newest complete checkpoint in --output_dir (any number of ranks, any backend)")
+    a("--overwrite_output_dir", action="store_true", help="start a new run in a non-empty --output_dir, removing lift_ds's outputs there "
+      "(checkpoints/, metrics.jsonl, final/, result.json, tensorboard/); without it a non-empty --output_dir needs --resume")
+    a("--skip_memory_check", action="store_true", help="run even when the estimated peak memory exceeds what this machine has")
     a("--allow_batch_change", action="store_true", help="with --resume: accept a global batch size (micro batch x accumulation x ranks) "
       "other than the checkpoint's; the result then differs from an uninterrupted run")
     a("--no_truncate", action="store_true", help="error on examples longer than --seq_len instead of truncating them")
@@ -172,13 +177,17 @@ def resolve(args: argparse.Namespace) -> Launch:
     for flag in ("data", "eval_data"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
-            problems.append(f"--{flag}: file {path!r} does not exist")
-    if args.model is not None and os.path.sep in args.model and not Path(args.model).is_dir():
-        problems.append(f"--model: directory {args.model!r} does not exist (give a local Hugging Face directory or a hub id)")
-    for flag in ("max_steps", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "lora_r"):
+            problems.append(f"--{flag}: {path!r} is a directory; give a file" if Path(path).is_dir() else f"--{flag}: file {path!r} does not exist")
+    problems += _model_and_tokenizer_problems(args)
+    problems += preflight.output_dir_problems(args)
+    for flag in ("max_steps", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "lora_r", "eval_batch_size"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             problems.append(f"--{flag}: must be >= 1, got {v}")
+    if args.max_steps is not None and args.max_steps > MAX_STEPS:
+        problems.append(f"--max_steps: {args.max_steps} is more than {MAX_STEPS:,} (the plan of every step is computed up front)")
+    if not 0 <= args.seed < 2**32:
+        problems.append(f"--seed: must be an integer in [0, 2**32), got {args.seed} (NumPy's and the data order's range)")
     for flag in ("save_every", "eval_every", "eval_limit", "keep_checkpoints"):
         if getattr(args, flag) < 0:
             problems.append(f"--{flag}: must be >= 0, got {getattr(args, flag)}")
@@ -210,26 +219,59 @@ def resolve(args: argparse.Namespace) -> Launch:
             problems.append(f"--method: {args.method} is a baseline, but the config's lift.method is {config.lift.method!r}; "
                             f"use one or the other")
         args.method = args.method if args.method in BASELINES else config.lift.method
+        if config.lift.block_store == "disk" and config.lift.block_store_dir:
+            problems += preflight.writable_dir_problems(config.lift.block_store_dir, "--block_store_dir")
     if problems:
         raise ConfigError(problems, source=args.ds_config)
     return Launch(args=args, config=config, builtin=builtin)
 
 
-def check_model(launch: Launch, model_dir: str, num_labels: int | None, pad_id: int | None) -> RunConfig:
-    """Resolve the plan on a meta-device copy of the model (no weights loaded): a layer range past
-    the model, a pattern matching nothing, or fewer steps than blocks fail here, naming the flag.
-    Returns the config with a classification head added to ``always_trainable``."""
+def _model_and_tokenizer_problems(args: argparse.Namespace) -> list[str]:
+    """``--model`` / ``--tokenizer``: local directories checked, hub ids resolved to the local cache
+    (``args.model`` / ``args.tokenizer`` become those directories)."""
+    problems: list[str] = []
+    if args.model is not None:
+        args.model, found = preflight.resolve_dir(args.model, "--model")
+        problems += found or preflight.model_dir_problems(args.model, args.random_init)
+    if args.tokenizer is not None:
+        args.tokenizer, found = preflight.resolve_dir(args.tokenizer, "--tokenizer", tokenizer_only=True)
+        problems += found or preflight.tokenizer_dir_problems(args.tokenizer, "--tokenizer")
+    elif args.model is not None and not problems:
+        problems += preflight.tokenizer_dir_problems(args.model, "--model (its tokenizer; or give --tokenizer)")
+    return problems
+
+
+def check_model(launch: Launch, model_dir: str, data: Any, pad_id: int | None) -> RunConfig:
+    """Check the model against the run before any weight is loaded, on a meta-device copy: it builds,
+    its shapes make sense, the data's token ids and lengths fit it, the plan resolves (a layer range
+    past the model, a pattern matching nothing, fewer steps than blocks), and the run fits in memory
+    and on disk; each problem names its flag. Returns the config with a classification head added to
+    ``always_trainable``."""
     from .plan import resolve_plan
     from .recipe import build_model, head_module_names
 
-    config = launch.config
-    if launch.args.method in BASELINES:
-        return config
-    model = build_model(model_dir, num_labels=num_labels, pad_id=pad_id, meta=True)
-    if num_labels is not None:
-        config = config.with_lift(always_trainable=list(dict.fromkeys(list(config.lift.always_trainable) + head_module_names(model))))
-    plan = resolve_plan(model, config.lift)
-    problem = plan.never_trained_problem("--max_steps")
-    if problem:
-        raise ConfigError([problem], source=launch.args.ds_config)
+    config, args, source = launch.config, launch.args, launch.args.ds_config
+    try:
+        model = build_model(model_dir, num_labels=data.num_labels, pad_id=pad_id, meta=True)
+    except Exception as e:  # noqa: BLE001 - transformers' many ways of refusing a config
+        text = " ".join(str(e).split())
+        kind = "a sequence-classification model (--classifier_head)" if data.num_labels is not None else "a causal language model"
+        if "Unrecognized configuration class" in text:
+            text = f"{text[:text.find(' for this kind of AutoModel')]}: not {kind}, which LIFT trains"
+        raise ConfigError([f"--model: transformers cannot build a model from {model_dir!r}: {type(e).__name__}: {text[:300]}"], source=source) from None
+    t = config.training
+    batch = (t.micro_batch_size, t.gradient_accumulation_steps, config.world_size)
+    problems = preflight.architecture_problems(model) + preflight.data_fit_problems(model, data, pad_id, args.seq_len, batch)
+    if problems:
+        raise ConfigError(problems, source=source)
+    if args.method not in BASELINES:
+        if data.num_labels is not None:
+            config = config.with_lift(always_trainable=list(dict.fromkeys(list(config.lift.always_trainable) + head_module_names(model))))
+        plan = resolve_plan(model, config.lift)
+        problem = plan.never_trained_problem("--max_steps")
+        if problem:
+            raise ConfigError([problem], source=source)
+    problems = preflight.resource_problems(args, config, model_dir, model)
+    if problems:
+        raise ConfigError(problems, source=source)
     return config

@@ -38,6 +38,8 @@ BACKEND_CHOICES = ("auto", *REGISTRY)
 #: Hugging Face Trainer's ``max_grad_norm``. ``0`` turns clipping off. It is always written into the
 #: DeepSpeed config explicitly, so the meaning never depends on a library default.
 DEFAULT_GRADIENT_CLIPPING = 1.0
+#: the most optimizer steps a plan may have (every step's block is computed up front)
+MAX_TOTAL_STEPS = 10_000_000
 
 
 class ConfigError(ValueError):
@@ -54,7 +56,7 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any, help: str, *, kind: str, choices: tuple[str, ...] = (), minimum: int | None = None,
-            auto: bool = False, flag: bool = True) -> Any:
+            maximum: int | None = None, auto: bool = False, flag: bool = True) -> Any:
     """Declare one ``lift`` key: a dataclass field whose metadata drives validation, flags and docs.
 
     Args:
@@ -63,10 +65,12 @@ def setting(default: Any, help: str, *, kind: str, choices: tuple[str, ...] = ()
         kind: ``choice``, ``bool``, ``int``, ``layer_range``, ``patterns`` or ``path`` (a string or null).
         choices: allowed values of a ``choice``.
         minimum: smallest allowed ``int``.
+        maximum: largest allowed ``int``.
         auto: an ``int`` that may be ``"auto"`` / null (filled in by the caller, e.g. ``--max_steps``).
         flag: generate a ``--<name>`` launcher flag.
     """
-    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices, "minimum": minimum, "auto": auto, "flag": flag})
+    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices, "minimum": minimum, "maximum": maximum,
+                                            "auto": auto, "flag": flag})
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class LiftConfig:
     policy: str = setting("grouped", "grouped: each slot's floor(t/N) steps contiguous (the first t mod N slots get one more); "
                           "cyclic: round-robin, one step per block", kind="choice", choices=POLICIES)
     total_steps: int | None = setting(None, "optimizer steps t in the whole run; \"auto\": taken from --max_steps / total_steps=",
-                                      kind="int", minimum=1, auto=True, flag=False)
+                                      kind="int", minimum=1, maximum=MAX_TOTAL_STEPS, auto=True, flag=False)
     switch_every: int | None = setting(None, "badam / lisa: optimizer steps per block (BAdam's switch_block_every; null: 50) or "
                                        "per draw of layers (LISA's interval; null: 20); LIFT's phase lengths come from total_steps "
                                        "and policy", kind="int", minimum=1, auto=True)
@@ -99,7 +103,7 @@ class LiftConfig:
     always_trainable: tuple[str, ...] = setting((), "module-name patterns (fnmatch) trained in every phase, e.g. [\"score\"] "
                                                 "for a new classification head", kind="patterns")
     seed: int = setting(0, "seed of the random schedule (every rank computes the same plan); the launcher's --seed fills it",
-                        kind="int", flag=False)
+                        kind="int", minimum=0, maximum=2**32 - 1, flag=False)
     optimizer_state: str = setting("reset", "reset: a fresh optimizer each phase; offload: a block's optimizer state (and fp32 "
                                    "master) waits on CPU and comes back when the block does", kind="choice", choices=OPTIMIZER_STATES)
     gradient_checkpointing: bool = setting(False, "recompute each layer's activations during backward (non-reentrant, through "
@@ -172,9 +176,9 @@ def check_setting(f: dataclasses.Field, value: Any, path: str) -> tuple[Any, str
     if kind == "int":
         if m["auto"] and value in (None, "auto"):
             return None, None
-        lo = m["minimum"]
-        if not _is_int(value) or (lo is not None and value < lo):
-            what = "an integer" + (f" >= {lo}" if lo is not None else "") + (" or \"auto\"" if m["auto"] else "")
+        lo, hi = m["minimum"], m.get("maximum")
+        if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            what = "an integer" + (f" >= {lo}" if lo is not None else "") + (f" and <= {hi}" if hi is not None else "") + (" or \"auto\"" if m["auto"] else "")
             extra = " (0: never stop)" if f.name == "max_consecutive_skipped_steps" else ""
             return None, f"{path}: must be {what}{extra}, got {value!r}"
         return value, None

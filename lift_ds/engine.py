@@ -65,6 +65,9 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         self.candidates = list(plan.candidates)
         self.cursor = PhaseCursor(list(plan.steps), list(plan.units))
         self.guard = StepGuard(self.lift.max_consecutive_skipped_steps, self.training_config.precision)
+        #: settings outside the config that decide the result, recorded in checkpoints and compared on
+        #: resume (lift_ds.initialize adds the optimizer and schedule; the launcher the data, seed, model)
+        self.run_fingerprint: dict[str, Any] = {}
         self.checkpointer = Checkpointer(self)
         self.micro_steps = 0
         #: global samples read so far (the data position: a resumed run continues from here)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import ConfigError, LiftConfig, TrainingConfig, parse_lift_section, resolve_training
+from .config_scan import MAX_DEPTH, misspelled_top_level, parse_json, plain, scan
 
 
 @dataclass(frozen=True)
@@ -54,21 +56,34 @@ class RunConfig:
 def read_config_file(config: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """``(a copy of the config as a dict, its source name)``; file problems are a ConfigError."""
     if isinstance(config, Mapping):
-        return json.loads(json.dumps(config)), "config"
+        try:
+            return json.loads(json.dumps(config)), "config"
+        except RecursionError:
+            raise ConfigError([f"nested more than {MAX_DEPTH} levels deep; a DeepSpeed config is a few levels deep"]) from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError([f"not a JSON-like config (dicts, lists, strings, numbers, booleans, null): {e}"]) from None
+    if not isinstance(config, (str, os.PathLike)):
+        raise ConfigError([f"config: must be a DeepSpeed JSON path, a dict or a RunConfig, got {type(config).__name__}"])
     p = Path(config)
     if p.is_dir():
         raise ConfigError([f"{str(p)!r} is a directory; give the path of a DeepSpeed JSON file (e.g. ds_configs/zero2.json)"], source=str(p))
     if not p.is_file():
         raise ConfigError([f"file {str(p)!r} does not exist"], source=str(p))
     try:
-        data = json.loads(p.read_text())
+        data = parse_json(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError([f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"], source=str(p)) from None
+    except RecursionError:
+        raise ConfigError([f"nested more than {MAX_DEPTH} levels deep (deeper than Python's JSON reader goes); a DeepSpeed config is a "
+                           "few levels deep"], source=str(p)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"cannot read {str(p)!r}: {e}"], source=str(p)) from None
     if not isinstance(data, dict):
         raise ConfigError([f"top level must be a JSON object, got {type(data).__name__}"], source=str(p))
-    return data, str(p)
+    problems = scan(data, check_enabled=False)
+    if problems:
+        raise ConfigError(problems, source=str(p))
+    return plain(data), str(p)
 
 
 @dataclass(frozen=True)
@@ -160,6 +175,12 @@ def load_run_config(
     source = source or name
     overrides = list(overrides)
     problems = apply_overrides(raw, overrides)
+    scanned = scan(raw)
+    if scanned:  # non-finite numbers, non-boolean "enabled", nesting: nothing else can be checked on them
+        raise ConfigError(_attribute(problems + scanned, overrides), source=source)
+    from .backends.ds_config_keys import known_top_level_keys
+
+    problems += misspelled_top_level(raw, known_top_level_keys())
     lift = training = None
     try:
         lift = parse_lift_section(raw.get("lift", {}))

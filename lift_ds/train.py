@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,17 +28,27 @@ class Run:
         self.out = Path(self.args.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self._tb: Any = None
+        #: the step of the newest checkpoint this run wrote or resumed from
+        self.saved_step: int | None = None
 
     def setup(self) -> None:
         import torch
 
-        from . import assets, recipe
+        from . import assets, preflight, recipe
         from .api import initialize
         from .data import RankBatches
 
         args = self.args
         model_dir = args.model or str(assets.smollm2_135m())
-        self.tokenizer = recipe.load_tokenizer(args.tokenizer or model_dir)
+        problems = preflight.config_problems(model_dir)
+        if problems:
+            raise ConfigError(problems, source=args.ds_config)
+        try:
+            self.tokenizer = recipe.load_tokenizer(args.tokenizer or model_dir)
+        except Exception as e:  # noqa: BLE001 - transformers' many ways of refusing a tokenizer directory
+            flag = "--tokenizer" if args.tokenizer else "--model (its tokenizer; or give --tokenizer)"
+            raise ConfigError([f"{flag}: cannot load a tokenizer from {args.tokenizer or model_dir!r}: {type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:300]}"], source=args.ds_config) from None
         train_path, eval_path = args.data, args.eval_data
         if self.launch.builtin:
             train_path, eval_path = (str(p) for p in assets.movie_review_sentiment())
@@ -47,7 +56,7 @@ class Run:
             train_path, eval_path, self.launch.fmt, self.tokenizer, args.seq_len, labels=args.labels.split(",") if args.labels else None,
             classifier_head=args.classifier_head, truncate=not args.no_truncate, eval_limit=args.eval_limit)
         pad = self.tokenizer.pad_token_id
-        config = check_model(self.launch, model_dir, self.data.num_labels, pad)
+        config = check_model(self.launch, model_dir, self.data, pad)
         if config.lift.frozen_weights != "full":  # Q-LIFT: layer by layer, never the whole model in full precision
             from .quant import make_store, store_dtype
             from .quant_load import build_quantized_model
@@ -68,7 +77,14 @@ class Run:
         self.engine, _, _, _ = initialize(model=self.model, config=config, fixed_trainable=fixed)
         self.batches = RankBatches(self.data.train, self.engine.train_micro_batch_size_per_gpu(), self.engine.rank, self.engine.world_size, args.seed, pad,
                                    accumulation=self.engine.gradient_accumulation_steps())
+        self.engine.run_fingerprint.update(run_fingerprint(args, model_dir, self.data))
         if self.engine.rank == 0:
+            if args.overwrite_output_dir:
+                from .preflight import clear_outputs
+
+                gone = clear_outputs(self.out) if self.out.is_dir() else []
+                if gone:
+                    logger.warning("--overwrite_output_dir: removed %s from %s", ", ".join(gone), self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             logger.info("backend %s, chosen by %s", config.backend, config.backend_reason)
             logger.info("configuration (merged):\n%s", json.dumps({"args": vars(args), "config": config.to_dict()}, indent=1, default=str))
@@ -98,11 +114,27 @@ class Run:
                     self._tb.add_scalar(k, v, record["step"])
 
     def save(self) -> None:
-        self.engine.save_checkpoint(self.ckpt_dir, client_state={"samples_seen": self.engine.samples_seen})
+        from .checkpoint_io import rotate
+
+        path = self.engine.save_checkpoint(self.ckpt_dir, client_state={"samples_seen": self.engine.samples_seen})
+        self.saved_step = self.engine.global_step
         if self.engine.rank == 0 and self.args.keep_checkpoints:
-            tags = sorted((p for p in self.ckpt_dir.glob("global_step*") if p.is_dir()), key=lambda p: int(p.name[len("global_step"):]))
-            for old in tags[: -self.args.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            # the oldest go (renamed aside, then deleted), never the one just written
+            rotate(self.ckpt_dir, r"^global_step(\d+)$", self.args.keep_checkpoints, {path.name}, self.engine.checkpointer.last_ops)
+
+    def continue_metrics(self) -> None:
+        """On resume: drop records past the resumed step from metrics.jsonl (those steps run again), so
+        the file reads as one run (rank 0)."""
+        f = self.out / "metrics.jsonl"
+        if self.engine.rank != 0 or not f.is_file():
+            return
+        lines = f.read_text().splitlines()
+        keep = [ln for ln in lines if ln.strip() and _step_of(ln) <= self.engine.global_step] if self.engine.global_step > 0 else []
+        if len(keep) != len(lines):
+            tmp = f.with_suffix(".partial")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, f)
+            logger.info("metrics.jsonl: %d records after step %d dropped (those steps run again)", len(lines) - len(keep), self.engine.global_step)
 
     def train(self) -> dict[str, Any]:
         from tqdm import tqdm
@@ -116,6 +148,9 @@ class Run:
             path, _ = engine.load_checkpoint(self.ckpt_dir, allow_batch_change=args.allow_batch_change)
             if path is None:
                 logger.warning("--resume: no checkpoint in %s, starting from the beginning", self.ckpt_dir)
+            else:
+                self.saved_step = engine.global_step
+            self.continue_metrics()
         before = self.evaluate() if engine.global_step == 0 else {}
         if before:
             logger.info("before training: %s", _fmt(before))
@@ -158,7 +193,7 @@ class Run:
         after = self.evaluate()
         if after:
             self.log({"step": engine.global_step, **after})
-        if not args.no_checkpoint:
+        if not args.no_checkpoint and self.saved_step != engine.global_step:  # not the step just saved (or resumed from) again
             self.save()
         if not args.no_final_model:
             self.export()
@@ -177,6 +212,25 @@ class Run:
             self.engine.backend.barrier()
         else:
             save_hf_checkpoint(self.engine, final, tokenizer=self.tokenizer)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return 0
+
+
+def run_fingerprint(args: Any, model_dir: str, data: Any) -> dict[str, Any]:
+    """What decides a launcher run's result besides the config: the tokenized training data, the
+    data seed (also the initialisation of new weights), the model, the method."""
+    from .preflight import data_digest, model_identity
+
+    out = {"data": data_digest(data.train), "data_seed": args.seed, "model": model_identity(model_dir, args.random_init),
+           "method": args.method, "classifier_head": bool(args.classifier_head)}
+    if args.method == "lora":
+        out["lora_r"] = args.lora_r
+    return out
 
 
 def write_result(run: Run, result: dict[str, Any]) -> None:

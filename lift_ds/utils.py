@@ -27,14 +27,16 @@ def get_logger(name: str = "lift_ds") -> logging.Logger:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, NumPy (if installed) and torch RNG states of this process."""
+    """Python, NumPy (if installed) and torch RNG states of this process, as tensors, numbers,
+    strings and lists only (a checkpoint is read back with ``torch.load(weights_only=True)``)."""
     import torch
 
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available():
@@ -51,7 +53,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -30,6 +30,17 @@ def merged(**changes):
     return cfg
 
 
+def ADAMW(**params):
+    return {"type": "AdamW", "params": {"lr": 1e-3, **params}}
+
+
+def NESTED(depth):
+    node = {}
+    for _ in range(depth):
+        node = {"x": node}
+    return node
+
+
 # (id, config or None for BASE, extra argv, substrings the message must contain)
 CONFIG_CASES = [
     ("unknown-lift-key", merged(lift_shedule="random"), [], ["lift.shedule: unknown key", "schedule"]),
@@ -46,7 +57,7 @@ CONFIG_CASES = [
     ("layer-range-past-model", merged(lift_layer_range=[2, 9]), [], ["lift.layer_range: [2, 9] reaches past the model's 4 layers"]),
     ("always-trainable-number", merged(lift_always_trainable=5), [], ["lift.always_trainable: must be a list of module-name patterns"]),
     ("always-trainable-no-match", merged(lift_always_trainable=["nonexistent_head"]), [], ["always_trainable", "nonexistent_head"]),
-    ("seed-string", merged(lift_seed="x"), [], ["lift.seed: must be an integer, got 'x'"]),
+    ("seed-string", merged(lift_seed="x"), [], ["lift.seed: must be an integer >= 0 and <= 4294967295, got 'x'"]),
     ("skip-limit-negative", merged(lift_max_consecutive_skipped_steps=-1), [], ["lift.max_consecutive_skipped_steps: must be an integer >= 0"]),
     ("lift-not-object", {**BASE, "lift": ["torch"]}, [], ["lift: must be a JSON object"]),
     ("micro-batch-zero", merged(train_micro_batch_size_per_gpu=0), [], ["train_micro_batch_size_per_gpu: must be an integer >= 1"]),
@@ -81,6 +92,37 @@ CONFIG_CASES = [
     ("torch-backend-with-zero", merged(zero_optimization={"stage": 7}), [], ["zero_optimization: {'stage': 7} is DeepSpeed ZeRO", "single-process torch backend cannot honour"]),
     ("deepspeed-with-fsdp-section", merged(lift_backend="deepspeed", fsdp={"cpu_offload": True}), [], ["fsdp: this section only applies to lift.backend \"fsdp\" (the backend is \"deepspeed\")"]),
     ("auto-with-both-sections", {**merged(zero_optimization={"stage": 2}, fsdp={}), "lift": {}}, [], ["lift.backend: \"auto\" cannot choose", "set lift.backend"]),
+    # values that passed the old checks and then crashed inside torch / DeepSpeed or trained silently wrong
+    ("weight-decay-infinity", merged(optimizer=ADAMW(weight_decay=float("inf"))), [], ["optimizer.params.weight_decay: Infinity is not a finite number"]),
+    ("weight-decay-nan", merged(optimizer=ADAMW(weight_decay=float("nan"))), [], ["optimizer.params.weight_decay: NaN is not a finite number"]),
+    ("weight-decay-negative", merged(optimizer=ADAMW(weight_decay=-0.1)), [], ["optimizer.params.weight_decay: must be a finite number >= 0, got -0.1"]),
+    ("betas-wrong-length", merged(optimizer=ADAMW(betas=[0.9])), [], ["optimizer.params.betas: must be a list of two numbers in [0, 1)", "[0.9]"]),
+    ("betas-out-of-range", merged(optimizer=ADAMW(betas=[0.9, 1.0])), [], ["optimizer.params.betas", "[0.9, 1.0]"]),
+    ("eps-not-a-number", merged(optimizer=ADAMW(eps="small")), [], ["optimizer.params.eps: must be a finite number >= 0, got 'small'"]),
+    ("eps-zero", merged(optimizer=ADAMW(eps=0)), [], ["optimizer.params.eps: eps 0 turns a zero gradient", "into NaN"]),
+    ("sgd-nesterov-without-momentum", merged(optimizer={"type": "SGD", "params": {"lr": 0.1, "nesterov": True}}), [],
+     ["optimizer.params.nesterov: the optimizer refuses it", "Nesterov momentum requires a momentum"]),
+    ("warmup-max-lr-nan", merged(scheduler={"type": "WarmupLR", "params": {"warmup_max_lr": float("nan"), "warmup_num_steps": 2}}), [],
+     ["scheduler.params.warmup_max_lr: NaN is not a finite number"]),
+    ("warmup-negative", merged(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": -5}}), [], ["scheduler.params.warmup_num_steps: must be an integer >= 0, got -5"]),
+    ("total-num-steps-zero", merged(scheduler={"type": "WarmupDecayLR", "params": {"total_num_steps": 0}}), [], ["scheduler.params.total_num_steps: must be >= 1, got 0"]),
+    ("total-num-steps-below-run", merged(scheduler={"type": "WarmupDecayLR", "params": {"total_num_steps": 4, "warmup_num_steps": 1}}), [],
+     ["scheduler.params.total_num_steps: 4 is below the run's 8 optimizer steps", "steps 5..8"]),
+    ("zero-key-deepspeed-rejects", merged(lift_backend="deepspeed", zero_optimization={"stage": 2, "overlap_com": True}), [],
+     ["zero_optimization.overlap_com: unknown key (did you mean \"overlap_comm\"?)", "DeepSpeedZeroConfig"]),
+    ("zero-value-deepspeed-rejects", merged(lift_backend="deepspeed", zero_optimization={"stage": 2, "reduce_bucket_size": "big"}), [],
+     ["zero_optimization.reduce_bucket_size: Input should be a valid integer", "'big'"]),
+    ("bf16-enabled-yes", merged(bf16={"enabled": "yes"}), [], ["bf16.enabled: must be true or false, got 'yes'"]),
+    ("fp16-enabled-number", merged(lift_backend="deepspeed", fp16={"enabled": 1}), [], ["fp16.enabled: must be true or false, got 1"]),
+    ("bf16-misspelled-enable", merged(bf16={"enable": True}), [], ["bf16.enable: unknown key (did you mean \"enabled\"?)"]),
+    ("misspelled-top-level-key", merged(gradient_cliping=0.5), [], ["gradient_cliping: unknown top-level key; did you mean \"gradient_clipping\"?"]),
+    ("misspelled-batch-key", merged(train_micro_batch_size_per_gp=4), [], ["did you mean \"train_micro_batch_size_per_gpu\"?"]),
+    ("nested-too-deep", merged(wandb=NESTED(40)), [], ["nested more than 32 levels deep"]),
+    ("optimizer-bool-as-string", merged(optimizer=ADAMW(maximize="yes")), [], ["optimizer.params.maximize: must be true or false, got 'yes'"]),
+    ("warmup-type-unknown", merged(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 2, "warmup_type": "cosine"}}), [],
+     ["scheduler.params.warmup_type: got 'cosine'; allowed: log, linear"]),
+    ("lift-seed-negative", merged(lift_seed=-1), [], ["lift.seed: must be an integer >= 0"]),
+    ("total-steps-huge", merged(lift_total_steps=10**9), ["--max_steps", None], ["lift.total_steps: must be an integer >= 1 and <= 10000000"]),
 ]
 
 CLI_CASES = [
@@ -111,6 +153,38 @@ CLI_CASES = [
     ("config-is-a-directory", ["--ds_config", "{d}"], ["--ds_config: ", "is a directory; give the path of a DeepSpeed JSON file"]),
     ("set-without-equals", ["--set", "lift.seed"], ["--set: 'lift.seed' must be KEY=VALUE"]),
     ("set-bad-value", ["--set", "lift.policy=sideways"], ["lift.policy: got 'sideways'", "[set by --set lift.policy]"]),
+    ("set-nan", ["--set", "optimizer.params.weight_decay=NaN"], ["optimizer.params.weight_decay: nan is not a finite number", "[set by --set"]),
+    ("eval-batch-size-zero", ["--eval_batch_size", "0"], ["--eval_batch_size: must be >= 1, got 0"]),
+    ("eval-batch-size-negative", ["--eval_batch_size", "-4"], ["--eval_batch_size: must be >= 1, got -4"]),
+    ("seed-beyond-64-bits", ["--seed", str(2**70)], ["--seed: must be an integer in [0, 2**32)", str(2**70)]),
+    ("seed-negative", ["--seed", "-1"], ["--seed: must be an integer in [0, 2**32), got -1"]),
+    ("max-steps-huge", ["--max_steps", str(10**11)], ["--max_steps: 100000000000 is more than 10,000,000"]),
+    ("data-is-a-directory", ["--data", "{d}"], ["--data: ", "is a directory; give a file"]),
+    ("output-dir-is-a-file", ["--output_dir", "{d}/train.jsonl"], ["--output_dir: ", "train.jsonl' is a file, not a directory"]),
+    ("output-dir-under-a-file", ["--output_dir", "{d}/train.jsonl/run"], ["--output_dir: ", "lies under", "train.jsonl', which is a file"]),
+    ("output-dir-not-empty", ["--output_dir", "{d}/used"], ["--output_dir: ", "is not empty (metrics.jsonl)", "--resume", "--overwrite_output_dir"]),
+    ("overwrite-and-resume", ["--overwrite_output_dir", None, "--resume", None], ["--overwrite_output_dir: contradicts --resume"]),
+    ("model-without-config", ["--model", "{d}/no_config"], ["--model: ", "no_config' has no config.json"]),
+    ("model-invalid-config", ["--model", "{d}/bad_config"], ["--model: ", "bad_config/config.json is not a valid config.json"]),
+    ("model-unknown-architecture", ["--model", "{d}/unknown_arch"], ["--model: transformers cannot read", "unknown_arch/config.json", "nonexistent_arch"]),
+    ("model-unsupported-architecture", ["--model", "{d}/vision_arch"], ["--model: transformers cannot build a model from", "vision_arch"]),
+    ("model-without-weights", ["--model", "{d}/no_weights"], ["--model: ", "no_weights' has no weights (*.safetensors)", "--random_init"]),
+    ("model-shard-missing", ["--model", "{d}/missing_shard"], ["--model: model.safetensors.index.json names shard(s) model-00002-of-00002.safetensors"]),
+    ("heads-do-not-divide-hidden", ["--model", "{d}/bad_heads", "--random_init", None], ["--model: transformers cannot read", "hidden size (30) is not a multiple of the number of attention heads (4)"]),
+    ("kv-heads-do-not-divide", ["--model", "{d}/bad_kv", "--random_init", None], ["num_attention_heads 4 is not divisible by num_key_value_heads 3"]),
+    ("tokenizer-missing", ["--tokenizer", "/nonexistent/tok"], ["--tokenizer: directory '/nonexistent/tok' does not exist"]),
+    ("tokenizer-empty-directory", ["--tokenizer", "{d}/empty"], ["--tokenizer: ", "empty' holds no tokenizer files"]),
+    ("model-without-tokenizer", ["--model", "{d}/no_tokenizer"], ["--model (its tokenizer; or give --tokenizer): ", "holds no tokenizer files"]),
+    ("tokenizer-larger-than-vocab", ["--model", "{d}/small_vocab", "--tokenizer", "{d}/model"],
+     ["--tokenizer: the data has token ids up to", "the model's embedding has 40 rows"]),
+    ("sequences-past-learned-positions", ["--model", "{d}/short_positions", "--seq_len", "32"],
+     ["--seq_len: sequences of up to", "but the model has 8 learned positions; set --seq_len 8"]),
+    ("model-is-a-file", ["--model", "{d}/train.jsonl"], ["--model: ", "train.jsonl' is a file; give the model's directory"]),
+    ("global-batch-larger-than-data", ["--micro_batch_size", "64"], ["--micro_batch_size: 16 training examples are fewer than one global batch (64 x 1"]),
+    ("block-store-dir-is-a-file", ["--frozen_weights", "nf4", "--block_store", "disk", "--block_store_dir", "{d}/train.jsonl"],
+     ["--block_store_dir: ", "train.jsonl' is a file, not a directory"]),
+    ("hub-id-not-reachable", ["--model", "nobody-here/no-such-model"], ["--model: 'nobody-here/no-such-model' is not a local directory",
+                                                                         "HF_HUB_OFFLINE is set, so only the local cache was searched"]),
 ]
 
 DATA_CASES = [
@@ -125,16 +199,61 @@ DATA_CASES = [
 ]
 
 
+def _model_dirs(d):
+    """Model directories that are each wrong in one way (copies of the good one, config edited)."""
+    import shutil
+
+    good = json.loads((d / "model" / "config.json").read_text())
+
+    def variant(name, config=None, drop=(), text=None):
+        shutil.copytree(d / "model", d / name)
+        for f in drop:
+            (d / name / f).unlink()
+        if text is not None:
+            (d / name / "config.json").write_text(text)
+        elif config is not None:
+            (d / name / "config.json").write_text(json.dumps({**good, **config}))
+
+    variant("no_config", drop=["config.json"])
+    variant("bad_config", text='{"model_type": "llama",')
+    variant("unknown_arch", {"model_type": "nonexistent_arch"})
+    variant("vision_arch", {"model_type": "vit"})
+    variant("no_weights", drop=["model.safetensors"])
+    variant("bad_heads", {"hidden_size": 30})
+    variant("bad_kv", {"num_key_value_heads": 3})
+    variant("small_vocab", {"vocab_size": 40})
+    variant("no_tokenizer", drop=[p.name for p in (d / "model").iterdir() if "token" in p.name])
+    variant("missing_shard")
+    (d / "missing_shard" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (d / "missing_shard" / "model.safetensors").rename(d / "missing_shard" / "model-00001-of-00002.safetensors")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    shutil.copytree(d / "model", d / "short_positions")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(json.loads((d / "model" / "tokenizer.json").read_text())["model"]["vocab"]) + 2, n_positions=8,
+                               n_embd=16, n_layer=2, n_head=2)).save_pretrained(d / "short_positions")
+    (d / "empty").mkdir()
+    (d / "used").mkdir()
+    (d / "used" / "metrics.jsonl").write_text("{}\n")
+
+
 @pytest.fixture(scope="module")
 def d(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     make_model_dir(d / "model", layers=4)
+    _model_dirs(d)
     write_sentiment(d / "train.jsonl", 16)
     (d / "ok.json").write_text(json.dumps(BASE))
     (d / "broken.json").write_text('{"lift": {"backend": "torch",}}')
     (d / "zero3.json").write_text(json.dumps(merged(lift_backend="deepspeed", zero_optimization={"stage": 3})))
     (d / "auto.json").write_text(json.dumps(merged(lift_total_steps="auto")))
     return d
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def run_main(d, argv_changes, capsys):
@@ -269,7 +388,7 @@ def test_at_least_forty_distinct_refusals(d, capsys):
         code, err = run_main(d, ["--data", str(path), *(["--labels", "positive,negative"] if name == "label-not-in-set" else [])], capsys)
         check(code, err, needles)
         messages.add(err[err.rfind("error:"):].strip())
-    assert len(messages) >= 40, len(messages)
+    assert len(messages) >= 90, len(messages)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -312,3 +431,77 @@ def test_bf16_where_the_gpu_has_none_is_refused_for_torch_backends(monkeypatch):
         assert problem.startswith("bf16.enabled: true, but this machine cannot train in bf16")
         assert "Tesla V100-SXM2-32GB (compute capability 7.0" in problem and "to train in fp32" in problem
     assert hardware.precision_problems("torch", "fp32") == []
+
+
+@pytest.mark.parametrize("name,text,needles", [
+    ("duplicate-keys", '{"lift": {"backend": "torch", "schedule": "random", "schedule": "front2end"}, "train_micro_batch_size_per_gpu": 2, '
+                       '"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}',
+     ["lift.schedule: the key appears more than once", "train_micro_batch_size_per_gpu: the key appears more than once", "DeepSpeed refuses duplicates"]),
+    ("nan-literal", '{"lift": {"backend": "torch"}, "optimizer": {"type": "AdamW", "params": {"lr": NaN, "weight_decay": -Infinity}}}',
+     ["optimizer.params.lr: NaN is not a finite number", "optimizer.params.weight_decay: -Infinity is not a finite number"]),
+    ("recursion-deep", '{"lift": {"backend": "torch"}, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", ["nested more than 32 levels deep"]),
+])
+def test_json_that_plain_json_loads_accepts_is_refused(d, capsys, name, text, needles):
+    """What json.loads lets through: duplicate keys (the last silently won), NaN/Infinity literals
+    (a NaN model at exit 0), nesting past Python's recursion limit (a RecursionError traceback)."""
+    path = d / f"{name}.json"
+    path.write_text(text)
+    code, err = run_main(d, ["--ds_config", str(path)], capsys)
+    check(code, err, needles)
+
+
+def test_the_python_api_refuses_bad_models_optimizers_and_schedules_with_config_errors():
+    """lift_ds.initialize: a string for the model, a factory with a NaN or out-of-range argument, a
+    schedule that gives NaN or cannot step: each a ConfigError naming the argument, no process group."""
+    import torch
+
+    import lift_ds
+    from lift_ds.config import ConfigError
+
+    cfg = {"train_micro_batch_size_per_gpu": 2, "lift": {"backend": "deepspeed", "total_steps": 8}, "zero_optimization": {"stage": 2}}
+    adamw = lambda **kw: (lambda ps: torch.optim.AdamW(ps, **{"lr": 1e-3, **kw}))  # noqa: E731
+    cases = [
+        (dict(model="a string", optimizer=adamw()), "model: must be a torch.nn.Module, got str 'a string'"),
+        (dict(optimizer=adamw(lr=float("nan"))), "optimizer: the optimizer refuses it: ValueError: Invalid learning rate: nan"),
+        (dict(optimizer=adamw(weight_decay=float("inf"))), "optimizer: parameter group 0 has weight_decay = inf; it must be finite"),
+        (dict(optimizer=adamw(betas=(0.9, 1.2))), "Invalid beta parameter at index 1: 1.2"),
+        (dict(optimizer=adamw(eps=0.0)), "optimizer: eps 0 turns a zero gradient"),
+        (dict(optimizer=lambda ps: torch.optim.SGD(ps, lr=-1)), "Invalid learning rate: -1"),
+        (dict(optimizer=adamw(), lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: float("nan"))),
+         "lr_scheduler: the schedule gives a learning rate of nan at step 0"),
+        (dict(optimizer=adamw(), lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=0)), "lr_scheduler: building or stepping"),
+        (dict(optimizer=adamw(), config={**cfg, "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 4}}}),
+         "scheduler.params.total_num_steps: 4 is below the run's 8 optimizer steps"),
+        (dict(optimizer=adamw(), config={**cfg, "optimizer": {"type": "AdamW", "params": {"lr": float("nan")}}}),
+         "optimizer.params.lr: nan is not a finite number"),
+    ]
+    for kwargs, needle in cases:
+        kwargs = {"model": tiny_llama(), "config": cfg, **kwargs}
+        with pytest.raises(ConfigError) as info:
+            lift_ds.initialize(**kwargs)
+        assert needle in str(info.value), (needle, str(info.value))
+        assert not dist.is_initialized()
+
+
+def test_an_unwritable_or_full_output_directory_is_refused_before_anything_starts(d, capsys, monkeypatch):
+    """As root a chmod does not stop writes, so the refusals are made to happen: a read-only file
+    system (the write probe fails with EROFS), then a disk with 1 KiB free."""
+    import errno
+    import shutil
+    import tempfile
+
+    from collections import namedtuple
+
+    real = tempfile.mkstemp
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    code, err = run_main(d, ["--output_dir", str(d / "ro" / "run")], capsys)
+    check(code, err, ["--output_dir: cannot write in", "(Read-only file system); give a writable directory"])
+    monkeypatch.setattr(tempfile, "mkstemp", real)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 2**40 - 1024, 1024))
+    code, err = run_main(d, ["--output_dir", str(d / "full")], capsys)
+    check(code, err, ["--output_dir: ", "has 0.0 GiB free; this run writes about", "--no_checkpoint / --no_final_model write less"])

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,26 @@ def test_fsdp_rejects_what_it_cannot_honour():
         parse_config({"fsdp": {"cpu_offload": True}, "lift": {"backend": "deepspeed"}})
     lift, _, _ = parse_config({"zero_optimization": {"stage": 0}, "fsdp": {"cpu_offload": True}, "lift": {"backend": "fsdp"}})
     assert lift.backend == "fsdp"
+
+
+def test_deepspeed_top_level_keys_are_the_installed_deepspeeds():
+    """ds_config_keys.DEEPSPEED_TOP_LEVEL_KEYS (the spelling suggestions' vocabulary) holds every top-level key
+    the installed DeepSpeed's config parser reads; a new DeepSpeed release that reads more fails here."""
+    from lift_ds.backends import ds_config_keys as compat
+
+    read = compat.deepspeed_read_top_level_keys()
+    assert read and read <= set(compat.DEEPSPEED_TOP_LEVEL_KEYS), sorted(read - set(compat.DEEPSPEED_TOP_LEVEL_KEYS))
+    for cfg in ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp", "quickstart_cpu", "trainer_zero2"):
+        raw = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / f"{cfg}.json").read_text())
+        assert not [k for k in raw if k not in compat.known_top_level_keys() and not k.startswith("_comment")], cfg
+        assert compat.section_problems(raw, ("zero_optimization", "bf16", "fp16")) == [], cfg  # DeepSpeed's models accept the shipped configs
+
+
+def test_deepspeeds_own_models_validate_the_sections_it_reads():
+    from lift_ds.backends import ds_config_keys as compat
+
+    problems = compat.section_problems({"zero_optimization": {"stage": 2, "overlap_com": True, "reduce_bucket_size": "big"},
+                                        "fp16": {"enabled": True, "loss_scale": -1}}, ("zero_optimization", "bf16", "fp16"))
+    text = "\n".join(problems)
+    assert "zero_optimization.overlap_com: unknown key (did you mean \"overlap_comm\"?)" in text
+    assert "zero_optimization.reduce_bucket_size: Input should be a valid integer" in text and "fp16.loss_scale" in text

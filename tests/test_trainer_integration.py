@@ -68,6 +68,45 @@ def test_evaluation_is_trainers_own_loop(tmp_path):
     assert after["eval_loss"] < before["eval_loss"] - 0.03 and "eval_accuracy" in after
 
 
+@pytest.mark.parametrize("args,needle", [
+    ({"lr_scheduler_type": "reduce_lr_on_plateau", "eval_strategy": "steps"}, "TrainingArguments.lr_scheduler_type: 'reduce_lr_on_plateau' needs"),
+    ({"optim_args": "foreach=False"}, "TrainingArguments.optim_args: 'foreach=False' is not supported with LIFT"),
+    ({"save_strategy": "best", "metric_for_best_model": "eval_loss", "eval_strategy": "steps"}, "TrainingArguments.save_strategy: 'best' is not supported"),
+    ({"per_device_eval_batch_size": 0}, "TrainingArguments.per_device_eval_batch_size: must be an integer >= 1, got 0"),
+    ({"weight_decay": float("nan")}, "TrainingArguments.weight_decay: must be a finite number >= 0, got nan"),
+    ({"eval_on_start": True, "eval_strategy": "steps"}, "TrainingArguments.eval_on_start: True is not supported with LIFT"),
+    ({"save_only_model": True}, "TrainingArguments.save_only_model: True is not supported with LIFT"),
+    ({"ignore_data_skip": True}, "TrainingArguments.ignore_data_skip: True is not supported with LIFT"),
+    ({"push_to_hub": True, "hub_model_id": "x/y"}, "TrainingArguments.push_to_hub: True is not supported with LIFT"),
+    ({"bf16_full_eval": True}, "TrainingArguments.bf16_full_eval: True is not supported"),
+    ({"max_steps": -1, "num_train_epochs": 0}, "TrainingArguments.num_train_epochs: must be a number > 0 when max_steps is not set, got 0"),
+])
+def test_arguments_lift_cannot_honour_fail_at_construction(tmp_path, args, needle):
+    with pytest.raises(ConfigError) as info:
+        build(tmp_path, trainer_kwargs={"eval_dataset": data()[:2]}, **args)
+    assert needle in str(info.value)
+
+
+def test_fractional_steps_are_fractions_of_the_run_and_a_missing_checkpoint_is_named(tmp_path):
+    """Hugging Face reads logging/eval/save_steps below 1 as a fraction of the run (ceil): 0.25 of 8
+    steps is every 2, 0.5 every 4; num_train_epochs 0.5 is half an epoch's steps. A resume from a
+    path that does not exist is a ResumeError naming it."""
+    from lift_ds.checkpoint import ResumeError
+
+    trainer = build(tmp_path, logging_steps=0.25, save_steps=0.5, eval_strategy="steps", eval_steps=0.5, trainer_kwargs={"eval_dataset": data()[:2]})
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [2, 4, 6, 8]
+    assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [4, 8]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    half = build(tmp_path / "half", max_steps=-1, num_train_epochs=0.5, logging_strategy="no")
+    half.train()
+    assert half.lift_engine.plan.total_steps == 4 and not [h for h in half.state.log_history if "loss" in h]  # 16 samples / 2 = 8 per epoch
+    with pytest.raises(ResumeError, match=r"resume_from_checkpoint: '.*checkpoint-99' is not a checkpoint directory"):
+        build(tmp_path / "again").train(resume_from_checkpoint=str(tmp_path / "checkpoint-99"))
+    with pytest.raises(ResumeError, match="resume_from_checkpoint=True: no valid checkpoint found"):
+        build(tmp_path / "none").train(resume_from_checkpoint=True)
+
+
 def test_a_config_without_lift_section_or_any_config(tmp_path):
     with pytest.raises(ConfigError, match="TrainingArguments.deepspeed: a DeepSpeed JSON with a \"lift\" section is required"):
         build(tmp_path, lift_config=None)

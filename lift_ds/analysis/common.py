@@ -39,6 +39,8 @@ def parse_task(spec: str) -> Task:
         train, held = assets.bigbench_task(name)
         return Task(name, "multiple_choice", str(train), str(held))
     name, eq, rest = spec.partition("=")
+    if eq and (not name or not all(c.isalnum() or c in "_-." for c in name) or name.startswith(".")):
+        raise ConfigError([f"--task: {name!r} is not a task name (letters, digits, _ - .; it names files under --out)"])
     parts = rest.split(":") if eq else []
     if not eq or len(parts) not in (2, 3) or parts[0] not in FORMATS:
         raise ConfigError([f"--task: {spec!r} is not a task; give sentiment, trec, bigbench:<task> or NAME=FORMAT:TRAIN[:EVAL] "

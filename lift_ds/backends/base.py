@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, TrainingConfig
-from ..optim import OptimizerFactory, optimizer_factory_from_section
-from . import hardware
+from ..optim import OptimizerFactory, optimizer_factory_from_section, probe_optimizer
+from . import ds_config_keys, hardware
 from .engine_members import EngineMembers
-from .lr_schedules import scheduler_problems
+from .lr_schedules import config_lr, config_total_steps, scheduler_problems
 from .state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE, load_torch_optimizer_full_state, placed_like, torch_optimizer_full_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,9 +90,10 @@ class Backend(EngineMembers, ABC):
         their own keys and refuse sections they cannot honour.
         """
         problems = hardware.precision_problems(cls.name, training.precision)
+        problems += ds_config_keys.section_problems(raw, ("bf16", "fp16"))  # e.g. a misspelled "enable": silently fp32 otherwise
         problems += cls.optimizer_section_problems(training.optimizer)
         if training.scheduler is not None:
-            problems += scheduler_problems(training.scheduler)
+            problems += scheduler_problems(training.scheduler, total_steps=config_total_steps(raw), base_lr=config_lr(training.optimizer))
         return None, problems
 
     @classmethod
@@ -101,10 +102,11 @@ class Backend(EngineMembers, ABC):
         if section is None or not isinstance(section.get("params", {}), Mapping):
             return []
         try:
-            optimizer_factory_from_section(section)
+            factory = optimizer_factory_from_section(section)
         except ConfigError as e:
             return e.problems
-        return []
+        # built once on a dummy parameter and stepped: torch's own argument checks, here, named by JSON path
+        return probe_optimizer(factory, "optimizer.params", dict(section.get("params", {})))
 
     @staticmethod
     def foreign_section_problems(raw: Mapping[str, Any], name: str, sections: Mapping[str, str]) -> list[str]:
@@ -114,6 +116,11 @@ class Backend(EngineMembers, ABC):
 
     def memory_layout(self) -> tuple[int, bool]:
         """``(zero_stage, optimizer_offloaded)`` for :func:`lift_ds.memory.state_bytes` (FSDP: stage 3)."""
+        return 0, False
+
+    @classmethod
+    def planned_memory_layout(cls, options: Any) -> tuple[int, bool]:
+        """:meth:`memory_layout` from the checked options, before any backend is built (memory preflight)."""
         return 0, False
 
     # ----------------------------------------------------------------- sizes and collectives
@@ -221,15 +228,9 @@ class Backend(EngineMembers, ABC):
         if self.rank == 0:
             torch.save({"format": OPTIMIZER_FORMAT, **state}, path / OPTIMIZER_FILE)
 
-    def load_optimizer(self, path: Path) -> None:
-        """Load a state written by :meth:`save_optimizer`, on any number of ranks and any backend."""
-        state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False, mmap=True)
-        if state.get("format") != OPTIMIZER_FORMAT:
-            raise ValueError(f"{path / OPTIMIZER_FILE}: not a lift_ds optimizer state ({state.get('format')!r})")
-        mine = self.active_param_names()
-        if sorted(state["master"]) != sorted(mine):
-            raise ValueError(f"{path / OPTIMIZER_FILE} holds the state of {sorted(state['master'])[:3]}..., the active block is "
-                             f"{sorted(mine)[:3]}...")
+    def load_optimizer(self, state: dict[str, Any]) -> None:
+        """Load a state written by :meth:`save_optimizer` (read and checked by the checkpointer), on any
+        number of ranks and any backend."""
         self.load_full_optimizer_state(state)
 
     def stash_optimizer_state(self) -> dict[str, Any]:

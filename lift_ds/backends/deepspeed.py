@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ConfigError, TrainingConfig, is_comment_key
 from ..utils import get_logger, init_process_group
-from . import compat
+from . import compat, ds_config_keys
 from .base import Backend, BackendContext, frozen_weights_mode
 from .engine_members import NotUnderLiftError
 from .ops import choose_optimizer
@@ -28,9 +28,6 @@ from .state import WEIGHTS_FILE, host_copies_done, load_torch_optimizer_full_sta
 
 logger = get_logger(__name__)
 
-OFFLOAD_DEVICES = ("none", "cpu", "nvme")
-#: optimizer types DeepSpeed can run offloaded (DeepSpeedCPUAdam, DeepSpeedCPUAdagrad, DeepSpeedCPULion)
-OFFLOADABLE_OPTIMIZERS = ("adam", "adamw", "adagrad", "lion")
 #: optimizer types lift_ds builds as torch.optim on a CPU accelerator (DeepSpeed would compile FusedAdam)
 TORCH_OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -42,51 +39,6 @@ class DeepSpeedOptions:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_param: bool = False
-
-
-def _zero_problems(zero: Any, raw: Mapping[str, Any]) -> list[str]:
-    """The ``zero_optimization`` keys DeepSpeed would only reject after its process group started
-    (or silently mis-handle)."""
-    if not isinstance(zero, Mapping):
-        return [f"zero_optimization: must be an object like {{\"stage\": 2}}, got {zero!r}"]
-    problems = []
-    stage = zero.get("stage", 0)
-    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        problems.append(f"zero_optimization.stage: got {stage!r}; allowed: 0, 1, 2, 3")
-    for key in ("offload_optimizer", "offload_param"):
-        sec = zero.get(key)
-        if sec is None:
-            continue
-        if not isinstance(sec, Mapping):
-            problems.append(f"zero_optimization.{key}: must be an object like {{\"device\": \"cpu\"}}, got {sec!r}")
-            continue
-        dev = sec.get("device", "none") or "none"
-        if dev not in OFFLOAD_DEVICES:
-            problems.append(f"zero_optimization.{key}.device: got {dev!r}; allowed: {', '.join(OFFLOAD_DEVICES)}")
-            continue
-        if dev == "none":
-            continue
-        if dev == "nvme" and not sec.get("nvme_path"):
-            problems.append(f"zero_optimization.{key}.nvme_path: required with device \"nvme\" (a directory on a local NVMe drive)")
-        if key == "offload_param" and stage != 3:
-            problems.append(f"zero_optimization.offload_param: only ZeRO stage 3 offloads parameters (stage is {stage!r}); use offload_optimizer, or stage 3")
-        if key == "offload_optimizer":
-            if stage not in (1, 2, 3):
-                problems.append(f"zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3 (stage is {stage!r})")
-            opt = raw.get("optimizer")
-            kind = opt.get("type") if isinstance(opt, Mapping) else None
-            if not isinstance(kind, str) or kind.lower() not in OFFLOADABLE_OPTIMIZERS:
-                problems.append(
-                    f"zero_optimization.offload_optimizer: DeepSpeed runs an offloaded optimizer with its CPU ops "
-                    f"(DeepSpeedCPUAdam, -Adagrad, -Lion); optimizer.type {kind!r} has none. Use Adam, AdamW, Adagrad or Lion, "
-                    "or remove the offload"
-                )
-    return problems
-
-
-def _offloaded(zero: Mapping[str, Any], key: str) -> bool:
-    sec = zero.get(key) or {}
-    return isinstance(sec, Mapping) and (sec.get("device") or "none") != "none"
 
 
 class DeepSpeedBackend(Backend):
@@ -101,10 +53,13 @@ class DeepSpeedBackend(Backend):
         zero = raw.get("zero_optimization")
         options = DeepSpeedOptions()
         if zero is not None:
-            zero_problems = _zero_problems(zero, raw)
+            zero_problems = ds_config_keys.zero_problems(zero, raw)
             problems += zero_problems
+            # the rest of the section as DeepSpeed's own model reads it (it would refuse it after the process group started)
+            reported = tuple(p.split(":", 1)[0] for p in zero_problems) + (("zero_optimization",) if not isinstance(zero, Mapping) else ())
+            problems += ds_config_keys.section_problems(raw, ("zero_optimization",), reported)
             if not zero_problems:
-                options = DeepSpeedOptions(int(zero.get("stage", 0)), _offloaded(zero, "offload_optimizer"), _offloaded(zero, "offload_param"))
+                options = DeepSpeedOptions(int(zero.get("stage", 0)), ds_config_keys.offloaded(zero, "offload_optimizer"), ds_config_keys.offloaded(zero, "offload_param"))
         mode = frozen_weights_mode(raw)
         if mode not in ("full", None) and options.zero_stage == 3:
             problems.append(f"lift.frozen_weights: {mode!r} needs the frozen layers whole on every rank, and ZeRO-3 partitions them; "
@@ -185,6 +140,10 @@ class DeepSpeedBackend(Backend):
     def gathers_16bit_on_save(self) -> bool:
         zero = self.ds_config.get("zero_optimization") or {}
         return self.zero_stage < 3 or bool(zero.get("stage3_gather_16bit_weights_on_model_save", zero.get("stage3_gather_fp16_weights_on_model_save")))
+
+    @classmethod
+    def planned_memory_layout(cls, options: Any) -> tuple[int, bool]:
+        return (options.zero_stage, options.offload_optimizer) if isinstance(options, DeepSpeedOptions) else (0, False)
 
     # ----------------------------------------------------------------- config
 

@@ -124,6 +124,10 @@ class FSDPBackend(TorchOptimizerBackend):
         finally:
             self.model.set_requires_gradient_sync(True)
 
+    @classmethod
+    def planned_memory_layout(cls, options: Any) -> tuple[int, bool]:
+        return 3, bool(getattr(options, "cpu_offload", False))
+
     def _warmup(self, args: Any, kwargs: Any) -> None:
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in flags:

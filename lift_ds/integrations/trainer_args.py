@@ -4,6 +4,7 @@ Used by :mod:`lift_ds.integrations.transformers`."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Callable
 
@@ -39,6 +40,7 @@ def unsupported_features(trainer: Any) -> list[str]:
     problems += [f"TrainingArguments.{name}: not supported with LIFT ({why})" for name, on, why in checks if on]
     if trainer.model_init is not None:
         problems.append("model_init: not supported with LIFT (pass model=)")
+    problems += unhonoured_arguments(a)
     return problems
 
 
@@ -154,3 +156,82 @@ class SampleStream:
             self._order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
             self._epoch = epoch
         return self.collate([self.dataset[i] for i in self._order[k : k + self.micro_batch]])
+
+
+# ----------------------------------------------------------------------------- arguments LIFT cannot honour
+
+#: TrainingArguments fields LIFT does not honour, refused when set away from Hugging Face's default
+#: (with the reason); fields that only matter with one of these, or that LIFT honours, are not listed
+UNHONOURED = {
+    "optim_args": "the optimizer is built per phase from optim / learning_rate / weight_decay / adam_*; put other arguments in "
+                  "the DeepSpeed config's \"optimizer\" section",
+    "optim_target_modules": "GaLore-style optimizers are not built per LIFT phase",
+    "bf16_full_eval": "evaluation runs through the training engine in its precision",
+    "fp16_full_eval": "evaluation runs through the training engine in its precision",
+    "torch_empty_cache_steps": "not supported with LIFT",
+    "include_num_input_tokens_seen": "not counted by LIFT's loop",
+    "eval_delay": "LIFT evaluates from the first eval step",
+    "eval_on_start": "not supported with LIFT",
+    "save_only_model": "LIFT's checkpoints always hold what an exact resume needs",
+    "save_on_each_node": "rank 0 writes LIFT's checkpoints to a shared directory",
+    "push_to_hub": "LiftTrainer does not push; push output_dir/checkpoint-N or save_model()'s directory yourself",
+    "ignore_data_skip": "LIFT always resumes at the exact sample (its data order is keyed by global sample index)",
+    "restore_callback_states_from_checkpoint": "LIFT's checkpoints keep the TrainerState, not callback states",
+    "enable_jit_checkpoint": "LIFT saves at save_steps; resume from the newest checkpoint",
+    "fsdp_config": "pass lift_config= a config with an \"fsdp\" section (lift_ds's FSDP2 backend)",
+    "parallelism_config": "LIFT is data parallel (ZeRO / FSDP2) only",
+}
+
+
+def unhonoured_arguments(a: Any) -> list[str]:
+    """TrainingArguments values LIFT cannot honour (each named with why), and values Hugging Face
+    would refuse or misread later, found when the trainer is built."""
+    import dataclasses
+
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() if f.default_factory is not dataclasses.MISSING
+                else None for f in dataclasses.fields(type(a))}
+    problems = []
+    for name, why in UNHONOURED.items():
+        value = getattr(a, name, None)
+        if value is not None and value != defaults.get(name) and value not in ({}, []):
+            problems.append(f"TrainingArguments.{name}: {getattr(value, 'value', value)!r} is not supported with LIFT ({why})")
+    sched = getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)
+    if sched == "reduce_lr_on_plateau":
+        problems.append("TrainingArguments.lr_scheduler_type: 'reduce_lr_on_plateau' needs the evaluation metric at every step, which "
+                        "LIFT's run-long schedule does not feed; use a step schedule (linear, cosine, constant_with_warmup, ...)")
+    if getattr(a.save_strategy, "value", a.save_strategy) == "best":
+        problems.append("TrainingArguments.save_strategy: 'best' is not supported with LIFT (it keeps no best-metric checkpoint); use "
+                        "\"steps\" or \"epoch\" and pick a checkpoint by its eval_loss in log_history")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        v = getattr(a, name)
+        if not isinstance(v, int) or v < 1:
+            problems.append(f"TrainingArguments.{name}: must be an integer >= 1, got {v!r}")
+    for name in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm", "adam_beta1", "adam_beta2"):
+        v = getattr(a, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            problems.append(f"TrainingArguments.{name}: must be a finite number >= 0, got {v!r}")
+    if a.max_steps <= 0 and not (isinstance(a.num_train_epochs, (int, float)) and math.isfinite(a.num_train_epochs) and a.num_train_epochs > 0):
+        problems.append(f"TrainingArguments.num_train_epochs: must be a number > 0 when max_steps is not set, got {a.num_train_epochs!r}")
+    for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
+        v = getattr(a, name)
+        if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            problems.append(f"TrainingArguments.{name}: must be a number >= 0 (below 1: a fraction of the run), got {v!r}")
+    return problems
+
+
+def absolute_steps(value: float | None, total: int) -> int:
+    """A ``*_steps`` value as Hugging Face reads it: below 1 a fraction of the run's steps (rounded
+    up, as ``Trainer`` does), else a count; 0 or None stays 0 (never)."""
+    if not value:
+        return 0
+    return math.ceil(total * value) if value < 1 else int(value)
+
+
+def trainer_fingerprint(trainer: Any, seed: int) -> dict[str, Any]:
+    """The TrainingArguments that decide the result beyond the config (the learning rate may change)."""
+    a = trainer.args
+    keys = ("optim", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+            "label_smoothing_factor", "num_train_epochs", "max_steps")
+    out = {k: getattr(getattr(a, k, None), "value", getattr(a, k, None)) for k in keys}
+    out["warmup_ratio"] = getattr(a, "warmup_ratio", None)
+    return {"trainer": json.loads(json.dumps(out, default=str)), "data_seed": seed}

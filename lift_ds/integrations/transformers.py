@@ -46,7 +46,8 @@ import torch
 
 from ..config import ConfigError, load_run_config
 from ..utils import get_logger
-from .trainer_args import OPTIMS, SampleStream, decay_groups, optimizer_factory, scheduler_factory, trainer_config, unsupported_features
+from .trainer_args import (OPTIMS, SampleStream, absolute_steps, decay_groups, optimizer_factory, scheduler_factory, trainer_config,
+                           trainer_fingerprint, unhonoured_arguments, unsupported_features)
 
 __all__ = ["LiftTrainer", "LiftTrainerMixin", "SampleStream", "OPTIMS"]
 
@@ -82,6 +83,10 @@ class LiftTrainerMixin:
     """
 
     def __init__(self, *args: Any, lift_config: Any = None, **kwargs: Any) -> None:
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        early = unhonoured_arguments(training_args) if training_args is not None and hasattr(training_args, "save_strategy") else []
+        if early:  # before Trainer.__init__, which would act on some of them (push_to_hub contacts the hub)
+            raise ConfigError(early, source="LiftTrainer")
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.lift_config_source = lift_config if lift_config is not None else self.args.deepspeed
         problems = unsupported_features(self)
@@ -101,7 +106,7 @@ class LiftTrainerMixin:
             return a.max_steps
         world = int(os.environ.get("WORLD_SIZE", "1"))
         per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * world
-        return max(1, len(self.train_dataset) // per_step) * max(1, math.ceil(a.num_train_epochs))
+        return max(1, math.ceil(max(1, len(self.train_dataset) // per_step) * a.num_train_epochs))  # as Trainer: epochs may be fractional
 
     def _lift_build(self) -> Any:
         import lift_ds
@@ -127,6 +132,7 @@ class LiftTrainerMixin:
         schedule = self.lr_scheduler if self.lr_scheduler is not None else \
             None if config.training.scheduler is not None else scheduler_factory(self, total)
         engine, _, _, _ = lift_ds.initialize(model=self.model, config=config, optimizer=optimizer, lr_scheduler=schedule, param_groups=groups)
+        engine.run_fingerprint.update(trainer_fingerprint(self, self.args.data_seed if self.args.data_seed is not None else self.args.seed))
         return engine
 
     def _lift_stream(self, engine: Any) -> SampleStream:
@@ -164,8 +170,12 @@ class LiftTrainerMixin:
         a = self.args
         engine = self._lift_engine()
         stream = self._lift_stream(engine)
-        self.state = TrainerState(max_steps=engine.plan.total_steps, logging_steps=a.logging_steps, eval_steps=a.eval_steps or a.logging_steps,
-                                  save_steps=a.save_steps, train_batch_size=a.per_device_train_batch_size,
+        total = engine.plan.total_steps  # *_steps below 1 are fractions of the run, as in Trainer
+        log_every, save_every = absolute_steps(a.logging_steps, total), absolute_steps(a.save_steps, total)
+        eval_every = absolute_steps(a.eval_steps, total) if a.eval_steps is not None else log_every
+        logging = getattr(a.logging_strategy, "value", a.logging_strategy)
+        self.state = TrainerState(max_steps=total, logging_steps=log_every, eval_steps=eval_every, save_steps=save_every,
+                                  train_batch_size=a.per_device_train_batch_size,
                                   is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero())
         if resume_from_checkpoint:
             self._lift_resume(resume_from_checkpoint)
@@ -192,13 +202,13 @@ class LiftTrainerMixin:
             logged_loss, logged_steps, total_loss = logged_loss + step_loss, logged_steps + 1, total_loss + step_loss
             self.state.global_step, self.state.epoch = engine.global_step, engine.samples_seen / n
             self.control = handler.on_step_end(a, self.state, self.control)
-            if a.logging_steps and (engine.global_step % a.logging_steps == 0 or engine.done):
+            if (self._lift_due(logging, log_every, engine, stream) or (logging != "no" and (engine.done or (a.logging_first_step and engine.global_step == 1)))):
                 self.log({"loss": logged_loss / logged_steps, "learning_rate": engine.get_lr()[0],
                           "grad_norm": float(engine.last_grad_norm or 0.0), "lift_phase": float(engine.cursor.phase.index + 1 if not engine.done else len(engine.plan.phases))})
                 logged_loss, logged_steps = 0.0, 0
-            if self._lift_due(a.eval_strategy, a.eval_steps or a.logging_steps, engine, stream) and self.eval_dataset is not None:
+            if self._lift_due(a.eval_strategy, eval_every, engine, stream) and self.eval_dataset is not None:
                 self.evaluate(ignore_keys=ignore_keys_for_eval)
-            if self._lift_due(a.save_strategy, a.save_steps, engine, stream):
+            if self._lift_due(a.save_strategy, save_every, engine, stream):
                 self._lift_save()
             if self.control.should_training_stop:
                 break
@@ -276,13 +286,19 @@ class LiftTrainerMixin:
         return path
 
     def _lift_resume(self, resume_from_checkpoint: str | bool) -> None:
-        from transformers.trainer_utils import get_last_checkpoint
+        from ..checkpoint import ResumeError
 
-        path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else str(resume_from_checkpoint)
-        if path is None:
-            raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        path = Path(path)
-        _, client = self.lift_engine.load_checkpoint(path.parent, tag=path.name)
+        if resume_from_checkpoint is True:  # the newest complete one (latest, or the newest that verifies)
+            path, client = self.lift_engine.load_checkpoint(self.args.output_dir)
+            if path is None:
+                raise ResumeError(f"resume_from_checkpoint=True: no valid checkpoint found in output directory ({self.args.output_dir})",
+                                  Path(self.args.output_dir))
+        else:
+            path = Path(str(resume_from_checkpoint))
+            if not path.is_dir():
+                raise ResumeError(f"resume_from_checkpoint: {str(path)!r} is not a checkpoint directory (it does not exist); give "
+                                  f"output_dir/{CHECKPOINT_PREFIX}N or True for the newest", path)
+            _, client = self.lift_engine.load_checkpoint(path.parent, tag=path.name)
         if "trainer_state" in client:
             saved = client["trainer_state"]
             self.state.log_history, self.state.total_flos = saved.get("log_history", []), saved.get("total_flos", 0.0)

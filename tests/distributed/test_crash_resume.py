@@ -173,3 +173,60 @@ def test_nan_loss_is_skipped_then_divergence_stops_keeping_the_checkpoint(files,
     assert "The newest checkpoint is" in proc.stderr and "global_step4" in proc.stderr
     assert (out / "checkpoints" / "latest").read_text() == "global_step4"
     assert not (out / "final").exists()
+
+
+#: rank 0's file operations in one save (lift_ds.checkpoint / checkpoint_io / train.Run.save): 1-6 write the
+#: files (directory, weights, optimizer state, rank state, stash, lift_state.json), 7 the manifest, 8 the
+#: new latest (intent), 9 the rename into place, 10 latest replaced, 11-12 the rotation of the oldest
+#: checkpoint (renamed aside, removed) once more than --keep_checkpoints exist. Rank 1: its rank state and stash.
+PRE_MANIFEST = [(0, n) for n in range(1, 7)] + [(1, 1), (1, 2)]
+
+
+def kill_plan() -> list[tuple[int, int, int]]:
+    """``(save step, rank, n)`` for one attempt each, in an order every attempt reaches: a kill before
+    the manifest leaves the save to be done again (the same step can host the next kill), one after it
+    leaves that checkpoint complete (the next kill is at a later save)."""
+    plan = [(2, r, n) for r, n in PRE_MANIFEST] + [(2, 0, 7), (4, 0, 8), (6, 0, 9), (8, 0, 10), (10, 0, 11), (12, 0, 12)]
+    return plan + [(14, r, n) for r, n in PRE_MANIFEST] + [(14, 0, 7), (16, 0, 10)]
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_sigkill_at_every_file_operation_of_a_save_resumes_exactly(files, tmp_path, uninterrupted, config):
+    """SIGKILL one rank right after each file operation of a checkpoint save (24 kill points: every
+    operation of rank 0's save before and after its manifest, rank 1's, a rotation's), one kill per
+    attempt, each attempt restarting the run with --resume (tests/distributed/fork_restarts.py, which
+    restarts like torchrun --max-restarts without paying the imports again). Every kill fires, and the
+    last attempt's final weights are the uninterrupted run's, bit for bit; nothing half-written is left."""
+    plan = kill_plan()
+    faults = ",".join(f"save_op@{s}.{n}:{r}#{a}" for a, (s, r, n) in enumerate(plan))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LIFT_DS_FAULTS": faults}
+    cmd = [sys.executable, "tests/distributed/fork_restarts.py", "--attempts", str(len(plan) + 1), "--log", str(tmp_path / "logs"), "--",
+           "--ds_config", str(files / f"{config}.json"), "--model", str(files / "model"), "--data", str(files / "train.jsonl"),
+           "--format", "classification", "--max_steps", "16", "--save_every", "2", "--keep_checkpoints", "2", "--seq_len", "32",
+           "--output_dir", str(out), "--resume"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    attempts = result["attempts"]
+    logs = lambda a: "".join((tmp_path / "logs" / f"attempt{a}.rank{r}.log").read_text()[-3000:] for r in range(2))  # noqa: E731
+    assert len(plan) >= 20 and len(attempts) == len(plan) + 1, (attempts, logs(len(attempts) - 1))
+    for a, (s, r, n) in enumerate(plan):
+        assert attempts[a][r] == -9, (a, (s, r, n), attempts[a], logs(a))  # the planned kill fired (SIGKILL)
+    assert attempts[-1] == [0, 0], logs(len(plan))
+    for a, (s, r, n) in enumerate(plan):  # nothing complete is lost: the next attempt resumes from the newest complete save
+        step = s if r == 0 and n >= 7 else s - 2  # after the manifest (rank 0's 7th operation) the save at s is complete
+        log = (tmp_path / "logs" / f"attempt{a + 1}.rank0.log").read_text()
+        want = f"resumed from {out / 'checkpoints' / f'global_step{step}'} at step {step}" if step else "no checkpoint in"
+        assert want in log, (a + 1, (s, r, n), want)
+    assert_same(final_weights(out), uninterrupted[config])
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "global_step16" and not [p for p in ckpts.iterdir() if p.name.startswith(".")]
+    from lift_ds import checkpoint_io
+
+    kept = sorted((p for p in ckpts.iterdir() if p.is_dir()), key=lambda p: int(p.name[len("global_step"):]))
+    assert [p.name for p in kept[-2:]] == ["global_step14", "global_step16"]  # older ones stay when the kill cut the save's rotation short
+    assert all(checkpoint_io.verify(p) is None for p in kept), [(p.name, checkpoint_io.verify(p)) for p in kept]
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, 17)), steps
+    print(f"{config}: {len(plan)} kill points, attempt seconds {result['seconds']}, CPU seconds of all ranks {result['rank_cpu_seconds']}")
