@@ -244,3 +244,68 @@ def test_default_is_auto_and_model_keeps_logits():
                                     optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
     assert installed_loss(model) is None and engine(**b).logits is not None
     engine.close()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _old_eval(model, data, examples, tok):
+    """Evaluation as it was before: log-softmax over every position's logits."""
+    from lift_ds.data import collate
+
+    total = count = 0.0
+    for i in range(len(data.input_ids)):
+        b = collate([(data.input_ids[i], data.labels[i])], tok.pad_token_id)
+        logp = torch.log_softmax(model(input_ids=b["input_ids"]).logits.float(), -1)[0, :-1]
+        lab = b["labels"][0, 1:]
+        m = lab != -100
+        total -= logp[m].gather(1, lab[m][:, None]).sum().item()
+        count += m.sum().item()
+    scores = []
+    for ex in examples:
+        p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+        row = []
+        for choice in ex.choices:
+            r = tok(choice, add_special_tokens=False)["input_ids"]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits.float(), -1)[0]
+            row.append(sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(r)))
+        scores.append(row)
+    return total / count, scores
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_evaluation_scores_only_the_positions_it_needs(tmp_path, keep):
+    """Loss and choice log-likelihoods equal those from every position's logits; the forward is asked
+    for the scored positions only (``logits_to_keep``), or (a forward without it) sliced after."""
+    from helpers import make_model_dir, write_sentiment
+    from lift_ds.evaluate import choice_accuracy, eval_loss
+    from lift_ds.recipe import load_task_data, load_tokenizer
+
+    make_model_dir(tmp_path / "m")
+    write_sentiment(tmp_path / "d.jsonl", 10)
+    tok = load_tokenizer(str(tmp_path / "m"))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    task = load_task_data(str(tmp_path / "d.jsonl"), str(tmp_path / "d.jsonl"), "classification", tok, 64)
+    asked = []
+
+    def forward(**kw):
+        asked.append((kw.get("logits_to_keep"), kw["input_ids"].shape[1]))
+        return model(**kw)
+    fwd = model if keep else forward
+    hook = model.register_forward_pre_hook(lambda m, a, kw: asked.append((kw.get("logits_to_keep"), kw["input_ids"].shape[1])),
+                                           with_kwargs=True) if keep else None
+    got_loss = eval_loss(fwd, task.held, 4, 0, 1, tok.pad_token_id)["eval_loss"]
+    lls: list = []
+    choice_accuracy(fwd, task.held_examples, tok, 64, 4, 0, 1, loglikelihoods=lls)
+    if hook is not None:
+        hook.remove()
+    want_loss, want_lls = _old_eval(model, task.held, task.held_examples, tok)
+    assert abs(got_loss - want_loss) <= 1e-5 * want_loss
+    assert torch.allclose(torch.tensor(lls), torch.tensor(want_lls), rtol=1e-5, atol=1e-5)
+    if keep:  # the label words' positions (a few tokens), not the whole review
+        assert asked and all(torch.is_tensor(k) and 0 < len(k) < seq for k, seq in asked), asked
+        assert sum(len(k) for k, _ in asked) < 0.4 * sum(seq for _, seq in asked)
+    else:
+        assert asked and all(k is None for k, _ in asked)
