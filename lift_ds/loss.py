@@ -30,6 +30,7 @@ cross-entropy or Apple's cut-cross-entropy when one is installed (never required
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import types
 from typing import Any, Callable
@@ -298,6 +299,8 @@ def install_loss(model: nn.Module, mode: str) -> str | None:
     original = inner.forward
     names = [n for n in _signature_names(type(inner).forward)]
 
+    # the model's own signature: Trainer drops dataset columns its forward does not name, generate() checks kwargs
+    @functools.wraps(type(inner).forward)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         for name, value in zip(names, args):
             kwargs[name] = value
@@ -313,8 +316,9 @@ def install_loss(model: nn.Module, mode: str) -> str | None:
                               ignore_index=loss_kw.get("ignore_index", IGNORE_INDEX), mode=mode)
         return _causal_lm_output(loss, outputs)
 
+    previous = inner.__dict__.get("forward")  # an instance-level forward someone installed first (TRL's fused head)
     inner.forward = types.MethodType(forward, inner)
-    setattr(inner, _MARK, mode)
+    setattr(inner, _MARK, (mode, previous))
     name, _ = choose_implementation(mode, next(inner.parameters()).device)
     logger.info("lift.loss %s: logits only at counted positions, %s cross-entropy (%d positions per chunk)", mode, name,
                 chunk_rows(inner.get_output_embeddings().weight.shape[0]))
@@ -324,14 +328,18 @@ def install_loss(model: nn.Module, mode: str) -> str | None:
 def remove_loss(model: nn.Module) -> None:
     """Undo :func:`install_loss` (the model's own forward again)."""
     inner = _inner_model(model)
-    if getattr(inner, _MARK, None) is not None:
+    mark = getattr(inner, _MARK, None)
+    if mark is not None:
         del inner.forward
+        if mark[1] is not None:
+            inner.forward = mark[1]
         delattr(inner, _MARK)
 
 
 def installed_loss(model: nn.Module) -> str | None:
     """The ``lift.loss`` mode installed on ``model`` (None: its own loss)."""
-    return getattr(_inner_model(model), _MARK, None)
+    mark = getattr(_inner_model(model), _MARK, None)
+    return None if mark is None else mark[0]
 
 
 def _signature_names(fn: Callable) -> list[str]:

@@ -309,3 +309,52 @@ def test_evaluation_scores_only_the_positions_it_needs(tmp_path, keep):
         assert sum(len(k) for k, _ in asked) < 0.4 * sum(seq for _, seq in asked)
     else:
         assert asked and all(k is None for k, _ in asked)
+
+
+def test_lift_trainer_trains_through_the_chunked_loss(tmp_path):
+    """Trainer.compute_loss -> the engine -> the model's forward: the head gets (hidden states, targets)
+    and the weights equal those of the model's own loss."""
+    from transformers import TrainingArguments
+
+    from lift_ds.integrations.transformers import LiftTrainer
+
+    rows = [{"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()} for b in lm_batches(16, batch=1, prompt=6)]
+    finals = {}
+    for mode in ("model", "chunked"):
+        model = tiny_llama(tie=True)
+        calls = []
+        model.lm_head.register_forward_pre_hook(lambda m, a: calls.append(len(a)))
+        args = TrainingArguments(output_dir=str(tmp_path / mode), per_device_train_batch_size=2, max_steps=6, report_to=[], use_cpu=True,
+                                 disable_tqdm=True, learning_rate=1e-2, save_strategy="no", adam_epsilon=1e-3)
+        trainer = LiftTrainer(model=model, args=args, train_dataset=rows, data_collator=lambda r: {k: torch.tensor([x[k] for x in r]) for k in r[0]},
+                              lift_config={"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                           "lift": {"backend": "torch", "include_head": True, "loss": mode}})
+        trainer.train()
+        assert calls == [2 if mode == "chunked" else 1] * 6
+        finals[mode] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = dict(tiny_llama(tie=True).named_parameters())
+    for n, want in finals["model"].items():
+        moved = (want - start[n]).abs().max()
+        assert (finals["chunked"][n] - want).abs().max() <= 1e-4 * moved + 1e-7, n
+
+
+def test_a_forward_installed_before_is_kept_and_restored():
+    """TRL's SFTTrainer installs its own fused head on the instance first; calls asking for it reach it,
+    and removing lift_ds's loss puts it back."""
+    import types
+
+    model = tiny_llama(layers=2, vocab=97)
+    seen = []
+    own = model.forward
+
+    def theirs(self, *a, fused_lm_head=False, **kw):
+        seen.append(fused_lm_head)
+        return own(*a, **kw)
+    model.forward = types.MethodType(theirs, model)
+    before = model.forward
+    install_loss(model, "chunked")
+    ids = torch.randint(0, 97, (2, 8))
+    assert model(input_ids=ids, labels=ids, fused_lm_head=True).logits is not None and seen == [True]
+    assert model(input_ids=ids, labels=ids).logits is None
+    remove_loss(model)
+    assert model.forward == before
