@@ -127,19 +127,28 @@ def _nll(logits: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor
 
 
 class _GradBuffers:
-    """Gradients of the summed loss, filled chunk by chunk: hidden rows in place, weight and bias
-    summed in fp32."""
+    """Gradients of the summed loss, filled chunk by chunk: hidden rows in place; the weight's either
+    from the logits gradients of every row kept in the model's dtype and one matmul at the end (when
+    that is smaller: ``rows x vocab`` against ``vocab x hidden`` fp32, i.e. fewer rows than
+    ``4 x hidden / itemsize``), or summed over chunks in fp32; the bias's summed in fp32."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, need: tuple) -> None:
-        self.weight = weight
+        self.weight, self.hidden = weight, hidden
         self.h = torch.empty_like(hidden) if need[0] else None
-        self.w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        self.g = self.w = None
+        if need[1]:
+            if hidden.shape[0] * hidden.element_size() < 4 * hidden.shape[1]:
+                self.g = torch.empty((hidden.shape[0], weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
+            else:
+                self.w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         self.b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] and bias is not None else None
 
     def add(self, start: int, h: torch.Tensor, g: torch.Tensor) -> None:
         """Chunk ``h`` (rows from ``start``) with logits gradient ``g`` (in the model's dtype)."""
         if self.h is not None:
             self.h[start : start + len(h)] = g @ self.weight
+        if self.g is not None:
+            self.g[start : start + len(h)] = g
         if self.w is not None:
             self.w += g.t() @ h
         if self.b is not None:
@@ -150,7 +159,9 @@ class _GradBuffers:
             if x is None:
                 return None
             return (x if scale is None else x.float() * scale.float()).to(dtype or x.dtype)
-        return out(self.h, None), out(self.w, dtypes[0]), out(self.b, dtypes[1])
+        w = self.w if self.g is None else self.g.t() @ self.hidden
+        self.g = self.hidden = None
+        return out(self.h, None), out(w, dtypes[0]), out(self.b, dtypes[1])
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
