@@ -268,6 +268,10 @@ def report(results: dict, args: argparse.Namespace) -> None:
             print(f"{b} / {a}: model states {rb['model_state_bytes'] / ra['model_state_bytes']:.2f}x, peak RSS {rb['peak_rss_bytes'] / ra['peak_rss_bytes']:.2f}x, "
                   f"step time {rb['median_step_s'] / ra['median_step_s']:.2f}x (median step, switches excluded), "
                   f"whole run {rb['run_s'] / ra['run_s']:.2f}x (steps and phase switches)")
+    z2, z3 = results.get("lift-zero2"), results.get("lift-zero3")
+    if z2 and z3 and z2["switches"] and z3["switches"]:
+        a, b = 1000 * z3["switch_s"] / z3["switches"], 1000 * z2["switch_s"] / z2["switches"]
+        print(f"per phase switch: lift-zero3 {a:.1f} ms, lift-zero2 {b:.1f} ms ({a / b:.2f}x)")
     for m in results:
         old = results.get(f"{m}:model")
         if old is None or ":" in m:

@@ -174,6 +174,9 @@ def config_for(args, world: int) -> dict:
         cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "bf16": {"enabled": True},
                "zero_optimization": {"stage": 2}, "lift": {}}
     cfg["train_batch_size"] = "auto"
+    cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": args.zero}
+    if args.zero == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 1e4  # as launch/benchmark.py
     cfg["lift"].update(backend="deepspeed", total_steps=args.warmup + args.steps + args.profile_steps,
                        layer_range=None if args.switch else [args.layer, args.layer], policy="cyclic" if args.switch else "grouped")
     if args.loss:
@@ -283,7 +286,7 @@ def commit() -> str:
 def launch(args, workload: str, ranks: int, result: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), __file__, "--worker",
            "--workload", workload, "--result", str(result), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--profile_steps", str(args.profile_steps), "--layer", str(args.layer)] + (["--switch"] if args.switch else []) \
+           "--profile_steps", str(args.profile_steps), "--layer", str(args.layer), "--zero", str(args.zero)] + (["--switch"] if args.switch else []) \
         + (["--loss", args.loss] if args.loss else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -336,6 +339,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile_steps", type=int, default=3, help="steps under torch.profiler after the measured ones (0: none)")
     p.add_argument("--layer", type=int, default=15, help="the fixed active layer (1-indexed)")
+    p.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage (default 2, as the quickstart)")
     p.add_argument("--switch", action="store_true", help="switch at every step over all layers instead (cyclic)")
     p.add_argument("--loss", default=None, help="lift.loss for the run (default: the config's default)")
     p.add_argument("--note", default="", help="a note stored with the data (e.g. that the machine was shared)")

@@ -155,6 +155,8 @@ class DeepSpeedBackend(Backend):
         self._engine: Any = None
         self._params: list[nn.Parameter] = []
         self._built_once = False
+        #: ZeRO-3: one parameter offload (coordinator, module hooks) for the whole run, not one per phase
+        self._offload_keeper = compat.Zero3OffloadKeeper()
         #: fp16: the dynamic loss scaler's state, carried from one phase's optimizer to the next (each
         #: new ZeRO optimizer would start again at 2^initial_scale_power and skip steps to come down)
         self._loss_scaler: dict[str, Any] | None = None
@@ -215,7 +217,8 @@ class DeepSpeedBackend(Backend):
     def build(self, params: list[nn.Parameter]) -> None:
         opt = self.optimizer_factory(params) if self.optimizer_factory is not None else None
         skip = self._built_once and self.zero_stage < 3
-        with compat.skip_model_broadcast(skip), compat.cheap_zero3_build(self.zero_stage == 3):
+        z3 = self.zero_stage == 3
+        with compat.skip_model_broadcast(skip), compat.cheap_zero3_build(z3), self._offload_keeper.building(z3):
             engine, _, _, _ = self._ds.initialize(
                 model=self.model, model_parameters=params, optimizer=opt, config=self.phase_config(params),
                 mpu=self.mpu, dist_init_required=False,
@@ -234,6 +237,10 @@ class DeepSpeedBackend(Backend):
         compat.release_engine(engine, self.model)
         del engine
         self._params = []
+
+    def close(self) -> None:
+        self.teardown()
+        self._offload_keeper.release()
 
     def _loss_scale_now(self) -> dict[str, Any] | None:
         """The current phase's fp16 loss-scaler state, or the one carried between phases."""
