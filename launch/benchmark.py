@@ -128,6 +128,21 @@ def time_badam_switch(opt, n_blocks: int) -> float:
     return (time.perf_counter() - t0) / n_blocks
 
 
+def count_switch_cpu(engine) -> list[float]:
+    """A one-element list that accumulates the process CPU seconds of the engine's phase switches."""
+    spent = [0.0]
+    start_phase = engine.start_phase
+
+    def timed(*a, **k):
+        c = time.process_time()
+        try:
+            return start_phase(*a, **k)
+        finally:
+            spent[0] += time.process_time() - c
+    engine.start_phase = timed
+    return spent
+
+
 def loss_mode(method: str) -> str:
     """``lift.loss`` of a method name (``NAME:model`` is the model's own loss)."""
     return "model" if method.endswith(":model") else "auto"
@@ -186,26 +201,31 @@ def worker(args: argparse.Namespace) -> None:
     engine, *_ = lift_ds.initialize(model=model, config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, lr=args.lr), fixed_trainable=fixed)
     batches = RankBatches(data, args.micro_batch, rank, world, seed=0, pad_id=tok.pad_token_id)
     build_s = engine.phase_switch_seconds  # the first phase's build: not a switch
-    times, losses, states = [], [], []
+    switch_cpu = count_switch_cpu(engine)
+    times, cpu_times, losses, states = [], [], [], []
     while not engine.done:
         b = batches.batch(engine.micro_steps)
-        sw = engine.phase_switch_seconds
-        t0 = time.perf_counter()
+        sw, sw_cpu = engine.phase_switch_seconds, switch_cpu[0]
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = engine(**b).loss
         engine.backward(loss)
         losses.append(loss.item())
         del loss
+        census = 0.0
         if engine.global_step in (1, args.steps // 2):
+            t_census = time.perf_counter()
             states.append(live_tensor_bytes())
+            census = time.perf_counter() - t_census
         engine.step()
-        times.append(time.perf_counter() - t0 - (engine.phase_switch_seconds - sw))
+        times.append(time.perf_counter() - t0 - (engine.phase_switch_seconds - sw) - census)
+        cpu_times.append(time.process_time() - c0 - (switch_cpu[0] - sw_cpu) - census)
         if engine.global_step in (2, args.steps // 2 + 1):
             states.append(live_tensor_bytes())
     out = {
         "method": args.method, "rank": rank, "world": world,
         "model_state_bytes": max(states) if states else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "median_step_s": statistics.median(times[1:]),
+        "median_step_s": statistics.median(times[1:]), "median_step_cpu_s": statistics.median(cpu_times[1:]),
         "tokens_per_s": args.micro_batch * args.seq_len * world / statistics.median(times[1:]),
         "switch_s": engine.phase_switch_seconds - build_s, "switches": engine.phase_switches - 1,
         "run_s": sum(times) + engine.phase_switch_seconds - build_s,
@@ -252,11 +272,12 @@ def report(results: dict, args: argparse.Namespace) -> None:
     text = getattr(args, "workload", "text") == "text"
     print(f"\n{args.ranks} ranks, {'bf16 (fp32 master)' if text else 'fp32'}, {'packed text' if text else 'classification'}, "
           f"micro batch {args.micro_batch} x {args.seq_len}, {args.steps} steps, AdamW lr {args.lr}\n")
-    print("| method | model states / rank (GiB) | peak RSS / rank (GiB) | median step (s) | tokens/s | phase switches (s, share) | loss, last 5 steps |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | model states / rank (GiB) | peak RSS / rank (GiB) | median step (s) | median step CPU (s) | tokens/s | phase switches (s, share) | loss, last 5 steps |")
+    print("|---|---|---|---|---|---|---|---|")
     for m, r in results.items():
         share = r["switch_s"] / r["run_s"] if r["run_s"] else 0
-        print(f"| {m} | {r['model_state_bytes'] / gib:.3f} | {r['peak_rss_bytes'] / gib:.2f} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+        cpu = f"{r['median_step_cpu_s']:.3f}" if r.get("median_step_cpu_s") else "-"
+        print(f"| {m} | {r['model_state_bytes'] / gib:.3f} | {r['peak_rss_bytes'] / gib:.2f} | {r['median_step_s']:.3f} | {cpu} | {r['tokens_per_s']:.0f} | "
               f"{r['switch_s']:.1f} ({100 * share:.1f}%) | {r['final_loss']:.3f} |")
     print()
     pairs = [("lift-zero2", "full-zero2"), ("lift-zero3", "full-zero3"), ("lift-zero2", "lora-zero2"), ("lift-fsdp", "full-zero3"),
@@ -266,7 +287,7 @@ def report(results: dict, args: argparse.Namespace) -> None:
         if a in results and b in results:
             ra, rb = results[a], results[b]
             print(f"{b} / {a}: model states {rb['model_state_bytes'] / ra['model_state_bytes']:.2f}x, peak RSS {rb['peak_rss_bytes'] / ra['peak_rss_bytes']:.2f}x, "
-                  f"step time {rb['median_step_s'] / ra['median_step_s']:.2f}x (median step, switches excluded), "
+                  f"step time {rb['median_step_s'] / ra['median_step_s']:.2f}x (median step, switches excluded{_cpu_ratio(rb, ra)}), "
                   f"whole run {rb['run_s'] / ra['run_s']:.2f}x (steps and phase switches)")
     z2, z3 = results.get("lift-zero2"), results.get("lift-zero3")
     if z2 and z3 and z2["switches"] and z3["switches"]:
@@ -279,7 +300,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
         new = results[m]
         diff = max(abs(a - b) for a, b in zip(old["losses"], new["losses"])) if old.get("losses") and new.get("losses") else float("nan")
         print(f"{m}, loss model / chunked: step time {old['median_step_s'] / new['median_step_s']:.2f}x (median step), whole run "
-              f"{old['run_s'] / new['run_s']:.2f}x; per-step losses differ by at most {diff:.2e} over {len(new.get('losses', []))} steps")
+              f"{old['run_s'] / new['run_s']:.2f}x{_cpu_ratio(old, new)}; per-step losses differ by at most {diff:.2e} over "
+              f"{len(new.get('losses', []))} steps")
     for m in ("lift-bf16-switch", "badam-switch"):
         if m in results and results[m]["switches"]:
             print(f"{m}: {1000 * results[m]['switch_s'] / results[m]['switches']:.1f} ms per block switch")
@@ -297,6 +319,14 @@ def commit() -> str:
     from profile_step import commit as _commit
 
     return _commit()
+
+
+def _cpu_ratio(a: dict, b: dict) -> str:
+    """", CPU time X.XXx" of two results' median step CPU time (process time: what a loaded machine
+    disturbs least), when both have it."""
+    if a.get("median_step_cpu_s") and b.get("median_step_cpu_s"):
+        return f"; CPU time {a['median_step_cpu_s'] / b['median_step_cpu_s']:.2f}x"
+    return ""
 
 
 def main() -> None:

@@ -179,7 +179,7 @@ def config_for(args, world: int) -> dict:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 1e4  # as launch/benchmark.py
     cfg["lift"].update(backend="deepspeed", total_steps=args.warmup + args.steps + args.profile_steps,
                        layer_range=None if args.switch else [args.layer, args.layer], policy="cyclic" if args.switch else "grouped")
-    if args.loss:
+    if args.loss and args.loss != "ab":
         cfg["lift"]["loss"] = args.loss
     return cfg
 
@@ -192,6 +192,7 @@ def worker(args) -> None:
     import lift_ds
     from lift_ds import assets
     from lift_ds.data import RankBatches
+    from lift_ds.loss import install_loss
     from lift_ds.recipe import load_tokenizer
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -220,8 +221,12 @@ def worker(args) -> None:
             prof.__enter__()
         b = batches.batch(engine.micro_steps)
         active["index"] = active_layer_index(engine)
+        mode = ("model", "chunked")[i % 2] if args.loss == "ab" else None
+        if mode is not None:  # A/B in one process: the two losses alternate step by step
+            install_loss(model, mode)
         sw = engine.phase_switch_seconds
         spans.take()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         with spans.span("fwd.other"):
             loss = engine(**b).loss
@@ -234,6 +239,7 @@ def worker(args) -> None:
         with spans.span("step.other"):
             engine.step()
         t3 = time.perf_counter()
+        cpu = time.process_time() - c0
         parts = spans.take()
         switch = engine.phase_switch_seconds - sw
         head_t = getattr(engine, "_profile_norm_state", {}).pop("t", None)
@@ -242,24 +248,31 @@ def worker(args) -> None:
             parts["bwd.loss_and_head"] = head
             parts["bwd.layers"] -= head
         if i >= args.warmup and i < n_timed:
-            steps.append({"step_s": t3 - t0 - switch, "forward_s": t1 - t0, "backward_s": t2 - t1, "step_call_s": t3 - t2 - switch,
-                          "switch_s": switch, "loss": loss_value, "parts": parts})
+            steps.append({"step_s": t3 - t0 - switch, "cpu_s": cpu, "forward_s": t1 - t0, "backward_s": t2 - t1, "step_call_s": t3 - t2 - switch,
+                          "switch_s": switch, "loss": loss_value, "parts": parts, "mode": mode})
             tokens.append(int(b["attention_mask"].sum()))
     top = []
     if prof is not None:
         prof.__exit__(None, None, None)
         for e in sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:25]:
             top.append({"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / args.profile_steps, "calls_per_step": e.count / args.profile_steps})
-    names = sorted({k for s in steps for k in s["parts"]})
-    median_parts = {k: statistics.median(s["parts"].get(k, 0.0) for s in steps) for k in names}
-    out = {"rank": rank, "world": world, "median_step_s": statistics.median(s["step_s"] for s in steps),
-           "median_forward_s": statistics.median(s["forward_s"] for s in steps),
-           "median_backward_s": statistics.median(s["backward_s"] for s in steps),
-           "median_step_call_s": statistics.median(s["step_call_s"] for s in steps),
-           "median_parts_s": median_parts, "tokens_per_micro_batch": statistics.mean(tokens),
-           "losses": [s["loss"] for s in steps], "top_ops": top}
+    out = {"rank": rank, "world": world, "tokens_per_micro_batch": statistics.mean(tokens), "top_ops": top}
+    if args.loss == "ab":
+        out["ab"] = {m: summary([s for s in steps if s["mode"] == m]) for m in ("model", "chunked")}
+    else:
+        out.update(summary(steps))
     Path(f"{args.result}.rank{rank}.json").write_text(json.dumps(out))
     engine.close()
+
+
+def summary(steps: list[dict]) -> dict:
+    """Medians over measured steps: wall and CPU time of the step, its calls, and each part."""
+    names = sorted({k for s in steps for k in s["parts"]})
+    med = lambda key: statistics.median(s[key] for s in steps)  # noqa: E731
+    return {"median_step_s": med("step_s"), "median_step_cpu_s": med("cpu_s"), "median_forward_s": med("forward_s"),
+            "median_backward_s": med("backward_s"), "median_step_call_s": med("step_call_s"),
+            "median_parts_s": {k: statistics.median(s["parts"].get(k, 0.0) for s in steps) for k in names},
+            "losses": [s["loss"] for s in steps], "steps": len(steps)}
 
 
 def machine() -> dict:
@@ -310,7 +323,12 @@ def orchestrate(args) -> None:
                 raise SystemExit(f"{case} failed (exit {proc.returncode})")
             n = 1 if ranks == "1x2" else int(ranks)
             per_rank += [json.loads((tmp / f"{case.replace(':', '_')}.{j}.rank{r}.json").read_text()) for r in range(n)]
-        cases[case] = {"per_rank": per_rank, "median_step_s": max(r["median_step_s"] for r in per_rank)}
+        if "ab" in per_rank[0]:  # one case per loss of the A/B run
+            for m in ("model", "chunked"):
+                ranks_m = [{**{k: v for k, v in r.items() if k != "ab"}, **r["ab"][m]} for r in per_rank]
+                cases[f"{case} loss={m}"] = {"per_rank": ranks_m, "median_step_s": max(r["median_step_s"] for r in ranks_m)}
+        else:
+            cases[case] = {"per_rank": per_rank, "median_step_s": max(r["median_step_s"] for r in per_rank)}
     record = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "result")}, "cases": cases, "machine": machine(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "note": args.note}
@@ -324,10 +342,11 @@ def report(record: dict) -> None:
     names = sorted({k for c in cases.values() for r in c["per_rank"] for k in r["median_parts_s"]})
     print("\n| part (ms, median, slowest rank) | " + " | ".join(cases) + " |")
     print("|---|" + "---|" * len(cases))
-    for k in names + ["step"]:
+    for k in names + ["step", "step CPU time"]:
         vals = []
         for c in cases.values():
-            v = max(r["median_step_s"] if k == "step" else r["median_parts_s"].get(k, 0.0) for r in c["per_rank"])
+            v = max({"step": r["median_step_s"], "step CPU time": r.get("median_step_cpu_s", 0.0)}.get(k, r["median_parts_s"].get(k, 0.0))
+                    for r in c["per_rank"])
             vals.append(f"{1000 * v:.1f}")
         print(f"| {k} | " + " | ".join(vals) + " |")
 
@@ -341,7 +360,8 @@ def main() -> None:
     p.add_argument("--layer", type=int, default=15, help="the fixed active layer (1-indexed)")
     p.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage (default 2, as the quickstart)")
     p.add_argument("--switch", action="store_true", help="switch at every step over all layers instead (cyclic)")
-    p.add_argument("--loss", default=None, help="lift.loss for the run (default: the config's default)")
+    p.add_argument("--loss", default=None, help="lift.loss for the run (default: the config's default); ab: the model's own loss "
+                   "and the chunked one alternating step by step in each job (a side-by-side comparison a loaded machine disturbs least)")
     p.add_argument("--note", default="", help="a note stored with the data (e.g. that the machine was shared)")
     p.add_argument("--out", default="outputs/step_profile.json")
     p.add_argument("--report", default=None, metavar="JSON", help="print the table of a saved run; runs nothing")
