@@ -43,6 +43,7 @@ from .config import LOSS_MODES
 from .utils import get_logger
 
 logger = get_logger(__name__)
+
 #: model types whose causal-LM forward is ``logits = lm_head(base(...).last_hidden_state)`` then the
 #: standard loss (tests/test_loss.py checks each one present in the installed transformers)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo2", "smollm3", "starcoder2")
@@ -66,7 +67,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     gradients of the sum (hidden, weight, bias: whichever needs one) and backward scales them by the
     incoming gradient. With ``defer=True`` (fp16, where an unscaled gradient would underflow) it keeps
     each row's log-sum-exp and backward recomputes the chunks' logits, scaling before the cast as the
-    unfused path does. Gradients of the weight accumulate in fp32 over chunks.
+    unfused path does. How the weight's gradient is gathered over chunks: :class:`_GradBuffers`.
     """
 
     @staticmethod
