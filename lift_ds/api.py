@@ -111,6 +111,7 @@ def initialize(
         logger.info("model_parameters is ignored: LIFT chooses the trainable parameters of each phase")
     # a model LIFT cannot split, a bad layer range or pattern fail here, before any process group
     plan = resolve_plan(model, run.lift, fixed_trainable)
+    install_model_loss(model, run.lift.loss)
     if run.lift.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # with no optimizer given, each backend builds the config's "optimizer" section its own way
@@ -167,6 +168,16 @@ def _probe_before_any_process_group(run: RunConfig, model: nn.Module, factory: A
     if problems:
         raise ConfigError(problems, source=run.source)
     return fingerprint
+
+
+def install_model_loss(model: nn.Module, mode: str) -> str | None:
+    """``lift.loss`` on ``model`` (:func:`lift_ds.loss.install_loss`); a model ``chunked`` cannot serve is a ConfigError."""
+    from .loss import install_loss
+
+    try:
+        return install_loss(model, mode)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
 
 
 def enable_gradient_checkpointing(model: nn.Module, **kwargs: Any) -> None:

@@ -31,6 +31,8 @@ OPTIMIZER_STATES = ("reset", "offload")
 #: ``lift.frozen_weights``: full precision, or Q-LIFT's quantized frozen layers (lift_ds.quant)
 FROZEN_WEIGHTS = ("full", "int8", "nf4")
 BLOCK_STORES = ("memory", "disk")
+#: ``lift.loss``: the causal-LM loss (lift_ds.loss)
+LOSS_MODES = ("auto", "chunked", "model")
 #: ``lift.backend`` values: the registered backends, and ``auto``, which follows the config
 #: (see :func:`lift_ds.backends.choose_backend`)
 BACKEND_CHOICES = ("auto", *REGISTRY)
@@ -118,6 +120,11 @@ class LiftConfig:
                                kind="choice", choices=BLOCK_STORES)
     block_store_dir: str | None = setting(None, "directory of a disk block store (null: a temporary directory, removed at the end); "
                                           "one per rank", kind="path")
+    loss: str = setting("auto", "causal-LM training loss: chunked computes logits only at positions whose next-token label counts, "
+                        "in chunks, with the fp32 cross-entropy and its gradient fused (no fp32 logits over the whole vocabulary); "
+                        "auto: that, or on CUDA Liger's / cut-cross-entropy's fused kernel when installed, and the model's own "
+                        "loss for models it does not cover; model: the model's own forward (logits at every position). "
+                        "The training forward then returns logits=None", kind="choice", choices=LOSS_MODES)
     max_consecutive_skipped_steps: int = setting(5, "a step with a NaN/inf loss or gradient norm is skipped and counted; this many "
                                                  "in a row stop the run (0: never)", kind="int", minimum=0)
 

@@ -19,8 +19,17 @@ optimizer offload the optimizer column lives on CPU. DeepSpeed's own estimators
 layer's gathered weights) are reported next to it for full fine-tuning.
 
 Activations, first order (Korthikanti et al. 2022, no recomputation, fused attention): 34 s b h bytes
-per layer in 16-bit, plus 6 s b V bytes for the logits. LIFT stores activations only from the active
-block upward (backward stops there), so its peak is set by the lowest candidate block.
+per layer in 16-bit, plus the logits (:func:`logits_bytes`). LIFT stores activations only from the
+active block upward (backward stops there), so its peak is set by the lowest candidate block.
+
+The logits depend on ``lift.loss``. The model's own loss (``model``) holds the 16-bit logits of every
+position and their fp32 log-softmax: 6 s b V bytes (12 in fp32). lift_ds's chunked loss (``chunked``,
+what ``auto`` runs on CPU and for the models it covers) holds one chunk of them at a time
+(``lift_ds.loss.CHUNK_ELEMENTS`` fp32 elements: the logits in the model's dtype, their fp32 softmax and
+the gradient in the model's dtype) plus the gradient of the hidden states it hands back (2 s b h),
+and, when the head trains, its weight gradient until backward (the chunks' logits gradients in 16-bit,
+2 s b V, or an fp32 sum, 4 V h, whichever is smaller). Llama-3-8B at sequence 2048: 1.47 GiB of
+logits per sequence with the model's loss, 0.08 GiB with the chunked one.
 """
 
 from __future__ import annotations
@@ -138,9 +147,29 @@ class Estimate:
 QUANTIZED_BYTES = {"nf4": 4.127 / 8, "int8": 1.0}
 
 
+#: ``lift.loss`` values the estimate tells apart (``auto`` runs ``chunked`` for the models it covers)
+LOSSES = ("chunked", "model")
+
+
+def logits_bytes(shape: ModelShape, seq_len: int, micro_batch: int = 1, precision: str = "bf16", loss: str = "chunked",
+                 head_trains: bool = False) -> float:
+    """Peak bytes of the logits and the loss of one micro-batch (see the module docstring)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    w = 2 if precision in ("bf16", "fp16") else 4
+    tokens, vocab = seq_len * micro_batch, shape.vocab
+    if loss == "model":
+        return 6 * tokens * vocab * (w / 2)
+    from .loss import chunk_rows
+
+    rows = min(tokens, chunk_rows(vocab))
+    weight_grad = min(tokens * w, 4 * shape.hidden) * vocab if head_trains else 0
+    return rows * vocab * (2 * w + 4) + tokens * shape.hidden * w + weight_grad
+
+
 def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: str = "bf16", offload: bool = False,
              micro_batch: int = 1, seq_len: int = 2048, lora_r: int = 8, checkpointing: bool = False,
-             frozen_weights: str = "full") -> Estimate:
+             frozen_weights: str = "full", loss: str = "chunked") -> Estimate:
     """Bytes per rank for one method. ``zero`` 0-3 (FSDP = 3). LIFT trains the largest of the
     shape's candidate blocks (``model_shape(..., lift)``) at a time. With ``checkpointing`` a stored
     layer keeps only its input (2 s b h bytes in 16-bit) and one layer's activations exist at a time
@@ -170,7 +199,7 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
     half = precision in ("bf16", "fp16")
     act_bytes = 2 if half else 4
     per_layer = 34 * seq_len * micro_batch * shape.hidden * act_bytes / 2
-    logits = 6 * seq_len * micro_batch * shape.vocab * (act_bytes / 2)
+    logits = logits_bytes(shape, seq_len, micro_batch, precision, loss, head_trains=method == "full")
     # LIFT stores activations from its lowest candidate block upward (backward stops there)
     stored_layers = shape.num_layers if method != "lift" else shape.num_layers - max(shape.lowest_candidate_layer, 1) + 1
     if checkpointing:
@@ -202,6 +231,7 @@ def deepspeed_full_estimate(shape: ModelShape, ranks_per_node: int, nodes: int, 
 
 
 def table(shape: ModelShape, ranks: int, zero: int, **kw: Any) -> list[Estimate]:
+    """LIFT, full fine-tuning and LoRA (:func:`estimate` for each)."""
     return [estimate(shape, m, ranks, zero, **kw) for m in ("lift", "full", "lora")]
 
 
@@ -211,14 +241,14 @@ ONE_GPU_METHODS = (("LIFT-NF4", "lift", "nf4"), ("LIFT", "lift", "full"), ("LoRA
 
 
 def one_gpu_table(models: tuple[str, ...] = ("llama-2-7b", "llama-3-8b", "llama-2-70b"), gpus: tuple[int, ...] = (80, 24, 12),
-                  seq_len: int = 2048) -> str:
+                  seq_len: int = 2048, loss: str = "chunked") -> str:
     """Which models fit on one GPU of each size, per method: a markdown table of estimated GiB (bf16
     weights, fp32 master and Adam for what trains, micro batch 1, activation checkpointing)."""
     shapes = {m: model_shape(m) for m in models}
     head = "| method | " + " | ".join(models) + " | " + " | ".join(f"fits {g} GiB" for g in gpus) + " |"
     lines = [head, "|---" * (1 + len(models) + len(gpus)) + "|"]
     for label, method, frozen in ONE_GPU_METHODS:
-        totals = {m: estimate(s, method, 1, 0, "bf16", seq_len=seq_len, lora_r=16, checkpointing=True, frozen_weights=frozen).total / GIB
+        totals = {m: estimate(s, method, 1, 0, "bf16", seq_len=seq_len, lora_r=16, checkpointing=True, frozen_weights=frozen, loss=loss).total / GIB
                   for m, s in shapes.items()}
         fits = [", ".join(m for m in models if totals[m] <= g) or "none" for g in gpus]
         lines.append(f"| {label} | " + " | ".join(f"{totals[m]:.1f}" for m in models) + " | " + " | ".join(fits) + " |")
@@ -287,12 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--checkpointing", action="store_true", help="activation (gradient) checkpointing: a layer keeps only its input")
     p.add_argument("--gib", type=float, default=80.0, help="memory per rank for the 'largest model that fits' line")
+    p.add_argument("--loss", default="chunked", choices=LOSSES, help="lift.loss: chunked (lift_ds's loss, the default) or model "
+                   "(the model's own: logits at every position)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--one_gpu", action="store_true", help="which presets fit on one 80 / 24 / 12 GiB GPU with LIFT-NF4, LIFT, LoRA, "
                    "QLoRA-style LoRA and full fine-tuning (ignores the other options except --seq_len)")
     args = p.parse_args(argv)
     if args.one_gpu:
-        print(one_gpu_table(seq_len=args.seq_len))
+        print(one_gpu_table(seq_len=args.seq_len, loss=args.loss))
         return 0
     if args.model is None:
         p.error("--model: required (or --one_gpu)")
@@ -303,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n = args.ranks * args.nodes
     kw = dict(precision=args.precision, offload=args.offload, micro_batch=args.micro_batch, seq_len=args.seq_len, lora_r=args.lora_r,
-              checkpointing=args.checkpointing)
+              checkpointing=args.checkpointing, loss=args.loss)
     rows = table(shape, n, args.zero, **kw)
     fit = largest_fitting(args.gib, n, args.zero, **kw)
     if args.json:
@@ -318,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         opt = _fmt(r.optimizer) + (" (CPU)" if r.optimizer_on_cpu else "")
         print(f"| {r.method} | {r.trained / 1e6:.1f}M | {_fmt(r.params)} | {_fmt(r.grads)} | {opt} | {_fmt(r.model_states)} | {_fmt(r.activations)} | {_fmt(r.total)} |")
     full, lift = rows[1], rows[0]
-    print(f"\nmodel states, full / LIFT: {full.model_states / lift.model_states:.2f}x")
+    chunked, own = (logits_bytes(shape, args.seq_len, args.micro_batch, args.precision, loss) for loss in LOSSES)
+    print(f"\nlogits (in the activations, per micro-batch): {_fmt(chunked)} GiB with lift.loss chunked, {_fmt(own)} GiB with the "
+          f"model's own loss (lift.loss model): {_fmt(own - chunked)} GiB less; counted here: {args.loss}")
+    print(f"model states, full / LIFT: {full.model_states / lift.model_states:.2f}x")
     if args.zero in (2, 3):
         print(f"DeepSpeed's own estimate for full fine-tuning (ZeRO-{args.zero}): {_fmt(deepspeed_full_estimate(shape, args.ranks, args.nodes, args.zero, args.offload))} GiB per rank")
     print(f"largest preset that fits in {args.gib:g} GiB per rank: " + ", ".join(f"{m}: {v or 'none'}" for m, v in fit.items()))

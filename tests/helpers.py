@@ -26,15 +26,19 @@ def tiny_llama(layers: int = 4, hidden: int = 32, vocab: int = 128, tie: bool = 
     return model
 
 
-def lm_batches(n: int, batch: int = 4, seq: int = 16, vocab: int = 128, seed: int = 1) -> list[dict]:
-    """Learnable token sequences (repeating patterns) so the loss can fall."""
+def lm_batches(n: int, batch: int = 4, seq: int = 16, vocab: int = 128, seed: int = 1, prompt: int = 0) -> list[dict]:
+    """Learnable token sequences (repeating patterns) so the loss can fall; with ``prompt``, the first
+    ``prompt`` labels of a row are -100 (row i: ``prompt + i % 2``: rows differ, pairs of rows count alike)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         start = torch.randint(0, vocab, (batch, 1), generator=g)
         step = torch.randint(1, 4, (batch, 1), generator=g)
         ids = (start + step * torch.arange(seq)) % vocab
-        out.append({"input_ids": ids, "labels": ids.clone()})
+        labels = ids.clone()
+        for i in range(batch if prompt else 0):
+            labels[i, : prompt + i % 2] = -100
+        out.append({"input_ids": ids, "labels": labels})
     return out
 
 

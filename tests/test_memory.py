@@ -106,3 +106,21 @@ def test_one_gpu_table(capsys):
     nf4 = next(line for line in out.splitlines() if line.startswith("| LIFT-NF4 |"))
     assert nf4.endswith("| llama-2-7b, llama-3-8b, llama-2-70b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b |")
     assert "| full fine-tuning |" in out and out.count("none") >= 3
+
+
+def test_logits_with_the_chunked_loss_and_the_models_own(capsys):
+    """lift.loss: the model's loss holds 16-bit logits and their fp32 log-softmax for every position
+    (6 s V bytes); lift_ds's chunked loss one chunk of them and the hidden-state gradient."""
+    from lift_ds.loss import chunk_rows
+
+    s = memory.model_shape("llama-3-8b")
+    own = memory.logits_bytes(s, 2048, loss="model")
+    chunked = memory.logits_bytes(s, 2048)
+    assert own == 6 * 2048 * 128256
+    assert chunked == chunk_rows(128256) * 128256 * 8 + 2048 * 4096 * 2 and chunked < 0.06 * own
+    # full fine-tuning trains the head: its logits gradients in bf16 (2 s V < 4 V h here)
+    assert memory.logits_bytes(s, 2048, head_trains=True) == chunked + 2 * 2048 * 128256
+    a, b = (memory.estimate(s, "lift", 1, 0, loss=loss) for loss in ("model", "chunked"))
+    assert a.activations - b.activations == own - chunked and a.model_states == b.model_states
+    assert memory.main(["--model", "llama-3-8b", "--ranks", "1", "--zero", "0", "--seq_len", "2048"]) == 0
+    assert "0.08 GiB with lift.loss chunked, 1.47 GiB with the model's own loss (lift.loss model): 1.39 GiB less" in capsys.readouterr().out

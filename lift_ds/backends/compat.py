@@ -21,6 +21,7 @@ once when another version is found.
 | :func:`installed_op` | ``deepspeed.git_version_info.installed_ops`` |
 | :func:`zero_reduce_bucket_size` | ``optimizer.reduce_bucket_size`` (read by the leak test) |
 | :func:`forget_process_groups` | ZeRO-3 parameters keep their process group in ``ds_process_group`` (dropped at exit) |
+| :class:`~lift_ds.backends.compat_zero3.Zero3OffloadKeeper` | ZeRO-3's optimizer builds its model-wide ``DeepSpeedZeRoOffload`` (parameter coordinator, hooks on every module) in ``initialize_ds_offload``, called with keywords, and removes it in ``destroy``; the coordinator's ``_invalidate_trace`` |
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def check_version() -> bool:
     return ok
 
 
-def release_engine(engine: Any, model: nn.Module) -> None:
+def release_engine(engine: Any, model: nn.Module, keep_module_functions: bool = False) -> None:
     """Destroy a DeepSpeed engine so that nothing keeps it, its optimizer or their tensors alive.
 
     ``engine.destroy()`` leaves the engine's own forward pre/post hooks on the module and a
@@ -83,12 +84,13 @@ def release_engine(engine: Any, model: nn.Module) -> None:
     the backward fetches went to a dead coordinator: the live one never learnt which module's backward
     was running, and in a non-reentrant activation-checkpoint recompute it partitioned the frozen
     parameters the recompute had just gathered (``CheckpointError``: recomputed shape [0], saved
-    [128]); the old coordinator stayed alive too. They are removed, so each engine registers its own.
+    [128]); the old coordinator stayed alive too. They are removed, so each engine registers its own,
+    unless ``keep_module_functions``: the parameter offload (coordinator and hooks) outlives the engine
+    (:class:`~lift_ds.backends.compat_zero3.Zero3OffloadKeeper`), so its Functions stay right.
     """
     engine.destroy()
-    for module in model.modules():
-        for attr in _ZERO3_MODULE_FUNCTIONS:
-            module.__dict__.pop(attr, None)
+    if not keep_module_functions:
+        drop_zero3_module_functions(model)
     for attr in _ENGINE_HOOKS:
         handle = getattr(engine, attr, None)
         if handle is not None:
@@ -102,6 +104,13 @@ def release_engine(engine: Any, model: nn.Module) -> None:
     for obj in (innermost_optimizer(engine.optimizer), engine.optimizer, engine):
         if obj is not None and hasattr(obj, "__dict__"):
             obj.__dict__.clear()
+
+
+def drop_zero3_module_functions(model: nn.Module) -> None:
+    """Remove the ZeRO-3 backward Functions cached in each module's ``__dict__`` (see :func:`release_engine`)."""
+    for module in model.modules():
+        for attr in _ZERO3_MODULE_FUNCTIONS:
+            module.__dict__.pop(attr, None)
 
 
 @contextlib.contextmanager

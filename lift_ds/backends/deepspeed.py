@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ConfigError, TrainingConfig, is_comment_key
 from ..utils import get_logger, init_process_group
-from . import compat, ds_config_keys
+from . import compat, compat_zero3, ds_config_keys
 from .base import Backend, BackendContext, frozen_weights_mode
 from .engine_members import NotUnderLiftError
 from .ops import choose_optimizer
@@ -111,6 +111,8 @@ class DeepSpeedBackend(Backend):
         self._engine: Any = None
         self._params: list[nn.Parameter] = []
         self._built_once = False
+        #: ZeRO-3: one parameter offload (coordinator, module hooks) for the whole run, not one per phase
+        self._offload_keeper = compat_zero3.Zero3OffloadKeeper()
         #: fp16: the dynamic loss scaler's state, carried from one phase's optimizer to the next (each
         #: new ZeRO optimizer would start again at 2^initial_scale_power and skip steps to come down)
         self._loss_scaler: dict[str, Any] | None = None
@@ -202,7 +204,8 @@ class DeepSpeedBackend(Backend):
         inputs = self.param_groups(params) if self.param_groups is not None else params
         opt = self.optimizer_factory(inputs) if self.optimizer_factory is not None else None
         skip = self._built_once and self.zero_stage < 3
-        with compat.skip_model_broadcast(skip), compat.cheap_zero3_build(self.zero_stage == 3):
+        z3 = self.zero_stage == 3
+        with compat.skip_model_broadcast(skip), compat.cheap_zero3_build(z3), self._offload_keeper.building(z3):
             engine, _, _, _ = self._ds.initialize(
                 model=self.model, model_parameters=inputs, optimizer=opt, config=self.phase_config(params),
                 mpu=self.mpu, dist_init_required=False,
@@ -218,9 +221,14 @@ class DeepSpeedBackend(Backend):
             return
         self._loss_scaler = self._loss_scale_now()
         engine, self._engine = self._engine, None
-        compat.release_engine(engine, self.model)
+        # ZeRO-3: the kept parameter offload (and the backward Functions bound to its coordinator) stays for the next phase
+        compat.release_engine(engine, self.model, keep_module_functions=self._offload_keeper.offload is not None)
         del engine
         self._params = []
+
+    def close(self) -> None:
+        self.teardown()
+        self._offload_keeper.release()
 
     def _loss_scale_now(self) -> dict[str, Any] | None:
         """The current phase's fp16 loss-scaler state, or the one carried between phases."""

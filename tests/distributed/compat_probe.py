@@ -117,8 +117,43 @@ def main() -> None:
     facts["zero3_module_functions_after_release"] = sum(1 for m in model.modules() if any(a in m.__dict__ for a in compat._ZERO3_MODULE_FUNCTIONS))
     for stage in (2, 3):
         facts.update(state_round_trip(stage))
+    facts.update(zero3_offload_kept())
     Path(sys.argv[1]).write_text(json.dumps(facts, indent=1))
     torch.distributed.destroy_process_group()
+
+
+def zero3_offload_kept() -> dict:
+    """A ZeRO-3 LIFT run over 4 phases through lift_ds: how many model-wide DeepSpeedZeRoOffload were
+    built, the module hooks per phase, and what is left after close()."""
+    import lift_ds
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    built = []
+    original = DeepSpeedZeRoOffload.__init__
+
+    def counting(self, *a, **k):
+        built.append(1)
+        original(self, *a, **k)
+    DeepSpeedZeRoOffload.__init__ = counting
+    try:
+        model = tiny_llama()
+        cfg = {**config(3), "lift": {"backend": "deepspeed", "total_steps": 4, "layer_range": [1, 4], "policy": "cyclic"}}
+        engine, *_ = lift_ds.initialize(model=model, config=cfg, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+        hooks = []
+        for b in lm_batches(4, batch=2):
+            loss = engine(**b).loss
+            engine.backward(loss)
+            engine.step()
+            del loss
+            hooks.append(sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()))
+        reused = engine.backend._offload_keeper.reused
+        engine.close()
+    finally:
+        DeepSpeedZeRoOffload.__init__ = original
+    return {"z3_offloads_built": len(built), "z3_offload_reused": reused, "z3_phases": engine.phase_switches, "z3_hooks_per_step": hooks,
+            "z3_hooks_after_close": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()),
+            "z3_all_partitioned_after_close": all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in model.parameters())}
 
 
 def state_round_trip(stage: int) -> dict:

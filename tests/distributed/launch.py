@@ -136,14 +136,15 @@ def reference(sc: dict, world: int = WORLD, start_state: dict | None = None) -> 
     cfg.pop("train_batch_size", None)
     for key in ("bf16", "fp16"):
         cfg.pop(key, None)
-    model = tiny_llama(layers=sc.get("layers", 4), hidden=sc.get("hidden", 32), vocab=sc.get("vocab", 128), seed=sc.get("seed", 0))
+    model = tiny_llama(layers=sc.get("layers", 4), hidden=sc.get("hidden", 32), vocab=sc.get("vocab", 128), seed=sc.get("seed", 0), tie=sc.get("tie", False))
     if start_state is not None:
         model.load_state_dict(start_state, strict=False)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = None if sc["optimizer"] == "config" else OPTIMIZERS[sc["optimizer"]]
     engine, _, _, _ = lift_ds.initialize(model=model, config=cfg, optimizer=opt)
     gas = cfg.get("gradient_accumulation_steps", 1)
-    data = lm_batches(sc["steps"] * gas, batch=mb * world, seq=sc.get("seq", 16), vocab=sc.get("vocab", 128), seed=sc.get("data_seed", 1))
+    data = lm_batches(sc["steps"] * gas, batch=mb * world, seq=sc.get("seq", 16), vocab=sc.get("vocab", 128), seed=sc.get("data_seed", 1),
+                      prompt=sc.get("prompt", 0))
     for b in data:
         loss = engine(**b).loss
         if engine.global_step + 1 in sc.get("nan_steps", ()):

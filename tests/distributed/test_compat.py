@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from lift_ds.backends import compat
+from lift_ds.backends import compat, compat_zero3
 
 from .launch import REPO
 
@@ -137,3 +137,29 @@ def test_installed_op_reads_installed_ops():
 
 def test_zero_reduce_bucket_size(facts):
     assert facts["reduce_bucket_size"] == 12345
+
+
+def test_zero3_offload_kept_across_phases(facts):
+    """One DeepSpeedZeRoOffload for the run: built once, handed to every later phase's optimizer, its
+    hooks neither removed by engine.destroy() nor registered twice; close() removes them."""
+    assert facts["z3_phases"] == 4
+    assert facts["z3_offloads_built"] == 1, "initialize_ds_offload was not intercepted: a new offload per phase again"
+    assert facts["z3_offload_reused"] == 3
+    assert len(set(facts["z3_hooks_per_step"])) == 1 and facts["z3_hooks_per_step"][0] > 0, facts["z3_hooks_per_step"]
+    assert facts["z3_hooks_after_close"] == 0 and facts["z3_all_partitioned_after_close"]
+
+
+def test_zero3_offload_keeper_details():
+    """The details Zero3OffloadKeeper relies on: the optimizer gets its offload from
+    initialize_ds_offload, by keywords; destroy() removes its module hooks; the coordinator's trace can
+    be invalidated."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    init = inspect.getsource(DeepSpeedZeroOptimizer_Stage3.__init__)
+    assert "self.parameter_offload = self.initialize_ds_offload(\n            module=module," in init
+    assert "self.parameter_offload.destroy()" in inspect.getsource(DeepSpeedZeroOptimizer_Stage3.destroy)
+    assert "_remove_module_hooks" in inspect.getsource(DeepSpeedZeRoOffload.destroy)
+    assert callable(PartitionedParameterCoordinator._invalidate_trace) and callable(PartitionedParameterCoordinator.is_invalid_trace)
+    assert set(compat_zero3._PER_ENGINE_OFFLOAD_ARGS) <= set(inspect.signature(DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload).parameters)

@@ -81,13 +81,14 @@ def hook_count(model) -> int:
 def global_batches(sc, world):
     mb = sc["config"].get("train_micro_batch_size_per_gpu", 2)
     gas = sc["config"].get("gradient_accumulation_steps", 1)
-    return lm_batches(sc["steps"] * gas, batch=mb * world, seq=sc.get("seq", 16), vocab=sc.get("vocab", 128), seed=sc.get("data_seed", 1))
+    return lm_batches(sc["steps"] * gas, batch=mb * world, seq=sc.get("seq", 16), vocab=sc.get("vocab", 128), seed=sc.get("data_seed", 1),
+                      prompt=sc.get("prompt", 0))
 
 
 def build_model(sc, ds_config):
     import deepspeed
 
-    kw = dict(layers=sc.get("layers", 4), hidden=sc.get("hidden", 32), vocab=sc.get("vocab", 128), seed=sc.get("seed", 0))
+    kw = dict(layers=sc.get("layers", 4), hidden=sc.get("hidden", 32), vocab=sc.get("vocab", 128), seed=sc.get("seed", 0), tie=sc.get("tie", False))
     if sc.get("zero_init"):
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             return tiny_llama(**kw)
