@@ -114,6 +114,10 @@ class LiftConfig:
                                kind="choice", choices=BLOCK_STORES)
     block_store_dir: str | None = setting(None, "directory of a disk block store (null: a temporary directory, removed at the end); "
                                           "one per rank", kind="path")
+    stream_frozen: bool = setting(False, "frozen decoder layers are not resident: their linear weights (quantized by frozen_weights, "
+                                  "or in the training dtype) live in a file per layer (block_store_dir/stream, or a temporary "
+                                  "directory), read ahead of the forward and again for the backward; 3 layers in memory at a time "
+                                  "whatever the depth (torch backend, or DeepSpeed ZeRO-1/2)", kind="bool")
     max_consecutive_skipped_steps: int = setting(5, "a step with a NaN/inf loss or gradient norm is skipped and counted; this many "
                                                  "in a row stop the run (0: never)", kind="int", minimum=0)
 

@@ -65,13 +65,14 @@ class LiftEngine:
         #: stashed optimizer states per unit (``optimizer_state: offload``, LIFT only: a unit is a block)
         self.stash: dict[int, Any] = {}
         self._active: int | None = None
-        #: Q-LIFT: the quantized frozen layers and their block store (``lift.frozen_weights``)
+        #: Q-LIFT: the quantized (and / or streamed) frozen layers and their block store
+        #: (``lift.frozen_weights``, ``lift.stream_frozen``)
         self.quant = None
-        if self.lift.frozen_weights != "full":
+        if self.lift.frozen_weights != "full" or self.lift.stream_frozen:
             from .quant import build_quantized_blocks
 
             self.quant = build_quantized_blocks(model, plan, self.lift.frozen_weights, self.lift.block_store, self.lift.block_store_dir,
-                                               self.training.precision)
+                                               self.training.precision, stream=self.lift.stream_frozen)
         problem = plan.never_trained_problem()
         if problem:
             logger.warning("%s", problem)

@@ -28,10 +28,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import RunConfig
 
 
-def frozen_weights_mode(raw: Mapping[str, Any]) -> Any:
-    """The raw ``lift.frozen_weights`` (Q-LIFT; checked in lift_ds.config), for backends that refuse it."""
+def frozen_layers_setting(raw: Mapping[str, Any]) -> str | None:
+    """The raw setting that keeps frozen layers outside the parameters (quantized or streamed), as
+    ``lift.<key>: <value>`` for a backend's message, or None (checked in lift_ds.config)."""
     lift = raw.get("lift")
-    return lift.get("frozen_weights", "full") if isinstance(lift, Mapping) else "full"
+    if not isinstance(lift, Mapping):
+        return None
+    mode = lift.get("frozen_weights", "full")
+    if mode not in ("full", None):
+        return f"lift.frozen_weights: {mode!r}"
+    return "lift.stream_frozen: true" if lift.get("stream_frozen") is True else None
 
 
 @dataclass
