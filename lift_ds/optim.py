@@ -21,6 +21,17 @@ OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 _DS_ONLY_KEYS = {"torch_adam", "adam_w_mode", "fused", "bias_correction", "amsgrad"}
+#: optimizer types only the torch backend builds (``AdamW8bit``: torchao's 8-bit AdamW, which updates
+#: 16-bit weights itself, with stochastic rounding, instead of through fp32 masters)
+TORCH_BACKEND_ONLY = ("adamw8bit",)
+
+
+def _adamw8bit() -> type:
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        raise ConfigError(["optimizer.type: AdamW8bit is torchao's 8-bit AdamW: pip install 'lift_ds[quant]' (torchao)"]) from None
+    return AdamW8bit
 
 
 def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> OptimizerFactory:
@@ -45,8 +56,11 @@ def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[st
         cls = torch.optim.AdamW
     elif kind == "sgd":
         cls = torch.optim.SGD
+    elif kind == "adamw8bit":
+        cls = _adamw8bit()
     else:
-        raise ConfigError([f"optimizer.type: {section.get('type')!r} is not supported by this backend; allowed: Adam, AdamW, SGD (or pass optimizer= a factory)"])
+        raise ConfigError([f"optimizer.type: {section.get('type')!r} is not supported by this backend; allowed: Adam, AdamW, AdamW8bit, SGD "
+                           "(or pass optimizer= a factory)"])
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
@@ -55,9 +69,14 @@ def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[st
     kwargs.update(extra or {})
 
     def factory(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return cls(ps, **kwargs)
+        kw = dict(kwargs)
+        if kind == "adamw8bit":  # no fp32 master: bf16 weights take the update with stochastic rounding
+            kw.setdefault("bf16_stochastic_round", any(p.dtype == torch.bfloat16 for p in ps))
+        return cls(ps, **kw)
 
     factory.__name__ = f"{cls.__name__}_from_config"
+    #: the optimizer updates 16-bit weights itself: the backend gives it the weights, not fp32 masters
+    factory.updates_16bit_weights = kind == "adamw8bit"  # type: ignore[attr-defined]
     return factory
 
 

@@ -72,12 +72,32 @@ def quantize_weight(weight: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"frozen_weights mode {mode!r}; allowed: int8, nf4")
 
 
+def _torchao_nearest(v: torch.Tensor, nf4: torch.Tensor) -> torch.Tensor:
+    """torchao's own rule (``NF4Tensor.quantize_tensor_nearest``): the first index of the smallest distance."""
+    return (v.unsqueeze(-1) - nf4).abs().min(dim=-1).indices
+
+
+_NEAREST_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
 def _nearest_nf4(v: torch.Tensor, nf4: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest NF4 value, the lower one on a tie: torchao's ``(v - nf4).abs().min()``
-    over the two neighbours ``bucketize`` finds (the distance is monotone on each side)."""
+    """Index (uint8) of the nearest NF4 value to each element, exactly as torchao chooses it.
+
+    16-bit values: a table of torchao's own choice for each of the 65536 bit patterns, looked up with
+    int32 indices. fp32: ``bucketize`` gives the upper neighbour; of the two neighbours the nearer is taken, the lower on a tie, which is torchao's
+    rule because the computed distance is monotone on each side of ``v``."""
+    if v.element_size() == 2:
+        key = (v.dtype, v.device)
+        table = _NEAREST_TABLES.get(key)
+        if table is None:
+            every = torch.arange(-32768, 32768, dtype=torch.int32, device=v.device).to(torch.int16).view(v.dtype)
+            table = _NEAREST_TABLES[key] = _torchao_nearest(every, nf4).to(torch.uint8)
+        bits = v.view(torch.int16).to(torch.int32).add_(32768)
+        return torch.index_select(table, 0, bits)
     hi = torch.bucketize(v, nf4).clamp_(max=15)
     lo = (hi - 1).clamp_(min=0)
-    return torch.where((v - nf4[hi]).abs() < (v - nf4[lo]).abs(), hi, lo)
+    nearer_hi = (v - nf4[hi]).abs() < (v - nf4[lo]).abs()
+    return torch.where(nearer_hi, hi, lo).to(torch.uint8)
 
 
 def _quantize_nf4(w: torch.Tensor) -> torch.Tensor:
@@ -103,8 +123,10 @@ def _quantize_nf4(w: torch.Tensor) -> torch.Tensor:
     for s in range(0, n_blocks, step):
         e = min(n_blocks, s + step)
         scaled = (flat[s * NF4_BLOCK:e * NF4_BLOCK].view(-1, NF4_BLOCK) / absmax[s:e, None]).view(-1)
-        idx = _nearest_nf4(scaled, nf4).to(torch.uint8)
-        data[s * NF4_BLOCK // 2:e * NF4_BLOCK // 2] = idx[::2] << 4 | idx[1::2]
+        idx = _nearest_nf4(scaled, nf4).view(-1, 2)
+        out = data[s * NF4_BLOCK // 2:e * NF4_BLOCK // 2]
+        torch.bitwise_left_shift(idx[:, 0], 4, out=out)
+        out.bitwise_or_(idx[:, 1])
     meta = SubclassTensorArgs(w.size(), w.stride(), w.storage_offset(), w.dtype, w.device, False)
     return NF4Tensor(meta, NF4_BLOCK, n_blocks, sb, quantized_scalers, factor.contiguous(), mean, data, nf4)
 

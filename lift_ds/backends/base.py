@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainingConfig
-from ..optim import OptimizerFactory, optimizer_factory_from_section
+from ..optim import TORCH_BACKEND_ONLY, OptimizerFactory, optimizer_factory_from_section
 from . import hardware
 from .lr_schedules import scheduler_problems
 from .state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE, load_torch_optimizer_full_state, placed_like, torch_optimizer_full_state
@@ -67,6 +67,8 @@ class Backend(ABC):
     """Base class of the LIFT backends (see the module docstring)."""
 
     name = "base"
+    #: runs optimizers that update 16-bit weights themselves (``AdamW8bit``, see lift_ds.optim)
+    runs_16bit_optimizers = False
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
@@ -90,6 +92,11 @@ class Backend(ABC):
         their own keys and refuse sections they cannot honour.
         """
         problems = hardware.precision_problems(cls.name, training.precision)
+        kind = str((training.optimizer or {}).get("type", "")).lower()
+        if kind in TORCH_BACKEND_ONLY and not cls.runs_16bit_optimizers:
+            problems.append(f"optimizer.type: {training.optimizer['type']!r} updates 16-bit weights without fp32 masters, which only the "
+                            f"torch backend runs (this is {cls.name}); use AdamW here (DeepSpeed: offload_optimizer keeps its state in host memory)")
+            return None, problems
         problems += cls.optimizer_section_problems(training.optimizer)
         if training.scheduler is not None:
             problems += scheduler_problems(training.scheduler)
@@ -335,7 +342,9 @@ class TorchOptimizerBackend(Backend):
         self._params = params
         for p in params:
             p.grad = None
-        self._masters = [nn.Parameter(p.detach().float().clone()) for p in params] if self._half() else params
+        # an optimizer that updates 16-bit weights itself (AdamW8bit with stochastic rounding) gets them directly
+        own = getattr(self.optimizer_factory, "updates_16bit_weights", False)
+        self._masters = [nn.Parameter(p.detach().float().clone()) for p in params] if self._half() and not own else params
         self._optimizer = self.optimizer_factory(self._masters)
 
     def teardown(self) -> None:
