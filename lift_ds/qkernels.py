@@ -159,8 +159,9 @@ def _quantize_int8(w: torch.Tensor) -> torch.Tensor:
 _local = threading.local()
 
 
-def _scratch(numel: int, dtype: torch.dtype, device: torch.device, minimum: int = CHUNK) -> torch.Tensor:
-    """A reusable buffer (per thread, dtype and device) of at least ``numel`` elements."""
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device, minimum: int | None = None) -> torch.Tensor:
+    """A reusable buffer (per thread, dtype and device) of at least ``numel`` elements (and of :data:`CHUNK`)."""
+    minimum = CHUNK if minimum is None else minimum
     pool = _local.__dict__.setdefault("pool", {})
     key = (dtype, device)
     buf = pool.get(key)
@@ -209,9 +210,10 @@ def dequantize_rows(w: torch.Tensor, r0: int, r1: int, scalers: torch.Tensor | N
     words = out.view(-1).view(table.dtype)
     e0, e1 = r0 * cols, r1 * cols
     data = w.quantized_data
-    index = _scratch(_DECODE_BYTES, torch.int32, w.device, minimum=_DECODE_BYTES)
-    for s in range(e0 // 2, e1 // 2, _DECODE_BYTES):
-        e = min(e1 // 2, s + _DECODE_BYTES)
+    step = min(_DECODE_BYTES, max(1, CHUNK // 2))
+    index = _scratch(step, torch.int32, w.device, minimum=step)
+    for s in range(e0 // 2, e1 // 2, step):
+        e = min(e1 // 2, s + step)
         idx = index[:e - s]
         idx.copy_(data[s:e])
         torch.index_select(table, 0, idx, out=words[s - e0 // 2:e - e0 // 2])
@@ -292,8 +294,8 @@ def dequantize_cols(w: torch.Tensor, c0: int, c1: int, scalers: torch.Tensor | N
     table = _pair_table(w.nf4)
     data = w.quantized_data.view(out_f, in_f // 2)[:, c0 // 2:c1 // 2]
     words = out.view(-1).view(table.dtype).view(out_f, width // 2)
-    rows = max(1, _DECODE_BYTES // (width // 2))
-    index = _scratch(rows * (width // 2), torch.int32, w.device, minimum=_DECODE_BYTES)
+    rows = max(1, min(_DECODE_BYTES, max(1, CHUNK // 2)) // (width // 2))
+    index = _scratch(rows * (width // 2), torch.int32, w.device, minimum=rows * (width // 2))
     for r in range(0, out_f, rows):
         r1 = min(out_f, r + rows)
         idx = index[:(r1 - r) * (width // 2)].view(r1 - r, width // 2)
