@@ -77,27 +77,38 @@ def _torchao_nearest(v: torch.Tensor, nf4: torch.Tensor) -> torch.Tensor:
     return (v.unsqueeze(-1) - nf4).abs().min(dim=-1).indices
 
 
-_NEAREST_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_NEAREST_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # per dtype: torchao's choice per bit pattern
 
 
 def _nearest_nf4(v: torch.Tensor, nf4: torch.Tensor) -> torch.Tensor:
     """Index (uint8) of the nearest NF4 value to each element, exactly as torchao chooses it.
 
     16-bit values: a table of torchao's own choice for each of the 65536 bit patterns, looked up with
-    int32 indices. fp32: ``bucketize`` gives the upper neighbour; of the two neighbours the nearer is taken, the lower on a tie, which is torchao's
-    rule because the computed distance is monotone on each side of ``v``."""
+    int32 indices. fp32: the same choice for the two ends of each run of 65536 consecutive values that
+    share their upper 16 bits; torchao's choice never decreases as the value grows (the computed
+    distance to each NF4 value is monotone on each side of it), so where the two ends agree the
+    whole run agrees, and the few elements in a run that straddles a boundary get torchao's rule
+    itself."""
+    key = (v.dtype, v.device)
     if v.element_size() == 2:
-        key = (v.dtype, v.device)
         table = _NEAREST_TABLES.get(key)
         if table is None:
             every = torch.arange(-32768, 32768, dtype=torch.int32, device=v.device).to(torch.int16).view(v.dtype)
             table = _NEAREST_TABLES[key] = _torchao_nearest(every, nf4).to(torch.uint8)
-        bits = v.view(torch.int16).to(torch.int32).add_(32768)
-        return torch.index_select(table, 0, bits)
-    hi = torch.bucketize(v, nf4).clamp_(max=15)
-    lo = (hi - 1).clamp_(min=0)
-    nearer_hi = (v - nf4[hi]).abs() < (v - nf4[lo]).abs()
-    return torch.where(nearer_hi, hi, lo).to(torch.uint8)
+        return torch.index_select(table, 0, v.view(torch.int16).to(torch.int32).add_(32768))
+    tables = _NEAREST_TABLES.get(key)
+    if tables is None:
+        starts = torch.arange(65536, dtype=torch.int64, device=v.device) << 16
+        ends = (starts | 0xFFFF).to(torch.int32).view(torch.float32)  # bit patterns: int64 -> int32 wraps to the same bits
+        starts = starts.to(torch.int32).view(torch.float32)
+        a, b = _torchao_nearest(starts, nf4).to(torch.uint8), _torchao_nearest(ends, nf4).to(torch.uint8)
+        tables = _NEAREST_TABLES[key] = torch.stack([a, b])
+    upper = v.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF)
+    idx = torch.index_select(tables[0], 0, upper)
+    unsure = (torch.index_select(tables[1], 0, upper) != idx).nonzero().view(-1)
+    if unsure.numel():
+        idx[unsure] = _torchao_nearest(v[unsure], nf4).to(torch.uint8)
+    return idx
 
 
 def _quantize_nf4(w: torch.Tensor) -> torch.Tensor:

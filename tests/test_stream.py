@@ -210,3 +210,29 @@ def test_refused_combinations_are_config_errors(top, lift, method, needle):
     with pytest.raises(ConfigError) as info:
         load_run_config(cfg, world_size=2 if lift.get("backend") else 1, method=method)
     assert needle in str(info.value), str(info.value)
+
+
+def test_adamw8bit_trains_bf16_weights_without_fp32_masters():
+    """The active layer's memory option chosen for a 70B layer on 24 GB: torchao's AdamW8bit updates
+    the bf16 weights itself (stochastic rounding, no fp32 master, bf16 gradients); its moments take
+    about a quarter of AdamW's fp32 moments; the loss on a repeated batch falls."""
+    model = tiny_llama(layers=2, hidden=64)
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "bf16": {"enabled": True},
+           "optimizer": {"type": "AdamW8bit", "params": {"lr": 3e-3, "weight_decay": 0.0}},
+           "lift": {"total_steps": 6, "layer_range": [2, 2], "frozen_weights": "nf4", "stream_frozen": True}}
+    engine, _, _, _ = lift_ds.initialize(model=model, config=cfg)
+    assert type(engine.optimizer).__name__ == "AdamW8bit" and engine.optimizer.bf16_stochastic_round
+    params = engine.backend.active_params()
+    assert engine.backend._masters is engine.backend._params and all(p.dtype == torch.bfloat16 for p in params)
+    batch = lm_batches(1, vocab=128, seed=4)[0]
+    losses = []
+    while not engine.done:
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        assert all(p.grad.dtype == torch.bfloat16 for p in params)
+        engine.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    big = [p for p in params if p.numel() >= 4096]
+    state = sum(t.codes.numel() + t.scale.numel() * 4 for p in big for t in (engine.optimizer.state[p]["exp_avg"], engine.optimizer.state[p]["exp_avg_sq"]))
+    assert state < 0.27 * sum(8 * p.numel() for p in big)
