@@ -182,7 +182,7 @@ def check_export(final: Path, after_step: dict[str, str], spec: dict) -> dict:
             "untrained_tensors_checked": len(untrained), "untrained_mismatched": bad}
 
 
-def run_isolated(spec: dict, kill_gib: float) -> dict:
+def run_isolated(spec: dict, kill_gib: float | None) -> dict:
     """Run :func:`worker` in a fresh process under the memory watchdog."""
     spec_file = Path(spec["work"]) / "spec.json"
     spec_file.write_text(json.dumps(spec))
@@ -196,7 +196,7 @@ def run_isolated(spec: dict, kill_gib: float) -> dict:
         while proc.poll() is None:
             used = _used_gib()
             peak_used = max(peak_used, used)
-            if used > kill_gib:
+            if kill_gib is not None and used > kill_gib:
                 killed = True
                 os.killpg(proc.pid, signal.SIGKILL)
                 return
@@ -223,6 +223,29 @@ def summarise(rec: dict, layers: int) -> dict:
             "peak_rss_gib": rec.get("peak_rss_gib"), "peak_rss_gib_training": max((s.get("peak_rss_gib") or 0) for s in steps) if steps else None}
 
 
+def one_run(shape: str, layers: int, stream: bool = True, export: bool = False, steps: int = 3, seq_len: int = 2048,
+            work: Path = Path("/tmp/lift_ds_bench_stream"), kill_gib: float | None = 21.0) -> dict:
+    """One LIFT run (NF4, AdamW8bit, bf16, layers 1 and 2, activation checkpointing above 512 tokens)
+    through launch/train.py in its own process: the GPU benchmark's streamed row is
+    ``one_run("llama-3-70b", 80, seq_len=2048, kill_gib=None)``. Returns the worker's record with a
+    ``summary`` (median steady step time, per layer, peak RSS); on a GPU each step also carries
+    ``peak_cuda_allocated_gib`` and ``tokens_per_s``, and ``streamer`` the read-ahead counters
+    (``wait_seconds``: transfer time the compute did not hide)."""
+    work = work / f"{shape}-{layers}-{'stream' if stream else 'resident'}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model_dir, text = prepare(work, shape, layers)
+    spec = {"work": str(work), "model_dir": str(model_dir), "text": str(text), "seq_len": seq_len, "steps": steps,
+            "stream": stream, "export": export, "checkpointing": seq_len > 512}
+    print(f"run: {shape} x {layers} layers, {'streamed' if stream else 'resident'}, {steps} steps", flush=True)
+    rec = run_isolated(spec, kill_gib)
+    rec.update(shape=shape, layers=layers, streamed=stream, summary=summarise(rec, layers))
+    print(json.dumps({k: rec[k] for k in ("shape", "layers", "streamed", "summary", "killed_by_watchdog", "machine_used_peak_gib")}
+                     | ({"export": rec["export"]} if "export" in rec else {}), default=str), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return rec
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("llama70b", "llama7b", "row", "worker"))
@@ -234,7 +257,7 @@ def main() -> int:
     p.add_argument("--no_stream", action="store_true", help="row: resident frozen layers")
     p.add_argument("--export", action="store_true", help="row: export and check the exported layers")
     p.add_argument("--work", default="/tmp/lift_ds_bench_stream")
-    p.add_argument("--kill_gib", type=float, default=21.0)
+    p.add_argument("--kill_gib", type=float, default=21.0, help="kill a run when the machine's used memory passes this (0: never)")
     p.add_argument("--spec", default=None)
     args = p.parse_args()
     if args.what == "worker":
@@ -255,21 +278,9 @@ def main() -> int:
         depth = int(args.layers) if args.layers else {"llama-3-70b": 80, "llama-2-70b": 80, "llama-2-7b": 32, "tiny": 4}[args.shape]
         runs = [(args.shape, depth, not args.no_stream, args.export)]
         steps = args.steps or 3
-    record: dict = {"runs": [], "steps": steps, "seq_len": args.seq_len, "command": "python " + " ".join(sys.argv)}
-    for shape, layers, stream, export in runs:
-        work = Path(args.work) / f"{shape}-{layers}-{'stream' if stream else 'resident'}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        model_dir, text = prepare(work, shape, layers)
-        spec = {"work": str(work), "model_dir": str(model_dir), "text": str(text), "seq_len": args.seq_len, "steps": steps,
-                "stream": stream, "export": export, "checkpointing": args.seq_len > 512}
-        print(f"run: {shape} x {layers} layers, {'streamed' if stream else 'resident'}, {steps} steps", flush=True)
-        rec = run_isolated(spec, args.kill_gib)
-        rec.update(shape=shape, layers=layers, streamed=stream, summary=summarise(rec, layers))
-        record["runs"].append(rec)
-        print(json.dumps({k: rec[k] for k in ("shape", "layers", "streamed", "summary", "killed_by_watchdog", "machine_used_peak_gib")}
-                         | ({"export": rec["export"]} if "export" in rec else {}), default=str), flush=True)
-        shutil.rmtree(work, ignore_errors=True)
+    record: dict = {"runs": [one_run(shape, layers, stream, export, steps, args.seq_len, Path(args.work), args.kill_gib or None)
+                            for shape, layers, stream, export in runs],
+                    "steps": steps, "seq_len": args.seq_len, "command": "python " + " ".join(sys.argv)}
     a = record["runs"]
     if args.what == "llama70b" and len(a) >= 2 and all(r["summary"]["peak_rss_gib"] for r in a):
         lo, hi = a[0]["summary"], a[-1]["summary"]

@@ -1,28 +1,33 @@
-"""Q-LIFT: frozen decoder layers held quantized (int8 / NF4), the exact weights in a block store.
+"""Q-LIFT: frozen decoder layers held quantized (int8 / NF4) or streamed, the exact weights in a block store.
 
 ``lift.frozen_weights: "int8" | "nf4"`` replaces every ``nn.Linear`` inside a decoder layer that is
 not training now (attention and MLP projections) by a :class:`QuantizedFrozenLinear` whose weight is
 a torchao tensor (``Int8Tensor``: int8 per output row; ``NF4Tensor``: 4-bit NormalFloat in blocks of
 64 with double-quantized scalers, QLoRA's format). Embedding, norms, biases and the head are not
 quantized (torchao's NF4 has no embedding lookup, and many heads are tied to the embedding).
+``lift.stream_frozen`` replaces them by :class:`lift_ds.stream.StreamedFrozenLinear` instead: the
+(quantized, or with ``frozen_weights: full`` plain) weight lives in a file per layer and is read
+when the pass reaches it (:mod:`lift_ds.stream`).
 
 The semantics:
 
-- The exact weights of every quantized module live in a :class:`BlockStore` (host memory, or one
-  safetensors file per layer on local disk), in the model's training dtype.
+- The exact weights of every frozen module live in a :class:`~lift_ds.store.BlockStore` (host
+  memory, or one safetensors file per layer on local disk; backed by the checkpoint or the seeded
+  init a model was built from, :mod:`lift_ds.store`), in the model's training dtype.
 - When a layer becomes active its ``nn.Linear`` modules come back with weights read from the store,
   never dequantized from the quantized copy; they train with fp32 master and optimizer state as any
   LIFT block. When the phase ends, the trained weights go to the store and the layer is quantized
-  again for the forward passes of later phases.
-- The export (:func:`write_hf_shards`) and checkpoints take quantized modules' weights from the
+  (and written to its stream file) again for the forward passes of later phases.
+- The export (:func:`write_hf_shards`) and checkpoints take frozen modules' weights from the
   store: trained layers exactly as trained, never-trained layers bit-identical to what the run
   started from.
 - The approximation: a phase's forward and backward pass through quantized copies of the other
-  layers (as QLoRA trains against a quantized base).
+  layers (as QLoRA trains against a quantized base). The arithmetic is torchao's, computed by
+  :mod:`lift_ds.qkernels` a chunk at a time (no full-size temporary, no weight kept for backward).
 
 Quantized weights are buffers, not parameters: DeepSpeed (ZeRO-1/2) neither broadcasts, casts nor
 partitions them; every rank holds them whole. ZeRO-3 and FSDP2, which shard the layers, are refused
-by the configuration check (:func:`lift_ds.run_config.frozen_weights_problems`).
+by the configuration check (each backend's ``check_config``).
 """
 
 from __future__ import annotations
@@ -329,7 +334,7 @@ def write_hf_shards(out: Path, live: dict[str, torch.Tensor], quant: QuantizedFr
     """Write a sharded Hugging Face safetensors checkpoint: the live parameters in one shard, each
     quantized layer's exact weights (from the store) in its own, and the index. Peak memory: one
     layer's weights (a disk store is read layer by layer)."""
-    from safetensors.torch import save_file
+    from .tensorfile import write_file
 
     blocks = [b for b in quant.linears if quant.is_quantized(b)]
     total = 1 + len(blocks)
@@ -339,7 +344,7 @@ def write_hf_shards(out: Path, live: dict[str, torch.Tensor], quant: QuantizedFr
     def shard(k: int, tensors: dict[str, torch.Tensor]) -> None:
         nonlocal size
         name = f"model-{k:05d}-of-{total:05d}.safetensors"
-        save_file({n: t.contiguous() for n, t in tensors.items()}, str(out / name), metadata={"format": "pt"})
+        write_file(out / name, tensors, metadata={"format": "pt"})
         index.update({n: name for n in tensors})
         size += sum(t.numel() * t.element_size() for t in tensors.values())
 

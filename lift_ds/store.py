@@ -61,14 +61,14 @@ class BlockStore:
         self._names[block] = list(names)
 
     def put(self, block: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Store a layer's weights (copied to CPU; a disk store writes them atomically)."""
-        values = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in tensors.items()}
-        self._names[block] = list(values)
+        """Store a layer's weights (a memory store copies them to CPU; a disk store writes them
+        atomically, straight from their memory)."""
+        self._names[block] = list(tensors)
         self._written.add(block)
         if self.kind == "memory":
-            self._blocks[block] = values
+            self._blocks[block] = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in tensors.items()}
         else:
-            write_file(self._file(block), values)
+            write_file(self._file(block), tensors)
 
     def get(self, block: str) -> dict[str, torch.Tensor]:
         """A layer's stored weights (CPU tensors): written ones, else its origin's."""

@@ -5,7 +5,8 @@ model read layer by layer through ``safe_open`` (which maps each shard) grows in
 layer read from a shard it keeps open. Here a file's header is parsed once (8-byte little-endian
 length, a JSON table of ``dtype`` / ``shape`` / ``data_offsets``) and each tensor is read with
 ``os.preadv`` into memory the caller owns: resident memory is what the caller keeps, and the page
-cache (which the kernel may drop) holds the rest. Writing goes through ``safetensors`` itself.
+cache (which the kernel may drop) holds the rest. Writing streams each tensor's bytes from its own
+memory (the format is 8 bytes of header length, the JSON header padded to 8 bytes, the data).
 """
 
 from __future__ import annotations
@@ -135,11 +136,35 @@ def read_file(path: str | Path, names: list[str] | None = None) -> dict[str, tor
         return {n: f.get(n) for n in (names if names is not None else f.keys())}
 
 
-def write_file(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (a ``.partial`` file renamed over the target)."""
-    from safetensors.torch import save_file
+CODES = {dtype: code for code, dtype in DTYPES.items()}
 
+
+def write_file(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (a ``.partial`` file renamed over the target), each tensor's
+    bytes straight from its memory: no serialized copy of the whole file is built (``safetensors``'
+    own ``save_file`` holds one), so writing a layer or a shard costs no second copy of it."""
     path = Path(path)
+    header: dict[str, Any] = {}
+    items = []
+    offset = 0
+    for name, t in tensors.items():
+        t = t.detach()
+        t = (t if t.device.type == "cpu" else t.cpu()).contiguous()
+        if t.dtype not in CODES:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be written to a safetensors file")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        items.append(t)
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
     tmp = path.with_name(path.name + ".partial")
-    save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(tmp), metadata=dict(metadata) if metadata else None)
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for t in items:
+            if t.numel():
+                f.write(_bytes_view(t))
     os.replace(tmp, path)

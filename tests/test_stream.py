@@ -212,6 +212,7 @@ def test_refused_combinations_are_config_errors(top, lift, method, needle):
     assert needle in str(info.value), str(info.value)
 
 
+@pytest.mark.slow  # torchao compiles its step (about 20-100 s on 2 cores the first time; cached after)
 def test_adamw8bit_trains_bf16_weights_without_fp32_masters():
     """The active layer's memory option chosen for a 70B layer on 24 GB: torchao's AdamW8bit updates
     the bf16 weights itself (stochastic rounding, no fp32 master, bf16 gradients); its moments take

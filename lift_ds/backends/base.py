@@ -295,8 +295,10 @@ class Backend(ABC):
         """The parameters the current phase trains (empty between phases)."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full parameter values (gathered from partitions), valid on rank 0; collective."""
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        """Full parameter values (gathered from partitions) on the host, valid on rank 0; collective.
+        A tensor already on the host is the parameter itself, not a copy (an export of a 70B layer
+        costs no second copy): read it, do not modify it."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def precision_state(self) -> dict[str, Any]:
         """Mixed-precision state that must outlive a phase and go into checkpoints (DeepSpeed: the
