@@ -139,6 +139,18 @@ def lift_settings() -> list[dataclasses.Field]:
 
 
 
+def frozen_layers_setting(raw: Mapping[str, Any]) -> str | None:
+    """The raw setting that keeps frozen layers outside the parameters (quantized or streamed), as
+    ``lift.<key>: <value>`` for a backend's message (the backends that shard layers refuse it), or None."""
+    lift = raw.get("lift")
+    if not isinstance(lift, Mapping):
+        return None
+    mode = lift.get("frozen_weights", "full")
+    if mode not in ("full", None):
+        return f"lift.frozen_weights: {mode!r}"
+    return "lift.stream_frozen: true" if lift.get("stream_frozen") is True else None
+
+
 def settings_table() -> str:
     """The README's configuration table, made from the declarations (a test keeps them equal)."""
     rows = ["| `lift` key | default | flag | meaning |", "|---|---|---|---|"]

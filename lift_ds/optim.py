@@ -26,6 +26,15 @@ _DS_ONLY_KEYS = {"torch_adam", "adam_w_mode", "fused", "bias_correction", "amsgr
 TORCH_BACKEND_ONLY = ("adamw8bit",)
 
 
+def optimizer_backend_problems(section: Mapping[str, Any] | None, backend: str, runs_16bit: bool) -> list[str]:
+    """An optimizer type the backend ``backend`` cannot run (``AdamW8bit`` outside the torch backend)."""
+    kind = str((section or {}).get("type", "")).lower()
+    if kind in TORCH_BACKEND_ONLY and not runs_16bit:
+        return [f"optimizer.type: {section['type']!r} updates 16-bit weights without fp32 masters, which only the torch backend "
+                f"runs (this is {backend}); use AdamW here (DeepSpeed: offload_optimizer keeps its state in host memory)"]
+    return []
+
+
 def _adamw8bit() -> type:
     try:
         from torchao.optim import AdamW8bit

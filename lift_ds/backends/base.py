@@ -19,25 +19,13 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainingConfig
-from ..optim import TORCH_BACKEND_ONLY, OptimizerFactory, optimizer_factory_from_section
+from ..optim import OptimizerFactory, optimizer_backend_problems, optimizer_factory_from_section
 from . import hardware
 from .lr_schedules import scheduler_problems
 from .state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE, load_torch_optimizer_full_state, placed_like, torch_optimizer_full_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import RunConfig
-
-
-def frozen_layers_setting(raw: Mapping[str, Any]) -> str | None:
-    """The raw setting that keeps frozen layers outside the parameters (quantized or streamed), as
-    ``lift.<key>: <value>`` for a backend's message, or None (checked in lift_ds.config)."""
-    lift = raw.get("lift")
-    if not isinstance(lift, Mapping):
-        return None
-    mode = lift.get("frozen_weights", "full")
-    if mode not in ("full", None):
-        return f"lift.frozen_weights: {mode!r}"
-    return "lift.stream_frozen: true" if lift.get("stream_frozen") is True else None
 
 
 @dataclass
@@ -92,11 +80,7 @@ class Backend(ABC):
         their own keys and refuse sections they cannot honour.
         """
         problems = hardware.precision_problems(cls.name, training.precision)
-        kind = str((training.optimizer or {}).get("type", "")).lower()
-        if kind in TORCH_BACKEND_ONLY and not cls.runs_16bit_optimizers:
-            problems.append(f"optimizer.type: {training.optimizer['type']!r} updates 16-bit weights without fp32 masters, which only the "
-                            f"torch backend runs (this is {cls.name}); use AdamW here (DeepSpeed: offload_optimizer keeps its state in host memory)")
-            return None, problems
+        problems += optimizer_backend_problems(training.optimizer, cls.name, cls.runs_16bit_optimizers)
         problems += cls.optimizer_section_problems(training.optimizer)
         if training.scheduler is not None:
             problems += scheduler_problems(training.scheduler)

@@ -18,10 +18,10 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..config import ConfigError, TrainingConfig, is_comment_key
+from ..config import ConfigError, TrainingConfig, frozen_layers_setting, is_comment_key
 from ..utils import get_logger, init_process_group
 from . import compat
-from .base import Backend, BackendContext, frozen_layers_setting
+from .base import Backend, BackendContext
 from .ops import choose_optimizer
 from .state import WEIGHTS_FILE, host_copies_done, load_torch_optimizer_full_state, to_host, torch_optimizer_full_state
 

@@ -20,9 +20,9 @@ from typing import Any, Mapping
 import torch
 
 from ..blocks import find_layer_stack
-from ..config import TrainingConfig, is_comment_key
+from ..config import TrainingConfig, frozen_layers_setting, is_comment_key
 from ..utils import get_logger, init_process_group
-from .base import BackendContext, TorchOptimizerBackend, frozen_layers_setting
+from .base import BackendContext, TorchOptimizerBackend
 
 logger = get_logger(__name__)
 
