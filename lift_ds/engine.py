@@ -232,6 +232,8 @@ class LiftEngine:
             self.micro_steps += 1
             return
         bad_loss = self.guard.window_had_bad_loss(self.backend)
+        if self.quant is not None:
+            self.quant.around_optimizer_step(before=True)
         if bad_loss:
             self.backend.discard_gradients()
             norm, applied = None, False
@@ -252,6 +254,8 @@ class LiftEngine:
             # the last engine stays (ZeRO-3 forward needs its hooks for evaluation and export) until close()
             self._active = None
             set_trainable(self.module, [])
+        if self.quant is not None:
+            self.quant.around_optimizer_step(before=False)
 
     def close(self) -> None:
         """Release the backend (the last engine, optimizer, gradients)."""

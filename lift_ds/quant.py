@@ -269,6 +269,12 @@ class QuantizedFrozenBlocks:
             self._freeze(block, weights, {p: self.model.get_submodule(p) for p in paths})
         return taken
 
+    def around_optimizer_step(self, before: bool) -> None:
+        """Streamed layers: none in memory during an optimizer step (``before``), the first ones read
+        ahead for the next forward after it."""
+        if self.streamer is not None:
+            self.streamer.release() if before else self.streamer.prefetch_first()
+
     def close(self) -> None:
         self.store.close()
         if self.streamer is not None:

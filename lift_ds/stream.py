@@ -9,7 +9,9 @@ buffers; on CUDA then copied on a side stream from pinned buffers). What "next" 
 
 - forward: the layers above; near the top, the top layers again, for the backward that follows;
 - backward (through the frozen layers above the active one): the layers below, down to the lowest
-  one that needs a gradient; then the first layers, for the next forward.
+  one that needs a gradient; then the first layers, for the next forward;
+- an optimizer step: none (:meth:`LayerStreamer.release`, so that the step's peak holds no frozen
+  layer), then the first layers again, read while the step runs (:meth:`LayerStreamer.prefetch_first`).
 
 :class:`StreamedFrozenLinear` replaces each ``nn.Linear`` of a streamed layer. It holds no weight: it
 asks the streamer for it in the forward, and :func:`lift_ds.qkernels.frozen_linear` asks again in
@@ -286,6 +288,22 @@ class LayerStreamer:
         weights = {p: _rebuild(m, {n.split("/", 1)[1]: t for n, t in tensors.items() if n.split("/", 1)[0] == _suffix(p, layer)})
                    for p, m in meta.items()}
         return weights, out
+
+    def release(self) -> None:
+        """Hold no layer (and no spare buffer) while the optimizer steps: its peak (gradients, moments,
+        the step's temporaries) then has no frozen layer beside it."""
+        with self._lock:
+            for layer in list(self._slots):
+                self._drop(layer)
+            self._pool.clear()
+            self._current = None
+
+    def prefetch_first(self) -> None:
+        """Start reading the first layers, for the forward that follows an optimizer step."""
+        with self._lock:
+            for layer in self._order[: self.capacity]:
+                if layer not in self._slots:
+                    self._schedule(layer)
 
     def to(self, device: torch.device) -> None:
         """Use the weights on another device from now on (drops what is in memory)."""

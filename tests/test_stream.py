@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import lift_ds
 from lift_ds.config import ConfigError, load_run_config
@@ -73,13 +73,19 @@ def _replay(trace):
 @pytest.mark.parametrize("layers", [4, 10])
 def test_at_most_capacity_layers_in_memory_whatever_the_depth(layers):
     """Counted from the load / evict log: never more than CAPACITY frozen layers in memory, every weight
-    served from memory, and the buffers (reused from layer to layer) and their bytes do not grow
-    with depth; layers below the active one are read once per step, those above twice (forward and
-    backward) at most."""
+    served from memory, none during an optimizer step, and the buffers (reused from layer to layer)
+    and their bytes do not grow with depth; each frozen layer is read at most twice per step
+    (forward and backward)."""
     engine = make(tiny_llama(layers=layers, hidden=64), steps=4, layer_range=[1, 1], frozen_weights="nf4", stream_frozen=True)
     streamer = engine.quant.streamer
     streamer.trace = []
-    run(engine)
+    during_step = []
+    handle = register_optimizer_step_pre_hook(lambda *a: during_step.append(len(streamer.materialised()) + len(streamer._pool)))
+    try:
+        run(engine)
+    finally:
+        handle.remove()
+    assert during_step == [0] * 4  # nothing frozen in memory beside the step's gradients and moments
     most, served = _replay(streamer.trace)
     assert most <= CAPACITY and served and streamer.stats["peak_materialised"] <= CAPACITY
     assert len(streamer.materialised()) + len(streamer._pool) <= CAPACITY
