@@ -1,6 +1,6 @@
 """Q-LIFT on the quickstart's task, side by side: frozen weights full / int8 / nf4, one process.
 
-    python launch/bench_qlift.py --out docs/qlift/quickstart_qlift.json [--max_steps 150] [--modes full,int8,nf4]
+    python launch/bench_qlift.py --out docs/qlift/quickstart_qlift.json [--max_steps 150] [--modes full,int8,nf4] [--interleave]
 
 Each mode runs the quickstart (SmolLM2-135M-Instruct, movie-review sentiment, ds_configs/quickstart_cpu.json:
 AdamW 1e-4, WarmupDecayLR, clipping 1.0, front2end, grouped) on the single-process torch backend with the
@@ -31,11 +31,12 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_mode(mode: str, args, tok, data, model_dir: str) -> dict:
+def start_mode(mode: str, args, tok, data, model_dir: str) -> tuple:
+    """An engine for one mode, and its evaluation through the quantized layers before training."""
     import lift_ds
     from lift_ds.data import RankBatches
-    from lift_ds.memory import live_tensor_bytes, peak_memory
-    from lift_ds.recipe import build_model, evaluate, held_out_metrics, optimizer_step
+    from lift_ds.memory import live_tensor_bytes
+    from lift_ds.recipe import build_model, held_out_metrics
 
     cfg = json.loads((REPO / "ds_configs" / "quickstart_cpu.json").read_text())
     cfg.pop("zero_optimization")
@@ -44,21 +45,33 @@ def run_mode(mode: str, args, tok, data, model_dir: str) -> dict:
     model = build_model(model_dir, seed=0)
     engine, _, _, _ = lift_ds.initialize(model=model, config=cfg)
     batches = RankBatches(data.train, 16, 0, 1, seed=0, pad_id=tok.pad_token_id)
-    out: dict = {"mode": mode}
-    if engine.quant is not None:  # before training, every layer quantized (the first active one too)
+    out: dict = {"mode": mode, "steps_log": []}
+    if engine.quant is not None and not args.skip_eval:  # before training, every layer quantized (the first active one too)
         first = engine.active_block
         engine.quant.deactivate(first)
         out["before_quantized"] = held_out_metrics(engine.module, data, tok, args.seq_len, 16)
         out["census"] = {**engine.quant.bytes(), "live_tensor_bytes": live_tensor_bytes()}
         engine.quant.activate(first)
-    steps = []
     engine.train()
-    while not engine.done:
-        t = time.perf_counter()
-        phase = engine.cursor.phase.index
-        loss, _ = optimizer_step(engine, batches)
-        steps.append((phase, time.perf_counter() - t, loss))
-    out["after_through_engine"] = evaluate(engine, data, tok, args.seq_len, 16)
+    return engine, batches, out
+
+
+def one_step(engine, batches, out: dict) -> None:
+    from lift_ds.recipe import optimizer_step
+
+    t = time.perf_counter()
+    phase = engine.cursor.phase.index
+    loss, _ = optimizer_step(engine, batches)
+    out["steps_log"].append((phase, time.perf_counter() - t, loss))
+
+
+def finish_mode(engine, out: dict, args, data, tok) -> dict:
+    from lift_ds.memory import peak_memory
+    from lift_ds.recipe import evaluate, held_out_metrics
+
+    steps = out.pop("steps_log")
+    if not args.skip_eval:
+        out["after_through_engine"] = evaluate(engine, data, tok, args.seq_len, 16)
     later = [dt for ph, dt, _ in steps if ph > 0]
     out.update(step_seconds_mean=statistics.mean(later), step_seconds_median=statistics.median(later),
                phase_switch_seconds=engine.phase_switch_seconds, first_losses=[s[2] for s in steps[:5]],
@@ -70,10 +83,35 @@ def run_mode(mode: str, args, tok, data, model_dir: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         save_hf_checkpoint(engine, d)
         engine.close()
-        exported = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-        exported.eval()
-        out["after_exported"] = held_out_metrics(exported, data, tok, args.seq_len, 16)
+        if not args.skip_eval:
+            exported = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+            exported.eval()
+            out["after_exported"] = held_out_metrics(exported, data, tok, args.seq_len, 16)
     return out
+
+
+def run_mode(mode: str, args, tok, data, model_dir: str) -> dict:
+    engine, batches, out = start_mode(mode, args, tok, data, model_dir)
+    while not engine.done:
+        one_step(engine, batches, out)
+    return finish_mode(engine, out, args, data, tok)
+
+
+def run_interleaved(modes: list[str], args, tok, data, model_dir: str) -> dict:
+    """Every mode's engine at once, stepped in turn (one optimizer step each): a machine shared with
+    other work slows every mode alike, so the step-time ratios hold."""
+    runs = {m: start_mode(m, args, tok, data, model_dir) for m in modes}
+    while not all(e.done for e, _, _ in runs.values()):
+        for engine, batches, out in runs.values():
+            if not engine.done:
+                one_step(engine, batches, out)
+    return {m: finish_mode(e, out, args, data, tok) for m, (e, _, out) in runs.items()}
+
+
+def _commit() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def main() -> int:
@@ -82,6 +120,8 @@ def main() -> int:
     p.add_argument("--max_steps", type=int, default=150)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--modes", default="full,int8,nf4")
+    p.add_argument("--interleave", action="store_true", help="step every mode's engine in turn (ratios robust to a shared machine)")
+    p.add_argument("--skip_eval", action="store_true", help="time only: no held-out evaluation")
     args = p.parse_args()
     from lift_ds import assets
     from lift_ds.backends.hardware import cpu_model
@@ -92,14 +132,17 @@ def main() -> int:
     tok = load_tokenizer(model_dir)
     data = load_task_data(train_path, eval_path, "classification", tok, args.seq_len)
     base = build_model(model_dir, seed=0).eval()
-    record = {"before_full_precision": held_out_metrics(base, data, tok, args.seq_len, 16), "modes": {}}
+    record = {"before_full_precision": {} if args.skip_eval else held_out_metrics(base, data, tok, args.seq_len, 16), "modes": {},
+              "interleaved": args.interleave}
     del base
-    for mode in args.modes.split(","):
+    if args.interleave:
+        record["modes"] = run_interleaved(args.modes.split(","), args, tok, data, model_dir)
+    for mode in [] if args.interleave else args.modes.split(","):
         t0 = time.perf_counter()
         record["modes"][mode] = run_mode(mode, args, tok, data, model_dir)
         record["modes"][mode]["wall_seconds"] = time.perf_counter() - t0
         print(json.dumps({mode: record["modes"][mode]}, default=str), flush=True)
-    record.update(steps=args.max_steps, eval_items=len(data.held_examples or []), torch_threads=torch.get_num_threads(),
+    record.update(steps=args.max_steps, load_average_at_end=os.getloadavg(), commit=_commit(), eval_items=len(data.held_examples or []), torch_threads=torch.get_num_threads(),
                   machine={"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command="python " + " ".join(sys.argv))
@@ -111,8 +154,9 @@ def main() -> int:
     for mode, r in record["modes"].items():
         c = r.get("census")
         ratio = f"{c['quantized_bytes'] / c['bf16_bytes']:.3f}x" if c else "-"
-        print(f"{mode:6} {r.get('before_quantized', record['before_full_precision'])['eval_accuracy']:9.3f} "
-              f"{r['after_through_engine']['eval_accuracy']:9.3f} {r['after_exported']['eval_accuracy']:9.3f} "
+        acc = lambda d: d.get("eval_accuracy", float("nan"))  # noqa: E731
+        print(f"{mode:6} {acc(r.get('before_quantized', record['before_full_precision'])):9.3f} "
+              f"{acc(r.get('after_through_engine', {})):9.3f} {acc(r.get('after_exported', {})):9.3f} "
               f"{r['step_seconds_mean']:7.2f} {ratio:>20}" + (f"  step time {r['step_seconds_mean'] / full['step_seconds_mean']:.2f}x full" if full else ""))
     print(f"wrote {args.out}")
     return 0

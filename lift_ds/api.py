@@ -143,7 +143,7 @@ def _probe_before_any_process_group(run: RunConfig, model: nn.Module, factory: A
     the model's when the factory needs its own): a NaN or out-of-range argument is a ConfigError now,
     not an error inside torch or DeepSpeed later. Returns their part of the run's fingerprint."""
     from .backends.lr_schedules import config_lr, scheduler_problems
-    from .optim import describe_optimizer, probe_optimizer, probe_scheduler
+    from .optim_checks import describe_optimizer, probe_optimizer, probe_scheduler
 
     problems, base_lr, fingerprint = [], config_lr(run.training.optimizer) or 1e-3, {}
     if factory is not None:

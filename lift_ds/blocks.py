@@ -76,14 +76,15 @@ def find_layer_stack(model: "nn.Module") -> tuple[str, "nn.ModuleList"]:
 
 
 def parameter_names(model: "nn.Module") -> list[str]:
-    """``model.named_parameters()``'s names in its order, plus the weight of each quantized frozen
-    linear module (Q-LIFT, :class:`lift_ds.quant.QuantizedFrozenLinear`: a buffer while frozen, a
+    """``model.named_parameters()``'s names in its order, plus the weight of each frozen linear module
+    held outside the parameters (Q-LIFT's :class:`lift_ds.quant.QuantizedFrozenLinear`, a buffer, and
+    :class:`lift_ds.stream.StreamedFrozenLinear`, a file: modules with a ``frozen_weight`` method; a
     parameter again when its layer trains)."""
     seen: set[int] = set()
     out: list[str] = []
     for mname, mod in model.named_modules():
         items = list(mod.named_parameters(recurse=False))
-        if hasattr(mod, "qweight"):
+        if hasattr(mod, "frozen_weight"):
             out.append(f"{mname}.weight")
         for pname, p in items:
             if id(p) not in seen:

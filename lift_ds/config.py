@@ -125,6 +125,10 @@ class LiftConfig:
                         "auto: that, or on CUDA Liger's / cut-cross-entropy's fused kernel when installed, and the model's own "
                         "loss for models it does not cover; model: the model's own forward (logits at every position). "
                         "The training forward then returns logits=None", kind="choice", choices=LOSS_MODES)
+    stream_frozen: bool = setting(False, "frozen decoder layers are not resident: their linear weights (quantized by frozen_weights, "
+                                  "or in the training dtype) live in a file per layer (block_store_dir/stream, or a temporary "
+                                  "directory), read ahead of the forward and again for the backward; 3 layers in memory at a time "
+                                  "whatever the depth (torch backend, or DeepSpeed ZeRO-1/2)", kind="bool")
     max_consecutive_skipped_steps: int = setting(5, "a step with a NaN/inf loss or gradient norm is skipped and counted; this many "
                                                  "in a row stop the run (0: never)", kind="int", minimum=0)
 
@@ -144,6 +148,18 @@ def lift_settings() -> list[dataclasses.Field]:
     return list(fields(LiftConfig))
 
 
+
+
+def frozen_layers_setting(raw: Mapping[str, Any]) -> str | None:
+    """The raw setting that keeps frozen layers outside the parameters (quantized or streamed), as
+    ``lift.<key>: <value>`` for a backend's message (the backends that shard layers refuse it), or None."""
+    lift = raw.get("lift")
+    if not isinstance(lift, Mapping):
+        return None
+    mode = lift.get("frozen_weights", "full")
+    if mode not in ("full", None):
+        return f"lift.frozen_weights: {mode!r}"
+    return "lift.stream_frozen: true" if lift.get("stream_frozen") is True else None
 
 
 def settings_table() -> str:

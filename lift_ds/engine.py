@@ -84,13 +84,14 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         #: stashed optimizer states per unit (``optimizer_state: offload``, LIFT only: a unit is a block)
         self.stash: dict[int, Any] = {}
         self._active: int | None = None
-        #: Q-LIFT: the quantized frozen layers and their block store (``lift.frozen_weights``)
+        #: Q-LIFT: the quantized (and / or streamed) frozen layers and their block store
+        #: (``lift.frozen_weights``, ``lift.stream_frozen``)
         self.quant = None
-        if self.lift.frozen_weights != "full":
+        if self.lift.frozen_weights != "full" or self.lift.stream_frozen:
             from .quant import build_quantized_blocks
 
             self.quant = build_quantized_blocks(model, plan, self.lift.frozen_weights, self.lift.block_store, self.lift.block_store_dir,
-                                               self.training_config.precision)
+                                               self.training_config.precision, stream=self.lift.stream_frozen)
         problem = plan.never_trained_problem()
         if problem:
             logger.warning("%s", problem)
@@ -242,6 +243,8 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
             self.micro_steps += 1
             return
         bad_loss = self.guard.window_had_bad_loss(self.backend)
+        if self.quant is not None:
+            self.quant.around_optimizer_step(before=True)
         if bad_loss:
             self.backend.discard_gradients()
             norm, applied = None, False
@@ -266,6 +269,8 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
             # the last engine stays (ZeRO-3 forward needs its hooks for evaluation and export) until close()
             self._active = None
             set_trainable(self.module, [])
+        if self.quant is not None:
+            self.quant.around_optimizer_step(before=False)
         faults.maybe_kill("kill", self.global_step, self.rank)  # LIFT_DS_FAULTS=kill@N: a crash right after step N, in any client loop
 
     def __getattr__(self, name: str) -> Any:

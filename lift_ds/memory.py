@@ -51,6 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
     "llama-2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40),
     "llama-2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
+    "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
 }
 
 
@@ -145,6 +146,19 @@ class Estimate:
 #: scales (4.127 bits, as QLoRA/bitsandbytes and torchao's NF4Tensor store it); int8 weight-only with
 #: one scale per output row (about 1 byte)
 QUANTIZED_BYTES = {"nf4": 4.127 / 8, "int8": 1.0}
+#: frozen layers a streamed run holds at once (lift_ds.stream.CAPACITY: the one computing, two read ahead)
+STREAMED_LAYERS = 3
+#: optimizer bytes per trained parameter with ``optimizer`` ``adamw8bit`` (torchao's AdamW8bit: 8-bit m and
+#: v, an fp32 scale per 256 of each; no fp32 master, the 16-bit weight takes the update with stochastic rounding)
+ADAMW8BIT_BYTES = 2 + 2 * 4 / 256
+
+
+def _streamed_params(shape: ModelShape, trained: int, w: int, frozen_weights: str) -> float:
+    """Device bytes of parameters when frozen layers stream: everything but the decoder layers' linear
+    weights, the active block, and :data:`STREAMED_LAYERS` frozen layers' linear weights."""
+    per_layer = shape.layer_linear / max(1, shape.num_layers)
+    frozen = QUANTIZED_BYTES.get(frozen_weights, w)
+    return (shape.total - shape.layer_linear) * w + min(trained, per_layer) * w + STREAMED_LAYERS * per_layer * frozen
 
 
 #: ``lift.loss`` values the estimate tells apart (``auto`` runs ``chunked`` for the models it covers)
@@ -169,13 +183,15 @@ def logits_bytes(shape: ModelShape, seq_len: int, micro_batch: int = 1, precisio
 
 def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: str = "bf16", offload: bool = False,
              micro_batch: int = 1, seq_len: int = 2048, lora_r: int = 8, checkpointing: bool = False,
-             frozen_weights: str = "full", loss: str = "chunked") -> Estimate:
+             frozen_weights: str = "full", loss: str = "chunked", stream_frozen: bool = False, optimizer: str = "adamw") -> Estimate:
     """Bytes per rank for one method. ``zero`` 0-3 (FSDP = 3). LIFT trains the largest of the
     shape's candidate blocks (``model_shape(..., lift)``) at a time. With ``checkpointing`` a stored
     layer keeps only its input (2 s b h bytes in 16-bit) and one layer's activations exist at a time
     during its recomputation. ``frozen_weights`` ``nf4`` / ``int8`` (LIFT and LoRA, i.e. Q-LIFT and
     QLoRA): the decoder layers' frozen linear weights held quantized (:data:`QUANTIZED_BYTES`), the
-    active block, norms, embeddings and head in 16-bit."""
+    active block, norms, embeddings and head in 16-bit. ``stream_frozen`` (LIFT): only
+    :data:`STREAMED_LAYERS` frozen layers' linear weights are on the device (quantized or 16-bit).
+    ``optimizer`` ``adamw8bit``: :data:`ADAMW8BIT_BYTES` per trained parameter, 16-bit gradients."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
     if ranks < 1:
@@ -188,7 +204,7 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
         trained = lora_r * shape.lora_per_rank_unit
     else:
         raise ValueError(f"method must be lift, full or lora, got {method!r}")
-    params, grads, optimizer = state_bytes(shape.total, trained, ranks, zero, precision)
+    params, grads, optimizer_bytes = state_bytes(shape.total, trained, ranks, zero, precision)
     if frozen_weights != "full":
         if frozen_weights not in QUANTIZED_BYTES or method == "full" or zero == 3:
             raise ValueError(f"frozen_weights {frozen_weights!r}: allowed full, {', '.join(QUANTIZED_BYTES)}, for lift and lora below ZeRO-3")
@@ -196,6 +212,17 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
         active_linear = min(trained, shape.layer_linear) if method == "lift" else 0
         quantized = shape.layer_linear - active_linear
         params = quantized * QUANTIZED_BYTES[frozen_weights] + (shape.total - quantized) * w
+    if stream_frozen:
+        if method != "lift" or zero == 3:
+            raise ValueError("stream_frozen: LIFT below ZeRO-3 only")
+        params = _streamed_params(shape, trained, 2 if precision in ("bf16", "fp16") else 4, frozen_weights)
+    if optimizer == "adamw8bit":
+        if method == "full" and zero:
+            raise ValueError("optimizer adamw8bit: the torch backend (zero 0) only")
+        optimizer_bytes = ADAMW8BIT_BYTES * trained
+        grads = (2 if precision in ("bf16", "fp16") else 4) * trained
+    elif optimizer != "adamw":
+        raise ValueError(f"optimizer must be adamw or adamw8bit, got {optimizer!r}")
     half = precision in ("bf16", "fp16")
     act_bytes = 2 if half else 4
     per_layer = 34 * seq_len * micro_batch * shape.hidden * act_bytes / 2
@@ -206,7 +233,7 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
         activations = stored_layers * 2 * seq_len * micro_batch * shape.hidden * act_bytes / 2 + per_layer + logits
     else:
         activations = stored_layers * per_layer + logits
-    return Estimate(method, trained, params, grads, optimizer, offload, activations)
+    return Estimate(method, trained, params, grads, optimizer_bytes, offload, activations)
 
 
 def state_bytes(total: int, trained: int, ranks: int, zero: int, precision: str = "bf16") -> tuple[float, float, float]:
@@ -235,21 +262,24 @@ def table(shape: ModelShape, ranks: int, zero: int, **kw: Any) -> list[Estimate]
     return [estimate(shape, m, ranks, zero, **kw) for m in ("lift", "full", "lora")]
 
 
-#: rows of the one-GPU table: (label, method, frozen weights)
-ONE_GPU_METHODS = (("LIFT-NF4", "lift", "nf4"), ("LIFT", "lift", "full"), ("LoRA r=16", "lora", "full"), ("QLoRA-style LoRA r=16", "lora", "nf4"),
-                   ("full fine-tuning", "full", "full"))
+#: rows of the one-GPU table: (label, method, frozen weights, streamed, optimizer)
+ONE_GPU_METHODS = (("LIFT-NF4 streamed, AdamW8bit", "lift", "nf4", True, "adamw8bit"), ("LIFT-NF4 streamed", "lift", "nf4", True, "adamw"),
+                   ("LIFT streamed (bf16 layers)", "lift", "full", True, "adamw"), ("LIFT-NF4", "lift", "nf4", False, "adamw"),
+                   ("LIFT", "lift", "full", False, "adamw"), ("LoRA r=16", "lora", "full", False, "adamw"),
+                   ("QLoRA-style LoRA r=16", "lora", "nf4", False, "adamw"), ("full fine-tuning", "full", "full", False, "adamw"))
 
 
-def one_gpu_table(models: tuple[str, ...] = ("llama-2-7b", "llama-3-8b", "llama-2-70b"), gpus: tuple[int, ...] = (80, 24, 12),
+def one_gpu_table(models: tuple[str, ...] = ("llama-2-7b", "llama-3-8b", "llama-2-70b", "llama-3-70b"), gpus: tuple[int, ...] = (80, 48, 24, 12),
                   seq_len: int = 2048, loss: str = "chunked") -> str:
     """Which models fit on one GPU of each size, per method: a markdown table of estimated GiB (bf16
-    weights, fp32 master and Adam for what trains, micro batch 1, activation checkpointing)."""
+    weights, fp32 master and Adam for what trains unless AdamW8bit, micro batch 1, activation
+    checkpointing; streamed: :data:`STREAMED_LAYERS` frozen layers on the device)."""
     shapes = {m: model_shape(m) for m in models}
     head = "| method | " + " | ".join(models) + " | " + " | ".join(f"fits {g} GiB" for g in gpus) + " |"
     lines = [head, "|---" * (1 + len(models) + len(gpus)) + "|"]
-    for label, method, frozen in ONE_GPU_METHODS:
-        totals = {m: estimate(s, method, 1, 0, "bf16", seq_len=seq_len, lora_r=16, checkpointing=True, frozen_weights=frozen, loss=loss).total / GIB
-                  for m, s in shapes.items()}
+    for label, method, frozen, stream, opt in ONE_GPU_METHODS:
+        totals = {m: estimate(s, method, 1, 0, "bf16", seq_len=seq_len, lora_r=16, checkpointing=True, frozen_weights=frozen,
+                              stream_frozen=stream, optimizer=opt, loss=loss).total / GIB for m, s in shapes.items()}
         fits = [", ".join(m for m in models if totals[m] <= g) or "none" for g in gpus]
         lines.append(f"| {label} | " + " | ".join(f"{totals[m]:.1f}" for m in models) + " | " + " | ".join(fits) + " |")
     return "\n".join(lines)
@@ -320,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss", default="chunked", choices=LOSSES, help="lift.loss: chunked (lift_ds's loss, the default) or model "
                    "(the model's own: logits at every position)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--one_gpu", action="store_true", help="which presets fit on one 80 / 24 / 12 GiB GPU with LIFT-NF4, LIFT, LoRA, "
-                   "QLoRA-style LoRA and full fine-tuning (ignores the other options except --seq_len)")
+    p.add_argument("--frozen_weights", default="full", choices=("full", *QUANTIZED_BYTES), help="LIFT / LoRA: frozen decoder layers quantized")
+    p.add_argument("--stream_frozen", action="store_true", help="LIFT: frozen layers streamed (3 on the device at a time)")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"), help="adamw8bit: torchao's 8-bit AdamW, no fp32 master")
+    p.add_argument("--one_gpu", action="store_true", help="which presets fit on one 80 / 48 / 24 / 12 GiB GPU with LIFT (streamed or not, "
+                   "NF4 or not), LoRA, QLoRA-style LoRA and full fine-tuning (ignores the other options except --seq_len)")
     args = p.parse_args(argv)
     if args.one_gpu:
         print(one_gpu_table(seq_len=args.seq_len, loss=args.loss))
@@ -337,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(precision=args.precision, offload=args.offload, micro_batch=args.micro_batch, seq_len=args.seq_len, lora_r=args.lora_r,
               checkpointing=args.checkpointing, loss=args.loss)
     rows = table(shape, n, args.zero, **kw)
+    lift_kw = dict(frozen_weights=args.frozen_weights, stream_frozen=args.stream_frozen, optimizer=args.optimizer)
+    if any(v != d for v, d in zip(lift_kw.values(), ("full", False, "adamw"))):
+        try:
+            rows[0] = estimate(shape, "lift", n, args.zero, **kw, **lift_kw)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     fit = largest_fitting(args.gib, n, args.zero, **kw)
     if args.json:
         print(json.dumps({"model": shape.name, "params": shape.total, "ranks": n, "zero": args.zero,

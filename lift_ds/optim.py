@@ -23,107 +23,26 @@ OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 _DS_ONLY_KEYS = {"torch_adam", "adam_w_mode", "fused", "bias_correction"}
-#: numeric optimizer parameters: (must be >= this, strictly greater)
-_NUMERIC = {"lr": (0.0, True), "eps": (0.0, False), "weight_decay": (0.0, False), "momentum": (0.0, False), "dampening": (0.0, False)}
-#: words in torch's argument errors -> the parameter they are about
-_ERROR_KEYS = (("learning rate", "lr"), ("epsilon", "eps"), ("beta", "betas"), ("weight_decay", "weight_decay"), ("nesterov", "nesterov"),
-               ("momentum", "momentum"), ("dampening", "dampening"), ("amsgrad", "amsgrad"), ("maximize", "maximize"))
+#: optimizer types only the torch backend builds (``AdamW8bit``: torchao's 8-bit AdamW, which updates
+#: 16-bit weights itself, with stochastic rounding, instead of through fp32 masters)
+TORCH_BACKEND_ONLY = ("adamw8bit",)
 
 
-def _section_value_problems(params: Mapping[str, Any]) -> list[str]:
-    """Types and ranges torch's constructors leave to fail later (or to train wrong)."""
-    problems = []
-    for key, (lo, strict) in _NUMERIC.items():
-        v = params.get(key)
-        if v is None or v == "auto":
-            continue
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > lo if strict else v >= lo):
-            problems.append(f"optimizer.params.{key}: must be a finite number {'>' if strict else '>='} {lo:g}, got {v!r}")
-    betas = params.get("betas")
-    if betas is not None and betas != "auto":
-        ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
-        if not ok:
-            problems.append(f"optimizer.params.betas: must be a list of two numbers in [0, 1) (beta1, beta2), got {betas!r}")
-    for key in ("amsgrad", "maximize", "nesterov", "foreach", "capturable", "differentiable", "fused", "adam_w_mode", "torch_adam"):
-        if key in params and params[key] is not None and not isinstance(params[key], bool):
-            problems.append(f"optimizer.params.{key}: must be true or false, got {params[key]!r}")
-    if params.get("bias_correction", True) is not True:
-        problems.append("optimizer.params.bias_correction: false is DeepSpeed's FusedAdam only; torch's Adam/AdamW always correct the bias "
-                        "(remove the key)")
-    return problems
-
-
-#: optimizer-group keys that say how a step is computed, not what it computes (and the rate, which may change)
-_IMPLEMENTATION_KEYS = {"params", "lr", "initial_lr", "lift_base_lr", "foreach", "fused", "capturable", "differentiable", "step"}
-
-
-def describe_optimizer(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """An optimizer's class and first group's hyperparameters (not its rate): part of a run's fingerprint."""
-    group = opt.param_groups[0]
-    out: dict[str, Any] = {"type": type(opt).__name__}
-    for k, v in sorted(group.items()):
-        if k not in _IMPLEMENTATION_KEYS and isinstance(v, (int, float, str, bool, tuple, list, type(None))):
-            out[k] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def probe_optimizer(factory: "OptimizerFactory", where: str = "optimizer", params: Mapping[str, Any] | None = None,
-                    param: torch.nn.Parameter | None = None, keep: bool = False) -> Any:
-    """Build the optimizer once, so its own argument checks are problems now, named
-    ``where.<param>`` for a config section, instead of errors after the process group started; its
-    groups' hyperparameters must be finite, and an Adam-style ``eps`` above 0 (with 0, a parameter
-    whose gradient is 0, e.g. an unused embedding row, becomes NaN). Nothing is stepped.
-
-    It runs on a dummy parameter, or on ``param`` (a model's parameter, for factories that look
-    their parameters up by name). Returns the problems, or with ``keep`` ``(problems, the optimizer
-    or None)``. No process group; milliseconds."""
-    import math
-
-    p = param if param is not None else torch.nn.Parameter(torch.ones(2))
-    try:
-        opt = factory([p])
-    except Exception as e:  # noqa: BLE001 - any error of the optimizer is a config problem here
-        text = str(e).lower()
-        key = next((k for word, k in _ERROR_KEYS if word in text), None) if params is not None else None
-        path = f"{where}.{key}" if key else where
-        got = f" (got {params[key]!r})" if key and params is not None and key in params else ""
-        problems = [f"{path}: the optimizer refuses it: {type(e).__name__}: {e}{got}"]
-        return (problems, None) if keep else problems
-    if not isinstance(opt, torch.optim.Optimizer):
-        problems = [f"{where}: the factory returned {type(opt).__name__}, not a torch.optim.Optimizer"]
-        return (problems, None) if keep else problems
-    problems = []
-    for i, group in enumerate(opt.param_groups):
-        for k, v in group.items():
-            values = v if isinstance(v, (tuple, list)) and k != "params" else [v]
-            if k != "params" and any(isinstance(x, float) and not math.isfinite(x) for x in values):
-                problems.append(f"{where}: parameter group {i} has {k} = {v!r}; it must be finite")
-        if "betas" in group and group.get("eps") == 0:
-            problems.append(f"{where}{'.eps' if params is not None else ''}: eps 0 turns a zero gradient (e.g. an embedding row no batch "
-                            "used) into NaN in Adam's update; use a small positive eps such as 1e-8")
-    return (problems, opt) if keep else problems
-
-
-def probe_scheduler(factory: "SchedulerFactory", base_lr: float, total_steps: int | None, where: str = "lr_scheduler") -> list[str]:
-    """Build the schedule on a dummy optimizer and run it over the plan's steps (at most 2,000): an
-    error, or a learning rate that is negative or not finite, is a problem now."""
-    import math
-    import warnings
-
-    proxy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sched = factory(proxy)
-            for k in range(min(total_steps or 100, 2000)):
-                lr = float(proxy.param_groups[0]["lr"])
-                if not math.isfinite(lr) or lr < 0:
-                    return [f"{where}: the schedule gives a learning rate of {lr} at step {k}; it must be a finite number >= 0"]
-                proxy.step()
-                sched.step()
-    except Exception as e:  # noqa: BLE001
-        return [f"{where}: building or stepping the schedule failed: {type(e).__name__}: {e}"]
+def optimizer_backend_problems(section: Mapping[str, Any] | None, backend: str, runs_16bit: bool) -> list[str]:
+    """An optimizer type the backend ``backend`` cannot run (``AdamW8bit`` outside the torch backend)."""
+    kind = str((section or {}).get("type", "")).lower()
+    if kind in TORCH_BACKEND_ONLY and not runs_16bit:
+        return [f"optimizer.type: {section['type']!r} updates 16-bit weights without fp32 masters, which only the torch backend "
+                f"runs (this is {backend}); use AdamW here (DeepSpeed: offload_optimizer keeps its state in host memory)"]
     return []
+
+
+def _adamw8bit() -> type:
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        raise ConfigError(["optimizer.type: AdamW8bit is torchao's 8-bit AdamW: pip install 'lift_ds[quant]' (torchao)"]) from None
+    return AdamW8bit
 
 
 def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> OptimizerFactory:
@@ -138,7 +57,9 @@ def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[st
     if autos:
         raise ConfigError([f"optimizer.params.{k}: \"auto\" is filled in only by a Hugging Face Trainer "
                            "(lift_ds.integrations.transformers.LiftTrainer); give a value here (the launcher's --lr sets lr)" for k in autos])
-    problems = _section_value_problems(params)
+    from .optim_checks import section_value_problems
+
+    problems = section_value_problems(params)
     if problems:
         raise ConfigError(problems)
     adam_w_mode = params.get("adam_w_mode", True)
@@ -151,8 +72,11 @@ def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[st
         cls = torch.optim.AdamW
     elif kind == "sgd":
         cls = torch.optim.SGD
+    elif kind == "adamw8bit":
+        cls = _adamw8bit()
     else:
-        raise ConfigError([f"optimizer.type: {section.get('type')!r} is not supported by this backend; allowed: Adam, AdamW, SGD (or pass optimizer= a factory)"])
+        raise ConfigError([f"optimizer.type: {section.get('type')!r} is not supported by this backend; allowed: Adam, AdamW, AdamW8bit, SGD "
+                           "(or pass optimizer= a factory)"])
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
@@ -161,9 +85,15 @@ def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[st
     kwargs.update(extra or {})
 
     def factory(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return cls(ps, **kwargs)
+        kw = dict(kwargs)
+        if kind == "adamw8bit":  # no fp32 master: bf16 weights take the update with stochastic rounding
+            flat = [q for g in ps for q in (g["params"] if isinstance(g, dict) else [g])]  # parameters, or parameter groups
+            kw.setdefault("bf16_stochastic_round", any(q.dtype == torch.bfloat16 for q in flat))
+        return cls(ps, **kw)
 
     factory.__name__ = f"{cls.__name__}_from_config"
+    #: the optimizer updates 16-bit weights itself: the backend gives it the weights, not fp32 masters
+    factory.updates_16bit_weights = kind == "adamw8bit"  # type: ignore[attr-defined]
     return factory
 
 

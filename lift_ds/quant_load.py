@@ -2,60 +2,43 @@
 
 :func:`build_quantized_model` makes the model's skeleton without weights (accelerate's
 ``init_empty_weights``), then for each decoder layer in turn: allocates it, fills it (from the
-checkpoint's safetensors shards, tensor by tensor, or with the model's own random init), writes its
-linear weights to the block store and replaces them by quantized copies. Peak host memory while
-loading: the quantized layers so far, the non-layer parameters, and one layer in full precision
-(with a disk store, the store is on disk). The result is what :class:`lift_ds.quant.QuantizedFrozenBlocks`
-expects: it adopts the store (``model.lift_block_store``) instead of quantizing again.
+checkpoint's safetensors shards, tensor by tensor with ``pread``, or with the model's own random
+init seeded per layer), quantizes its linear weights a chunk at a time (:mod:`lift_ds.qkernels`) and
+replaces them by frozen modules: quantized in place, or (``streamer``) written to the layer's file
+and streamed (:mod:`lift_ds.stream`). The block store is *backed by the model's origin*: a layer read
+from the checkpoint, or drawn from its seed, is registered, not written; the store reads it again from
+the shards, or draws it again, when it becomes active or is exported (:mod:`lift_ds.store`).
+
+Peak host memory while loading: one layer in full precision, one chunk of quantization
+temporaries, the non-layer parameters, and the quantized layers so far (none with a streamer). The
+result is what :class:`lift_ds.quant.QuantizedFrozenBlocks` expects: it adopts the store
+(``model.lift_block_store``) and streamer (``model.lift_streamer``).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import copy
 from typing import Any
 
 import torch
 from torch import nn
 
 from .blocks import find_layer_stack
-from .quant import QuantizedFrozenLinear, BlockStore, quantize_weight
+from .qkernels import quantize_weight
+from .quant import frozen_module
+from .store import BlockStore, CheckpointOrigin, SafetensorsReader, SeedOrigin, describe, init_layer
+from .stream import LayerStreamer
 from .utils import get_logger
 
 logger = get_logger(__name__)
 
-
-class SafetensorsReader:
-    """Tensors of a Hugging Face checkpoint directory by name (single file or sharded with an index)."""
-
-    def __init__(self, model_dir: str | Path) -> None:
-        d = Path(model_dir)
-        index = d / "model.safetensors.index.json"
-        if index.is_file():
-            self.where = {n: d / f for n, f in json.loads(index.read_text())["weight_map"].items()}
-        elif (d / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(d / "model.safetensors"), framework="pt") as f:
-                self.where = {n: d / "model.safetensors" for n in f.keys()}
-        else:
-            raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json (Q-LIFT loads safetensors layer by layer)")
-        self._open: dict[Path, Any] = {}
-
-    def get(self, name: str) -> torch.Tensor | None:
-        path = self.where.get(name)
-        if path is None:
-            return None
-        if path not in self._open:
-            from safetensors import safe_open
-
-            self._open[path] = safe_open(str(path), framework="pt")
-        return self._open[path].get_tensor(name)
+__all__ = ["SafetensorsReader", "build_quantized_model"]
 
 
-def _fill(model: nn.Module, module: nn.Module, prefix: str, reader: SafetensorsReader | None, dtype: torch.dtype, recurse: bool) -> None:
+def _fill(model: nn.Module, module: nn.Module, prefix: str, reader: SafetensorsReader | None, dtype: torch.dtype, recurse: bool) -> list[str]:
     """Allocate ``module``'s meta parameters on CPU and fill them: from the checkpoint, or (random
-    init, or a parameter the checkpoint lacks, e.g. a new classification head) by the model's init."""
+    init, or a parameter the checkpoint lacks, e.g. a new classification head) by the model's init.
+    Returns the names (relative to ``module``) that took the init."""
     module.to_empty(device="cpu", recurse=recurse)
     missing = []
     with torch.no_grad():
@@ -73,26 +56,32 @@ def _fill(model: nn.Module, module: nn.Module, prefix: str, reader: SafetensorsR
                 for name, p in module.named_parameters(recurse=recurse):
                     if name not in missing:
                         p.copy_(reader.get(prefix + name).to(dtype))
+    return missing
 
 
 def build_quantized_model(model_dir: str, mode: str, store: BlockStore, *, random_init: bool = False, seed: int = 0,
                           dtype: torch.dtype = torch.float32, num_labels: int | None = None, pad_id: int | None = None,
-                          config: Any = None) -> nn.Module:
-    """A model whose decoder layers' linear weights are quantized (``mode``), their exact weights in ``store``.
+                          config: Any = None, streamer: LayerStreamer | None = None, origin_backed: bool = True) -> nn.Module:
+    """A model whose decoder layers' linear weights are frozen (``mode``), their exact weights in ``store``.
 
     Args:
         model_dir: a Hugging Face directory (its config, and its safetensors unless ``random_init``).
-        mode: ``int8`` or ``nf4``.
-        store: the block store to fill (a disk store keeps host memory at a few layers).
-        random_init: the model's own random init, layer by layer, instead of the checkpoint.
+        mode: ``int8`` or ``nf4``; ``full`` with a ``streamer`` (layers streamed in ``dtype``).
+        store: the block store (given an origin here unless it has one, see ``origin_backed``).
+        random_init: the model's own random init, layer by layer (each layer seeded from ``seed``
+            and its index, so that it can be drawn again), instead of the checkpoint.
         seed: seeds the random init.
         dtype: the training dtype (the store holds this).
         num_labels, pad_id: a sequence-classification model with a new head.
         config: a ``transformers`` config to use instead of ``model_dir``'s.
+        streamer: stream the frozen layers from files it writes (``lift.stream_frozen``).
+        origin_backed: register untouched layers with the store instead of writing them.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if mode == "full" and streamer is None:
+        raise ValueError("build_quantized_model: mode 'full' needs a streamer (else build the model with from_pretrained)")
     cfg = config if config is not None else AutoConfig.from_pretrained(model_dir)
     cls = AutoModelForCausalLM
     if num_labels is not None:
@@ -103,18 +92,31 @@ def build_quantized_model(model_dir: str, mode: str, store: BlockStore, *, rando
     torch.manual_seed(seed)
     reader = None if random_init else SafetensorsReader(model_dir)
     stack_name, stack = find_layer_stack(model)
+    if origin_backed and store.origin is None:
+        store.origin = (SeedOrigin(model, copy.deepcopy(stack[0]), seed, dtype, stack_name) if reader is None
+                        else CheckpointOrigin(reader, dtype))
     for i, layer in enumerate(stack):
         block = f"{stack_name}.{i}"
-        _fill(model, layer, block + ".", reader, dtype, recurse=True)
+        if reader is None:
+            init_layer(model, layer, seed, i)
+            missing = []
+        else:
+            missing = _fill(model, layer, block + ".", reader, dtype, recurse=True)
         linears = [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-        store.put(block, {f"{block}.{n}.weight": m.weight for n, m in linears})
+        exact = {f"{block}.{n}.weight": m.weight.detach() for n, m in linears}
+        if origin_backed and not any(f"{n}.weight" in missing for n, _ in linears):
+            store.register(block, list(exact))  # the origin gives them again; nothing written
+        else:
+            store.put(block, exact)
+        frozen = {f"{block}.{n}": quantize_weight(m.weight, mode) for n, m in linears}
+        if streamer is not None:
+            streamer.write(block, frozen)
         for n, m in linears:
             parent, _, attr = n.rpartition(".")
-            if m.bias is not None:
-                m.bias.requires_grad_(False)
-            q = QuantizedFrozenLinear(quantize_weight(m.weight, mode), m.bias, m.in_features, m.out_features)
-            setattr(layer.get_submodule(parent) if parent else layer, attr, q)
-        logger.debug("layer %d of %d quantized", i + 1, len(stack))
+            new = frozen_module(frozen[f"{block}.{n}"], m, mode, streamer, block, f"{block}.{n}")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, new)
+        del frozen, exact
+        logger.debug("layer %d of %d frozen (%s)", i + 1, len(stack), mode)
     for name, module in model.named_modules():
         if name == stack_name or name.startswith(stack_name + "."):
             continue
@@ -128,5 +130,7 @@ def build_quantized_model(model_dir: str, mode: str, store: BlockStore, *, rando
     model.config.use_cache = False
     model.lift_block_store = store
     model.lift_frozen_weights = mode
-    logger.info("built %s layer by layer: %d layers in %s, exact weights in a %s block store", type(model).__name__, len(stack), mode, store.kind)
+    model.lift_streamer = streamer
+    logger.info("built %s layer by layer: %d layers in %s%s, exact weights in a %s block store", type(model).__name__, len(stack), mode,
+                " (streamed)" if streamer is not None else "", describe(store))
     return model

@@ -129,20 +129,21 @@ def _attribute(problems: list[str], overrides: Iterable[Override]) -> list[str]:
 
 
 def frozen_weights_problems(lift: Any, method: str) -> list[str]:
-    """Q-LIFT (``lift.frozen_weights`` int8 / nf4) settings that cannot work, and a missing torchao
-    (each backend refuses what it cannot shard in its own ``check_config``)."""
+    """Q-LIFT (``lift.frozen_weights`` int8 / nf4) and streaming (``lift.stream_frozen``) settings that
+    cannot work, and a missing torchao (each backend refuses what it cannot shard in its own ``check_config``)."""
     mode = lift.frozen_weights
-    if mode == "full":
+    if mode == "full" and not lift.stream_frozen:
         return []
     import importlib.util
 
+    what = f"lift.frozen_weights: {mode!r} quantizes" if mode != "full" else "lift.stream_frozen: true streams"
     problems = []
     if method != "lift":
-        problems.append(f"lift.frozen_weights: {mode!r} quantizes LIFT's frozen layers; --method {method} trains other parameters "
-                        "(use \"full\")")
-    if lift.block_store_dir is not None and lift.block_store != "disk":
+        problems.append(f"{what} LIFT's frozen layers; --method {method} trains other parameters (use "
+                        + ("\"full\")" if mode != "full" else "false)"))
+    if lift.block_store_dir is not None and lift.block_store != "disk" and not lift.stream_frozen:
         problems.append(f"lift.block_store_dir: set, but lift.block_store is {lift.block_store!r}; set block_store to \"disk\"")
-    if importlib.util.find_spec("torchao") is None:
+    if mode != "full" and importlib.util.find_spec("torchao") is None:
         problems.append(f"lift.frozen_weights: {mode!r} needs torchao for the quantized tensors: pip install 'lift_ds[quant]' "
                         "(torchao), or use \"full\"")
     return problems

@@ -57,13 +57,15 @@ class Run:
             classifier_head=args.classifier_head, truncate=not args.no_truncate, eval_limit=args.eval_limit)
         pad = self.tokenizer.pad_token_id
         config = check_model(self.launch, model_dir, self.data, pad)
-        if config.lift.frozen_weights != "full":  # Q-LIFT: layer by layer, never the whole model in full precision
-            from .quant import make_store, store_dtype
+        lift = config.lift
+        if lift.frozen_weights != "full" or lift.stream_frozen:  # Q-LIFT / streaming: layer by layer, never the whole model in memory
+            from .quant import make_store, make_streamer, store_dtype
             from .quant_load import build_quantized_model
 
             dtype = store_dtype(config.training.precision) or torch.float32
-            self.model = build_quantized_model(model_dir, config.lift.frozen_weights, make_store(config.lift.block_store, config.lift.block_store_dir),
-                                               random_init=args.random_init, seed=args.seed, num_labels=self.data.num_labels, pad_id=pad, dtype=dtype)
+            self.model = build_quantized_model(model_dir, lift.frozen_weights, make_store(lift.block_store, lift.block_store_dir),
+                                               random_init=args.random_init, seed=args.seed, num_labels=self.data.num_labels, pad_id=pad, dtype=dtype,
+                                               streamer=make_streamer(lift.block_store_dir) if lift.stream_frozen else None)
         else:
             self.model = recipe.build_model(model_dir, num_labels=self.data.num_labels, pad_id=pad, random_init=args.random_init, seed=args.seed)
         fixed = None

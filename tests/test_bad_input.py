@@ -69,7 +69,7 @@ CONFIG_CASES = [
     ("bf16-and-fp16", merged(bf16={"enabled": True}, fp16={"enabled": True}), [], ["only one of the two may be true"]),
     ("fp16-on-torch-backend", merged(fp16={"enabled": True}), [], ["fp16.enabled: the torch reference backend has no loss scaler"]),
     ("precision-not-object", merged(bf16=True), [], ["bf16: must be an object like {\"enabled\": true}"]),
-    ("optimizer-unknown-type", merged(optimizer={"type": "Adamax2", "params": {"lr": 1e-3}}), [], ["optimizer.type: 'Adamax2'", "Adam, AdamW, SGD"]),
+    ("optimizer-unknown-type", merged(optimizer={"type": "Adamax2", "params": {"lr": 1e-3}}), [], ["optimizer.type: 'Adamax2'", "Adam, AdamW, AdamW8bit, SGD"]),
     ("optimizer-unknown-param", merged(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "momentum": 0.9}}), [], ["optimizer.params.momentum: not a parameter of AdamW"]),
     ("optimizer-lr-negative", merged(optimizer={"type": "AdamW", "params": {"lr": -1}}), [], ["optimizer.params.lr: must be a number > 0, got -1"]),
     ("optimizer-no-type", merged(optimizer={"params": {"lr": 1e-3}}), [], ["optimizer: must be an object with a string \"type\""]),

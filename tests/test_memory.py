@@ -102,10 +102,32 @@ def test_quantized_frozen_weights_arithmetic():
 def test_one_gpu_table(capsys):
     assert memory.main(["--one_gpu"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "| method | llama-2-7b | llama-3-8b | llama-2-70b | fits 80 GiB | fits 24 GiB | fits 12 GiB |"
+    assert out.splitlines()[0] == ("| method | llama-2-7b | llama-3-8b | llama-2-70b | llama-3-70b | fits 80 GiB | fits 48 GiB | fits 24 GiB "
+                                   "| fits 12 GiB |")
     nf4 = next(line for line in out.splitlines() if line.startswith("| LIFT-NF4 |"))
-    assert nf4.endswith("| llama-2-7b, llama-3-8b, llama-2-70b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b |")
-    assert "| full fine-tuning |" in out and out.count("none") >= 3
+    assert nf4.endswith("| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b |")
+    streamed = next(line for line in out.splitlines() if line.startswith("| LIFT-NF4 streamed, AdamW8bit |"))
+    assert streamed.endswith("| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, llama-3-8b, llama-2-70b |")
+    assert "| full fine-tuning |" in out and out.count("none") >= 4
+
+
+def test_streamed_arithmetic():
+    """Streaming: everything but the decoder layers' linear weights, the active layer in 16-bit, and 3
+    frozen layers' linear weights (NF4 or 16-bit) on the device, whatever the depth; AdamW8bit: 2 bytes
+    of moments (plus scales) and a 16-bit gradient per trained parameter, no fp32 master."""
+    s = memory.model_shape("llama-2-70b")
+    per_layer = s.layer_linear / s.num_layers
+    e = memory.estimate(s, "lift", 1, 0, frozen_weights="nf4", stream_frozen=True, optimizer="adamw8bit")
+    t = max(s.candidate_sizes)
+    assert e.params == (s.total - s.layer_linear) * 2 + per_layer * 2 + 3 * per_layer * 4.127 / 8
+    assert e.grads == 2 * t and e.optimizer == t * (2 + 8 / 256)
+    full = memory.estimate(s, "lift", 1, 0, stream_frozen=True)
+    assert full.params == (s.total - s.layer_linear) * 2 + per_layer * 2 + 3 * per_layer * 2 and full.optimizer == 12 * t
+    deeper = memory.model_shape("llama-2-13b")
+    assert memory.estimate(deeper, "lift", 1, 0, frozen_weights="nf4", stream_frozen=True).params < 0.2 * memory.estimate(deeper, "lift", 1, 0).params
+    with pytest.raises(ValueError, match="stream_frozen: LIFT below ZeRO-3 only"):
+        memory.estimate(s, "lora", 1, 0, stream_frozen=True)
+
 
 
 def test_logits_with_the_chunked_loss_and_the_models_own(capsys):

@@ -14,7 +14,7 @@ from lift_ds import provenance as prov
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 #: scripts that write the data files behind docs/ figures: each writes them through lift_ds.provenance
-WRITERS = ["launch/benchmark.py", "launch/profile_step.py", "launch/bench_phase_switch.py", "launch/bench_7b.py", "launch/bench_qlift.py", "launch/bench_qlift_7b.py",
+WRITERS = ["launch/benchmark.py", "launch/profile_step.py", "launch/bench_stream.py", "launch/bench_phase_switch.py", "launch/bench_7b.py", "launch/bench_qlift.py", "launch/bench_qlift_7b.py",
            "launch/gpu_bench.py", "lift_ds/train.py", "lift_ds/analysis/common.py", "lift_ds/analysis/compare.py",
            "lift_ds/analysis/curves.py", "lift_ds/analysis/cli.py"]
 

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, TrainingConfig
-from ..optim import OptimizerFactory, optimizer_factory_from_section, probe_optimizer
+from ..optim import OptimizerFactory, optimizer_backend_problems, optimizer_factory_from_section
+from ..optim_checks import probe_optimizer
 from . import ds_config_keys, hardware
 from .engine_members import EngineMembers
 from .lr_schedules import config_lr, config_total_steps, scheduler_problems
@@ -28,12 +29,6 @@ from .state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE, load_torch_op
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import RunConfig
-
-
-def frozen_weights_mode(raw: Mapping[str, Any]) -> Any:
-    """The raw ``lift.frozen_weights`` (Q-LIFT; checked in lift_ds.config), for backends that refuse it."""
-    lift = raw.get("lift")
-    return lift.get("frozen_weights", "full") if isinstance(lift, Mapping) else "full"
 
 
 @dataclass
@@ -66,6 +61,8 @@ class Backend(EngineMembers, ABC):
     """Base class of the LIFT backends (see the module docstring)."""
 
     name = "base"
+    #: runs optimizers that update 16-bit weights themselves (``AdamW8bit``, see lift_ds.optim)
+    runs_16bit_optimizers = False
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
@@ -91,6 +88,7 @@ class Backend(EngineMembers, ABC):
         """
         problems = hardware.precision_problems(cls.name, training.precision)
         problems += ds_config_keys.section_problems(raw, ("bf16", "fp16"))  # e.g. a misspelled "enable": silently fp32 otherwise
+        problems += optimizer_backend_problems(training.optimizer, cls.name, cls.runs_16bit_optimizers)
         problems += cls.optimizer_section_problems(training.optimizer)
         if training.scheduler is not None:
             problems += scheduler_problems(training.scheduler, total_steps=config_total_steps(raw), base_lr=config_lr(training.optimizer))
@@ -279,8 +277,10 @@ class Backend(EngineMembers, ABC):
         """The parameters the current phase trains (empty between phases)."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full parameter values (gathered from partitions), valid on rank 0; collective."""
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        """Full parameter values (gathered from partitions) on the host, valid on rank 0; collective.
+        A tensor already on the host is the parameter itself, not a copy (an export of a 70B layer
+        costs no second copy): read it, do not modify it."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def precision_state(self) -> dict[str, Any]:
         """Mixed-precision state that must outlive a phase and go into checkpoints (DeepSpeed: the
@@ -326,7 +326,9 @@ class TorchOptimizerBackend(Backend):
         self._params = params
         for p in params:
             p.grad = None
-        self._masters = [nn.Parameter(p.detach().float().clone()) for p in params] if self._half() else params
+        # an optimizer that updates 16-bit weights itself (AdamW8bit with stochastic rounding) gets them directly
+        own = getattr(self.optimizer_factory, "updates_16bit_weights", False)
+        self._masters = [nn.Parameter(p.detach().float().clone()) for p in params] if self._half() and not own else params
         master_of = {id(p): m for p, m in zip(params, self._masters)}
         groups = [{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in self.param_groups(params)] if self.param_groups else None
         self._optimizer = self.optimizer_factory(groups if groups is not None else self._masters)

@@ -18,10 +18,10 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..config import ConfigError, TrainingConfig, is_comment_key
+from ..config import ConfigError, TrainingConfig, frozen_layers_setting, is_comment_key
 from ..utils import get_logger, init_process_group
 from . import compat, compat_zero3, ds_config_keys
-from .base import Backend, BackendContext, frozen_weights_mode
+from .base import Backend, BackendContext
 from .engine_members import NotUnderLiftError
 from .ops import choose_optimizer
 from .state import WEIGHTS_FILE, host_copies_done, load_torch_optimizer_full_state, to_host, torch_optimizer_full_state
@@ -60,10 +60,10 @@ class DeepSpeedBackend(Backend):
             problems += ds_config_keys.section_problems(raw, ("zero_optimization",), reported)
             if not zero_problems:
                 options = DeepSpeedOptions(int(zero.get("stage", 0)), ds_config_keys.offloaded(zero, "offload_optimizer"), ds_config_keys.offloaded(zero, "offload_param"))
-        mode = frozen_weights_mode(raw)
-        if mode not in ("full", None) and options.zero_stage == 3:
-            problems.append(f"lift.frozen_weights: {mode!r} needs the frozen layers whole on every rank, and ZeRO-3 partitions them; "
-                            "use zero_optimization.stage 1 or 2 (e.g. ds_configs/zero2.json), or frozen_weights \"full\" with ZeRO-3")
+        frozen = frozen_layers_setting(raw)
+        if frozen and options.zero_stage == 3:
+            problems.append(f"{frozen} needs the frozen layers whole on every rank, and ZeRO-3 partitions them; use "
+                            "zero_optimization.stage 1 or 2 (e.g. ds_configs/zero2.json), or frozen_weights \"full\" (not streamed) with ZeRO-3")
         if method == "lora" and options.zero_stage == 3:
             problems.append("--method lora: use a ZeRO-1/2 config (ZeRO-3 with peft adapters is not supported here)")
         return options, problems

@@ -21,9 +21,9 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..blocks import find_layer_stack
-from ..config import TrainingConfig, is_comment_key
+from ..config import TrainingConfig, frozen_layers_setting, is_comment_key
 from ..utils import get_logger, init_process_group
-from .base import BackendContext, TorchOptimizerBackend, frozen_weights_mode
+from .base import BackendContext, TorchOptimizerBackend
 
 logger = get_logger(__name__)
 
@@ -75,11 +75,11 @@ class FSDPBackend(TorchOptimizerBackend):
     def check_config(cls, raw: Mapping[str, Any], training: TrainingConfig, world_size: int, method: str) -> tuple[Any, list[str]]:
         _, problems = super().check_config(raw, training, world_size, method)
         fsdp_problems = _fsdp_problems(raw, training)
-        mode = frozen_weights_mode(raw)
-        if mode not in ("full", None):
-            problems.append(f"lift.frozen_weights: {mode!r}: FSDP2 shards every layer once at the start, and Q-LIFT swaps a layer's "
+        frozen = frozen_layers_setting(raw)
+        if frozen:
+            problems.append(f"{frozen}: FSDP2 shards every layer once at the start, and Q-LIFT swaps a layer's "
                             "linear modules at each phase; use backend \"deepspeed\" with ZeRO-1/2, \"torch\" on one process, or "
-                            "frozen_weights \"full\"")
+                            "frozen_weights \"full\" (not streamed)")
         sec = raw.get("fsdp") or {}
         options = FSDPOptions(**{k: v for k, v in sec.items() if k in FSDP_KEYS}) if not fsdp_problems else None
         return options, problems + fsdp_problems

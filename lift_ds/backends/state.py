@@ -24,6 +24,8 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     """A fp32 copy on the host. From a GPU: into pinned memory, without waiting (the copy overlaps
     what follows; :func:`host_copies_done` waits for all of them before the copies are read)."""
     t = t.detach()
+    if type(t) is not torch.Tensor and hasattr(t, "dequantize") and not hasattr(t, "full_tensor"):
+        t = t.dequantize()  # torchao's 8-bit optimizer state: its values, as a plain tensor
     if t.is_cuda:
         out = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
         out.copy_(t, non_blocking=True)
@@ -80,7 +82,11 @@ def load_torch_optimizer_full_state(optimizer: torch.optim.Optimizer, names: lis
             tensors = state["state"].get(n, {})
             if not tensors:
                 continue
-            st: dict[str, Any] = {k: placed_like(v, p) for k, v in tensors.items()}
+            new_buffer = getattr(optimizer, "_new_buffer", None)  # torchao's low-bit optimizers: their own state type
+            if new_buffer is not None:
+                st: dict[str, Any] = {k: new_buffer(p, k == "exp_avg").copy_(v.to(p.device)) for k, v in tensors.items()}
+            else:
+                st = {k: placed_like(v, p) for k, v in tensors.items()}
             if state["step"] is not None:
                 st["step"] = _step_tensor(state["step"], group_of[id(p)], p)
             optimizer.state[p] = st

@@ -15,6 +15,7 @@ class TorchBackend(TorchOptimizerBackend):
     masters for the active block (``bf16.enabled``)."""
 
     name = "torch"
+    runs_16bit_optimizers = True
 
     @classmethod
     def check_config(cls, raw: Mapping[str, Any], training: TrainingConfig, world_size: int, method: str) -> tuple[Any, list[str]]:

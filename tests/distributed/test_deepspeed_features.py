@@ -74,6 +74,9 @@ def all_features(save_dir: Path) -> dict:
     sc["qlift-nf4-z2"] = {"config": cfg(2, {"total_steps": 12, "policy": "cyclic", "frozen_weights": "nf4", "optimizer_state": "offload"}),
                           "optimizer": "adamw", "steps": 12}
     sc["qlift-int8-z1"] = {"config": cfg(1, {"total_steps": 6, "layer_range": [3, 3], "frozen_weights": "int8"}), "optimizer": "adamw", "steps": 6}
+    # streamed frozen layers (lift.stream_frozen): each rank reads its own layer files
+    sc["stream-nf4-z2"] = {"config": cfg(2, {"total_steps": 8, "policy": "cyclic", "frozen_weights": "nf4", "stream_frozen": True}),
+                           "optimizer": "adamw", "steps": 8}
     for name in CONFIG_FILES:
         c = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
         c["lift"].update(total_steps=16, layer_range=[4, 4], include_head=True)
@@ -265,10 +268,11 @@ def test_truncated_backward_under_zero3(runs):
         assert fired == list(range(active, 4)), (active, fired)
 
 
-@pytest.mark.parametrize("name", ["qlift-nf4-z2", "qlift-int8-z1"])
+@pytest.mark.parametrize("name", ["qlift-nf4-z2", "qlift-int8-z1", "stream-nf4-z2"])
 def test_quantized_frozen_layers_match_reference(runs, name):
     """Q-LIFT under ZeRO-1/2 on 2 ranks equals the single-process torch backend with the same
-    quantized frozen layers (exact weights from the block store; NF4 measured 1.2e-7 of the move)."""
+    quantized frozen layers (exact weights from the block store; NF4 measured 1.2e-7 of the move),
+    streamed ones too (``stream_frozen``)."""
     sc, res, _ = runs
     start, ref = reference(sc[name])
     final = res[name]["final"]
