@@ -37,6 +37,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
+#: the name prefix of the file each rank writes (and removes) to test that a directory is writable
+WRITE_PROBE = ".lift_ds_write_test"
+
+
 def writable_dir_problems(path: str, flag: str) -> list[str]:
     """A directory lift_ds will create or write into: not a file, not under a file, writable."""
     out = Path(path)
@@ -48,7 +52,7 @@ def writable_dir_problems(path: str, flag: str) -> list[str]:
     if not probe.is_dir():
         return [f"{flag}: {str(out)!r} lies under {str(probe)!r}, which is a file, not a directory"]
     try:
-        fd, name = tempfile.mkstemp(dir=probe, prefix=".lift_ds_write_test")
+        fd, name = tempfile.mkstemp(dir=probe, prefix=WRITE_PROBE)
         os.close(fd)
         os.unlink(name)
     except OSError as e:
@@ -64,8 +68,10 @@ def output_dir_problems(args: Any) -> list[str]:
         return problems
     if args.resume and args.overwrite_output_dir:
         problems.append("--overwrite_output_dir: contradicts --resume (one replaces what --output_dir holds, the other continues it); drop one")
-    elif out.is_dir() and not args.resume and not args.overwrite_output_dir:
-        held = sorted(p.name for p in out.iterdir())
+    elif out.is_dir() and not args.resume and not args.overwrite_output_dir and int(os.environ.get("RANK", "0") or 0) == 0:
+        # rank 0 only: the other ranks start at their own pace, and would see what rank 0 (or another
+        # rank's write probe) has just put there; rank 0's refusal ends the job before any process group
+        held = sorted(p.name for p in out.iterdir() if not p.name.startswith(WRITE_PROBE))
         if held:
             shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
             problems.append(f"--output_dir: {str(out)!r} is not empty ({shown}) and --resume is not given: a new run would mix its metrics "

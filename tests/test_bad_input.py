@@ -505,3 +505,24 @@ def test_an_unwritable_or_full_output_directory_is_refused_before_anything_start
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 2**40 - 1024, 1024))
     code, err = run_main(d, ["--output_dir", str(d / "full")], capsys)
     check(code, err, ["--output_dir: ", "has 0.0 GiB free; this run writes about", "--no_checkpoint / --no_final_model write less"])
+
+
+def test_output_dir_emptiness_is_rank_zeros_question(tmp_path, monkeypatch):
+    """Every rank runs the checks before any process group, each at its own pace: a rank must not
+    refuse an output directory for what rank 0 has just written, or for another rank's write probe
+    (seen: 2 ranks, rank 1 refused the directory for rank 0's probe file). Rank 0 still refuses a used one."""
+    import argparse
+
+    from lift_ds import preflight
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f"{preflight.WRITE_PROBE}abc123").write_text("")  # another rank's probe, caught between write and unlink
+    args = argparse.Namespace(output_dir=str(out), resume=False, overwrite_output_dir=False)
+    monkeypatch.setenv("RANK", "0")
+    assert preflight.output_dir_problems(args) == []
+    (out / "metrics.jsonl").write_text("{}\n")  # what rank 0 writes once it runs
+    monkeypatch.setenv("RANK", "1")
+    assert preflight.output_dir_problems(args) == []
+    monkeypatch.setenv("RANK", "0")
+    assert "is not empty (metrics.jsonl)" in preflight.output_dir_problems(args)[0]
