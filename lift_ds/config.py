@@ -12,7 +12,7 @@ receive.
 
 Each ``lift`` key is declared once, as a field of :class:`LiftConfig` with :func:`setting`
 metadata: its type, default, allowed values and help text. The validator, the launcher's
-command-line flags (``lift_ds.cli``), the README's configuration table (checked by a test) all come
+command-line flags (``lift_ds.cli``), the configuration table in docs/configuration.md (checked by a test) all come
 from these declarations.
 """
 
@@ -63,7 +63,7 @@ def setting(default: Any, help: str, *, kind: str, choices: tuple[str, ...] = ()
 
     Args:
         default: the value when the key is absent.
-        help: one sentence for ``--help`` and the README table.
+        help: one sentence for ``--help`` and the table in docs/configuration.md.
         kind: ``choice``, ``bool``, ``int``, ``layer_range``, ``patterns`` or ``path`` (a string or null).
         choices: allowed values of a ``choice``.
         minimum: smallest allowed ``int``.
@@ -163,7 +163,7 @@ def frozen_layers_setting(raw: Mapping[str, Any]) -> str | None:
 
 
 def settings_table() -> str:
-    """The README's configuration table, made from the declarations (a test keeps them equal)."""
+    """The ``lift`` table of docs/configuration.md, made from the declarations (a test keeps them equal)."""
     rows = ["| `lift` key | default | flag | meaning |", "|---|---|---|---|"]
     for f in lift_settings():
         m = f.metadata

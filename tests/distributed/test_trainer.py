@@ -128,7 +128,7 @@ def test_save_model_loads_with_from_pretrained(runs):
         assert torch.equal(p.detach().float(), got(res, "zero3")["final"][n]), n
 
 
-# the deepspeed launcher sets the same variables torchrun does (it ran by hand: README); left out to keep CI short
+# the deepspeed launcher sets the same variables torchrun does (it ran by hand: docs/drop-in.md); left out to keep CI short
 LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
     "accelerate": [str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed", "--num_processes", "2", "--num_machines", "1",
