@@ -1,11 +1,12 @@
-"""The code's layout rules, checked: a lift key is declared once (validation, flag, README table
-follow from the declaration), only lift_ds/backends/ touches DeepSpeed or a backend's name, and
-modules stay small."""
+"""The code's layout rules, checked: a lift key is declared once (validation, flag, the table in
+docs/configuration.md follow from the declaration), only lift_ds/backends/ touches DeepSpeed or a backend's
+name, modules stay small, and the README stays a front door whose links all resolve."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,82 @@ PACKAGE = REPO / "lift_ds"
 BAD_VALUE = {"choice": "nonsense", "bool": "yes", "int": "ten", "layer_range": [3, 1], "patterns": 5, "path": 7}
 
 
-def test_readme_configuration_table_is_the_declarations():
-    assert settings_table() in (REPO / "README.md").read_text(), "regenerate the README table: python -c 'from lift_ds.config import settings_table; print(settings_table())'"
+def test_configuration_table_is_the_declarations():
+    """docs/configuration.md's `lift` table is settings_table(), row for row (no stale or extra row)."""
+    lines = (REPO / "docs" / "configuration.md").read_text().splitlines()
+    start = lines.index(settings_table().splitlines()[0])
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    assert "\n".join(lines[start:end]) == settings_table(), (
+        "regenerate the table in docs/configuration.md: python -c 'from lift_ds.config import settings_table; print(settings_table())'")
+
+
+#: the README is the front door: what it is, install, the two commands, the drop-in surfaces, launching, links
+README_MAX_LINES = 220
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def _markdown_pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def _prose(path: Path) -> list[str]:
+    """The lines of a markdown file outside fenced code blocks."""
+    out, fenced = [], False
+    for line in path.read_text().splitlines():
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced:
+            out.append(line)
+    return out
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a markdown file (lower case, punctuation dropped, spaces to hyphens)."""
+    seen: dict[str, int] = {}
+    for line in _prose(path):
+        if m := re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line):
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
+            seen[slug] = seen.get(slug, -1) + 1
+            if seen[slug]:
+                seen[f"{slug}-{seen[slug]}"] = 0
+    return set(seen)
+
+
+def broken_links(pages: list[Path], root: Path = REPO) -> list[str]:
+    """Every relative link in ``pages`` whose file (or, into a markdown file, heading anchor) does not exist."""
+    broken = []
+    for page in pages:
+        for n, line in enumerate(_prose(page), 1):
+            for target in _LINK.findall(line):
+                if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...
+                    continue
+                file, _, anchor = target.partition("#")
+                dest = (page.parent / file).resolve() if file else page
+                if not dest.exists():
+                    broken.append(f"{page.relative_to(root)}: {target} (no such file)")
+                elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                    broken.append(f"{page.relative_to(root)}: {target} (no such heading)")
+    return broken
+
+
+def test_readme_is_a_front_door_and_every_doc_is_linked():
+    readme = REPO / "README.md"
+    assert len(readme.read_text().splitlines()) < README_MAX_LINES, "README.md is the front door: move reference text to docs/"
+    linked = {(readme.parent / t.partition("#")[0]).resolve() for line in _prose(readme) for t in _LINK.findall(line)}
+    unlinked = [p.name for p in sorted((REPO / "docs").glob("*.md")) if p.resolve() not in linked]
+    assert not unlinked, f"docs pages the README does not link to: {unlinked}"
+
+
+def test_every_relative_link_in_the_docs_resolves(tmp_path):
+    assert not broken_links(_markdown_pages()), broken_links(_markdown_pages())
+    # the check itself: a page with a broken file link and a broken anchor, beside good ones
+    (tmp_path / "b.md").write_text("# A heading: with `code` / slashes\n")
+    page = tmp_path / "a.md"
+    page.write_text("[ok](b.md) [ok](b.md#a-heading-with-code--slashes) [ok](#top) [web](https://example.org/x)\n"
+                    "# Top\n[gone](missing.md) [bad](b.md#nowhere)\n```\n[in code](ignored.md)\n```\n")
+    found = [b.split(": ", 1)[1] for b in broken_links([page], root=tmp_path)]
+    assert found == ["missing.md (no such file)", "b.md#nowhere (no such heading)"], found
 
 
 @pytest.mark.parametrize("name", [f.name for f in lift_settings()])

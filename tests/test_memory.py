@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from lift_ds import memory
@@ -109,6 +111,9 @@ def test_one_gpu_table(capsys):
     streamed = next(line for line in out.splitlines() if line.startswith("| LIFT-NF4 streamed, AdamW8bit |"))
     assert streamed.endswith("| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, llama-3-8b, llama-2-70b |")
     assert "| full fine-tuning |" in out and out.count("none") >= 4
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for page in ("hardware.md", "streaming.md"):  # the pages that show the table show this one
+        assert out.strip() in (docs / page).read_text(), f"docs/{page}: paste the output of python -m lift_ds.memory --one_gpu"
 
 
 def test_streamed_arithmetic():
