@@ -12,6 +12,7 @@ from .backends import get_backend_class
 from .backends.base import BackendContext
 from .backends.lr_schedules import scheduler_factory
 from .config import ConfigError, RunConfig, load_run_config
+from .drop_in_config import merge_args_lift_section, scheduler_horizon
 from .engine import LiftEngine
 from .optim import CrossPhaseLRScheduler, NamedGroups, resolve_optimizer
 from .plan import resolve_plan
@@ -102,9 +103,15 @@ def initialize(
         config = config_params
     if config is None and args is not None:
         config = getattr(args, "deepspeed_config", None) or getattr(args, "ds_config", None)
+    elif not isinstance(config, RunConfig):  # a config built in code, and --deepspeed_config with its "lift" section
+        config = merge_args_lift_section(config, args)
     if config is None:
         raise ConfigError(["config: none given; pass config= a DeepSpeed JSON path or dict with a \"lift\" section"])
     run = load_run_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if total_steps is None and run.lift.total_steps is None:
+        total_steps = scheduler_horizon(lr_scheduler)  # get_scheduler(..., num_training_steps=N) knows the run's length
+        if total_steps is not None:
+            logger.info("lift.total_steps: %d, the horizon of the given lr_scheduler", total_steps)
     if total_steps is not None:
         run = run.with_lift(total_steps=total_steps)
     if model_parameters is not None:

@@ -61,8 +61,11 @@ def write_files(d: Path) -> None:
 
 
 def dschat(d: Path, name: str, *extra: str, lift: dict | None = None) -> dict:
+    # DeepSpeed-Chat builds its DeepSpeed config in code: the "lift" section (no total_steps: the built schedule's
+    # num_training_steps) goes in a file given to DeepSpeed's --deepspeed_config flag
+    (d / f"{name}.lift.json").write_text(json.dumps({"lift": {**LIFT, **(lift or {})}}))
     argv = ["--data_path", str(d / "tokens.jsonl"), "--model_name_or_path", str(d / "model"), "--weight_decay", "0.1", "--learning_rate", "1e-2",
-            "--num_warmup_steps", "2", "--lift", json.dumps({**LIFT, **(lift or {})}), "--record", str(d / f"{name}.pt"), *extra]
+            "--num_warmup_steps", "2", "--deepspeed_config", str(d / f"{name}.lift.json"), "--record", str(d / f"{name}.pt"), *extra]
     return {"script": str(DSCHAT), "argv": argv, "env": {"LIFT_DS_TRACE": str(d / f"{name}.trace")}}
 
 
