@@ -131,6 +131,11 @@ def initialize(
                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); build it over every parameter of the "
                            "blocks LIFT trains (e.g. model.parameters()), or pass a callable params -> Optimizer"])
     fingerprint = _probe_before_any_process_group(run, model, factory, lr_scheduler, plan.total_steps)
+    client_class = type(optimizer).__name__ if isinstance(optimizer, torch.optim.Optimizer) else fingerprint.get("optimizer", {}).get("type")
+    if factory is not None and client_class:  # e.g. DeepSpeed-Chat's DeepSpeedCPUAdam with --offload: judged as DeepSpeed judges it
+        problems = get_backend_class(run.backend).client_optimizer_problems(run.raw, client_class)
+        if problems:
+            raise ConfigError(problems, source=run.source)
     if lr_scheduler is None and run.training.scheduler is not None:
         lr_scheduler = scheduler_factory(run.training.scheduler, plan.total_steps)
     schedule = CrossPhaseLRScheduler(lr_scheduler, optimizer if isinstance(optimizer, torch.optim.Optimizer) else None)

@@ -240,6 +240,24 @@ def test_config_built_in_code_takes_lift_section_from_deepspeed_config_flag_and_
                            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(user, lambda s: 1.0))
 
 
+def test_client_optimizer_with_offload_is_judged_as_deepspeed_judges_it():
+    """ZeRO offload with no "optimizer" section: the client's optimizer runs, so it is checked (before any
+    process group) as deepspeed.initialize checks it: DeepSpeed's CPU ops pass, torch's AdamW only with
+    zero_force_ds_cpu_optimizer false. DeepSpeed-Chat passes DeepSpeedCPUAdam with --offload."""
+    from lift_ds.backends.deepspeed import DeepSpeedBackend
+
+    cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "lift": LIFT}
+    lift_ds.load_run_config(cfg)  # no optimizer section: nothing to refuse yet
+    model = tiny_llama()
+    for opt in (torch.optim.AdamW(model.parameters(), lr=1e-3), lambda ps: torch.optim.AdamW(ps, lr=1e-3)):
+        with pytest.raises(ConfigError, match=r"optimizer: AdamW given with zero_optimization.offload_optimizer; .*DeepSpeedCPUAdam"):
+            lift_ds.initialize(model=model, optimizer=opt, config=cfg)
+    assert DeepSpeedBackend.client_optimizer_problems(cfg, "DeepSpeedCPUAdam") == []
+    assert DeepSpeedBackend.client_optimizer_problems({**cfg, "zero_force_ds_cpu_optimizer": False}, "AdamW") == []
+    with pytest.raises(ConfigError, match=r"optimizer.type 'SGD' has none"):  # a config section that cannot run offloaded
+        lift_ds.load_run_config({**cfg, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
+
+
 def test_resume_with_a_built_scheduler(tmp_path):
     from transformers import get_scheduler
 

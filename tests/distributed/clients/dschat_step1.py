@@ -38,6 +38,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import deepspeed
 from deepspeed.accelerator import get_accelerator
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 from transformers import AutoConfig, AutoModelForCausalLM, SchedulerType, default_data_collator, get_scheduler
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
@@ -217,7 +218,9 @@ def main(argv=None) -> int:
         losses = all_reduce_mean(losses / (step + 1))
         return math.exp(losses.item()), losses.item()
 
-    optimizer = torch.optim.AdamW(grouped_parameters(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95))
+    # DeepSpeed-Chat: DeepSpeedCPUAdam with --offload (FusedAdam otherwise; torch's AdamW here: no op to compile)
+    AdamOptimizer = DeepSpeedCPUAdam if args.offload else torch.optim.AdamW
+    optimizer = AdamOptimizer(grouped_parameters(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95))
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(name=args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
                                  num_training_steps=args.num_train_epochs * num_update_steps_per_epoch)
