@@ -13,6 +13,7 @@ from .schedule import PhaseCursor, phases, plan
 if TYPE_CHECKING:  # pragma: no cover
     from .blocks import Block, find_blocks
     from .engine import LiftEngine
+    from .integrations.transformers import LiftSFTTrainer, LiftTrainer
     from .plan import LiftPlan, resolve_plan
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __all__ = [
     "LiftConfig",
     "LiftEngine",
     "LiftPlan",
+    "LiftSFTTrainer",
+    "LiftTrainer",
     "Override",
     "PhaseCursor",
     "RunConfig",
@@ -35,7 +38,9 @@ __all__ = [
     "resolve_plan",
 ]
 
-_LAZY = {"find_blocks": "blocks", "Block": "blocks", "LiftEngine": "engine", "LiftPlan": "plan", "resolve_plan": "plan"}
+_LAZY = {"find_blocks": "blocks", "Block": "blocks", "LiftEngine": "engine", "LiftPlan": "plan", "resolve_plan": "plan",
+         # the class swaps for transformers' Trainer and TRL's SFTTrainer, importable as lift_ds.LiftTrainer (transformers loads on first use)
+         "LiftTrainer": "integrations.transformers", "LiftSFTTrainer": "integrations.transformers"}
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,7 @@ from .backends import get_backend_class
 from .backends.base import BackendContext
 from .backends.lr_schedules import scheduler_factory
 from .config import ConfigError, RunConfig, load_run_config
+from .drop_in_config import merge_args_lift_section, scheduler_horizon
 from .engine import LiftEngine
 from .optim import CrossPhaseLRScheduler, NamedGroups, resolve_optimizer
 from .plan import resolve_plan
@@ -102,9 +103,15 @@ def initialize(
         config = config_params
     if config is None and args is not None:
         config = getattr(args, "deepspeed_config", None) or getattr(args, "ds_config", None)
+    elif not isinstance(config, RunConfig):  # a config built in code, and --deepspeed_config with its "lift" section
+        config = merge_args_lift_section(config, args)
     if config is None:
         raise ConfigError(["config: none given; pass config= a DeepSpeed JSON path or dict with a \"lift\" section"])
     run = load_run_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if total_steps is None and run.lift.total_steps is None:
+        total_steps = scheduler_horizon(lr_scheduler)  # get_scheduler(..., num_training_steps=N) knows the run's length
+        if total_steps is not None:
+            logger.info("lift.total_steps: %d, the horizon of the given lr_scheduler", total_steps)
     if total_steps is not None:
         run = run.with_lift(total_steps=total_steps)
     if model_parameters is not None:
@@ -124,6 +131,11 @@ def initialize(
                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); build it over every parameter of the "
                            "blocks LIFT trains (e.g. model.parameters()), or pass a callable params -> Optimizer"])
     fingerprint = _probe_before_any_process_group(run, model, factory, lr_scheduler, plan.total_steps)
+    client_class = type(optimizer).__name__ if isinstance(optimizer, torch.optim.Optimizer) else fingerprint.get("optimizer", {}).get("type")
+    if factory is not None and client_class:  # e.g. DeepSpeed-Chat's DeepSpeedCPUAdam with --offload: judged as DeepSpeed judges it
+        problems = get_backend_class(run.backend).client_optimizer_problems(run.raw, client_class)
+        if problems:
+            raise ConfigError(problems, source=run.source)
     if lr_scheduler is None and run.training.scheduler is not None:
         lr_scheduler = scheduler_factory(run.training.scheduler, plan.total_steps)
     schedule = CrossPhaseLRScheduler(lr_scheduler, optimizer if isinstance(optimizer, torch.optim.Optimizer) else None)

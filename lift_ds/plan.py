@@ -89,7 +89,9 @@ def resolve_plan(model: "nn.Module", lift: LiftConfig, fixed_trainable: list[str
     """
     steps_total = total_steps if total_steps is not None else lift.total_steps
     if steps_total is None:
-        raise ConfigError(["lift.total_steps: required (an integer >= 1); set it in the config or pass total_steps= (--max_steps)"])
+        raise ConfigError(["lift.total_steps: required (an integer >= 1); set it in the config's \"lift\" section (a --deepspeed_config file holding only that section "
+                           "goes beside a config built in code), pass total_steps= (--max_steps), or pass lift_ds.initialize a built "
+                           "lr_scheduler laid out for the run (get_scheduler(..., num_training_steps=N), OneCycleLR)"])
     if fixed_trainable is not None:
         names = {n for n, _ in model.named_parameters()}
         unknown = [n for n in fixed_trainable if n not in names]

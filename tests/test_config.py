@@ -100,6 +100,11 @@ def test_import_is_light():
     code = "import sys, lift_ds; import lift_ds.config, lift_ds.schedule; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+    # the class swaps are importable from the top level, as the README's one-line swap writes them; transformers loads then
+    code = ("import sys, lift_ds; print('transformers' in sys.modules); from lift_ds import LiftTrainer, LiftSFTTrainer; "
+            "import lift_ds.integrations.transformers as t; print(LiftTrainer is t.LiftTrainer, LiftSFTTrainer is t.LiftSFTTrainer)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True"]
 
 
 def test_fsdp_rejects_what_it_cannot_honour():

@@ -205,6 +205,59 @@ def test_built_schedulers_drive_one_curve_across_phases(kind):
     assert seen == pytest.approx(want, abs=1e-12) and len(set(want)) > 2, (seen, want)
 
 
+def test_config_built_in_code_takes_lift_section_from_deepspeed_config_flag_and_length_from_schedule(tmp_path):
+    """DeepSpeed-Chat's shape: the DeepSpeed config is a dict built in code, the "lift" section a file given
+    to DeepSpeed's --deepspeed_config flag, the run's length the built get_scheduler's num_training_steps.
+    Two configs (a file with more than a "lift" section, or two "lift" sections) and a schedule that does
+    not know the run's length are ConfigErrors naming what to do."""
+    import argparse
+
+    import deepspeed
+    from transformers import get_scheduler
+
+    def args_for(section):
+        (tmp_path / "lift.json").write_text(__import__("json").dumps(section))
+        return deepspeed.add_config_arguments(argparse.ArgumentParser()).parse_args(["--deepspeed_config", str(tmp_path / "lift.json")])
+
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0}
+    lift = {k: v for k, v in LIFT.items() if k != "total_steps"}
+    model = tiny_llama()
+    user = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = get_scheduler("cosine", optimizer=user, num_warmup_steps=1, num_training_steps=6)
+    engine, *_ = lift_ds.initialize(model=model, optimizer=user, args=args_for({"lift": lift}), config=cfg, lr_scheduler=sched)
+    assert engine.plan.total_steps == 6 and [b.name for b in engine.plan.candidates] == ["model.layers.1", "model.layers.2", "model.layers.3", "head"]
+    seen = [s[0][0] for s in train(engine, lm_batches(6))]
+    assert seen == pytest.approx(plain_lrs(lambda o: get_scheduler("cosine", optimizer=o, num_warmup_steps=1, num_training_steps=6), 6))
+    engine.close()
+    with pytest.raises(ConfigError, match=r"holds nothing but a \"lift\" section \(this one has keys \['zero_optimization'\]\)"):
+        lift_ds.initialize(model=tiny_llama(), args=args_for({"lift": lift, "zero_optimization": {"stage": 2}}), config=cfg)
+    with pytest.raises(ConfigError, match=r"lift: given both in config="):
+        lift_ds.initialize(model=tiny_llama(), args=args_for({"lift": lift}), config={**cfg, "lift": LIFT})
+    model = tiny_llama()
+    user = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"lift.total_steps: required .*\(get_scheduler\(..., num_training_steps=N\)"):
+        lift_ds.initialize(model=model, optimizer=user, args=args_for({"lift": lift}), config=cfg,
+                           lr_scheduler=torch.optim.lr_scheduler.LambdaLR(user, lambda s: 1.0))
+
+
+def test_client_optimizer_with_offload_is_judged_as_deepspeed_judges_it():
+    """ZeRO offload with no "optimizer" section: the client's optimizer runs, so it is checked (before any
+    process group) as deepspeed.initialize checks it: DeepSpeed's CPU ops pass, torch's AdamW only with
+    zero_force_ds_cpu_optimizer false. DeepSpeed-Chat passes DeepSpeedCPUAdam with --offload."""
+    from lift_ds.backends.deepspeed import DeepSpeedBackend
+
+    cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "lift": LIFT}
+    lift_ds.load_run_config(cfg)  # no optimizer section: nothing to refuse yet
+    model = tiny_llama()
+    for opt in (torch.optim.AdamW(model.parameters(), lr=1e-3), lambda ps: torch.optim.AdamW(ps, lr=1e-3)):
+        with pytest.raises(ConfigError, match=r"optimizer: AdamW given with zero_optimization.offload_optimizer; .*DeepSpeedCPUAdam"):
+            lift_ds.initialize(model=model, optimizer=opt, config=cfg)
+    assert DeepSpeedBackend.client_optimizer_problems(cfg, "DeepSpeedCPUAdam") == []
+    assert DeepSpeedBackend.client_optimizer_problems({**cfg, "zero_force_ds_cpu_optimizer": False}, "AdamW") == []
+    with pytest.raises(ConfigError, match=r"optimizer.type 'SGD' has none"):  # a config section that cannot run offloaded
+        lift_ds.load_run_config({**cfg, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
+
+
 def test_resume_with_a_built_scheduler(tmp_path):
     from transformers import get_scheduler
 

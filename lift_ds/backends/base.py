@@ -1,10 +1,9 @@
 """The backend protocol: what the engine asks of a distributed (or plain) training backend.
 
-The engine owns the plan, freezing, the learning-rate schedule and micro-step counting; the
-checkpointer owns the checkpoint layout; a backend owns the wrapped model, the per-phase optimizer,
-backward, the optimizer step (with clipping), how weights and optimizer state are stored, parameter
-sizes and the collectives everything else needs. Each backend checks its own configuration keys
-(:meth:`Backend.check_config`) before any process group starts.
+The engine owns the plan, freezing, the learning-rate schedule and micro-step counting; the checkpointer owns the
+checkpoint layout; a backend owns the wrapped model, the per-phase optimizer, backward, the optimizer step (with
+clipping), how weights and optimizer state are stored, parameter sizes and the collectives everything else needs.
+Each backend checks its own configuration keys (:meth:`Backend.check_config`) before any process group starts.
 """
 
 from __future__ import annotations
@@ -105,6 +104,11 @@ class Backend(EngineMembers, ABC):
             return e.problems
         # built once on a dummy parameter and stepped: torch's own argument checks, here, named by JSON path
         return probe_optimizer(factory, "optimizer.params", dict(section.get("params", {})))
+
+    @classmethod
+    def client_optimizer_problems(cls, raw: Mapping[str, Any], optimizer_class: str) -> list[str]:
+        """Problems of running the client's optimizer (class name ``optimizer_class``) with this config."""
+        return []
 
     @staticmethod
     def foreign_section_problems(raw: Mapping[str, Any], name: str, sections: Mapping[str, str]) -> list[str]:

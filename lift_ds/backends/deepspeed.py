@@ -75,6 +75,10 @@ class DeepSpeedBackend(Backend):
             return []
         return super().optimizer_section_problems(section)
 
+    @classmethod
+    def client_optimizer_problems(cls, raw: Mapping[str, Any], optimizer_class: str) -> list[str]:
+        return ds_config_keys.client_offload_problems(raw, optimizer_class)
+
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         import deepspeed

@@ -131,9 +131,9 @@ def zero_problems(zero: Any, raw: Mapping[str, Any]) -> list[str]:
         if key == "offload_optimizer":
             if stage not in (1, 2, 3):
                 problems.append(f"zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3 (stage is {stage!r})")
-            opt = raw.get("optimizer")
+            opt = raw.get("optimizer")  # absent: the optimizer is the client's (lift_ds.initialize checks it: client_optimizer_problems)
             kind = opt.get("type") if isinstance(opt, Mapping) else None
-            if not isinstance(kind, str) or kind.lower() not in OFFLOADABLE_OPTIMIZERS:
+            if opt is not None and (not isinstance(kind, str) or kind.lower() not in OFFLOADABLE_OPTIMIZERS):
                 problems.append(
                     f"zero_optimization.offload_optimizer: DeepSpeed runs an offloaded optimizer with its CPU ops "
                     f"(DeepSpeedCPUAdam, -Adagrad, -Lion); optimizer.type {kind!r} has none. Use Adam, AdamW, Adagrad or Lion, "
@@ -145,3 +145,20 @@ def zero_problems(zero: Any, raw: Mapping[str, Any]) -> list[str]:
 def offloaded(zero: Mapping[str, Any], key: str) -> bool:
     sec = zero.get(key) or {}
     return isinstance(sec, Mapping) and (sec.get("device") or "none") != "none"
+
+
+#: the client optimizers DeepSpeed runs over offloaded partitions without ``zero_force_ds_cpu_optimizer: false``
+CPU_OP_OPTIMIZERS = ("DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion")
+
+
+def client_offload_problems(raw: Mapping[str, Any], optimizer_class: str) -> list[str]:
+    """A client optimizer (``optimizer=`` of ``initialize``) with ``offload_optimizer``, judged as DeepSpeed does in
+    ``deepspeed.initialize`` (after its process group started): one of its CPU ops, or ``zero_force_ds_cpu_optimizer: false``."""
+    zero = raw.get("zero_optimization")
+    if not isinstance(zero, Mapping) or not offloaded(zero, "offload_optimizer") or optimizer_class in CPU_OP_OPTIMIZERS:
+        return []
+    if raw.get("zero_force_ds_cpu_optimizer", True) is False:
+        return []
+    return [f"optimizer: {optimizer_class} given with zero_optimization.offload_optimizer; DeepSpeed runs a client optimizer over "
+            f"offloaded partitions only when it is one of {', '.join(CPU_OP_OPTIMIZERS)} (deepspeed.ops), or with "
+            "\"zero_force_ds_cpu_optimizer\": false (then it steps on the CPU partitions as given)"]

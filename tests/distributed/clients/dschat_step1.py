@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """A supervised fine-tuning loop in the shape of DeepSpeed-Chat's step 1 (``training/step1_supervised_finetuning/
 main.py`` and its ``dschat`` utils, deepspeedai/DeepSpeedExamples), written here, with LIFT's one swap:
-``lift_ds.initialize`` for ``deepspeed.initialize`` and a ``"lift"`` section in the DeepSpeed config.
+``lift_ds.initialize`` for ``deepspeed.initialize``. Its DeepSpeed config is built in code, so the ``"lift"`` section comes
+in a file given to DeepSpeed's own ``--deepspeed_config`` flag (``deepspeed.add_config_arguments``), and the run's length
+from the built ``get_scheduler(..., num_training_steps=N)``, as with the real script.
 
 Like DeepSpeed-Chat it initialises DeepSpeed's process group itself, builds its DeepSpeed config in code
 (``bfloat16``/``fp16`` section, ``hybrid_engine``, ``tensorboard``), loads the model under ``HfDeepSpeedConfig``
@@ -36,6 +38,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import deepspeed
 from deepspeed.accelerator import get_accelerator
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 from transformers import AutoConfig, AutoModelForCausalLM, SchedulerType, default_data_collator, get_scheduler
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
@@ -66,7 +69,6 @@ def parse_args(argv=None):
     p.add_argument("--enable_tensorboard", action="store_true")
     p.add_argument("--tensorboard_path", default="step1_tensorboard")
     p.add_argument("--print_loss", action="store_true")
-    p.add_argument("--lift", default="{}", help="the config's \"lift\" section, as JSON")
     p.add_argument("--record", default=None)
     p.add_argument("--save_dir", default=None)
     p.add_argument("--stop_after", type=int, default=None)
@@ -101,7 +103,6 @@ def train_ds_config(args, world_size: int) -> dict:
         config["fp16"] = {"enabled": True, "loss_scale_window": 100}
     if args.csv_monitor:
         config["csv_monitor"] = {"enabled": True, "output_path": args.csv_monitor, "job_name": "step1"}
-    config["lift"] = json.loads(args.lift)  # LIFT's one addition
     return config
 
 
@@ -217,11 +218,12 @@ def main(argv=None) -> int:
         losses = all_reduce_mean(losses / (step + 1))
         return math.exp(losses.item()), losses.item()
 
-    optimizer = torch.optim.AdamW(grouped_parameters(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95))
+    # DeepSpeed-Chat: DeepSpeedCPUAdam with --offload (FusedAdam otherwise; torch's AdamW here: no op to compile)
+    AdamOptimizer = DeepSpeedCPUAdam if args.offload else torch.optim.AdamW
+    optimizer = AdamOptimizer(grouped_parameters(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95))
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(name=args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
                                  num_training_steps=args.num_train_epochs * num_update_steps_per_epoch)
-    ds_config["lift"].setdefault("total_steps", args.num_train_epochs * num_update_steps_per_epoch)
 
     model, optimizer, _, lr_scheduler = lift_ds.initialize(  # was: deepspeed.initialize
         model=model, optimizer=optimizer, args=args, config=ds_config, lr_scheduler=lr_scheduler, dist_init_required=True)
