@@ -116,6 +116,8 @@ def initialize(
         run = run.with_lift(total_steps=total_steps)
     if model_parameters is not None:
         logger.info("model_parameters is ignored: LIFT chooses the trainable parameters of each phase")
+    if fixed_trainable is None and (problem := adapter_model_problem(model)):
+        raise ConfigError([problem])
     # a model LIFT cannot split, a bad layer range or pattern fail here, before any process group
     plan = resolve_plan(model, run.lift, fixed_trainable)
     install_model_loss(model, run.lift.loss)
@@ -190,6 +192,20 @@ def install_model_loss(model: nn.Module, mode: str) -> str | None:
         return install_loss(model, mode)
     except ValueError as e:
         raise ConfigError([str(e)]) from None
+
+
+def adapter_model_problem(model: nn.Module) -> str | None:
+    """A PEFT model with frozen base weights: LIFT would train each active block's weights, which PEFT
+    froze, and a PEFT save keeps only the adapter (the training silently lost). Refused, naming the way out."""
+    if getattr(model, "peft_config", None) is None:
+        return None
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return None
+    return (f"model: a PEFT model ({type(model).__name__}, peft_config / --use_peft) with {len(frozen)} frozen base weights (e.g. "
+            f"{frozen[0]}): LIFT trains every weight of the active block, so it would train what PEFT froze, and saving a PEFT "
+            "model keeps only the adapter. LIFT over adapters is not supported: pass the base model (no peft_config) to train "
+            "it block by block, or train the adapters without LIFT (plain Trainer / deepspeed.initialize)")
 
 
 def enable_gradient_checkpointing(model: nn.Module, **kwargs: Any) -> None:

@@ -336,3 +336,29 @@ def test_trainer_no_decay_groups_on_every_optimizer_path(tmp_path, path):
     for p in phases:
         wd = {n: g["weight_decay"] for g in p["groups"] for n in g["params"]}
         assert all(v == (0.0 if "norm" in n else 0.1) for n, v in wd.items()) and 0.0 in wd.values(), (path, p)
+
+
+def test_a_peft_model_with_frozen_base_weights_is_refused_up_front(tmp_path):
+    """LIFT trains every weight of the active block: handed a PEFT model, it would train the base
+    weights PEFT froze, and a PEFT save keeps only the adapter (seen with TRL's sft.py --use_peft: base
+    weights moved by 0.019, the saved adapter silently without that training). lift_ds.initialize and
+    the Trainer class swap refuse it before anything runs; the same base model trains."""
+    peft = pytest.importorskip("peft")
+    from transformers import TrainingArguments
+
+    from lift_ds.integrations.transformers import LiftTrainer
+
+    def adapted():
+        return peft.get_peft_model(tiny_llama(layers=2), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+    with pytest.raises(ConfigError) as info:
+        make(model=adapted())
+    text = str(info.value)
+    assert "model: a PEFT model (PeftModel" in text and "frozen base weights (e.g. base_model.model." in text
+    assert "pass the base model (no peft_config)" in text
+    rows = [{"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()} for b in lm_batches(4, batch=1)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, report_to=[], use_cpu=True, disable_tqdm=True)
+    with pytest.raises(ConfigError, match="model: a PEFT model"):
+        LiftTrainer(model=adapted(), args=args, train_dataset=rows, lift_config={"lift": {"total_steps": 4}})
+    engine, *_ = make(model=tiny_llama(layers=2), lift={"layer_range": [1, 2]})  # the base model: LIFT as usual
+    assert engine.plan.total_steps > 0

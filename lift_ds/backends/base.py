@@ -1,9 +1,8 @@
 """The backend protocol: what the engine asks of a distributed (or plain) training backend.
 
-The engine owns the plan, freezing, the learning-rate schedule and micro-step counting; the checkpointer owns the
-checkpoint layout; a backend owns the wrapped model, the per-phase optimizer, backward, the optimizer step (with
-clipping), how weights and optimizer state are stored, parameter sizes and the collectives everything else needs.
-Each backend checks its own configuration keys (:meth:`Backend.check_config`) before any process group starts.
+The engine owns the plan, freezing, the lr schedule and micro-step counting; the checkpointer the checkpoint layout; a
+backend the wrapped model, the per-phase optimizer, backward, the optimizer step (with clipping), how weights and
+optimizer state are stored, parameter sizes, collectives, and its own config checks (:meth:`Backend.check_config`).
 """
 
 from __future__ import annotations
@@ -98,11 +97,10 @@ class Backend(EngineMembers, ABC):
         """Problems of the ``optimizer`` section when this backend builds it as a ``torch.optim``."""
         if section is None or not isinstance(section.get("params", {}), Mapping):
             return []
-        try:
+        try:  # built once on a dummy parameter: torch's own argument checks, here, named by JSON path
             factory = optimizer_factory_from_section(section)
         except ConfigError as e:
             return e.problems
-        # built once on a dummy parameter and stepped: torch's own argument checks, here, named by JSON path
         return probe_optimizer(factory, "optimizer.params", dict(section.get("params", {})))
 
     @classmethod

@@ -40,6 +40,10 @@ def unsupported_features(trainer: Any) -> list[str]:
     problems += [f"TrainingArguments.{name}: not supported with LIFT ({why})" for name, on, why in checks if on]
     if trainer.model_init is not None:
         problems.append("model_init: not supported with LIFT (pass model=)")
+    from ..api import adapter_model_problem
+
+    if (problem := adapter_model_problem(trainer.model)) is not None:  # SFTTrainer(peft_config=...) wraps the model first
+        problems.append(problem)
     problems += unhonoured_arguments(a)
     return problems
 
