@@ -142,20 +142,22 @@ class Device:
             return False
 
 
-def build_model(shape: str, device: str, build: str):
+def build_model(shape: str, device: str, build: str, stream: bool = False):
     """A random-init LLaMA of ``shape`` in bf16, created on ``device`` directly (``layerwise``: on the
-    host, layer by layer, frozen layers NF4, through lift_ds.quant_load)."""
+    host, layer by layer, frozen layers NF4, through lift_ds.quant_load; ``stream``: their weights in
+    per-layer files, streamed, as ``lift.stream_frozen`` needs)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**SHAPES[shape])
     torch.manual_seed(0)
     if build == "layerwise":
-        from lift_ds.quant import BlockStore
+        from lift_ds.quant import BlockStore, make_streamer
         from lift_ds.quant_load import build_quantized_model
 
         store = BlockStore("disk", tempfile.mkdtemp(prefix="lift_gpu_bench_store_"))
-        model = build_quantized_model("unused", "nf4", store, random_init=True, config=config, dtype=torch.bfloat16)
+        model = build_quantized_model("unused", "nf4", store, random_init=True, config=config, dtype=torch.bfloat16,
+                                      streamer=make_streamer(None) if stream else None)
     else:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
@@ -213,7 +215,7 @@ def worker(args: argparse.Namespace) -> dict:
     dev = Device()
     mb, seq = args.micro_batch, args.seq_len
     t0 = time.perf_counter()
-    model = build_model(args.shape, dev.name, row.build)
+    model = build_model(args.shape, dev.name, row.build, stream=bool(row.lift.get("stream_frozen")))
     built_dtypes = sorted({str(p.dtype) for p in model.parameters()})  # bf16 from the start, never an fp32 copy
     layers = model.config.num_hidden_layers
     steps = {"steady": 3 * args.block_steps, "average": layers * args.average_steps, "fixed": args.fixed_steps}[row.timing]
