@@ -25,7 +25,7 @@ logger = get_logger("lift_ds.checkpoint")
 #: where a fingerprint field comes from, for the message that refuses a changed one
 SOURCES = {
     "data": "the training data as tokenized: --data, --format, --labels, --seq_len, --tokenizer, --no_truncate",
-    "data_seed": "--seed (the data order)", "model": "--model / --random_init", "method": "--method", "lora_r": "--lora_r",
+    "data_seed": "--seed (the data order)", "model": "--model / --random_init", "method": "--method / --baseline", "lora_r": "--lora_r",
     "classifier_head": "--classifier_head", "init_seed": "--seed (the model's initialisation)", "plan": "the plan: the model's blocks, "
     "lift.total_steps (--max_steps), schedule, policy, layer range, seed", "lift.total_steps": "--max_steps", "gradient_clipping": "--gradient_clipping",
     "optimizer": "the optimizer (type and parameters other than lr)", "scheduler": "the \"scheduler\" section", "precision": "bf16 / fp16",

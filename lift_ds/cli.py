@@ -21,10 +21,19 @@ from .data import FORMATS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "ds_configs" / "zero2.json"
-#: --method: the engine's layer-wise methods (lift.method), then the baselines sharing the loop
-METHODS = ("lift", "badam", "lisa", "full", "lora")
+#: --method: the engine's layer-wise methods (lift.method)
+METHODS = ("lift", "badam", "lisa")
 MAX_STEPS = MAX_TOTAL_STEPS
+#: --baseline: the baselines sharing the loop instead of a layer-wise method
 BASELINES = ("full", "lora")
+
+
+def _method(value: str) -> str:
+    """``--method``'s type: the old spelling of a baseline (``--method full``) names its new flag."""
+    if value in BASELINES:
+        raise argparse.ArgumentTypeError(f"{value!r} is a baseline, not a lift.method; use --baseline {value}")
+    return value
+
 
 #: launcher flags that set a top-level config key: (flag, JSON path, type, help)
 TRAINING_FLAGS = (
@@ -75,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--format", default=None, choices=FORMATS, help="data format (default: classification for the built-in data, else text)")
     a("--labels", default=None, help="comma-separated label words for --format classification (default: those in the data)")
     a("--classifier_head", action="store_true", help="--format classification with a sequence-classification head (new, trained in every phase) instead of label-word likelihood")
-    a("--method", default=None, choices=METHODS, help="lift (default; or the config's lift.method), the BAdam / LISA presets on the "
-      "same engine (lift.method), or a baseline: full fine-tuning or LoRA (peft)")
+    a("--method", default=None, type=_method, choices=METHODS, help="the layer-wise method (lift.method): lift "
+      "(default; or the config's lift.method), or the BAdam / LISA presets on the same engine")
+    a("--baseline", default=None, choices=BASELINES, help="train a baseline in the same harness instead: full "
+      "fine-tuning or LoRA (peft, --lora_r); not with --method or a config's lift.method other than lift")
     for flag, _, kind, help_ in TRAINING_FLAGS:
         a(f"--{flag}", type=kind, default=None, help=help_)
     a("--seq_len", type=int, default=128)
@@ -155,7 +166,7 @@ def overrides_from_args(args: argparse.Namespace, raw: dict[str, Any], problems:
         if flag == "lr" and not isinstance(raw.get("optimizer"), dict):
             out.append(Override("optimizer.type", "AdamW", "--lr"))
         out.append(Override(path, value, f"--{flag}"))
-    if args.method is not None and args.method not in BASELINES:
+    if args.method is not None:
         out.append(Override("lift.method", args.method, "--method"))
     if not isinstance(raw.get("lift"), dict) or "seed" not in raw["lift"]:
         out.append(Override("lift.seed", args.seed, "--seed"))
@@ -199,8 +210,11 @@ def resolve(args: argparse.Namespace) -> Launch:
     fmt = args.format or ("classification" if builtin else "text")
     if args.classifier_head and fmt != "classification":
         problems.append(f"--classifier_head: needs --format classification, got {args.format!r}")
-    if args.classifier_head and args.method == "lora":
-        problems.append("--classifier_head: not supported with --method lora; use lift or full")
+    if args.classifier_head and args.baseline == "lora":
+        problems.append("--classifier_head: not supported with --baseline lora; use LIFT or --baseline full")
+    if args.baseline is not None and args.method is not None:
+        problems.append(f"--baseline: {args.baseline} trains instead of a layer-wise method, but --method "
+                        f"{args.method} is given; use one or the other")
     try:
         raw, source = read_config_file(args.ds_config)
     except ConfigError as e:
@@ -210,15 +224,15 @@ def resolve(args: argparse.Namespace) -> Launch:
     if args.max_steps is None and lift_raw.get("total_steps") in (None, "auto"):
         problems.append("--max_steps: required (the config's lift.total_steps is \"auto\")")
     try:
-        baseline = args.method if args.method in BASELINES else "lift"
-        config = load_run_config(raw, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")), method=baseline, source=source)
+        config = load_run_config(raw, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                                 method=args.baseline or "lift", source=source)
     except ConfigError as e:
         problems += e.problems
     else:
-        if args.method in BASELINES and config.lift.method != "lift":
-            problems.append(f"--method: {args.method} is a baseline, but the config's lift.method is {config.lift.method!r}; "
-                            f"use one or the other")
-        args.method = args.method if args.method in BASELINES else config.lift.method
+        if args.baseline is not None and args.method is None and config.lift.method != "lift":
+            problems.append(f"--baseline: {args.baseline} is a baseline, but the config's lift.method is "
+                            f"{config.lift.method!r}; use one or the other")
+        args.method = config.lift.method
         if config.lift.block_store == "disk" and config.lift.block_store_dir:
             problems += preflight.writable_dir_problems(config.lift.block_store_dir, "--block_store_dir")
     if problems:
@@ -264,7 +278,7 @@ def check_model(launch: Launch, model_dir: str, data: Any, pad_id: int | None) -
     problems = preflight.architecture_problems(model) + preflight.data_fit_problems(model, data, pad_id, args.seq_len, batch)
     if problems:
         raise ConfigError(problems, source=source)
-    if args.method not in BASELINES:
+    if args.baseline is None:
         if data.num_labels is not None:
             config = config.with_lift(always_trainable=list(dict.fromkeys(list(config.lift.always_trainable) + head_module_names(model))))
         plan = resolve_plan(model, config.lift)

@@ -314,13 +314,14 @@ def resource_problems(args: Any, config: Any, model_dir: str, model: Any) -> lis
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     t = config.training
     on_gpu = torch.cuda.is_available()
-    host, parts = host_estimate(shape, args.method, world, local, zero, t.precision, offload, t.micro_batch_size, args.seq_len, args.lora_r,
+    kind = args.baseline or args.method  # full / lora, else lift.method
+    host, parts = host_estimate(shape, kind, world, local, zero, t.precision, offload, t.micro_batch_size, args.seq_len, args.lora_r,
                                 config.lift.gradient_checkpointing, config.lift.frozen_weights, config.lift.block_store, on_gpu)
     problems += memory_problems(host, parts, local, config.lift.frozen_weights, config.lift.block_store, zero)
     if on_gpu:
         from .memory import estimate
 
-        est = estimate(shape, "lift" if args.method in ("lift", "badam", "lisa") else args.method, world, zero, t.precision, offload,
+        est = estimate(shape, "lift" if kind in ("lift", "badam", "lisa") else kind, world, zero, t.precision, offload,
                        t.micro_batch_size, args.seq_len, args.lora_r, config.lift.gradient_checkpointing,
                        frozen_weights=config.lift.frozen_weights if zero < 3 else "full")
         device = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()).total_memory

@@ -139,7 +139,7 @@ def frozen_weights_problems(lift: Any, method: str) -> list[str]:
     what = f"lift.frozen_weights: {mode!r} quantizes" if mode != "full" else "lift.stream_frozen: true streams"
     problems = []
     if method != "lift":
-        problems.append(f"{what} LIFT's frozen layers; --method {method} trains other parameters (use "
+        problems.append(f"{what} LIFT's frozen layers; --baseline {method} trains other parameters (use "
                         + ("\"full\")" if mode != "full" else "false)"))
     if lift.block_store_dir is not None and lift.block_store != "disk" and not lift.stream_frozen:
         problems.append(f"lift.block_store_dir: set, but lift.block_store is {lift.block_store!r}; set block_store to \"disk\"")

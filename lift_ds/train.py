@@ -69,12 +69,12 @@ class Run:
         else:
             self.model = recipe.build_model(model_dir, num_labels=self.data.num_labels, pad_id=pad, random_init=args.random_init, seed=args.seed)
         fixed = None
-        if args.method == "lora":
+        if args.baseline == "lora":
             from peft import LoraConfig, get_peft_model
 
             self.model = get_peft_model(self.model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0))
             fixed = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        elif args.method == "full":
+        elif args.baseline == "full":
             fixed = [n for n, _ in self.model.named_parameters()]
         self.engine, _, _, _ = initialize(model=self.model, config=config, fixed_trainable=fixed)
         self.batches = RankBatches(self.data.train, self.engine.train_micro_batch_size_per_gpu(), self.engine.rank, self.engine.world_size, args.seed, pad,
@@ -206,7 +206,7 @@ class Run:
         from .export import save_hf_checkpoint
 
         final = self.out / "final"
-        if self.args.method == "lora":  # ZeRO-1/2 only (checked up front): every rank holds full weights
+        if self.args.baseline == "lora":  # ZeRO-1/2 only (checked up front): every rank holds full weights
             if self.engine.rank == 0:
                 merged = self.model.merge_and_unload()
                 merged.save_pretrained(final, safe_serialization=True)
@@ -225,12 +225,13 @@ def _step_of(line: str) -> int:
 
 def run_fingerprint(args: Any, model_dir: str, data: Any) -> dict[str, Any]:
     """What decides a launcher run's result besides the config: the tokenized training data, the
-    data seed (also the initialisation of new weights), the model, the method."""
+    data seed (also the initialisation of new weights), the model, what trains (``"method"``: the baseline
+    if any, else lift.method, as checkpoints have always recorded it)."""
     from .preflight import data_digest, model_identity
 
     out = {"data": data_digest(data.train), "data_seed": args.seed, "model": model_identity(model_dir, args.random_init),
-           "method": args.method, "classifier_head": bool(args.classifier_head)}
-    if args.method == "lora":
+           "method": args.baseline or args.method, "classifier_head": bool(args.classifier_head)}
+    if args.baseline == "lora":
         out["lora_r"] = args.lora_r
     return out
 
@@ -246,7 +247,7 @@ def write_result(run: Run, result: dict[str, Any]) -> None:
     engine = run.engine
     record = {
         **result, "steps": engine.global_step, "world_size": engine.world_size, "backend": engine.backend.name,
-        "method": run.args.method, "phase_switches": engine.phase_switches, "process_seconds": time.process_time(),
+        "method": run.args.baseline or run.args.method, "phase_switches": engine.phase_switches, "process_seconds": time.process_time(),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),

@@ -67,9 +67,10 @@ curves() {
   local extra=(--max_steps 60 --eval_every 10 --eval_limit 100 --seq_len 64 --micro_batch_size 4)
   [ "$tiny" = 1 ] && extra=(--max_steps 4 --eval_every 2 --eval_limit 8 --seq_len 32 --micro_batch_size 2 "${model[@]}" --data "$work/train.jsonl"
                            --eval_data "$work/held.jsonl" --format classification)
-  for m in lift full lora; do
+  for which in "--method lift" "--baseline full" "--baseline lora"; do
+    local m=${which#* }
     rm -rf "$work/curves_$m"  # the launcher appends to metrics.jsonl: a run starts in a clean directory
-    "${run[@]}" launch/train.py --ds_config ds_configs/quickstart_cpu.json --method $m "${extra[@]}" --no_final_model --no_checkpoint \
+    "${run[@]}" launch/train.py --ds_config ds_configs/quickstart_cpu.json $which "${extra[@]}" --no_final_model --no_checkpoint \
       --output_dir "$work/curves_$m"
   done
   "$PY" -m lift_ds.analysis curves --run LIFT="$work/curves_lift/metrics.jsonl" --run FT-Full="$work/curves_full/metrics.jsonl" \

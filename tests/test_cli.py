@@ -94,3 +94,53 @@ def test_zero_section_without_backend_runs_on_deepspeed(files, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "backend deepspeed, chosen by the config's zero_optimization section" in proc.stderr
     assert "backend=deepspeed" in proc.stderr and "saved checkpoint" in proc.stderr
+
+
+@pytest.mark.parametrize("baseline", ["full", "lora"])
+def test_the_old_spelling_of_a_baseline_names_its_flag(files, capsys, baseline):
+    """``--method full`` / ``--method lora`` (a baseline under lift.method's flag, as before issue 25):
+    exit code 2 before anything starts, the message naming ``--baseline``."""
+    from lift_ds.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--method", baseline])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert f"--method: '{baseline}' is a baseline, not a lift.method; use --baseline {baseline}" in err, err
+
+
+@pytest.mark.parametrize("baseline", ["full", "lora"])
+def test_a_baseline_run_single_process(files, tmp_path, monkeypatch, capsys, baseline):
+    """``--baseline full`` trains every tensor, ``--baseline lora`` only the attention projections
+    (adapters merged into final/); result.json records the baseline as its "method", as before."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lift_ds.train import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    out = tmp_path / baseline
+    code = main(["--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--format", "classification", "--ds_config",
+                 str(files / "ok.json"), "--baseline", baseline, "--max_steps", "2", "--seq_len", "32", "--output_dir", str(out),
+                 "--no_checkpoint"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert json.loads((out / "result.json").read_text())["method"] == baseline
+    start = dict(AutoModelForCausalLM.from_pretrained(files / "model").named_parameters())
+    final = dict(AutoModelForCausalLM.from_pretrained(out / "final").named_parameters())
+    assert start.keys() == final.keys()
+    changed = {n for n in start if not torch.equal(start[n], final[n])}
+    if baseline == "full":
+        assert changed == set(start)
+    else:
+        assert changed and all(n.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in changed), changed
+
+
+def test_the_comparison_study_spells_each_method_with_its_flag():
+    """lift_ds.analysis compare's launcher flags per label parse: the baselines through --baseline."""
+    from lift_ds.analysis.compare import METHOD_FLAGS
+    from lift_ds.cli import build_parser
+
+    for label, flags in METHOD_FLAGS.items():
+        args = build_parser().parse_args(flags)
+        assert (args.baseline, args.method) == ((label, None) if label in ("full", "lora") else (None, label.split("-")[0])), label

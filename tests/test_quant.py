@@ -176,7 +176,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 @pytest.mark.parametrize("top, lift, method, needle", [
     ({"zero_optimization": {"stage": 3}}, {"backend": "deepspeed"}, "lift", "ZeRO-3 partitions them"),
     ({"fsdp": {}}, {"backend": "fsdp"}, "lift", "FSDP2 shards every layer"),
-    ({}, {}, "full", "--method full"),
+    ({}, {}, "full", "--baseline full"),
     ({}, {"block_store_dir": "/tmp/x"}, "lift", "lift.block_store_dir: set, but lift.block_store is 'memory'"),
     ({}, {"block_store": "tape"}, "lift", "lift.block_store: got 'tape'; allowed: memory, disk"),
 ])

@@ -207,7 +207,7 @@ def test_a_layer_built_streamed_trains_its_linear_weights(tmp_path):
 @pytest.mark.parametrize("top, lift, method, needle", [
     ({"zero_optimization": {"stage": 3}}, {"backend": "deepspeed"}, "lift", "lift.stream_frozen: true needs the frozen layers whole"),
     ({"fsdp": {}}, {"backend": "fsdp"}, "lift", "lift.stream_frozen: true: FSDP2 shards every layer"),
-    ({}, {}, "full", "lift.stream_frozen: true streams LIFT's frozen layers; --method full"),
+    ({}, {}, "full", "lift.stream_frozen: true streams LIFT's frozen layers; --baseline full"),
     ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW8bit", "params": {"lr": 1e-3}}}, {"backend": "deepspeed"}, "lift",
      "optimizer.type: 'AdamW8bit' updates 16-bit weights without fp32 masters, which only the torch backend runs"),
 ])

@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 METHOD_FLAGS: dict[str, list[str]] = {
     "lift": ["--method", "lift"],
     "lift-random": ["--method", "lift", "--schedule", "random"],
-    "full": ["--method", "full"],
-    "lora": ["--method", "lora"],
+    "full": ["--baseline", "full"],
+    "lora": ["--baseline", "lora"],
     "badam": ["--method", "badam"],
     "lisa": ["--method", "lisa"],
 }

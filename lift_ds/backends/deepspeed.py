@@ -65,7 +65,7 @@ class DeepSpeedBackend(Backend):
             problems.append(f"{frozen} needs the frozen layers whole on every rank, and ZeRO-3 partitions them; use "
                             "zero_optimization.stage 1 or 2 (e.g. ds_configs/zero2.json), or frozen_weights \"full\" (not streamed) with ZeRO-3")
         if method == "lora" and options.zero_stage == 3:
-            problems.append("--method lora: use a ZeRO-1/2 config (ZeRO-3 with peft adapters is not supported here)")
+            problems.append("--baseline lora: use a ZeRO-1/2 config (ZeRO-3 with peft adapters is not supported here)")
         return options, problems
 
     @classmethod

@@ -94,21 +94,21 @@ def test_train_resume_and_export(files, tmp_path, launcher, config):
         assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_baselines_in_the_same_harness(files, tmp_path, method):
+@pytest.mark.parametrize("baseline", ["full", "lora"])
+def test_baselines_in_the_same_harness(files, tmp_path, baseline):
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / method
-    launch("deepspeed", "ds_configs/zero2.json", files, out, "--method", method, "--save_every", "0")
+    out = tmp_path / baseline
+    launch("deepspeed", "ds_configs/zero2.json", files, out, "--baseline", baseline, "--save_every", "0")
     losses = train_losses(out)
-    drop = {"full": 0.3, "lora": 0.1}[method]  # rank-8 adapters (B starts at zero) move more slowly
+    drop = {"full": 0.3, "lora": 0.1}[baseline]  # rank-8 adapters (B starts at zero) move more slowly
     assert len(losses) == 16 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - drop, losses
     start = AutoModelForCausalLM.from_pretrained(files / "model")
     final = final_weights(out)
     assert not any("lora" in n for n in final)
     # zero2.json trains in bf16: compare at that precision (frozen weights are only rounded)
     changed = {n for n, p in start.named_parameters() if not torch.equal(p.detach().bfloat16(), final[n].bfloat16())}
-    if method == "full":
+    if baseline == "full":
         assert len(changed) == len(final)  # every tensor trained
     else:
         assert changed and all(any(k in n for k in ("q_proj", "k_proj", "v_proj", "o_proj")) for n in changed)  # merged adapters only
