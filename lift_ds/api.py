@@ -110,7 +110,7 @@ def initialize(
         config = merge_args_lift_section(config, args)
     if config is None:
         raise ConfigError(["config: none given; pass config= a DeepSpeed JSON path or dict with a \"lift\" section"])
-    run = load_run_config(config, world_size=get_world_size())
+    run = config if isinstance(config, RunConfig) else load_run_config(config, world_size=get_world_size())
     if total_steps is None and run.lift.total_steps is None:
         total_steps = scheduler_horizon(lr_scheduler)  # get_scheduler(..., num_training_steps=N) knows the run's length
         if total_steps is not None:
