@@ -15,8 +15,8 @@ from .config import ConfigError, RunConfig, load_run_config
 from .drop_in_config import merge_args_lift_section, scheduler_horizon
 from .engine import LiftEngine
 from .optim import CrossPhaseLRScheduler, NamedGroups, resolve_optimizer
-from .plan import resolve_plan
-from .utils import get_logger
+from .plan import LiftPlan, resolve_plan
+from .utils import get_logger, get_world_size
 
 logger = get_logger(__name__)
 
@@ -61,6 +61,7 @@ def initialize(
     total_steps: int | None = None,
     fixed_trainable: list[str] | None = None,
     param_groups: NamedGroups | None = None,
+    plan: LiftPlan | None = None,
 ) -> tuple[LiftEngine, PhaseOptimizer, Any, Any]:
     """Build a LIFT engine; returns ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
@@ -90,6 +91,8 @@ def initialize(
             full fine-tuning and LoRA baselines in the same harness).
         param_groups: parameter groups for the phase optimizers when ``optimizer`` is a callable or
             None (e.g. the Trainer's no-decay group for biases and norms).
+        plan: the plan already resolved for this model and config (the launcher resolves it on a
+            meta-device copy of the model, before any weight is loaded); None resolves it here.
 
     Raises:
         ConfigError: every configuration problem at once, before any process group starts.
@@ -107,7 +110,7 @@ def initialize(
         config = merge_args_lift_section(config, args)
     if config is None:
         raise ConfigError(["config: none given; pass config= a DeepSpeed JSON path or dict with a \"lift\" section"])
-    run = load_run_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    run = config if isinstance(config, RunConfig) else load_run_config(config, world_size=get_world_size())
     if total_steps is None and run.lift.total_steps is None:
         total_steps = scheduler_horizon(lr_scheduler)  # get_scheduler(..., num_training_steps=N) knows the run's length
         if total_steps is not None:
@@ -118,8 +121,13 @@ def initialize(
         logger.info("model_parameters is ignored: LIFT chooses the trainable parameters of each phase")
     if fixed_trainable is None and (problem := adapter_model_problem(model)):
         raise ConfigError([problem])
+    if plan is not None and fixed_trainable is not None:
+        raise ConfigError(["plan: give plan or fixed_trainable, not both (a plan already says what trains)"])
+    if plan is not None and plan.total_steps != run.lift.total_steps:
+        raise ConfigError([f"plan: resolved for {plan.total_steps} steps, but lift.total_steps is {run.lift.total_steps}; "
+                           "resolve it with this config (lift_ds.resolve_plan)"])
     # a model LIFT cannot split, a bad layer range or pattern fail here, before any process group
-    plan = resolve_plan(model, run.lift, fixed_trainable)
+    plan = plan or resolve_plan(model, run.lift, fixed_trainable)
     install_model_loss(model, run.lift.loss)
     if run.lift.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -13,17 +13,20 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import preflight
-from .config import MAX_TOTAL_STEPS, ConfigError, Override, RunConfig, lift_settings, load_run_config, read_config_file
+from .config import ConfigError, Override, RunConfig, lift_settings, load_run_config, read_config_file
 from .data import FORMATS
+from .utils import get_world_size
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import LiftPlan
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "ds_configs" / "zero2.json"
 #: --method: the engine's layer-wise methods (lift.method)
 METHODS = ("lift", "badam", "lisa")
-MAX_STEPS = MAX_TOTAL_STEPS
 #: --baseline: the baselines sharing the loop instead of a layer-wise method
 BASELINES = ("full", "lora")
 
@@ -161,7 +164,7 @@ def overrides_from_args(args: argparse.Namespace, raw: dict[str, Any], problems:
         out.append(Override(f"lift.{f.name}", value, f"--{f.name}"))
     for flag, path, _, _ in TRAINING_FLAGS:
         value = getattr(args, flag)
-        if value is None or (flag == "lr" and not value > 0):
+        if value is None:
             continue
         if flag == "lr" and not isinstance(raw.get("optimizer"), dict):
             out.append(Override("optimizer.type", "AdamW", "--lr"))
@@ -191,12 +194,11 @@ def resolve(args: argparse.Namespace) -> Launch:
             problems.append(f"--{flag}: {path!r} is a directory; give a file" if Path(path).is_dir() else f"--{flag}: file {path!r} does not exist")
     problems += _model_and_tokenizer_problems(args)
     problems += preflight.output_dir_problems(args)
-    for flag in ("max_steps", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "lora_r", "eval_batch_size"):
+    # the flags that set a config key (TRAINING_FLAGS, the lift flags) are checked by its declaration, naming the flag
+    for flag in ("seq_len", "lora_r", "eval_batch_size"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             problems.append(f"--{flag}: must be >= 1, got {v}")
-    if args.max_steps is not None and args.max_steps > MAX_STEPS:
-        problems.append(f"--max_steps: {args.max_steps} is more than {MAX_STEPS:,} (the plan of every step is computed up front)")
     if not 0 <= args.seed < 2**32:
         problems.append(f"--seed: must be an integer in [0, 2**32), got {args.seed} (NumPy's and the data order's range)")
     for flag in ("save_every", "eval_every", "eval_limit", "keep_checkpoints"):
@@ -205,8 +207,6 @@ def resolve(args: argparse.Namespace) -> Launch:
     if args.no_checkpoint and (args.save_every or args.resume):
         problems.append(f"--no_checkpoint: contradicts {'--save_every ' + str(args.save_every) if args.save_every else '--resume'}; "
                         "drop one of the two (--no_checkpoint writes no checkpoint to save or to resume from)")
-    if args.lr is not None and not args.lr > 0:
-        problems.append(f"--lr: must be > 0, got {args.lr}")
     fmt = args.format or ("classification" if builtin else "text")
     if args.classifier_head and fmt != "classification":
         problems.append(f"--classifier_head: needs --format classification, got {args.format!r}")
@@ -220,12 +220,9 @@ def resolve(args: argparse.Namespace) -> Launch:
     except ConfigError as e:
         raise ConfigError([f"--ds_config: {p}" for p in e.problems] + problems, source=e.source) from None
     overrides = overrides_from_args(args, raw, problems)
-    lift_raw = raw.get("lift") if isinstance(raw.get("lift"), dict) else {}
-    if args.max_steps is None and lift_raw.get("total_steps") in (None, "auto"):
-        problems.append("--max_steps: required (the config's lift.total_steps is \"auto\")")
     try:
-        config = load_run_config(raw, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                                 method=args.baseline or "lift", source=source)
+        config = load_run_config(raw, overrides, world_size=get_world_size(), method=args.baseline or "lift", source=source,
+                                 total_steps_flag="--max_steps")
     except ConfigError as e:
         problems += e.problems
     else:
@@ -255,12 +252,12 @@ def _model_and_tokenizer_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def check_model(launch: Launch, model_dir: str, data: Any, pad_id: int | None) -> RunConfig:
+def check_model(launch: Launch, model_dir: str, data: Any, pad_id: int | None) -> "tuple[RunConfig, LiftPlan | None]":
     """Check the model against the run before any weight is loaded, on a meta-device copy: it builds,
     its shapes make sense, the data's token ids and lengths fit it, the plan resolves (a layer range
     past the model, a pattern matching nothing, fewer steps than blocks), and the run fits in memory
     and on disk; each problem names its flag. Returns the config with a classification head added to
-    ``always_trainable``."""
+    ``always_trainable``, and the plan (None for the full / LoRA baselines), which ``lift_ds.initialize`` takes as is."""
     from .plan import resolve_plan
     from .recipe import build_model, head_module_names
 
@@ -278,6 +275,7 @@ def check_model(launch: Launch, model_dir: str, data: Any, pad_id: int | None) -
     problems = preflight.architecture_problems(model) + preflight.data_fit_problems(model, data, pad_id, args.seq_len, batch)
     if problems:
         raise ConfigError(problems, source=source)
+    plan = None
     if args.baseline is None:
         if data.num_labels is not None:
             config = config.with_lift(always_trainable=list(dict.fromkeys(list(config.lift.always_trainable) + head_module_names(model))))
@@ -288,4 +286,4 @@ def check_model(launch: Launch, model_dir: str, data: Any, pad_id: int | None) -
     problems = preflight.resource_problems(args, config, model_dir, model)
     if problems:
         raise ConfigError(problems, source=source)
-    return config
+    return config, plan

@@ -139,8 +139,30 @@ class LiftConfig:
         return d
 
     def replace(self, **changes: Any) -> "LiftConfig":
-        """A copy with some fields changed, validated again."""
-        return parse_lift_section({**self.to_dict(), **changes})
+        """A copy with some fields changed (JSON-like values, checked as in the ``"lift"`` section)."""
+        known = {f.name: f for f in lift_settings()}
+        problems = [f"lift.{k}: unknown key; allowed keys are {', '.join(sorted(known))}" for k in changes if k not in known]
+        values = {k: getattr(self, k) for k in known}
+        typed: dict[str, Any] = {}
+        for name, f in known.items():
+            if name in changes:
+                value, problem = check_setting(f, changes[name], f"lift.{name}")
+                if problem:
+                    problems.append(problem)
+                    values.pop(name)
+                else:
+                    values[name] = typed[name] = value
+        problems += _method_problems({**values, **changes}, values, "lift")
+        if problems:
+            raise ConfigError(problems)
+        return dataclasses.replace(self, **typed)
+
+    def frozen_layers_setting(self) -> str | None:
+        """The setting that keeps frozen layers outside the parameters (quantized or streamed), as
+        ``lift.<key>: <value>`` for a backend's message (the backends that shard layers refuse it), or None."""
+        if self.frozen_weights != "full":
+            return f"lift.frozen_weights: {self.frozen_weights!r}"
+        return "lift.stream_frozen: true" if self.stream_frozen else None
 
 
 def lift_settings() -> list[dataclasses.Field]:
@@ -148,18 +170,6 @@ def lift_settings() -> list[dataclasses.Field]:
     return list(fields(LiftConfig))
 
 
-
-
-def frozen_layers_setting(raw: Mapping[str, Any]) -> str | None:
-    """The raw setting that keeps frozen layers outside the parameters (quantized or streamed), as
-    ``lift.<key>: <value>`` for a backend's message (the backends that shard layers refuse it), or None."""
-    lift = raw.get("lift")
-    if not isinstance(lift, Mapping):
-        return None
-    mode = lift.get("frozen_weights", "full")
-    if mode not in ("full", None):
-        return f"lift.frozen_weights: {mode!r}"
-    return "lift.stream_frozen: true" if lift.get("stream_frozen") is True else None
 
 
 def settings_table() -> str:

@@ -310,7 +310,7 @@ def resource_problems(args: Any, config: Any, model_dir: str, model: Any) -> lis
     except Exception:  # noqa: BLE001 - not a causal LM lift_ds.memory can lay out: no estimate
         return problems
     zero, offload = get_backend_class(config.backend).planned_memory_layout(config.backend_options)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = config.world_size
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     t = config.training
     on_gpu = torch.cuda.is_available()

@@ -44,7 +44,7 @@ from .config import ConfigError
 from .qkernels import NF4_BLOCK, frozen_linear, nf4_scaler_block, quantize_weight  # noqa: F401  (re-exported)
 from .store import BlockStore
 from .stream import LayerStreamer, StreamedFrozenLinear
-from .utils import get_logger
+from .utils import get_logger, get_rank, get_world_size
 
 logger = get_logger(__name__)
 
@@ -288,13 +288,11 @@ def make_store(kind: str, directory: str | None, origin: Any = None) -> BlockSto
 
 def rank_dir(directory: str | None, sub: str | None = None) -> str | None:
     """``directory`` (``/<sub>``), per rank (``/rank<r>``) under several ranks; None stays None."""
-    import os
-
     if directory is None:
         return None
     d = Path(directory) / sub if sub else Path(directory)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        d = d / f"rank{os.environ.get('RANK', '0')}"
+    if get_world_size() > 1:
+        d = d / f"rank{get_rank()}"
     return str(d)
 
 

@@ -20,11 +20,11 @@ class RunConfig:
     """Everything a run is configured with, checked once.
 
     Attributes:
-        lift: the ``"lift"`` section.
+        lift: the ``"lift"`` section; its ``backend`` is the resolved one (``torch``, ``deepspeed`` or ``fsdp``,
+            never ``auto``).
         training: the top-level keys LIFT reads, batch sizes resolved for ``world_size``.
-        backend: the backend that runs it (``torch``, ``deepspeed`` or ``fsdp``).
-        backend_reason: why that backend (``lift.backend``, or the config section it followed).
-        backend_options: the backend's own typed options (its ``Options`` dataclass), or None.
+        backend_reason: why that backend (``lift.backend``, or the config section ``auto`` followed).
+        backend_options: the backend's own typed options from its ``check_config`` (None for the torch backend).
         raw: the whole JSON with overrides applied (DeepSpeed's own keys pass through to it).
         source: the file the config came from, or ``"config"``.
         world_size: the number of ranks the batch sizes were resolved for.
@@ -32,12 +32,16 @@ class RunConfig:
 
     lift: LiftConfig
     training: TrainingConfig
-    backend: str
     backend_reason: str
     backend_options: Any = None
     raw: Mapping[str, Any] = field(default_factory=dict)
     source: str = "config"
     world_size: int = 1
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs it (``lift.backend``, resolved)."""
+        return self.lift.backend
 
     def with_lift(self, **changes: Any) -> "RunConfig":
         """A copy with ``lift`` keys changed (validated again), e.g. ``total_steps`` from ``--max_steps``."""
@@ -50,7 +54,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """The merged configuration as JSON-ready data (for the log and checkpoints)."""
         raw = {k: v for k, v in self.raw.items() if k != "lift"}
-        return {**raw, "lift": {**self.lift.to_dict(), "backend": self.backend}}
+        return {**raw, "lift": self.lift.to_dict()}
 
 
 def read_config_file(config: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
@@ -154,8 +158,8 @@ def load_run_config(
     overrides: Iterable[Override] = (),
     world_size: int = 1,
     method: str = "lift",
-    check_backend: bool = True,
     source: str | None = None,
+    total_steps_flag: str | None = None,
 ) -> RunConfig:
     """Read, override, check and type a whole run configuration: the one place it is built.
 
@@ -164,8 +168,9 @@ def load_run_config(
         overrides: command-line values for dotted JSON paths (``lift.schedule``, ``optimizer.params.lr``).
         world_size: ranks the run will have (resolves ``"auto"`` batch sizes).
         method: ``lift``, or the ``full`` / ``lora`` baseline (some backends refuse a combination).
-        check_backend: let the chosen backend check its keys and the hardware (imports it).
         source: the name to report for a dict config (e.g. the file it was read from).
+        total_steps_flag: the caller's only other source of ``lift.total_steps`` (the launcher's ``--max_steps``):
+            without it, a missing or ``"auto"`` ``lift.total_steps`` is a problem naming this flag.
 
     Raises:
         ConfigError: listing every problem at once, each with its JSON path (and flag).
@@ -187,24 +192,27 @@ def load_run_config(
         lift = parse_lift_section(raw.get("lift", {}))
     except ConfigError as e:
         problems += e.problems
+    if lift is not None and lift.total_steps is None and total_steps_flag:
+        problems.append(f"{total_steps_flag}: required (the config's lift.total_steps is \"auto\")")
     try:
         training = resolve_training(raw, world_size)
     except ConfigError as e:
         problems += e.problems
-    backend, reason, options = "torch", "", None
+    reason, options = "", None
     if lift is not None:
         from .backends import choose_backend
 
         backend, reason, choice_problems = choose_backend(lift.backend, raw, world_size)
         problems += choice_problems
-        if check_backend and training is not None and not choice_problems:
+        lift = dataclasses.replace(lift, backend=backend)  # the one backend field: resolved; what "auto" followed is the reason
+        if training is not None and not choice_problems:
             from .backends import get_backend_class
 
-            options, backend_problems = get_backend_class(backend).check_config(raw, training, world_size, method)
+            options, backend_problems = get_backend_class(backend).check_config(lift, training, raw, world_size, method)
             problems += backend_problems
         problems += frozen_weights_problems(lift, method)
     if problems:
         raise ConfigError(_attribute(problems, overrides), source=source)
     assert lift is not None and training is not None
-    return RunConfig(lift=lift, training=training, backend=backend, backend_reason=reason, backend_options=options,
+    return RunConfig(lift=lift, training=training, backend_reason=reason, backend_options=options,
                      raw=copy.deepcopy(raw), source=source, world_size=world_size)

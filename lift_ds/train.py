@@ -56,7 +56,7 @@ class Run:
             train_path, eval_path, self.launch.fmt, self.tokenizer, args.seq_len, labels=args.labels.split(",") if args.labels else None,
             classifier_head=args.classifier_head, truncate=not args.no_truncate, eval_limit=args.eval_limit)
         pad = self.tokenizer.pad_token_id
-        config = check_model(self.launch, model_dir, self.data, pad)
+        config, plan = check_model(self.launch, model_dir, self.data, pad)
         lift = config.lift
         if lift.frozen_weights != "full" or lift.stream_frozen:  # Q-LIFT / streaming: layer by layer, never the whole model in memory
             from .quant import make_store, make_streamer, store_dtype
@@ -76,7 +76,7 @@ class Run:
             fixed = [n for n, p in self.model.named_parameters() if p.requires_grad]
         elif args.baseline == "full":
             fixed = [n for n, _ in self.model.named_parameters()]
-        self.engine, _, _, _ = initialize(model=self.model, config=config, fixed_trainable=fixed)
+        self.engine, _, _, _ = initialize(model=self.model, config=config, fixed_trainable=fixed, plan=plan)
         self.batches = RankBatches(self.data.train, self.engine.train_micro_batch_size_per_gpu(), self.engine.rank, self.engine.world_size, args.seed, pad,
                                    accumulation=self.engine.gradient_accumulation_steps())
         self.engine.run_fingerprint.update(run_fingerprint(args, model_dir, self.data))

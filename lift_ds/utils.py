@@ -13,6 +13,12 @@ def get_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def get_world_size() -> int:
+    """The number of ranks the launcher started (``WORLD_SIZE``; 1 when not launched): read here only, by the
+    entry points that build a run configuration; everything after them takes ``RunConfig.world_size``."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class _RankZeroFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return getattr(record, "all_ranks", False) or get_rank() == 0

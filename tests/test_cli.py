@@ -42,7 +42,7 @@ def run(args, files, flags=()):
     (["--data", "{files}/broken.jsonl"], ["broken.jsonl:2: invalid JSON"]),
     (["--max_steps", "3"], ["--max_steps: 3 is below the 4 candidate blocks", "1 blocks would never train", "--layer_range"]),
     (["--layer_range", "2,9"], ["lift.layer_range", "past the model's 4 layers"]),
-    (["--max_steps", "0"], ["--max_steps: must be >= 1"]),
+    (["--max_steps", "0"], ["lift.total_steps: must be an integer >= 1", "[set by --max_steps]"]),
 ])
 def test_bad_input_exit_2_with_clear_message(files, args, needles):
     args = [a.replace("{files}", str(files)) for a in args]

@@ -143,3 +143,52 @@ def test_deepspeeds_own_models_validate_the_sections_it_reads():
     text = "\n".join(problems)
     assert "zero_optimization.overlap_com: unknown key (did you mean \"overlap_comm\"?)" in text
     assert "zero_optimization.reduce_bucket_size: Input should be a valid integer" in text and "fp16.loss_scale" in text
+
+
+def test_one_resolved_backend_field():
+    """``lift.backend`` is the resolved backend; what ``auto`` followed is the reason, and the merged config
+    (log, checkpoints) names the backend that runs."""
+    for raw, backend, reason in [({}, "torch", "one process"), ({"zero_optimization": {"stage": 2}}, "deepspeed", "zero_optimization section"),
+                                 ({"lift": {"backend": "torch"}}, "torch", "lift.backend")]:
+        run = load_run_config(raw)
+        assert run.lift.backend == run.backend == backend and reason in run.backend_reason
+        assert run.to_dict()["lift"]["backend"] == backend
+    assert load_run_config({"lift": {"backend": "auto"}}, world_size=2).backend == "deepspeed"
+    assert load_run_config({}).with_lift(total_steps=3).backend == "torch"
+
+
+def test_replace_checks_what_the_section_checks():
+    base = parse_lift_section({"layer_range": [2, 3], "total_steps": 8})
+    changed = base.replace(total_steps=5, always_trainable=["score"], layer_range=[1, 2])
+    assert (changed.total_steps, changed.always_trainable, changed.layer_range, changed.schedule) == (5, ("score",), (1, 2), "front2end")
+    assert base.total_steps == 8 and base.replace() == base
+    for changes in [{"schedule": "sideways"}, {"total_steps": 0}, {"layer_range": [3, 1]}, {"always_trainable": [3]},
+                    {"method": "lisa", "schedule": "end2front"}, {"method": "badam", "optimizer_state": "offload"}]:
+        with pytest.raises(ConfigError) as replaced:
+            base.replace(**changes)
+        with pytest.raises(ConfigError) as parsed:
+            parse_lift_section({**base.to_dict(), **changes})
+        assert replaced.value.problems == parsed.value.problems, changes
+    with pytest.raises(ConfigError, match=r"lift.shedule: unknown key; allowed keys are .*schedule"):
+        base.replace(shedule="random")
+    with pytest.raises(ConfigError, match="lift.switch_every: applies to method badam or lisa"):
+        base.replace(switch_every=3)
+
+
+def test_backends_check_the_typed_lift_section():
+    """A backend judges Q-LIFT / streaming from the typed section it is given, never from the raw JSON's ``lift``."""
+    from lift_ds.backends import get_backend_class
+    from lift_ds.config import TrainingConfig
+
+    t = TrainingConfig(optimizer={"type": "AdamW", "params": {"lr": 1e-3}})
+    for lift, needle in [(LiftConfig(frozen_weights="int8"), "lift.frozen_weights: 'int8'"), (LiftConfig(stream_frozen=True), "lift.stream_frozen: true")]:
+        _, problems = get_backend_class("fsdp").check_config(lift, t, {}, 2)  # the raw config has no lift section at all
+        assert any(p.startswith(f"{needle}: FSDP2 shards") for p in problems), problems
+        _, problems = get_backend_class("deepspeed").check_config(lift, t, {"zero_optimization": {"stage": 3}}, 2)
+        assert any(p.startswith(f"{needle} needs the frozen layers whole") for p in problems), problems
+        options, problems = get_backend_class("deepspeed").check_config(lift, t, {"zero_optimization": {"stage": 2}}, 2)
+        assert problems == [] and options.zero_stage == 2
+    _, problems = get_backend_class("deepspeed").check_config(LiftConfig(), t, {"zero_optimization": {"stage": 3}}, 2, "lora")
+    assert any(p.startswith("--method lora: use a ZeRO-1/2 config") for p in problems)
+    run = load_run_config({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+    assert run.backend_options is not None and run.backend_options.zero_stage == 2  # always there where a backend is built

@@ -54,6 +54,27 @@ def test_engine_is_a_module_wrapping_the_model():
         engine.no_such_member
 
 
+def test_a_plan_resolved_before_the_weights_is_used_as_is():
+    """The launcher resolves the plan once, on a meta-device copy, and hands it on: initialize takes it
+    as is (it does not resolve it again) and refuses one made for another length or with fixed_trainable."""
+    from transformers import LlamaForCausalLM
+
+    from helpers import tiny_llama_config
+    from lift_ds.config import load_run_config
+
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(tiny_llama_config())
+    run = load_run_config({"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0, "lift": LIFT})
+    plan = lift_ds.resolve_plan(meta, run.lift)
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    engine, *_ = lift_ds.initialize(model=tiny_llama(), config=run, optimizer=sgd, plan=plan)
+    assert engine.plan is plan and engine.active_block == "model.layers.1"
+    with pytest.raises(ConfigError, match="plan: resolved for 8 steps, but lift.total_steps is 4"):
+        lift_ds.initialize(model=tiny_llama(), config=run, optimizer=sgd, plan=plan, total_steps=4)
+    with pytest.raises(ConfigError, match="plan: give plan or fixed_trainable, not both"):
+        lift_ds.initialize(model=tiny_llama(), config=run, optimizer=sgd, plan=plan, fixed_trainable=["lm_head.weight"])
+
+
 def test_deepspeed_members_and_what_cannot_mean_the_same():
     engine, *_ = make(gradient_accumulation_steps=2)
     assert (engine.global_rank, engine.local_rank, engine.world_size, engine.dp_world_size) == (0, 0, 1, 1)

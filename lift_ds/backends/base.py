@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError, TrainingConfig
+from ..config import ConfigError, LiftConfig, TrainingConfig
 from ..optim import OptimizerFactory, optimizer_backend_problems, optimizer_factory_from_section
 from ..optim_checks import probe_optimizer
 from . import ds_config_keys, hardware
 from .engine_members import EngineMembers
-from .lr_schedules import config_lr, config_total_steps, scheduler_problems
+from .lr_schedules import config_lr, scheduler_problems
 from .state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE, load_torch_optimizer_full_state, placed_like, torch_optimizer_full_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,19 +77,19 @@ class Backend(EngineMembers, ABC):
     # ----------------------------------------------------------------- configuration
 
     @classmethod
-    def check_config(cls, raw: Mapping[str, Any], training: TrainingConfig, world_size: int, method: str) -> tuple[Any, list[str]]:
+    def check_config(cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int,
+                     baseline: str = "lift") -> tuple[Any, list[str]]:
         """``(typed backend options, problems)`` for a config this backend would run; no process group.
 
-        The base checks what every backend gives one meaning: the precision on this hardware, the
-        ``optimizer`` section (as ``torch.optim``) and the ``scheduler`` section. Subclasses add
-        their own keys and refuse sections they cannot honour.
+        The base checks what every backend gives one meaning: the precision on this hardware, ``optimizer`` (as
+        torch.optim), ``scheduler``; subclasses add their own keys (``raw``: the whole config; ``baseline``: lift/full/lora).
         """
         problems = hardware.precision_problems(cls.name, training.precision)
         problems += ds_config_keys.section_problems(raw, ("bf16", "fp16"))  # e.g. a misspelled "enable": silently fp32 otherwise
         problems += optimizer_backend_problems(training.optimizer, cls.name, cls.runs_16bit_optimizers)
         problems += cls.optimizer_section_problems(training.optimizer)
         if training.scheduler is not None:
-            problems += scheduler_problems(training.scheduler, total_steps=config_total_steps(raw), base_lr=config_lr(training.optimizer))
+            problems += scheduler_problems(training.scheduler, lift.total_steps, config_lr(training.optimizer))
         return None, problems
 
     @classmethod

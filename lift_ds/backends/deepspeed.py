@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..config import ConfigError, TrainingConfig, frozen_layers_setting, is_comment_key
+from ..config import ConfigError, LiftConfig, TrainingConfig, is_comment_key
 from ..utils import get_logger, init_process_group
 from . import compat, compat_zero3, ds_config_keys
 from .base import Backend, BackendContext
@@ -47,8 +47,9 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
     @classmethod
-    def check_config(cls, raw: Mapping[str, Any], training: TrainingConfig, world_size: int, method: str) -> tuple[Any, list[str]]:
-        _, problems = super().check_config(raw, training, world_size, method)
+    def check_config(cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int,
+                     baseline: str = "lift") -> tuple[Any, list[str]]:
+        _, problems = super().check_config(lift, training, raw, world_size, baseline)
         problems += cls.foreign_section_problems(raw, cls.name, {"fsdp": "fsdp"})
         zero = raw.get("zero_optimization")
         options = DeepSpeedOptions()
@@ -60,11 +61,11 @@ class DeepSpeedBackend(Backend):
             problems += ds_config_keys.section_problems(raw, ("zero_optimization",), reported)
             if not zero_problems:
                 options = DeepSpeedOptions(int(zero.get("stage", 0)), ds_config_keys.offloaded(zero, "offload_optimizer"), ds_config_keys.offloaded(zero, "offload_param"))
-        frozen = frozen_layers_setting(raw)
+        frozen = lift.frozen_layers_setting()
         if frozen and options.zero_stage == 3:
             problems.append(f"{frozen} needs the frozen layers whole on every rank, and ZeRO-3 partitions them; use "
                             "zero_optimization.stage 1 or 2 (e.g. ds_configs/zero2.json), or frozen_weights \"full\" (not streamed) with ZeRO-3")
-        if method == "lora" and options.zero_stage == 3:
+        if baseline == "lora" and options.zero_stage == 3:
             problems.append("--baseline lora: use a ZeRO-1/2 config (ZeRO-3 with peft adapters is not supported here)")
         return options, problems
 
@@ -88,7 +89,7 @@ class DeepSpeedBackend(Backend):
         compat.check_version()
         self._ds = deepspeed
         cfg = ctx.config
-        options = cfg.backend_options or self.check_config(cfg.raw, cfg.training, cfg.world_size, "lift")[0]
+        options: DeepSpeedOptions = cfg.backend_options  # checked by load_run_config, the one way to a RunConfig
         self.mpu = ctx.passthrough.get("mpu")
         factory = self.optimizer_factory
         device = get_accelerator().device_name()

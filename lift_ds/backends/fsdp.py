@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..blocks import find_layer_stack
-from ..config import TrainingConfig, frozen_layers_setting, is_comment_key
+from ..config import LiftConfig, TrainingConfig, is_comment_key
 from ..utils import get_logger, init_process_group
 from .base import BackendContext, TorchOptimizerBackend
 
@@ -72,10 +72,11 @@ class FSDPBackend(TorchOptimizerBackend):
     name = "fsdp"
 
     @classmethod
-    def check_config(cls, raw: Mapping[str, Any], training: TrainingConfig, world_size: int, method: str) -> tuple[Any, list[str]]:
-        _, problems = super().check_config(raw, training, world_size, method)
+    def check_config(cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int,
+                     baseline: str = "lift") -> tuple[Any, list[str]]:
+        _, problems = super().check_config(lift, training, raw, world_size, baseline)
         fsdp_problems = _fsdp_problems(raw, training)
-        frozen = frozen_layers_setting(raw)
+        frozen = lift.frozen_layers_setting()
         if frozen:
             problems.append(f"{frozen}: FSDP2 shards every layer once at the start, and Q-LIFT swaps a layer's "
                             "linear modules at each phase; use backend \"deepspeed\" with ZeRO-1/2, \"torch\" on one process, or "
@@ -87,7 +88,7 @@ class FSDPBackend(TorchOptimizerBackend):
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         cfg = ctx.config
-        opts = cfg.backend_options or self.check_config(cfg.raw, cfg.training, cfg.world_size, "lift")[0] or FSDPOptions()
+        opts: FSDPOptions = cfg.backend_options  # checked by load_run_config, the one way to a RunConfig
         model, training = self.model, self.training
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh

@@ -75,13 +75,6 @@ def _probe(kind: str, params: dict[str, Any], total_steps: int | None, base_lr: 
     return []
 
 
-def config_total_steps(raw: Mapping[str, Any]) -> int | None:
-    """``lift.total_steps`` when the config gives it as a number."""
-    lift = raw.get("lift")
-    steps = lift.get("total_steps") if isinstance(lift, Mapping) else None
-    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
-
-
 def config_lr(section: Mapping[str, Any] | None) -> float | None:
     """The ``optimizer`` section's lr when it is a number."""
     lr = (section or {}).get("params", {}).get("lr") if isinstance((section or {}).get("params", {}), Mapping) else None

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..config import TrainingConfig
+from ..config import LiftConfig, TrainingConfig
 from .base import BackendContext, TorchOptimizerBackend
 
 
@@ -18,8 +18,9 @@ class TorchBackend(TorchOptimizerBackend):
     runs_16bit_optimizers = True
 
     @classmethod
-    def check_config(cls, raw: Mapping[str, Any], training: TrainingConfig, world_size: int, method: str) -> tuple[Any, list[str]]:
-        _, problems = super().check_config(raw, training, world_size, method)
+    def check_config(cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int,
+                     baseline: str = "lift") -> tuple[Any, list[str]]:
+        _, problems = super().check_config(lift, training, raw, world_size, baseline)
         if world_size > 1:
             problems.append(f"lift.backend: \"torch\" is single-process but WORLD_SIZE={world_size}; "
                             "use backend \"deepspeed\" (or \"fsdp\") under a multi-rank launcher")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ..backends import choose_backend, shards_parameters
 from ..config import ConfigError, lift_settings, parse_lift_section, read_config_file
+from ..utils import get_world_size
 
 PLUGIN_NAME = "lift_ds.integrations.axolotl.LiftPlugin"
 
@@ -113,7 +113,7 @@ def _backend_problems(data: dict[str, Any]) -> list[str]:
     if data.get("deepspeed") or data.get("fsdp_config") or not isinstance(data.get("lift"), dict):
         return []
     raw = lift_config(data)
-    backend, _, _ = choose_backend(raw["lift"].get("backend", "auto"), raw, int(os.environ.get("WORLD_SIZE", "1")))
+    backend, _, _ = choose_backend(raw["lift"].get("backend", "auto"), raw, get_world_size())
     if shards_parameters(backend, raw):
         return [f"lift.backend: {backend!r} shards the model, but axolotl knows nothing of it and would save rank 0's shard; "
                 "configure the backend in axolotl (fsdp_version: 2 + fsdp_config, or deepspeed: a ZeRO-3 JSON) and drop lift.backend"]

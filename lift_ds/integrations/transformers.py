@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, load_run_config
-from ..utils import get_logger
+from ..utils import get_logger, get_world_size
 from .trainer_args import (OPTIMS, SampleStream, absolute_steps, decay_groups, optimizer_factory, scheduler_factory, trainer_config,
                            trainer_fingerprint, unhonoured_arguments, unsupported_features)
 
@@ -100,20 +100,20 @@ class LiftTrainerMixin:
 
     # ----------------------------------------------------------------- set-up
 
-    def _lift_total_steps(self) -> int:
+    def _lift_total_steps(self, world: int) -> int:
         a = self.args
         if a.max_steps > 0:
             return a.max_steps
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * world
         return max(1, math.ceil(max(1, len(self.train_dataset) // per_step) * a.num_train_epochs))  # as Trainer: epochs may be fractional
 
     def _lift_build(self) -> Any:
         import lift_ds
 
-        total = self._lift_total_steps()
+        world = get_world_size()
+        total = self._lift_total_steps(world)
         raw = trainer_config(self, self.lift_config_source, total)
-        config = load_run_config(raw, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        config = load_run_config(raw, world_size=world,
                                  source=str(self.lift_config_source) if not isinstance(self.lift_config_source, dict) else "lift_config")
         if getattr(self.args, "activation_checkpointing", False) or getattr(self.args, "gradient_checkpointing", False):
             from ..api import enable_gradient_checkpointing
