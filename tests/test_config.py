@@ -189,6 +189,6 @@ def test_backends_check_the_typed_lift_section():
         options, problems = get_backend_class("deepspeed").check_config(lift, t, {"zero_optimization": {"stage": 2}}, 2)
         assert problems == [] and options.zero_stage == 2
     _, problems = get_backend_class("deepspeed").check_config(LiftConfig(), t, {"zero_optimization": {"stage": 3}}, 2, "lora")
-    assert any(p.startswith("--method lora: use a ZeRO-1/2 config") for p in problems)
+    assert any(p.startswith("--baseline lora: use a ZeRO-1/2 config") for p in problems)
     run = load_run_config({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
     assert run.backend_options is not None and run.backend_options.zero_stage == 2  # always there where a backend is built
