@@ -335,7 +335,8 @@ def markdown(record: dict) -> str:
     gpus = ", ".join(f"{g['name']} (driver {g['driver']})" for g in env["machine"]["gpus"]) or "no GPU"
     lines = [f"{record['mode']} run, {env['date']}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}, {gpus}, "
              f"torch {env['versions']['torch']} (CUDA {env['torch_cuda']}), deepspeed {env['versions']['deepspeed']}", "",
-             "| row | shape | status | step peak alloc / reserved (GiB) | build peak (GiB) | step (s) | tokens/s | switch (s) | loss first -> last |",
+             ("| row | shape | status | step peak alloc / reserved (GiB) "
+              "| build peak (GiB) | step (s) | tokens/s | switch (s) | loss first -> last |"),
              "|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
     for name, r in record["rows"].items():

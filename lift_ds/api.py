@@ -130,7 +130,8 @@ def initialize(
     missing = groups.missing(plan.param_names_of(range(len(plan.candidates)))) if groups is not None else []
     if missing:
         raise ConfigError([f"optimizer: {len(missing)} parameters LIFT trains are in none of the optimizer's parameter groups "
-                           f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); build it over every parameter of the "
+                           f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                           "build it over every parameter of the "
                            "blocks LIFT trains (e.g. model.parameters()), or pass a callable params -> Optimizer"])
     fingerprint = _probe_before_any_process_group(run, model, factory, lr_scheduler, plan.total_steps)
     client_class = type(optimizer).__name__ if isinstance(optimizer, torch.optim.Optimizer) else fingerprint.get("optimizer", {}).get("type")
@@ -202,9 +203,12 @@ def adapter_model_problem(model: nn.Module) -> str | None:
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if not frozen:
         return None
-    return (f"model: a PEFT model ({type(model).__name__}, peft_config / --use_peft) with {len(frozen)} frozen base weights (e.g. "
-            f"{frozen[0]}): LIFT trains every weight of the active block, so it would train what PEFT froze, and saving a PEFT "
-            "model keeps only the adapter. LIFT over adapters is not supported: pass the base model (no peft_config) to train "
+    return (f"model: a PEFT model ({type(model).__name__}, "
+            f"peft_config / --use_peft) with {len(frozen)} frozen base weights (e.g. "
+            f"{frozen[0]}): LIFT trains every weight of the active block, "
+            "so it would train what PEFT froze, and saving a PEFT "
+            "model keeps only the adapter. LIFT over adapters is not supported: "
+            "pass the base model (no peft_config) to train "
             "it block by block, or train the adapters without LIFT (plain Trainer / deepspeed.initialize)")
 
 

@@ -216,7 +216,8 @@ class Checkpointer:
             errno.EIO if err is None else (err.errno or errno.EIO),
             f"could not write checkpoint {final}: {cause}. "
             + (f"The previous checkpoint {save_dir / prev} is untouched and still the newest ({save_dir / LATEST}). " if prev else "No earlier checkpoint exists. ")
-            + f"Free disk space or make {save_dir} writable (or choose another --output_dir and copy the checkpoints there), then resume with --resume.",
+            + (f"Free disk space or make {save_dir} writable (or choose another "
+               "--output_dir and copy the checkpoints there), then resume with --resume."),
         )
 
     # ----------------------------------------------------------------- load

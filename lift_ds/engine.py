@@ -307,7 +307,8 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
             The checkpoint directory.
         """
         if not save_latest:
-            raise NotUnderLiftError("save_checkpoint(save_latest=False): LIFT publishes each checkpoint as `latest` atomically, the point a resume starts from")
+            raise NotUnderLiftError("save_checkpoint(save_latest=False): LIFT publishes each "
+                                    "checkpoint as `latest` atomically, the point a resume starts from")
         return self.checkpointer.save(save_dir, tag, client_state, extra_files=extra_files)
 
     def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None, load_module_strict: bool = True, load_optimizer_states: bool = True,

@@ -207,7 +207,8 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
     params, grads, optimizer_bytes = state_bytes(shape.total, trained, ranks, zero, precision)
     if frozen_weights != "full":
         if frozen_weights not in QUANTIZED_BYTES or method == "full" or zero == 3:
-            raise ValueError(f"frozen_weights {frozen_weights!r}: allowed full, {', '.join(QUANTIZED_BYTES)}, for lift and lora below ZeRO-3")
+            raise ValueError(f"frozen_weights {frozen_weights!r}: allowed full, "
+                             f"{', '.join(QUANTIZED_BYTES)}, for lift and lora below ZeRO-3")
         w = 2 if precision in ("bf16", "fp16") else 4
         active_linear = min(trained, shape.layer_linear) if method == "lift" else 0
         quantized = shape.layer_linear - active_linear
@@ -347,14 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--checkpointing", action="store_true", help="activation (gradient) checkpointing: a layer keeps only its input")
     p.add_argument("--gib", type=float, default=80.0, help="memory per rank for the 'largest model that fits' line")
-    p.add_argument("--loss", default="chunked", choices=LOSSES, help="lift.loss: chunked (lift_ds's loss, the default) or model "
-                   "(the model's own: logits at every position)")
+    p.add_argument("--loss", default="chunked", choices=LOSSES, help=("lift.loss: chunked (lift_ds's loss, the default) or model "
+                    "(the model's own: logits at every position)"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--frozen_weights", default="full", choices=("full", *QUANTIZED_BYTES), help="LIFT / LoRA: frozen decoder layers quantized")
     p.add_argument("--stream_frozen", action="store_true", help="LIFT: frozen layers streamed (3 on the device at a time)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"), help="adamw8bit: torchao's 8-bit AdamW, no fp32 master")
-    p.add_argument("--one_gpu", action="store_true", help="which presets fit on one 80 / 48 / 24 / 12 GiB GPU with LIFT (streamed or not, "
-                   "NF4 or not), LoRA, QLoRA-style LoRA and full fine-tuning (ignores the other options except --seq_len)")
+    p.add_argument("--one_gpu", action="store_true", help=("which presets fit on one 80 / 48 / 24 / 12 GiB GPU with LIFT (streamed or not, "
+                    "NF4 or not), LoRA, QLoRA-style LoRA and full fine-tuning (ignores the other options except --seq_len)"))
     args = p.parse_args(argv)
     if args.one_gpu:
         print(one_gpu_table(seq_len=args.seq_len, loss=args.loss))
@@ -383,15 +384,19 @@ def main(argv: list[str] | None = None) -> int:
                           "rows": [{**asdict(r), "model_states": r.model_states, "total": r.total} for r in rows], "largest_fitting": fit}, indent=1))
         return 0
     print(f"{shape.name}: {shape.total / 1e6:.1f}M parameters, {shape.num_layers} layers; {n} ranks, ZeRO-{args.zero}, "
-          f"{args.precision}{', optimizer offload' if args.offload else ''}; micro batch {args.micro_batch} x {args.seq_len}\n")
-    print("| method | trained params | params GiB | grads GiB | optimizer GiB | model states GiB | activations GiB | total GiB |")
+          f"{args.precision}{', optimizer offload' if args.offload else ''}; "
+          f"micro batch {args.micro_batch} x {args.seq_len}\n")
+    print("| method | trained params | params GiB | grads GiB | optimizer "
+          "GiB | model states GiB | activations GiB | total GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         opt = _fmt(r.optimizer) + (" (CPU)" if r.optimizer_on_cpu else "")
-        print(f"| {r.method} | {r.trained / 1e6:.1f}M | {_fmt(r.params)} | {_fmt(r.grads)} | {opt} | {_fmt(r.model_states)} | {_fmt(r.activations)} | {_fmt(r.total)} |")
+        print(f"| {r.method} | {r.trained / 1e6:.1f}M | {_fmt(r.params)} | {_fmt(r.grads)} "
+              f"| {opt} | {_fmt(r.model_states)} | {_fmt(r.activations)} | {_fmt(r.total)} |")
     full, lift = rows[1], rows[0]
     chunked, own = (logits_bytes(shape, args.seq_len, args.micro_batch, args.precision, loss) for loss in LOSSES)
-    print(f"\nlogits (in the activations, per micro-batch): {_fmt(chunked)} GiB with lift.loss chunked, {_fmt(own)} GiB with the "
+    print("\nlogits (in the activations, per micro-batch): "
+          f"{_fmt(chunked)} GiB with lift.loss chunked, {_fmt(own)} GiB with the "
           f"model's own loss (lift.loss model): {_fmt(own - chunked)} GiB less; counted here: {args.loss}")
     print(f"model states, full / LIFT: {full.model_states / lift.model_states:.2f}x")
     if args.zero in (2, 3):

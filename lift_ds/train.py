@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (DivergenceError, CheckpointError, PhaseOutOfMemoryError) as e:
         latest = run.ckpt_dir / "latest"
-        where = (f" The newest checkpoint is {run.ckpt_dir / latest.read_text().strip()}; continue from it with the same "
+        where = (f" The newest checkpoint is {run.ckpt_dir / latest.read_text().strip()}; "
+                 "continue from it with the same "
                  "command and --resume.") if latest.is_file() else " No checkpoint was written (use --save_every N)."
         if run.engine.rank == 0:
             print(f"error: {e}{where}", file=sys.stderr)
@@ -295,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             if key in a:
                 print(f"held-out {key.split('_')[1]}: before {b.get(key, float('nan')):.4f} -> after {a[key]:.4f}")
         if result["skipped_steps"]:
-            print(f"{result['skipped_steps']} optimizer steps were skipped for a NaN/inf loss or gradient (see metrics.jsonl)")
+            print(f"{result['skipped_steps']} optimizer steps were skipped "
+                  "for a NaN/inf loss or gradient (see metrics.jsonl)")
         print(f"phase switches took {result['phase_switch_seconds']:.1f} s; outputs in {run.out}")
         write_result(run, result)
     run.engine.close()

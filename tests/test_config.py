@@ -97,12 +97,14 @@ def test_lift_and_top_level_problems_together():
 
 
 def test_import_is_light():
-    code = "import sys, lift_ds; import lift_ds.config, lift_ds.schedule; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    code = ("import sys, lift_ds; import lift_ds.config, lift_ds.schedule; "
+            "print('torch' in sys.modules, 'deepspeed' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
     # the class swaps are importable from the top level, as the README's one-line swap writes them; transformers loads then
     code = ("import sys, lift_ds; print('transformers' in sys.modules); from lift_ds import LiftTrainer, LiftSFTTrainer; "
-            "import lift_ds.integrations.transformers as t; print(LiftTrainer is t.LiftTrainer, LiftSFTTrainer is t.LiftSFTTrainer)")
+            "import lift_ds.integrations.transformers as t; "
+            "print(LiftTrainer is t.LiftTrainer, LiftSFTTrainer is t.LiftSFTTrainer)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True"]
 

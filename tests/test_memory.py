@@ -107,7 +107,8 @@ def test_one_gpu_table(capsys):
     assert out.splitlines()[0] == ("| method | llama-2-7b | llama-3-8b | llama-2-70b | llama-3-70b | fits 80 GiB | fits 48 GiB | fits 24 GiB "
                                    "| fits 12 GiB |")
     nf4 = next(line for line in out.splitlines() if line.startswith("| LIFT-NF4 |"))
-    assert nf4.endswith("| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b |")
+    assert nf4.endswith("| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, "
+                        "llama-3-8b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b |")
     streamed = next(line for line in out.splitlines() if line.startswith("| LIFT-NF4 streamed, AdamW8bit |"))
     assert streamed.endswith("| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, llama-3-8b, llama-2-70b |")
     assert "| full fine-tuning |" in out and out.count("none") >= 4

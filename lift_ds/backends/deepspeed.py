@@ -63,7 +63,8 @@ class DeepSpeedBackend(Backend):
         frozen = frozen_layers_setting(raw)
         if frozen and options.zero_stage == 3:
             problems.append(f"{frozen} needs the frozen layers whole on every rank, and ZeRO-3 partitions them; use "
-                            "zero_optimization.stage 1 or 2 (e.g. ds_configs/zero2.json), or frozen_weights \"full\" (not streamed) with ZeRO-3")
+                            "zero_optimization.stage 1 or 2 (e.g. ds_configs/zero2.json), "
+                            "or frozen_weights \"full\" (not streamed) with ZeRO-3")
         if method == "lora" and options.zero_stage == 3:
             problems.append("--method lora: use a ZeRO-1/2 config (ZeRO-3 with peft adapters is not supported here)")
         return options, problems
@@ -137,7 +138,8 @@ class DeepSpeedBackend(Backend):
 
     def no_sync(self) -> Any:
         if self.zero_stage >= 2:  # DeepSpeed asserts the same
-            raise NotUnderLiftError(f"no_sync: incompatible with the gradient partitioning of ZeRO stage {self.zero_stage} (as in DeepSpeed)")
+            raise NotUnderLiftError("no_sync: incompatible with the gradient partitioning "
+                                    f"of ZeRO stage {self.zero_stage} (as in DeepSpeed)")
         return self._engine.no_sync() if self._engine is not None else contextlib.nullcontext()
 
     def monitor(self) -> Any:
@@ -278,7 +280,8 @@ class DeepSpeedBackend(Backend):
         if self._engine.was_step_applied():
             raise RuntimeError(
                 "DeepSpeed applied an update from NaN/inf gradients (its overflow check is off: "
-                "zero_optimization.compute_grad_norm is false?); the weights may now be NaN. Resume from the last checkpoint"
+                "zero_optimization.compute_grad_norm is false?); "
+                "the weights may now be NaN. Resume from the last checkpoint"
             )
 
     @property

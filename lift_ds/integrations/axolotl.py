@@ -109,7 +109,8 @@ def _build_plugin() -> type:
 
     return type("LiftPlugin", (_LiftPluginHooks, BasePlugin), {
         "__module__": __name__,
-        "__doc__": "axolotl plugin: the trainer axolotl builds runs through lift_ds's engine (LIFT, BAdam or LISA; see the module docstring).",
+        "__doc__": ("axolotl plugin: the trainer axolotl builds runs through lift_ds's engine (LIFT, "
+                    "BAdam or LISA; see the module docstring)."),
     })
 
 

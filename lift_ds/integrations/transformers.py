@@ -291,7 +291,8 @@ class LiftTrainerMixin:
         if resume_from_checkpoint is True:  # the newest complete one (latest, or the newest that verifies)
             path, client = self.lift_engine.load_checkpoint(self.args.output_dir)
             if path is None:
-                raise ResumeError(f"resume_from_checkpoint=True: no valid checkpoint found in output directory ({self.args.output_dir})",
+                raise ResumeError(("resume_from_checkpoint=True: no valid checkpoint "
+                                   f"found in output directory ({self.args.output_dir})"),
                                   Path(self.args.output_dir))
         else:
             path = Path(str(resume_from_checkpoint))

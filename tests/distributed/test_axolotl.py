@@ -80,7 +80,8 @@ def runs(tmp_path_factory):
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     tmp = tmp_path_factory.mktemp("axolotl")
     make_model_dir(tmp / "model", layers=4, hidden=32)
-    rows = [{"text": f"Review: {(POSITIVE if i % 2 == 0 else NEGATIVE)[i % 6]} Sentiment: {'positive' if i % 2 == 0 else 'negative'}"}
+    rows = [{"text": (f"Review: {(POSITIVE if i % 2 == 0 else NEGATIVE)[i % 6]} Sentiment: "
+                      f"{'positive' if i % 2 == 0 else 'negative'}")}
             for i in range(64)]
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lisa = {"method": "lisa", "lisa_layers": 2, "switch_every": 2, "layer_range": [2, 4]}

@@ -229,4 +229,5 @@ def test_sigkill_at_every_file_operation_of_a_save_resumes_exactly(files, tmp_pa
     assert all(checkpoint_io.verify(p) is None for p in kept), [(p.name, checkpoint_io.verify(p)) for p in kept]
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(1, 17)), steps
-    print(f"{config}: {len(plan)} kill points, attempt seconds {result['seconds']}, CPU seconds of all ranks {result['rank_cpu_seconds']}")
+    print(f"{config}: {len(plan)} kill points, attempt seconds {result['seconds']}, "
+          f"CPU seconds of all ranks {result['rank_cpu_seconds']}")
