@@ -107,7 +107,8 @@ def instrument(engine, model, spans: Spans, active: dict) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     _, stack = find_layer_stack(base)
     parts = [(base.get_input_embeddings(), "fwd.embedding"), (base.get_output_embeddings(), "fwd.head")]
-    for i, layer in enumerate(stack):  # below the active layer: the prefix (no autograd); the active one and above: the suffix
+    # below the active layer: the prefix (no autograd); the active one and above: the suffix
+    for i, layer in enumerate(stack):
         layer.register_forward_pre_hook(lambda m, a, i=i: spans.push("fwd.prefix_layers" if i < active["index"] else "fwd.suffix_layers"))
         layer.register_forward_hook(lambda m, a, o: spans.pop())
     norm = getattr(getattr(base, "model", base), "norm", None)

@@ -135,7 +135,8 @@ def initialize(
                            "blocks LIFT trains (e.g. model.parameters()), or pass a callable params -> Optimizer"])
     fingerprint = _probe_before_any_process_group(run, model, factory, lr_scheduler, plan.total_steps)
     client_class = type(optimizer).__name__ if isinstance(optimizer, torch.optim.Optimizer) else fingerprint.get("optimizer", {}).get("type")
-    if factory is not None and client_class:  # e.g. DeepSpeed-Chat's DeepSpeedCPUAdam with --offload: judged as DeepSpeed judges it
+    # e.g. DeepSpeed-Chat's DeepSpeedCPUAdam with --offload: judged as DeepSpeed judges it
+    if factory is not None and client_class:
         problems = get_backend_class(run.backend).client_optimizer_problems(run.raw, client_class)
         if problems:
             raise ConfigError(problems, source=run.source)
@@ -163,7 +164,8 @@ def _probe_before_any_process_group(run: RunConfig, model: nn.Module, factory: A
     problems, base_lr, fingerprint = [], config_lr(run.training.optimizer) or 1e-3, {}
     if factory is not None:
         problems, built = probe_optimizer(factory, "optimizer", keep=True)
-        if built is None and any("KeyError" in p for p in problems):  # a factory that looks its parameters up in the model
+        # a factory that looks its parameters up in the model
+        if built is None and any("KeyError" in p for p in problems):
             problems, built = probe_optimizer(factory, "optimizer", param=next(iter(model.parameters()), None), keep=True)
         if built is not None:
             base_lr, fingerprint["optimizer"] = float(built.param_groups[0]["lr"]), describe_optimizer(built)
@@ -186,7 +188,8 @@ def _probe_before_any_process_group(run: RunConfig, model: nn.Module, factory: A
 
 
 def install_model_loss(model: nn.Module, mode: str) -> str | None:
-    """``lift.loss`` on ``model`` (:func:`lift_ds.loss.install_loss`); a model ``chunked`` cannot serve is a ConfigError."""
+    """``lift.loss`` on ``model`` (:func:`lift_ds.loss.install_loss`); a model ``chunked`` cannot serve is a
+    ConfigError."""
     from .loss import install_loss
 
     try:

@@ -164,7 +164,8 @@ def _check_weights(e: "LiftEngine", path: Path, meta: dict[str, Any]) -> None:
 
     f = path / WEIGHTS_FILE
     named = dict(e.module.named_parameters())
-    quantized = set(e.quant.quantized_names()) if e.quant is not None else set()  # Q-LIFT takes these (held quantized now)
+    # Q-LIFT takes these (held quantized now)
+    quantized = set(e.quant.quantized_names()) if e.quant is not None else set()
     try:
         with safe_open(str(f), framework="pt") as fh:
             for n in fh.keys():
@@ -235,7 +236,8 @@ def check_fingerprint(ckpt: "Checkpointer", meta: dict[str, Any], path: Path) ->
         if a == b:
             continue
         where = f" ({SOURCES[k]})" if k in SOURCES else f" (--{k[5:]})" if k.startswith("lift.") else ""
-        if isinstance(a, dict) and isinstance(b, dict):  # name the keys inside that differ (keys one side lacks, e.g. a newer torch's, pass)
+        # name the keys inside that differ (keys one side lacks, e.g. a newer torch's, pass)
+        if isinstance(a, dict) and isinstance(b, dict):
             diffs += [f"{k}.{sub}: {_short(a[sub])} -> {_short(b[sub])}{where}" for sub in sorted(set(a) & set(b)) if a[sub] != b[sub]]
         else:
             diffs.append(f"{k}: {_short(a)} -> {_short(b)}{where}")

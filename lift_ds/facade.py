@@ -290,7 +290,8 @@ class DeepSpeedEngineMembers:
 
     def save_16bit_model(self, save_dir: str | os.PathLike, save_filename: str = "pytorch_model.bin", exclude_frozen_parameters: bool = False) -> bool:
         """The consolidated weights in the training dtype, written by rank 0 (collective), as DeepSpeed's: under
-        ZeRO-3 only when ``stage3_gather_16bit_weights_on_model_save`` is true. A ``.safetensors`` name writes safetensors."""
+        ZeRO-3 only when ``stage3_gather_16bit_weights_on_model_save`` is true. A ``.safetensors`` name writes
+        safetensors."""
         path = Path(save_dir) / save_filename
         if not self.zero_gather_16bit_weights_on_model_save():
             logger.info("Did not save the model %s because stage3_gather_16bit_weights_on_model_save is False", path)
@@ -312,7 +313,8 @@ class DeepSpeedEngineMembers:
     # ----------------------------------------------------------------- everything else
 
     def _member(self, name: str) -> Any:
-        """``name`` as DeepSpeedEngine would resolve it: :data:`NOT_UNDER_LIFT`, the phase's DeepSpeed engine, the model."""
+        """``name`` as DeepSpeedEngine would resolve it: :data:`NOT_UNDER_LIFT`, the phase's DeepSpeed engine,
+        the model."""
         if name in NOT_UNDER_LIFT:
             raise NotUnderLiftError(f"LiftEngine.{name}: not under LIFT: {NOT_UNDER_LIFT[name]}")
         backend = self.__dict__.get("backend")

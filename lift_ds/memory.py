@@ -67,7 +67,8 @@ class ModelShape:
     hidden: int
     vocab: int
     lora_per_rank_unit: int  # LoRA parameters per unit of rank r on q, k, v, o (sum of in + out)
-    candidate_sizes: list[int]  # what trains in each distinct phase unit of the plan (lift_ds.plan.resolve_plan), in order
+    # what trains in each distinct phase unit of the plan (lift_ds.plan.resolve_plan), in order
+    candidate_sizes: list[int]
     lowest_candidate_layer: int  # 1-indexed layer of the candidate nearest the input (0: the embedding)
     layer_linear: int = 0  # parameters of the decoder layers' linear weights (what Q-LIFT would quantize)
 
@@ -306,7 +307,8 @@ def peak_memory() -> dict[str, float]:
         return {"peak_cuda_allocated_gib": torch.cuda.max_memory_allocated() / GIB, "peak_cuda_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
     import resource
 
-    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}  # ru_maxrss is KiB on Linux
+    # ru_maxrss is KiB on Linux
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
 
 
 def live_tensor_bytes() -> int:
@@ -400,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
           f"model's own loss (lift.loss model): {_fmt(own - chunked)} GiB less; counted here: {args.loss}")
     print(f"model states, full / LIFT: {full.model_states / lift.model_states:.2f}x")
     if args.zero in (2, 3):
-        print(f"DeepSpeed's own estimate for full fine-tuning (ZeRO-{args.zero}): {_fmt(deepspeed_full_estimate(shape, args.ranks, args.nodes, args.zero, args.offload))} GiB per rank")
+        print(f"DeepSpeed's own estimate for full fine-tuning (ZeRO-{args.zero}): "
+              f"{_fmt(deepspeed_full_estimate(shape, args.ranks, args.nodes, args.zero, args.offload))} GiB per rank")
     print(f"largest preset that fits in {args.gib:g} GiB per rank: " + ", ".join(f"{m}: {v or 'none'}" for m, v in fit.items()))
     return 0
 

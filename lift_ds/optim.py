@@ -4,9 +4,10 @@ LIFT builds a new optimizer at every phase boundary, but a learning-rate schedul
 with it. The schedule therefore drives a *proxy* optimizer that lives for the whole run (one dummy
 parameter, never stepped); before each optimizer step the phase optimizer's groups get
 ``their base lr x (proxy lr / proxy base lr)``. Any scheduler works this way: a DeepSpeed
-``"scheduler"`` section (through :mod:`lift_ds.backends.lr_schedules`), or a callable ``optimizer -> LRScheduler`` such as a Hugging Face
-``get_cosine_schedule_with_warmup`` partial. A scheduler already built on the caller's optimizer
-drives that optimizer instead, group by group. Its state is one ``state_dict`` for checkpoints.
+``"scheduler"`` section (through :mod:`lift_ds.backends.lr_schedules`), or a callable
+``optimizer -> LRScheduler`` such as a Hugging Face ``get_cosine_schedule_with_warmup`` partial. A scheduler
+already built on the caller's optimizer drives that optimizer instead, group by group. Its state is one
+``state_dict`` for checkpoints.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[st
     def factory(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         kw = dict(kwargs)
         if kind == "adamw8bit":  # no fp32 master: bf16 weights take the update with stochastic rounding
-            flat = [q for g in ps for q in (g["params"] if isinstance(g, dict) else [g])]  # parameters, or parameter groups
+            # parameters, or parameter groups
+            flat = [q for g in ps for q in (g["params"] if isinstance(g, dict) else [g])]
             kw.setdefault("bf16_stochastic_round", any(q.dtype == torch.bfloat16 for q in flat))
         return cls(ps, **kw)
 

@@ -58,7 +58,8 @@ class Run:
         pad = self.tokenizer.pad_token_id
         config = check_model(self.launch, model_dir, self.data, pad)
         lift = config.lift
-        if lift.frozen_weights != "full" or lift.stream_frozen:  # Q-LIFT / streaming: layer by layer, never the whole model in memory
+        # Q-LIFT / streaming: layer by layer, never the whole model in memory
+        if lift.frozen_weights != "full" or lift.stream_frozen:
             from .quant import make_store, make_streamer, store_dtype
             from .quant_load import build_quantized_model
 
@@ -195,7 +196,8 @@ class Run:
         after = self.evaluate()
         if after:
             self.log({"step": engine.global_step, **after})
-        if not args.no_checkpoint and self.saved_step != engine.global_step:  # not the step just saved (or resumed from) again
+        # not the step just saved (or resumed from) again
+        if not args.no_checkpoint and self.saved_step != engine.global_step:
             self.save()
         if not args.no_final_model:
             self.export()

@@ -378,7 +378,7 @@ def test_at_least_forty_distinct_refusals(d, capsys):
         code, err = run_main(d, ["--ds_config", str(d / f"{name}.json"), *argv], capsys)
         check(code, err, needles)
         messages.add(err[err.rfind("error:"):].strip())
-    for name, argv, needles in CLI_CASES:
+    for _name, argv, needles in CLI_CASES:
         code, err = run_main(d, argv, capsys)
         check(code, err, needles)
         messages.add(err[err.rfind("error:"):].strip())

@@ -68,7 +68,7 @@ def broken_links(pages: list[Path], root: Path = REPO) -> list[str]:
     """Every relative link in ``pages`` whose file (or, into a markdown file, heading anchor) does not exist."""
     broken = []
     for page in pages:
-        for n, line in enumerate(_prose(page), 1):
+        for line in _prose(page):
             for target in _LINK.findall(line):
                 if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...
                     continue

@@ -3,8 +3,10 @@
     python -m lift_ds.analysis contribution --model DIR --task sentiment --task bigbench:strategyqa \\
         --steps 40 --out outputs/contribution [--sublayers] [--classifier_head]
     python -m lift_ds.analysis ablation --model DIR --task sentiment --steps 90 --out outputs/ablation \\
-        [--ranges all,first,middle,last,6-8] [--schedules front2end,end2front,random] [--policies grouped,cyclic] [--grid oat|full]
-    python -m lift_ds.analysis curves --run LIFT=outputs/lift/metrics.jsonl --run FT-Full=outputs/full/metrics.jsonl --out curves.png
+        [--ranges all,first,middle,last,6-8] [--schedules front2end,end2front,random] \
+        [--policies grouped,cyclic] [--grid oat|full]
+    python -m lift_ds.analysis curves --run LIFT=outputs/lift/metrics.jsonl \
+        --run FT-Full=outputs/full/metrics.jsonl --out curves.png
 
 Tasks: ``sentiment`` (movie reviews), ``trec`` (TREC question classes), ``bigbench:<task>`` (a BIG-bench
 multiple-choice task), or ``NAME=FORMAT:TRAIN[:EVAL]`` for your own files in a launch/train.py format.

@@ -55,7 +55,8 @@ class DeepSpeedBackend(Backend):
         if zero is not None:
             zero_problems = ds_config_keys.zero_problems(zero, raw)
             problems += zero_problems
-            # the rest of the section as DeepSpeed's own model reads it (it would refuse it after the process group started)
+            # the rest of the section as DeepSpeed's own model reads it (it
+            # would refuse it after the process group started)
             reported = tuple(p.split(":", 1)[0] for p in zero_problems) + (("zero_optimization",) if not isinstance(zero, Mapping) else ())
             problems += ds_config_keys.section_problems(raw, ("zero_optimization",), reported)
             if not zero_problems:
@@ -206,7 +207,8 @@ class DeepSpeedBackend(Backend):
         return cfg
 
     def build(self, params: list[nn.Parameter]) -> None:
-        # parameter groups (their own weight decay, lr, ...) reach the client optimizer, or DeepSpeed's own build of the config's
+        # parameter groups (their own weight decay, lr, ...) reach the
+        # client optimizer, or DeepSpeed's own build of the config's
         inputs = self.param_groups(params) if self.param_groups is not None else params
         opt = self.optimizer_factory(inputs) if self.optimizer_factory is not None else None
         skip = self._built_once and self.zero_stage < 3
@@ -227,7 +229,8 @@ class DeepSpeedBackend(Backend):
             return
         self._loss_scaler = self._loss_scale_now()
         engine, self._engine = self._engine, None
-        # ZeRO-3: the kept parameter offload (and the backward Functions bound to its coordinator) stays for the next phase
+        # ZeRO-3: the kept parameter offload (and the backward Functions
+        # bound to its coordinator) stays for the next phase
         compat.release_engine(engine, self.model, keep_module_functions=self._offload_keeper.offload is not None)
         del engine
         self._params = []

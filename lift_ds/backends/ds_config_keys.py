@@ -133,7 +133,8 @@ def zero_problems(zero: Any, raw: Mapping[str, Any]) -> list[str]:
         if key == "offload_optimizer":
             if stage not in (1, 2, 3):
                 problems.append(f"zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3 (stage is {stage!r})")
-            opt = raw.get("optimizer")  # absent: the optimizer is the client's (lift_ds.initialize checks it: client_optimizer_problems)
+            # absent: the optimizer is the client's (lift_ds.initialize checks it: client_optimizer_problems)
+            opt = raw.get("optimizer")
             kind = opt.get("type") if isinstance(opt, Mapping) else None
             if opt is not None and (not isinstance(kind, str) or kind.lower() not in OFFLOADABLE_OPTIMIZERS):
                 problems.append(
@@ -156,7 +157,8 @@ CPU_OP_OPTIMIZERS = ("DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULio
 
 def client_offload_problems(raw: Mapping[str, Any], optimizer_class: str) -> list[str]:
     """A client optimizer (``optimizer=`` of ``initialize``) with ``offload_optimizer``, judged as DeepSpeed does in
-    ``deepspeed.initialize`` (after its process group started): one of its CPU ops, or ``zero_force_ds_cpu_optimizer: false``."""
+    ``deepspeed.initialize`` (after its process group started): one of its CPU ops, or
+    ``zero_force_ds_cpu_optimizer: false``."""
     zero = raw.get("zero_optimization")
     if not isinstance(zero, Mapping) or not offloaded(zero, "offload_optimizer") or optimizer_class in CPU_OP_OPTIMIZERS:
         return []

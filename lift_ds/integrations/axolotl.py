@@ -34,7 +34,7 @@ from ..utils import get_logger
 from .axolotl_args import PLUGIN_NAME, lift_config
 from .transformers import LiftTrainerMixin
 
-__all__ = ["LiftPlugin", "lift_config", "lift_trainer_class"]
+__all__ = ["LiftPlugin", "lift_config", "lift_trainer_class"]  # noqa: F822 (LiftPlugin: built by __getattr__)
 
 logger = get_logger(__name__)
 

@@ -31,7 +31,8 @@ def unsupported_features(trainer: Any) -> list[str]:
         ("train_sampling_strategy", getattr(a, "train_sampling_strategy", "random") != "random",
          "lift_ds orders data by a seeded permutation keyed by global sample index (exact resume on any layout)"),
         ("auto_find_batch_size", a.auto_find_batch_size, "set per_device_train_batch_size"),
-        # a subclass whose lift config carries the "fsdp" section itself may keep TrainingArguments.fsdp (axolotl's save reads it)
+        # a subclass whose lift config carries the "fsdp" section itself may
+        # keep TrainingArguments.fsdp (axolotl's save reads it)
         ("fsdp", bool(a.fsdp) and not getattr(trainer, "lift_fsdp_from_args", False),
          "pass lift_config= a config with an \"fsdp\" section (lift_ds's FSDP2 backend)"),
         ("neftune_noise_alpha", getattr(a, "neftune_noise_alpha", None) is not None, "not supported with LIFT"),

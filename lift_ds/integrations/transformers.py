@@ -106,7 +106,8 @@ class LiftTrainerMixin:
             return a.max_steps
         world = int(os.environ.get("WORLD_SIZE", "1"))
         per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * world
-        return max(1, math.ceil(max(1, len(self.train_dataset) // per_step) * a.num_train_epochs))  # as Trainer: epochs may be fractional
+        # as Trainer: epochs may be fractional
+        return max(1, math.ceil(max(1, len(self.train_dataset) // per_step) * a.num_train_epochs))
 
     def _lift_build(self) -> Any:
         import lift_ds
