@@ -128,7 +128,8 @@ def worker(args: argparse.Namespace) -> None:
         print(f"\n{n_params / 1e9:.2f}B parameters on {world} ranks: {len(steps)} steps done, peak RSS "
               f"{', '.join(f'{p.item():.1f}' for p in peaks)} GiB per rank; lift_ds.memory: LIFT model states "
               f"{result['estimate_model_states_gib_all_ranks']['lift']:.1f} GiB over all ranks, full fine-tuning "
-              f"{result['estimate_model_states_gib_all_ranks']['full']:.1f} GiB ({result['estimate_model_states_gib_all_ranks']['full'] * GIB / 1e9:.0f} GB)")
+              f"{result['estimate_model_states_gib_all_ranks']['full']:.1f} GiB "
+              f"({result['estimate_model_states_gib_all_ranks']['full'] * GIB / 1e9:.0f} GB)")
 
 
 def main() -> None:

@@ -78,16 +78,19 @@ def main() -> None:
             r = run(backend, stage, state, args)
             rows.append({"backend": backend if backend == "fsdp" else f"zero{stage}", "optimizer_state": state, **r})
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"\nmodel: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch}x{args.seq} per rank; "
+        print(f"\nmodel: hidden {args.hidden}, {args.layers} layers, "
+              f"vocab {args.vocab}; batch {args.batch}x{args.seq} per rank; "
               f"{os.environ.get('WORLD_SIZE', 1)} ranks; cyclic policy, {args.steps} steps\n")
         print("| backend | optimizer_state | median step (s) | median switch (s) | switches' share of run |")
         print("|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['backend']} | {r['optimizer_state']} | {r['step_s']:.3f} | {r['switch_s']:.3f} | {100 * r['switch_share']:.1f}% |")
+            print(f"| {r['backend']} | {r['optimizer_state']} | {r['step_s']:.3f} "
+                  f"| {r['switch_s']:.3f} | {100 * r['switch_share']:.1f}% |")
         print()
         for b in dict.fromkeys(r["backend"] for r in rows):
             reset, off = (next(r for r in rows if r["backend"] == b and r["optimizer_state"] == s) for s in ("reset", "offload"))
-            print(f"{b}: offload/reset switch time {off['switch_s'] / reset['switch_s']:.2f}x, step time {off['step_s'] / reset['step_s']:.2f}x")
+            print(f"{b}: offload/reset switch time {off['switch_s'] / reset['switch_s']:.2f}x, "
+                  f"step time {off['step_s'] / reset['step_s']:.2f}x")
         if args.out:
             from lift_ds.provenance import write_json
 

@@ -1,6 +1,7 @@
 """Q-LIFT on the quickstart's task, side by side: frozen weights full / int8 / nf4, one process.
 
-    python launch/bench_qlift.py --out docs/qlift/quickstart_qlift.json [--max_steps 150] [--modes full,int8,nf4] [--interleave]
+    python launch/bench_qlift.py --out docs/qlift/quickstart_qlift.json [--max_steps 150] \
+        [--modes full,int8,nf4] [--interleave]
 
 Each mode runs the quickstart (SmolLM2-135M-Instruct, movie-review sentiment, ds_configs/quickstart_cpu.json:
 AdamW 1e-4, WarmupDecayLR, clipping 1.0, front2end, grouped) on the single-process torch backend with the
@@ -46,7 +47,8 @@ def start_mode(mode: str, args, tok, data, model_dir: str) -> tuple:
     engine, _, _, _ = lift_ds.initialize(model=model, config=cfg)
     batches = RankBatches(data.train, 16, 0, 1, seed=0, pad_id=tok.pad_token_id)
     out: dict = {"mode": mode, "steps_log": []}
-    if engine.quant is not None and not args.skip_eval:  # before training, every layer quantized (the first active one too)
+    # before training, every layer quantized (the first active one too)
+    if engine.quant is not None and not args.skip_eval:
         first = engine.active_block
         engine.quant.deactivate(first)
         out["before_quantized"] = held_out_metrics(engine.module, data, tok, args.seq_len, 16)

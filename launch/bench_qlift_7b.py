@@ -104,7 +104,8 @@ def main() -> int:
 
     write_json(args.out, record)
     losses = [s["loss"] for s in steps]
-    print(f"losses {['%.3f' % x for x in losses]} -> {record['loss_after']:.3f} after the last step; peak RSS {record['peak_rss_gib']:.2f} GiB; "
+    print(f"losses {[f'{x:.3f}' for x in losses]} -> {record['loss_after']:.3f} "
+          f"after the last step; peak RSS {record['peak_rss_gib']:.2f} GiB; "
           f"NF4 layers {census['quantized_bytes'] / 2**30:.2f} GiB = {record['census']['ratio_to_bf16']:.3f}x bf16; "
           f"store on disk {record['store_bytes_on_disk'] / 2**30:.1f} GiB; wrote {args.out}")
     return 0

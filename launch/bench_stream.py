@@ -2,7 +2,8 @@
 
     python launch/bench_stream.py llama70b --layers 4,8 --out docs/qlift/llama2_70b_stream.json [--steps 4]
     python launch/bench_stream.py llama7b --out docs/qlift/llama2_7b_stream.json [--steps 6]
-    python launch/bench_stream.py row --shape llama-3-70b --seq_len 2048 --steps 3 --out row.json   # one run (e.g. a GPU row)
+    # one run (e.g. a GPU row):
+    python launch/bench_stream.py row --shape llama-3-70b --seq_len 2048 --steps 3 --out row.json
 
 Each run is one process running ``lift_ds.train.main`` (what launch/train.py runs) on a model of the
 named shapes built layer by layer from its seeded random init (``--random_init``; NF4, bf16, the
@@ -123,7 +124,8 @@ def worker(spec: dict) -> dict:
 
     real_step, cpu_steps = R.optimizer_step, []
 
-    def timed_step(*a, **k):  # the process's CPU seconds per step (every thread): less sensitive than wall time to a shared machine
+    # the process's CPU seconds per step (every thread): less sensitive than wall time to a shared machine
+    def timed_step(*a, **k):
         c = time.process_time()
         out = real_step(*a, **k)
         cpu_steps.append(time.process_time() - c)
@@ -221,7 +223,8 @@ def run_isolated(spec: dict, kill_gib: float | None) -> dict:
 
 
 def summarise(rec: dict, layers: int) -> dict:
-    """Median step time over the steady steps: not the run's first, not the last of a phase (which ends with a switch)."""
+    """Median step time over the steady steps: not the run's first, not the last of a phase (which ends
+    with a switch)."""
     import statistics
 
     steps = rec.get("steps", [])

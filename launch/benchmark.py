@@ -269,14 +269,17 @@ def orchestrate(args: argparse.Namespace) -> None:
 def report(results: dict, args: argparse.Namespace) -> None:
     gib = 1024**3
     text = getattr(args, "workload", "text") == "text"
-    print(f"\n{args.ranks} ranks, {'bf16 (fp32 master)' if text else 'fp32'}, {'packed text' if text else 'classification'}, "
+    print(f"\n{args.ranks} ranks, {'bf16 (fp32 master)' if text else 'fp32'}, "
+          f"{'packed text' if text else 'classification'}, "
           f"micro batch {args.micro_batch} x {args.seq_len}, {args.steps} steps, AdamW lr {args.lr}\n")
-    print("| method | model states / rank (GiB) | peak RSS / rank (GiB) | median step (s) | median step CPU (s) | tokens/s | phase switches (s, share) | loss, last 5 steps |")
+    print("| method | model states / rank (GiB) | peak RSS / rank (GiB) | median step (s) "
+          "| median step CPU (s) | tokens/s | phase switches (s, share) | loss, last 5 steps |")
     print("|---|---|---|---|---|---|---|---|")
     for m, r in results.items():
         share = r["switch_s"] / r["run_s"] if r["run_s"] else 0
         cpu = f"{r['median_step_cpu_s']:.3f}" if r.get("median_step_cpu_s") else "-"
-        print(f"| {m} | {r['model_state_bytes'] / gib:.3f} | {r['peak_rss_bytes'] / gib:.2f} | {r['median_step_s']:.3f} | {cpu} | {r['tokens_per_s']:.0f} | "
+        print(f"| {m} | {r['model_state_bytes'] / gib:.3f} | {r['peak_rss_bytes'] / gib:.2f} "
+              f"| {r['median_step_s']:.3f} | {cpu} | {r['tokens_per_s']:.0f} | "
               f"{r['switch_s']:.1f} ({100 * share:.1f}%) | {r['final_loss']:.3f} |")
     print()
     pairs = [("lift-zero2", "full-zero2"), ("lift-zero3", "full-zero3"), ("lift-zero2", "lora-zero2"), ("lift-fsdp", "full-zero3"),
@@ -285,8 +288,10 @@ def report(results: dict, args: argparse.Namespace) -> None:
     for a, b in pairs:
         if a in results and b in results:
             ra, rb = results[a], results[b]
-            print(f"{b} / {a}: model states {rb['model_state_bytes'] / ra['model_state_bytes']:.2f}x, peak RSS {rb['peak_rss_bytes'] / ra['peak_rss_bytes']:.2f}x, "
-                  f"step time {rb['median_step_s'] / ra['median_step_s']:.2f}x (median step, switches excluded{_cpu_ratio(rb, ra)}), "
+            print(f"{b} / {a}: model states {rb['model_state_bytes'] / ra['model_state_bytes']:.2f}x, "
+                  f"peak RSS {rb['peak_rss_bytes'] / ra['peak_rss_bytes']:.2f}x, "
+                  f"step time {rb['median_step_s'] / ra['median_step_s']:.2f}x (median step, "
+                  f"switches excluded{_cpu_ratio(rb, ra)}), "
                   f"whole run {rb['run_s'] / ra['run_s']:.2f}x (steps and phase switches)")
     z2, z3 = results.get("lift-zero2"), results.get("lift-zero3")
     if z2 and z3 and z2["switches"] and z3["switches"]:
@@ -298,8 +303,10 @@ def report(results: dict, args: argparse.Namespace) -> None:
             continue
         new = results[m]
         diff = max(abs(a - b) for a, b in zip(old["losses"], new["losses"])) if old.get("losses") and new.get("losses") else float("nan")
-        print(f"{m}, loss model / chunked: step time {old['median_step_s'] / new['median_step_s']:.2f}x (median step), whole run "
-              f"{old['run_s'] / new['run_s']:.2f}x{_cpu_ratio(old, new)}; per-step losses differ by at most {diff:.2e} over "
+        print(f"{m}, loss model / chunked: "
+              f"step time {old['median_step_s'] / new['median_step_s']:.2f}x (median step), whole run "
+              f"{old['run_s'] / new['run_s']:.2f}x{_cpu_ratio(old, new)}; "
+              f"per-step losses differ by at most {diff:.2e} over "
               f"{len(new.get('losses', []))} steps")
     for m in ("lift-bf16-switch", "badam-switch"):
         if m in results and results[m]["switches"]:
@@ -341,7 +348,8 @@ def main() -> None:
         prov = saved.get("provenance") or {}
         cpu = (prov.get("machine") or {}).get("cpu") or {}
         print(f"measured {prov.get('date', 'at an unrecorded date')}, commit {prov.get('commit', 'unrecorded')}, on "
-              f"{cpu.get('model', 'an unrecorded CPU')} ({cpu.get('cores', '?')} cores, flags {', '.join(cpu.get('flags') or []) or '-'})")
+              f"{cpu.get('model', 'an unrecorded CPU')} ({cpu.get('cores', '?')} cores, "
+              f"flags {', '.join(cpu.get('flags') or []) or '-'})")
         report(saved["results"], argparse.Namespace(**{**vars(args), **saved["args"]}))
     elif args.worker:
         worker(args)

@@ -237,7 +237,7 @@ def worker(args: argparse.Namespace) -> dict:
     records = []
     dev.sync()
     t_run = time.perf_counter()
-    for step in range(steps):
+    for _ in range(steps):
         ids = batch()
         first = engine is not None and engine.cursor.phase.start == engine.global_step
         phase = engine.cursor.phase.index if engine is not None else 0
@@ -301,7 +301,8 @@ def missing_requirements(row: Row) -> list[str]:
 def run_row(row: Row, mode: str, timeout: float, drop_requires: bool) -> dict:
     mb, seq, block_steps, average_steps, fixed_steps = SIZES[mode]
     shape = SMOKE_SHAPE[row.shape] if mode == "cpu-smoke" else row.shape
-    result = Path(tempfile.gettempdir()) / f"lift_ds_gpu_bench.{os.getpid()}.{row.name}.json"  # not in OUT: few files come back
+    # not in OUT: few files come back
+    result = Path(tempfile.gettempdir()) / f"lift_ds_gpu_bench.{os.getpid()}.{row.name}.json"
     cmd = [sys.executable, __file__, "--worker", "--row", row.name, "--shape", shape, "--micro_batch", str(mb), "--seq_len", str(seq),
            "--block_steps", str(block_steps), "--average_steps", str(average_steps), "--fixed_steps", str(fixed_steps),
            "--result", str(result)] + (["--drop_requires"] if drop_requires else [])
@@ -335,7 +336,8 @@ def markdown(record: dict) -> str:
     gpus = ", ".join(f"{g['name']} (driver {g['driver']})" for g in env["machine"]["gpus"]) or "no GPU"
     lines = [f"{record['mode']} run, {env['date']}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}, {gpus}, "
              f"torch {env['versions']['torch']} (CUDA {env['torch_cuda']}), deepspeed {env['versions']['deepspeed']}", "",
-             "| row | shape | status | step peak alloc / reserved (GiB) | build peak (GiB) | step (s) | tokens/s | switch (s) | loss first -> last |",
+             ("| row | shape | status | step peak alloc / reserved (GiB) "
+              "| build peak (GiB) | step (s) | tokens/s | switch (s) | loss first -> last |"),
              "|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
     for name, r in record["rows"].items():

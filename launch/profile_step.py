@@ -107,7 +107,8 @@ def instrument(engine, model, spans: Spans, active: dict) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     _, stack = find_layer_stack(base)
     parts = [(base.get_input_embeddings(), "fwd.embedding"), (base.get_output_embeddings(), "fwd.head")]
-    for i, layer in enumerate(stack):  # below the active layer: the prefix (no autograd); the active one and above: the suffix
+    # below the active layer: the prefix (no autograd); the active one and above: the suffix
+    for i, layer in enumerate(stack):
         layer.register_forward_pre_hook(lambda m, a, i=i: spans.push("fwd.prefix_layers" if i < active["index"] else "fwd.suffix_layers"))
         layer.register_forward_hook(lambda m, a, o: spans.pop())
     norm = getattr(getattr(base, "model", base), "norm", None)
@@ -288,7 +289,8 @@ def orchestrate(args) -> None:
     for case in args.cases.split(","):
         workload, _, ranks = case.partition(":")
         if workload not in WORKLOADS or ranks not in ("1", "2", "1x2"):
-            raise SystemExit(f"error: --cases: {case!r}; each case is WORKLOAD:RANKS with WORKLOAD in {', '.join(WORKLOADS)} and RANKS 1, 2 or 1x2")
+            raise SystemExit(f"error: --cases: {case!r}; each case is WORKLOAD:RANKS with "
+                             f"WORKLOAD in {', '.join(WORKLOADS)} and RANKS 1, 2 or 1x2")
         print(f"running {case} ...", flush=True)
         jobs = [(launch(args, workload, 1 if ranks == "1x2" else int(ranks), tmp / f"{case.replace(':', '_')}.{j}"), j)
                 for j in range(2 if ranks == "1x2" else 1)]
@@ -336,8 +338,9 @@ def main() -> None:
     p.add_argument("--layer", type=int, default=15, help="the fixed active layer (1-indexed)")
     p.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage (default 2, as the quickstart)")
     p.add_argument("--switch", action="store_true", help="switch at every step over all layers instead (cyclic)")
-    p.add_argument("--loss", default=None, help="lift.loss for the run (default: the config's default); ab: the model's own loss "
-                   "and the chunked one alternating step by step in each job (a side-by-side comparison a loaded machine disturbs least)")
+    p.add_argument("--loss", default=None, help=("lift.loss for the run (default: the config's default); ab: the model's own loss "
+                    "and the chunked one alternating step by step in each job "
+                    "(a side-by-side comparison a loaded machine disturbs least)"))
     p.add_argument("--note", default="", help="a note stored with the data (e.g. that the machine was shared)")
     p.add_argument("--out", default="outputs/step_profile.json")
     p.add_argument("--report", default=None, metavar="JSON", help="print the table of a saved run; runs nothing")

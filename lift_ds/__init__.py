@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 _LAZY = {"find_blocks": "blocks", "Block": "blocks", "LiftEngine": "engine", "LiftPlan": "plan", "resolve_plan": "plan",
-         # the class swaps for transformers' Trainer and TRL's SFTTrainer, importable as lift_ds.LiftTrainer (transformers loads on first use)
+         # the class swaps for transformers' Trainer and TRL's SFTTrainer,
+         # importable as lift_ds.LiftTrainer (transformers loads on first use)
          "LiftTrainer": "integrations.transformers", "LiftSFTTrainer": "integrations.transformers"}
 
 

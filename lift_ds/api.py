@@ -138,11 +138,13 @@ def initialize(
     missing = groups.missing(plan.param_names_of(range(len(plan.candidates)))) if groups is not None else []
     if missing:
         raise ConfigError([f"optimizer: {len(missing)} parameters LIFT trains are in none of the optimizer's parameter groups "
-                           f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); build it over every parameter of the "
+                           f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                           "build it over every parameter of the "
                            "blocks LIFT trains (e.g. model.parameters()), or pass a callable params -> Optimizer"])
     fingerprint = _probe_before_any_process_group(run, model, factory, lr_scheduler, plan.total_steps)
     client_class = type(optimizer).__name__ if isinstance(optimizer, torch.optim.Optimizer) else fingerprint.get("optimizer", {}).get("type")
-    if factory is not None and client_class:  # e.g. DeepSpeed-Chat's DeepSpeedCPUAdam with --offload: judged as DeepSpeed judges it
+    # e.g. DeepSpeed-Chat's DeepSpeedCPUAdam with --offload: judged as DeepSpeed judges it
+    if factory is not None and client_class:
         problems = get_backend_class(run.backend).client_optimizer_problems(run.raw, client_class)
         if problems:
             raise ConfigError(problems, source=run.source)
@@ -170,7 +172,8 @@ def _probe_before_any_process_group(run: RunConfig, model: nn.Module, factory: A
     problems, base_lr, fingerprint = [], config_lr(run.training.optimizer) or 1e-3, {}
     if factory is not None:
         problems, built = probe_optimizer(factory, "optimizer", keep=True)
-        if built is None and any("KeyError" in p for p in problems):  # a factory that looks its parameters up in the model
+        # a factory that looks its parameters up in the model
+        if built is None and any("KeyError" in p for p in problems):
             problems, built = probe_optimizer(factory, "optimizer", param=next(iter(model.parameters()), None), keep=True)
         if built is not None:
             base_lr, fingerprint["optimizer"] = float(built.param_groups[0]["lr"]), describe_optimizer(built)
@@ -193,7 +196,8 @@ def _probe_before_any_process_group(run: RunConfig, model: nn.Module, factory: A
 
 
 def install_model_loss(model: nn.Module, mode: str) -> str | None:
-    """``lift.loss`` on ``model`` (:func:`lift_ds.loss.install_loss`); a model ``chunked`` cannot serve is a ConfigError."""
+    """``lift.loss`` on ``model`` (:func:`lift_ds.loss.install_loss`); a model ``chunked`` cannot serve is a
+    ConfigError."""
     from .loss import install_loss
 
     try:
@@ -210,9 +214,12 @@ def adapter_model_problem(model: nn.Module) -> str | None:
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if not frozen:
         return None
-    return (f"model: a PEFT model ({type(model).__name__}, peft_config / --use_peft) with {len(frozen)} frozen base weights (e.g. "
-            f"{frozen[0]}): LIFT trains every weight of the active block, so it would train what PEFT froze, and saving a PEFT "
-            "model keeps only the adapter. LIFT over adapters is not supported: pass the base model (no peft_config) to train "
+    return (f"model: a PEFT model ({type(model).__name__}, "
+            f"peft_config / --use_peft) with {len(frozen)} frozen base weights (e.g. "
+            f"{frozen[0]}): LIFT trains every weight of the active block, "
+            "so it would train what PEFT froze, and saving a PEFT "
+            "model keeps only the adapter. LIFT over adapters is not supported: "
+            "pass the base model (no peft_config) to train "
             "it block by block, or train the adapters without LIFT (plain Trainer / deepspeed.initialize)")
 
 

@@ -283,7 +283,8 @@ def bigbench_task(task: str, train_size: int = 1000, eval_size: int = 200, seed:
         sdist = Path(given) if given else cache_dir() / "sdists" / "bigbench-1.0.0.tar.gz"
         if given:
             if not sdist.is_file() or _sha256(sdist) != BIGBENCH_SDIST_SHA256:
-                raise AssetError(f"LIFT_DS_BIGBENCH_SDIST={given}: not the pinned bigbench-1.0.0.tar.gz (SHA-256 {BIGBENCH_SDIST_SHA256})")
+                raise AssetError(f"LIFT_DS_BIGBENCH_SDIST={given}: "
+                                 f"not the pinned bigbench-1.0.0.tar.gz (SHA-256 {BIGBENCH_SDIST_SHA256})")
         elif not sdist.is_file() or _sha256(sdist) != BIGBENCH_SDIST_SHA256:
             sdist.parent.mkdir(parents=True, exist_ok=True)
             logger.info("downloading bigbench-1.0.0.tar.gz (358 MB, once; read as a tarball, never built) ...")

@@ -124,7 +124,8 @@ class Checkpointer:
         tag = tag or f"global_step{e.global_step}"
         final, tmp = save_dir / tag, save_dir / f".{tag}.partial"
         names = e.saved_param_names()
-        op = self.last_ops = faults.save_ops(e.global_step, self._rank)  # the launcher's rotation after the save counts on
+        # the launcher's rotation after the save counts on
+        op = self.last_ops = faults.save_ops(e.global_step, self._rank)
 
         def prepare() -> None:
             if self._rank == 0:
@@ -216,7 +217,8 @@ class Checkpointer:
             errno.EIO if err is None else (err.errno or errno.EIO),
             f"could not write checkpoint {final}: {cause}. "
             + (f"The previous checkpoint {save_dir / prev} is untouched and still the newest ({save_dir / LATEST}). " if prev else "No earlier checkpoint exists. ")
-            + f"Free disk space or make {save_dir} writable (or choose another --output_dir and copy the checkpoints there), then resume with --resume.",
+            + (f"Free disk space or make {save_dir} writable (or choose another "
+               "--output_dir and copy the checkpoints there), then resume with --resume."),
         )
 
     # ----------------------------------------------------------------- load
@@ -260,7 +262,8 @@ class Checkpointer:
         e.micro_steps = e.cursor.step * e.training_config.gradient_accumulation_steps
         e.guard.load_state_dict(meta)
         e.end_phase()  # also after the plan finished, when the last engine is kept for evaluation
-        e.backend.load_precision_state(meta.get("precision_state") or {})  # the fp16 loss scale, before the phase is built
+        # the fp16 loss scale, before the phase is built
+        e.backend.load_precision_state(meta.get("precision_state") or {})
         taken = e.quant.load(path, path / WEIGHTS_FILE) if e.quant is not None else set()
         e.backend.load_weights(path, skip=taken)
         e.stash = files.stash

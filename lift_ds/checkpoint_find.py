@@ -102,7 +102,8 @@ def read_meta(ckpt: "Checkpointer", path: Path) -> dict[str, Any]:
         if not isinstance(meta, dict):
             raise CheckpointFileError(path / STATE_FILE, "not a JSON object")
         if meta.get("format") != FORMAT:
-            err = ResumeError(f"checkpoint {path} has format {meta.get('format')}, this lift_ds reads format {FORMAT}; resume it with "
+            err = ResumeError(f"checkpoint {path} has format {meta.get('format')}, "
+                              f"this lift_ds reads format {FORMAT}; resume it with "
                               "the lift_ds version that wrote it", path)
         else:
             bad = [k for k, kind in (("cursor", dict), ("samples_seen", int), ("world_size", int), ("saved_params", list),
@@ -148,9 +149,11 @@ def read_files(ckpt: "Checkpointer", path: Path, meta: dict[str, Any]) -> Files:
 def _read_optimizer(e: "LiftEngine", f: Path, names: list[str]) -> dict[str, Any]:
     state = safe_load(f, mmap=True)
     if not isinstance(state, dict) or state.get("format") != OPTIMIZER_FORMAT or not isinstance(state.get("master"), dict):
-        raise CheckpointFileError(f, f"not a lift_ds optimizer state ({state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+        raise CheckpointFileError(f, ("not a lift_ds optimizer state "
+                                      f"({state.get('format') if isinstance(state, dict) else type(state).__name__!r})"))
     if sorted(state["master"]) != sorted(names):
-        raise CheckpointFileError(f, f"holds the state of {sorted(state['master'])[:3]}..., the block active at that step is {sorted(names)[:3]}...")
+        raise CheckpointFileError(f, (f"holds the state of {sorted(state['master'])[:3]}..., "
+                                      f"the block active at that step is {sorted(names)[:3]}..."))
     return state
 
 
@@ -161,7 +164,8 @@ def _check_weights(e: "LiftEngine", path: Path, meta: dict[str, Any]) -> None:
 
     f = path / WEIGHTS_FILE
     named = dict(e.module.named_parameters())
-    quantized = set(e.quant.quantized_names()) if e.quant is not None else set()  # Q-LIFT takes these (held quantized now)
+    # Q-LIFT takes these (held quantized now)
+    quantized = set(e.quant.quantized_names()) if e.quant is not None else set()
     try:
         with safe_open(str(f), framework="pt") as fh:
             for n in fh.keys():
@@ -211,7 +215,8 @@ def check_layout(e: "LiftEngine", meta: dict[str, Any], path: Path, allow_batch_
     if changed:
         logger.info("resuming %s with a changed layout: %s", path, ", ".join(changed))
     if meta["train_batch_size"] != t.train_batch_size:
-        what = (f"the global batch changes from {meta['train_batch_size']} to {t.train_batch_size} samples per optimizer step "
+        what = (f"the global batch changes from {meta['train_batch_size']} "
+                f"to {t.train_batch_size} samples per optimizer step "
                 f"(micro batch x accumulation x ranks)")
         if not allow_batch_change:
             raise ResumeError(f"checkpoint {path}: {what}. Keep it (e.g. {meta['train_batch_size']} = micro batch x accumulation x "
@@ -231,15 +236,18 @@ def check_fingerprint(ckpt: "Checkpointer", meta: dict[str, Any], path: Path) ->
         if a == b:
             continue
         where = f" ({SOURCES[k]})" if k in SOURCES else f" (--{k[5:]})" if k.startswith("lift.") else ""
-        if isinstance(a, dict) and isinstance(b, dict):  # name the keys inside that differ (keys one side lacks, e.g. a newer torch's, pass)
+        # name the keys inside that differ (keys one side lacks, e.g. a newer torch's, pass)
+        if isinstance(a, dict) and isinstance(b, dict):
             diffs += [f"{k}.{sub}: {_short(a[sub])} -> {_short(b[sub])}{where}" for sub in sorted(set(a) & set(b)) if a[sub] != b[sub]]
         else:
             diffs.append(f"{k}: {_short(a)} -> {_short(b)}{where}")
     if not diffs:
         return
     said = "; ".join(diffs)
-    raise ResumeError(f"checkpoint {path} was written with other settings that decide the result, so resuming would not continue that run: "
-                      f"{said}. Resume with the checkpoint's values, or start a new run in another --output_dir (only the learning rate may "
+    raise ResumeError(f"checkpoint {path} was written with other settings that decide the result, "
+                      "so resuming would not continue that run: "
+                      f"{said}. Resume with the checkpoint's values, "
+                      "or start a new run in another --output_dir (only the learning rate may "
                       "change on resume: it is applied from the resumed step)", path)
 
 

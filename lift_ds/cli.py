@@ -103,17 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_limit", type=int, default=0, help="evaluate on the first N held-out items (0: all)")
     a("--eval_batch_size", type=int, default=16)
     a("--resume", action="store_true", help="continue from the newest complete checkpoint in --output_dir (any number of ranks, any backend)")
-    a("--overwrite_output_dir", action="store_true", help="start a new run in a non-empty --output_dir, removing lift_ds's outputs there "
-      "(checkpoints/, metrics.jsonl, final/, result.json, tensorboard/); without it a non-empty --output_dir needs --resume")
+    a("--overwrite_output_dir", action="store_true", help=("start a new run in a non-empty --output_dir, removing lift_ds's outputs there "
+       "(checkpoints/, metrics.jsonl, final/, result.json, "
+       "tensorboard/); without it a non-empty --output_dir needs --resume"))
     a("--skip_memory_check", action="store_true", help="run even when the estimated peak memory exceeds what this machine has")
-    a("--allow_batch_change", action="store_true", help="with --resume: accept a global batch size (micro batch x accumulation x ranks) "
-      "other than the checkpoint's; the result then differs from an uninterrupted run")
+    a("--allow_batch_change", action="store_true", help=("with --resume: accept a global batch size (micro batch x accumulation x ranks) "
+       "other than the checkpoint's; the result then differs from an uninterrupted run"))
     a("--no_truncate", action="store_true", help="error on examples longer than --seq_len instead of truncating them")
     a("--no_final_model", action="store_true", help="skip writing output_dir/final")
-    a("--no_checkpoint", action="store_true", help="write no checkpoint, not even the last one (a run that only needs output_dir/final, "
-      "e.g. one of a study); not with --save_every or --resume")
+    a("--no_checkpoint", action="store_true", help=("write no checkpoint, not even the last one (a run that only needs output_dir/final, "
+       "e.g. one of a study); not with --save_every or --resume"))
     a("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-      help="set any config key by its JSON path, e.g. --set lift.seed=3 --set zero_optimization.stage=3 (VALUE is JSON, else a string)")
+      help=("set any config key by its JSON path, e.g. "
+            "--set lift.seed=3 --set zero_optimization.stage=3 (VALUE is JSON, else a string)"))
     a("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the deepspeed launcher")
     _add_lift_flags(p)
     return p
@@ -205,7 +207,8 @@ def resolve(args: argparse.Namespace) -> Launch:
         if getattr(args, flag) < 0:
             problems.append(f"--{flag}: must be >= 0, got {getattr(args, flag)}")
     if args.no_checkpoint and (args.save_every or args.resume):
-        problems.append(f"--no_checkpoint: contradicts {'--save_every ' + str(args.save_every) if args.save_every else '--resume'}; "
+        problems.append("--no_checkpoint: "
+                        f"contradicts {'--save_every ' + str(args.save_every) if args.save_every else '--resume'}; "
                         "drop one of the two (--no_checkpoint writes no checkpoint to save or to resume from)")
     fmt = args.format or ("classification" if builtin else "text")
     if args.classifier_head and fmt != "classification":

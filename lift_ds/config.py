@@ -220,7 +220,8 @@ def check_setting(f: dataclasses.Field, value: Any, path: str) -> tuple[Any, str
             return None, None
         ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(x) for x in value) and 1 <= value[0] <= value[1]
         if not ok:
-            return None, (f"{path}: must be [first, last], 1-indexed integers with 1 <= first <= last (e.g. [6, 8] for the middle "
+            return None, (f"{path}: must be [first, last], 1-indexed integers "
+                          "with 1 <= first <= last (e.g. [6, 8] for the middle "
                           f"three of twelve layers), or null for all layers; got {value!r}")
         return (int(value[0]), int(value[1])), None
     if kind == "path":
@@ -268,7 +269,8 @@ def _method_problems(section: Mapping[str, Any], values: Mapping[str, Any], path
                                 f"total_steps and policy); remove it or set {path}.method")
         return problems
     if values.get("policy", "grouped") != "grouped":
-        problems.append(f"{path}.policy: {values['policy']!r} is LIFT's; method {method} switches every switch_every steps; remove it")
+        problems.append(f"{path}.policy: {values['policy']!r} is LIFT's; "
+                        f"method {method} switches every switch_every steps; remove it")
     if values.get("optimizer_state", "reset") != "reset":
         problems.append(f"{path}.optimizer_state: {values['optimizer_state']!r} keeps a block's state across its phases; method "
                         f"{method} starts a fresh optimizer state at every switch, as it is defined; remove it")
@@ -343,7 +345,8 @@ def _batch_sizes(config: Mapping[str, Any], world_size: int, problems: list[str]
     micro, gas = micro or 1, gas or 1
     if total is not None and not problems and total != micro * gas * world_size:
         problems.append(f"train_batch_size: {total} != train_micro_batch_size_per_gpu ({micro}) x gradient_accumulation_steps "
-                        f"({gas}) x world size ({world_size}) = {micro * gas * world_size}; fix one of the three or set it to \"auto\"")
+                        f"({gas}) x world size ({world_size}) = {micro * gas * world_size}; "
+                        "fix one of the three or set it to \"auto\"")
     return micro, gas
 
 

@@ -53,7 +53,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{p}:{lineno}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); re-encode the file as UTF-8") from None
+                raise DataError(f"{p}:{lineno}: not UTF-8 (byte {e.start}: "
+                                f"{raw[e.start:e.start + 1]!r}); re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -73,7 +74,8 @@ def _field(row: dict, path: Path, *names: str, kind: type | tuple = str) -> Any:
     for n in names:
         if n in row:
             if not isinstance(row[n], kind):
-                raise DataError(f"{path}:{row['_line']}: field {n!r} must be {getattr(kind, '__name__', kind)}, got {type(row[n]).__name__}")
+                raise DataError(f"{path}:{row['_line']}: field {n!r} must be {getattr(kind, '__name__', kind)}, "
+                                f"got {type(row[n]).__name__}")
             return row[n]
     keys = sorted(k for k in row if k != "_line")
     raise DataError(f"{path}:{row['_line']}: missing field {' or '.join(repr(n) for n in names)} (the line has {keys})")
@@ -191,7 +193,8 @@ def tokenize(examples: Iterable[Example], tokenizer: Any, fmt: str, seq_len: int
         if len(full_p) + len(full_r) > seq_len:
             if not truncate:
                 where = exs[i].source or f"example {i + 1}"
-                raise DataError(f"{where}: {len(full_p) + len(full_r)} tokens > --seq_len {seq_len}; raise --seq_len, or drop --no_truncate "
+                raise DataError(f"{where}: {len(full_p) + len(full_r)} tokens > --seq_len {seq_len}; "
+                                "raise --seq_len, or drop --no_truncate "
                                 "to cut the start of long prompts (counted in the log)")
             out.truncated += 1
             keep = max(seq_len - len(full_r), 1)

@@ -189,7 +189,8 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
                     ph.index + 1, len(self.plan.phases), self.plan.unit_name(block), len(params), ph.start + 1, ph.stop)
 
     def _group_settings(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
-        """The phase optimizer's parameter groups: their parameters (by name) and settings (as the optimizer holds them)."""
+        """The phase optimizer's parameter groups: their parameters (by name) and settings (as the optimizer
+        holds them)."""
         names = {id(p): n for n, p in self.module.named_parameters()}
         members = self.backend.param_groups(params) if self.backend.param_groups is not None else [{"params": params}]
         return [{"params": [names.get(id(p), "?") for p in m["params"]], "weight_decay": g.get("weight_decay"), "lr": g.get("lr")}
@@ -271,7 +272,8 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
             set_trainable(self.module, [])
         if self.quant is not None:
             self.quant.around_optimizer_step(before=False)
-        faults.maybe_kill("kill", self.global_step, self.rank)  # LIFT_DS_FAULTS=kill@N: a crash right after step N, in any client loop
+        # LIFT_DS_FAULTS=kill@N: a crash right after step N, in any client loop
+        faults.maybe_kill("kill", self.global_step, self.rank)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -307,7 +309,8 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
             The checkpoint directory.
         """
         if not save_latest:
-            raise NotUnderLiftError("save_checkpoint(save_latest=False): LIFT publishes each checkpoint as `latest` atomically, the point a resume starts from")
+            raise NotUnderLiftError("save_checkpoint(save_latest=False): LIFT publishes each "
+                                    "checkpoint as `latest` atomically, the point a resume starts from")
         return self.checkpointer.save(save_dir, tag, client_state, extra_files=extra_files)
 
     def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None, load_module_strict: bool = True, load_optimizer_states: bool = True,
@@ -344,7 +347,8 @@ def _track(engine: LiftEngine) -> None:
     _LIVE.add(engine)
     _MODELS.add(engine.module)
     if not _EXIT_HOOK:
-        _EXIT_HOOK.append(type(engine.backend).end_process_group)  # the backend's class: nothing of the run is kept alive
+        # the backend's class: nothing of the run is kept alive
+        _EXIT_HOOK.append(type(engine.backend).end_process_group)
         atexit.register(_release_at_exit)
 
 

@@ -76,7 +76,8 @@ def eval_loss(forward: Callable[..., Any], data: TokenizedData, batch_size: int,
     for s in range(0, len(items), batch_size):
         chunk = items[s : s + batch_size]
         batch = collate([(data.input_ids[i], data.labels[i]) for i, _ in chunk], pad_id)
-        positions = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # position i predicts label i + 1
+        # position i predicts label i + 1
+        positions = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
         labels = batch["labels"][:, positions + 1]
         nll = -_target_logprobs(_logits_at(forward, batch, positions, keep), labels)
         weights = torch.tensor([w for _, w in chunk], dtype=torch.float64)[:, None]

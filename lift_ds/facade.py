@@ -33,18 +33,25 @@ logger = get_logger(__name__)
 
 #: DeepSpeedEngine members that cannot mean the same under LIFT, and why
 NOT_UNDER_LIFT = {
-    "set_train_batch_size": "LIFT plans its phases and its data position (a global sample index) from a fixed global batch; "
-                            "start the run with the batch you want (a checkpoint resumes with another one through allow_batch_change)",
-    "set_train_micro_batch_size": "the global batch is fixed for the run (see set_train_batch_size); set train_micro_batch_size_per_gpu in the config",
-    "offload_states": "the DeepSpeed engine and its optimizer are rebuilt at every phase; keep optimizer state off the device with "
-                      "zero_optimization.offload_optimizer, or between a block's phases with lift.optimizer_state \"offload\"",
+    "set_train_batch_size": ("LIFT plans its phases and its data position (a "
+                             "global sample index) from a fixed global batch; "
+                             "start the run with the batch you want (a checkpoint resumes with another one through allow_batch_change)"),
+    "set_train_micro_batch_size": ("the global batch is fixed for the run (see set_train_batch_size); "
+                                   "set train_micro_batch_size_per_gpu in the config"),
+    "offload_states": ("the DeepSpeed engine and its optimizer are rebuilt at every phase; "
+                       "keep optimizer state off the device with "
+                       "zero_optimization.offload_optimizer, or between a block's phases with lift.optimizer_state \"offload\""),
     "reload_states": "see offload_states: there is no engine state to reload across LIFT's phase rebuilds",
-    "compile": "the model is re-wrapped by a new DeepSpeed engine at every phase, so a compiled engine would be thrown away at the first switch",
-    "load_universal_checkpoint": "LIFT's checkpoints are already independent of ranks and backend (load_checkpoint reads them on any layout)",
+    "compile": ("the model is re-wrapped by a new DeepSpeed engine at every phase, "
+                "so a compiled engine would be thrown away at the first switch"),
+    "load_universal_checkpoint": ("LIFT's checkpoints are already independent of ranks "
+                                  "and backend (load_checkpoint reads them on any layout)"),
     "zero_load_from_fp32_weights": "LIFT's checkpoints always hold the full weights and the active block's fp32 master",
-    "set_data_post_process_func": "the training DataLoader is lift_ds's own (lift_ds.initialize(training_data=...)), not DeepSpeed's "
-                                  "data-efficiency sampler, which each phase's engine would build anew",
-    "set_custom_curriculum_learning_schedule": "see set_data_post_process_func: DeepSpeed's curriculum sampler is not used",
+    "set_data_post_process_func": ("the training DataLoader is lift_ds's own "
+                                   "(lift_ds.initialize(training_data=...)), not DeepSpeed's "
+                                   "data-efficiency sampler, which each phase's engine would build anew"),
+    "set_custom_curriculum_learning_schedule": ("see set_data_post_process_func: "
+                                                "DeepSpeed's curriculum sampler is not used"),
 }
 
 
@@ -154,8 +161,10 @@ class DeepSpeedEngineMembers:
         LIFT counts micro-steps itself because phase switches happen on optimizer-step boundaries."""
         if bool(is_boundary) != self.is_gradient_accumulation_boundary():
             raise NotUnderLiftError(
-                f"set_gradient_accumulation_boundary({is_boundary}): LIFT counts micro-steps itself (gradient_accumulation_steps="
-                f"{self.gradient_accumulation_steps()}, micro step {self.micro_steps + 1}), because its phase switches happen at "  # type: ignore[attr-defined]
+                f"set_gradient_accumulation_boundary({is_boundary}): "
+                "LIFT counts micro-steps itself (gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps()}, "
+                f"micro step {self.micro_steps + 1}), because its phase switches happen at "  # type: ignore[attr-defined]
                 "optimizer steps; set gradient_accumulation_steps in the config to the accumulation you run")
 
     # ----------------------------------------------------------------- precision and ZeRO queries
@@ -231,7 +240,8 @@ class DeepSpeedEngineMembers:
 
         given = {**(gradient_checkpointing_kwargs or {}), **kwargs}
         if given.pop("use_reentrant", False):
-            logger.info("gradient_checkpointing_enable(use_reentrant=True): LIFT runs non-reentrant checkpointing (it keeps truncated backward)")
+            logger.info("gradient_checkpointing_enable(use_reentrant=True): "
+                        "LIFT runs non-reentrant checkpointing (it keeps truncated backward)")
         enable_gradient_checkpointing(self.module, **given)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
@@ -280,7 +290,8 @@ class DeepSpeedEngineMembers:
 
     def save_16bit_model(self, save_dir: str | os.PathLike, save_filename: str = "pytorch_model.bin", exclude_frozen_parameters: bool = False) -> bool:
         """The consolidated weights in the training dtype, written by rank 0 (collective), as DeepSpeed's: under
-        ZeRO-3 only when ``stage3_gather_16bit_weights_on_model_save`` is true. A ``.safetensors`` name writes safetensors."""
+        ZeRO-3 only when ``stage3_gather_16bit_weights_on_model_save`` is true. A ``.safetensors`` name writes
+        safetensors."""
         path = Path(save_dir) / save_filename
         if not self.zero_gather_16bit_weights_on_model_save():
             logger.info("Did not save the model %s because stage3_gather_16bit_weights_on_model_save is False", path)
@@ -302,7 +313,8 @@ class DeepSpeedEngineMembers:
     # ----------------------------------------------------------------- everything else
 
     def _member(self, name: str) -> Any:
-        """``name`` as DeepSpeedEngine would resolve it: :data:`NOT_UNDER_LIFT`, the phase's DeepSpeed engine, the model."""
+        """``name`` as DeepSpeedEngine would resolve it: :data:`NOT_UNDER_LIFT`, the phase's DeepSpeed engine,
+        the model."""
         if name in NOT_UNDER_LIFT:
             raise NotUnderLiftError(f"LiftEngine.{name}: not under LIFT: {NOT_UNDER_LIFT[name]}")
         backend = self.__dict__.get("backend")

@@ -45,11 +45,14 @@ def oom_message(block: str, params: list[torch.nn.Parameter], backend: "Backend"
     w, g, o = state_bytes(total, trained, backend.world_size, zero, precision)
     on_device = w + g + (0 if offload else o)
     return (
-        f"out of memory building the phase for block {block} ({trained:,} trainable parameters, backend {backend.name}, "
-        f"ZeRO stage {zero}, {backend.world_size} ranks, {precision}): lift_ds.memory estimates {on_device / GIB:.2f} GiB of model "
+        f"out of memory building the phase for block {block} "
+        f"({trained:,} trainable parameters, backend {backend.name}, "
+        f"ZeRO stage {zero}, {backend.world_size} ranks, {precision}): "
+        f"lift_ds.memory estimates {on_device / GIB:.2f} GiB of model "
         f"states per rank for this phase (parameters {w / GIB:.2f}, gradients {g / GIB:.2f}, optimizer {o / GIB:.2f}"
         f"{' on CPU' if offload else ''}) before activations. Use more ranks, ZeRO-3 or optimizer offload "
-        f"(ds_configs/zero3_offload.json), a smaller micro batch, or a layer_range without this block; `python -m lift_ds.memory` "
+        "(ds_configs/zero3_offload.json), a smaller micro batch, "
+        "or a layer_range without this block; `python -m lift_ds.memory` "
         f"prints the whole table. (the allocator said: {str(e).splitlines()[0][:300]})"
     )
 
@@ -107,7 +110,8 @@ class StepGuard:
                 f"training diverged: {self.consecutive_skipped_steps} optimizer steps in a row (steps {first}..{step}, "
                 f"block {block}) had a NaN/inf loss or gradient norm. They were skipped, so the weights are "
                 f"those from before step {first}. Lower the learning rate, set gradient_clipping, or look at the "
-                f"training data of those steps; lift.max_consecutive_skipped_steps (now {self.limit}) sets this limit, 0 never stops."
+                "training data of those steps; lift.max_consecutive_skipped_steps "
+                f"(now {self.limit}) sets this limit, 0 never stops."
             )
 
     def state_dict(self) -> dict[str, Any]:

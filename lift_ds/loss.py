@@ -267,7 +267,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
     config = getattr(inner, "config", None)
     kind = getattr(config, "model_type", None)
     if config is None or not type(inner).__name__.endswith("ForCausalLM"):
-        return f"{type(inner).__name__} is not a Hugging Face causal LM (a sequence-classification head keeps its own loss)"
+        return (f"{type(inner).__name__} is not a Hugging Face causal "
+                "LM (a sequence-classification head keeps its own loss)")
     if kind not in SUPPORTED_MODEL_TYPES:
         return f"model type {kind!r} is not one whose loss lift_ds reproduces ({', '.join(SUPPORTED_MODEL_TYPES)})"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

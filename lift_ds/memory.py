@@ -67,7 +67,8 @@ class ModelShape:
     hidden: int
     vocab: int
     lora_per_rank_unit: int  # LoRA parameters per unit of rank r on q, k, v, o (sum of in + out)
-    candidate_sizes: list[int]  # what trains in each distinct phase unit of the plan (lift_ds.plan.resolve_plan), in order
+    # what trains in each distinct phase unit of the plan (lift_ds.plan.resolve_plan), in order
+    candidate_sizes: list[int]
     lowest_candidate_layer: int  # 1-indexed layer of the candidate nearest the input (0: the embedding)
     layer_linear: int = 0  # parameters of the decoder layers' linear weights (what Q-LIFT would quantize)
 
@@ -207,7 +208,8 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
     params, grads, optimizer_bytes = state_bytes(shape.total, trained, ranks, zero, precision)
     if frozen_weights != "full":
         if frozen_weights not in QUANTIZED_BYTES or method == "full" or zero == 3:
-            raise ValueError(f"frozen_weights {frozen_weights!r}: allowed full, {', '.join(QUANTIZED_BYTES)}, for lift and lora below ZeRO-3")
+            raise ValueError(f"frozen_weights {frozen_weights!r}: allowed full, "
+                             f"{', '.join(QUANTIZED_BYTES)}, for lift and lora below ZeRO-3")
         w = 2 if precision in ("bf16", "fp16") else 4
         active_linear = min(trained, shape.layer_linear) if method == "lift" else 0
         quantized = shape.layer_linear - active_linear
@@ -305,7 +307,8 @@ def peak_memory() -> dict[str, float]:
         return {"peak_cuda_allocated_gib": torch.cuda.max_memory_allocated() / GIB, "peak_cuda_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
     import resource
 
-    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}  # ru_maxrss is KiB on Linux
+    # ru_maxrss is KiB on Linux
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
 
 
 def live_tensor_bytes() -> int:
@@ -347,14 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--checkpointing", action="store_true", help="activation (gradient) checkpointing: a layer keeps only its input")
     p.add_argument("--gib", type=float, default=80.0, help="memory per rank for the 'largest model that fits' line")
-    p.add_argument("--loss", default="chunked", choices=LOSSES, help="lift.loss: chunked (lift_ds's loss, the default) or model "
-                   "(the model's own: logits at every position)")
+    p.add_argument("--loss", default="chunked", choices=LOSSES, help=("lift.loss: chunked (lift_ds's loss, the default) or model "
+                    "(the model's own: logits at every position)"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--frozen_weights", default="full", choices=("full", *QUANTIZED_BYTES), help="LIFT / LoRA: frozen decoder layers quantized")
     p.add_argument("--stream_frozen", action="store_true", help="LIFT: frozen layers streamed (3 on the device at a time)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"), help="adamw8bit: torchao's 8-bit AdamW, no fp32 master")
-    p.add_argument("--one_gpu", action="store_true", help="which presets fit on one 80 / 48 / 24 / 12 GiB GPU with LIFT (streamed or not, "
-                   "NF4 or not), LoRA, QLoRA-style LoRA and full fine-tuning (ignores the other options except --seq_len)")
+    p.add_argument("--one_gpu", action="store_true", help=("which presets fit on one 80 / 48 / 24 / 12 GiB GPU with LIFT (streamed or not, "
+                    "NF4 or not), LoRA, QLoRA-style LoRA and full fine-tuning (ignores the other options except --seq_len)"))
     args = p.parse_args(argv)
     if args.one_gpu:
         print(one_gpu_table(seq_len=args.seq_len, loss=args.loss))
@@ -383,19 +386,24 @@ def main(argv: list[str] | None = None) -> int:
                           "rows": [{**asdict(r), "model_states": r.model_states, "total": r.total} for r in rows], "largest_fitting": fit}, indent=1))
         return 0
     print(f"{shape.name}: {shape.total / 1e6:.1f}M parameters, {shape.num_layers} layers; {n} ranks, ZeRO-{args.zero}, "
-          f"{args.precision}{', optimizer offload' if args.offload else ''}; micro batch {args.micro_batch} x {args.seq_len}\n")
-    print("| method | trained params | params GiB | grads GiB | optimizer GiB | model states GiB | activations GiB | total GiB |")
+          f"{args.precision}{', optimizer offload' if args.offload else ''}; "
+          f"micro batch {args.micro_batch} x {args.seq_len}\n")
+    print("| method | trained params | params GiB | grads GiB | optimizer "
+          "GiB | model states GiB | activations GiB | total GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         opt = _fmt(r.optimizer) + (" (CPU)" if r.optimizer_on_cpu else "")
-        print(f"| {r.method} | {r.trained / 1e6:.1f}M | {_fmt(r.params)} | {_fmt(r.grads)} | {opt} | {_fmt(r.model_states)} | {_fmt(r.activations)} | {_fmt(r.total)} |")
+        print(f"| {r.method} | {r.trained / 1e6:.1f}M | {_fmt(r.params)} | {_fmt(r.grads)} "
+              f"| {opt} | {_fmt(r.model_states)} | {_fmt(r.activations)} | {_fmt(r.total)} |")
     full, lift = rows[1], rows[0]
     chunked, own = (logits_bytes(shape, args.seq_len, args.micro_batch, args.precision, loss) for loss in LOSSES)
-    print(f"\nlogits (in the activations, per micro-batch): {_fmt(chunked)} GiB with lift.loss chunked, {_fmt(own)} GiB with the "
+    print("\nlogits (in the activations, per micro-batch): "
+          f"{_fmt(chunked)} GiB with lift.loss chunked, {_fmt(own)} GiB with the "
           f"model's own loss (lift.loss model): {_fmt(own - chunked)} GiB less; counted here: {args.loss}")
     print(f"model states, full / LIFT: {full.model_states / lift.model_states:.2f}x")
     if args.zero in (2, 3):
-        print(f"DeepSpeed's own estimate for full fine-tuning (ZeRO-{args.zero}): {_fmt(deepspeed_full_estimate(shape, args.ranks, args.nodes, args.zero, args.offload))} GiB per rank")
+        print(f"DeepSpeed's own estimate for full fine-tuning (ZeRO-{args.zero}): "
+              f"{_fmt(deepspeed_full_estimate(shape, args.ranks, args.nodes, args.zero, args.offload))} GiB per rank")
     print(f"largest preset that fits in {args.gib:g} GiB per rank: " + ", ".join(f"{m}: {v or 'none'}" for m, v in fit.items()))
     return 0
 

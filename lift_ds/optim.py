@@ -4,9 +4,10 @@ LIFT builds a new optimizer at every phase boundary, but a learning-rate schedul
 with it. The schedule therefore drives a *proxy* optimizer that lives for the whole run (one dummy
 parameter, never stepped); before each optimizer step the phase optimizer's groups get
 ``their base lr x (proxy lr / proxy base lr)``. Any scheduler works this way: a DeepSpeed
-``"scheduler"`` section (through :mod:`lift_ds.backends.lr_schedules`), or a callable ``optimizer -> LRScheduler`` such as a Hugging Face
-``get_cosine_schedule_with_warmup`` partial. A scheduler already built on the caller's optimizer
-drives that optimizer instead, group by group. Its state is one ``state_dict`` for checkpoints.
+``"scheduler"`` section (through :mod:`lift_ds.backends.lr_schedules`), or a callable
+``optimizer -> LRScheduler`` such as a Hugging Face ``get_cosine_schedule_with_warmup`` partial. A scheduler
+already built on the caller's optimizer drives that optimizer instead, group by group. Its state is one
+``state_dict`` for checkpoints.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def optimizer_backend_problems(section: Mapping[str, Any] | None, backend: str, 
     """An optimizer type the backend ``backend`` cannot run (``AdamW8bit`` outside the torch backend)."""
     kind = str((section or {}).get("type", "")).lower()
     if kind in TORCH_BACKEND_ONLY and not runs_16bit:
-        return [f"optimizer.type: {section['type']!r} updates 16-bit weights without fp32 masters, which only the torch backend "
+        return [f"optimizer.type: {section['type']!r} updates 16-bit "
+                "weights without fp32 masters, which only the torch backend "
                 f"runs (this is {backend}); use AdamW here (DeepSpeed: offload_optimizer keeps its state in host memory)"]
     return []
 
@@ -75,7 +77,8 @@ def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[st
     elif kind == "adamw8bit":
         cls = _adamw8bit()
     else:
-        raise ConfigError([f"optimizer.type: {section.get('type')!r} is not supported by this backend; allowed: Adam, AdamW, AdamW8bit, SGD "
+        raise ConfigError([f"optimizer.type: {section.get('type')!r} is not supported by this backend; "
+                           "allowed: Adam, AdamW, AdamW8bit, SGD "
                            "(or pass optimizer= a factory)"])
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
     unknown = sorted(set(kwargs) - allowed)
@@ -87,7 +90,8 @@ def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[st
     def factory(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         kw = dict(kwargs)
         if kind == "adamw8bit":  # no fp32 master: bf16 weights take the update with stochastic rounding
-            flat = [q for g in ps for q in (g["params"] if isinstance(g, dict) else [g])]  # parameters, or parameter groups
+            # parameters, or parameter groups
+            flat = [q for g in ps for q in (g["params"] if isinstance(g, dict) else [g])]
             kw.setdefault("bf16_stochastic_round", any(q.dtype == torch.bfloat16 for q in flat))
         return cls(ps, **kw)
 
@@ -176,9 +180,11 @@ def resolve_optimizer(optimizer: Any, section: Mapping[str, Any] | None, model: 
     if callable(optimizer):
         return optimizer, None
     if optimizer is not None:
-        raise ConfigError([f"optimizer: must be a callable params -> torch.optim.Optimizer, an Optimizer, or None; got {type(optimizer).__name__}"])
+        raise ConfigError(["optimizer: must be a callable params -> torch.optim.Optimizer, "
+                           f"an Optimizer, or None; got {type(optimizer).__name__}"])
     if section is None:
-        raise ConfigError(["optimizer: none given; pass optimizer= a callable params -> torch.optim.Optimizer, or add an \"optimizer\" section to the config"])
+        raise ConfigError(["optimizer: none given; pass optimizer= a callable params -> torch.optim.Optimizer, "
+                           "or add an \"optimizer\" section to the config"])
     return None, None
 
 
@@ -209,7 +215,8 @@ class CrossPhaseLRScheduler:
         built = scheduler is not None and not callable(scheduler)
         if built and not (callable(getattr(scheduler, "step", None)) and isinstance(getattr(scheduler, "optimizer", None), torch.optim.Optimizer)):
             raise ConfigError([
-                "lr_scheduler: must be a callable optimizer -> scheduler, or a scheduler built on an optimizer (it has .step() and "
+                "lr_scheduler: must be a callable optimizer -> scheduler, "
+                "or a scheduler built on an optimizer (it has .step() and "
                 f".optimizer); got {type(scheduler).__name__}"
             ])
         self._factory = None if built else scheduler
@@ -303,8 +310,10 @@ class CrossPhaseLRScheduler:
                 and not math.isclose(old, self.base_lr, rel_tol=1e-9)):
             for _ in range(resume_step):  # the schedule the new rate describes, at the resumed step
                 self.step()
-            return (f"the learning rate changed from {old:g} to {self.base_lr:g} since the checkpoint: applied, the schedule continues at "
-                    f"step {resume_step} as the new rate gives (lr now {self.lr:g}); the result will differ from an uninterrupted run")
+            return (f"the learning rate changed from {old:g} to {self.base_lr:g} "
+                    "since the checkpoint: applied, the schedule continues at "
+                    f"step {resume_step} as the new rate gives (lr now {self.lr:g}); "
+                    "the result will differ from an uninterrupted run")
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         lrs = state.get("group_lrs") or ([state["proxy_lr"]] if state.get("proxy_lr") is not None else [])

@@ -36,7 +36,8 @@ def section_value_problems(params: Mapping[str, Any]) -> list[str]:
         if key in params and params[key] is not None and not isinstance(params[key], bool):
             problems.append(f"optimizer.params.{key}: must be true or false, got {params[key]!r}")
     if params.get("bias_correction", True) is not True:
-        problems.append("optimizer.params.bias_correction: false is DeepSpeed's FusedAdam only; torch's Adam/AdamW always correct the bias "
+        problems.append("optimizer.params.bias_correction: false is DeepSpeed's FusedAdam only; "
+                        "torch's Adam/AdamW always correct the bias "
                         "(remove the key)")
     return problems
 
@@ -87,7 +88,8 @@ def probe_optimizer(factory: "OptimizerFactory", where: str = "optimizer", param
             if k != "params" and any(isinstance(x, float) and not math.isfinite(x) for x in values):
                 problems.append(f"{where}: parameter group {i} has {k} = {v!r}; it must be finite")
         if "betas" in group and group.get("eps") == 0:
-            problems.append(f"{where}{'.eps' if params is not None else ''}: eps 0 turns a zero gradient (e.g. an embedding row no batch "
+            problems.append(f"{where}{'.eps' if params is not None else ''}: "
+                            "eps 0 turns a zero gradient (e.g. an embedding row no batch "
                             "used) into NaN in Adam's update; use a small positive eps such as 1e-8")
     return (problems, opt) if keep else problems
 
@@ -106,7 +108,8 @@ def probe_scheduler(factory: "SchedulerFactory", base_lr: float, total_steps: in
             for k in range(min(total_steps or 100, 2000)):
                 lr = float(proxy.param_groups[0]["lr"])
                 if not math.isfinite(lr) or lr < 0:
-                    return [f"{where}: the schedule gives a learning rate of {lr} at step {k}; it must be a finite number >= 0"]
+                    return [f"{where}: the schedule gives a learning rate of {lr} at step {k}; "
+                            "it must be a finite number >= 0"]
                 proxy.step()
                 sched.step()
     except Exception as e:  # noqa: BLE001

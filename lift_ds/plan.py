@@ -61,7 +61,8 @@ class LiftPlan:
         layers = [b.layer_number for b in self.candidates if b.layer_number is not None]
         last = max(layers) if layers else n
         return (f"{name}: {t} is below the {n} candidate blocks, so {n - t} blocks would never train (each block gets "
-                f"floor({t}/{n}) = 0 steps, the first {t} one extra). Use {name} >= {n}, or fewer blocks (e.g. --layer_range "
+                f"floor({t}/{n}) = 0 steps, the first {t} one extra). "
+                f"Use {name} >= {n}, or fewer blocks (e.g. --layer_range "
                 f"{max(1, last - t + 1)},{last})")
 
     def param_names_of(self, candidates: Iterable[int]) -> list[str]:
@@ -89,8 +90,10 @@ def resolve_plan(model: "nn.Module", lift: LiftConfig, fixed_trainable: list[str
     """
     steps_total = total_steps if total_steps is not None else lift.total_steps
     if steps_total is None:
-        raise ConfigError(["lift.total_steps: required (an integer >= 1); set it in the config's \"lift\" section (a --deepspeed_config file holding only that section "
-                           "goes beside a config built in code), pass total_steps= (--max_steps), or pass lift_ds.initialize a built "
+        raise ConfigError(["lift.total_steps: required (an integer >= 1); set it in the config's "
+                           "\"lift\" section (a --deepspeed_config file holding only that section "
+                           "goes beside a config built in code), "
+                           "pass total_steps= (--max_steps), or pass lift_ds.initialize a built "
                            "lr_scheduler laid out for the run (get_scheduler(..., num_training_steps=N), OneCycleLR)"])
     if fixed_trainable is not None:
         names = {n for n, _ in model.named_parameters()}
@@ -108,7 +111,8 @@ def resolve_plan(model: "nn.Module", lift: LiftConfig, fixed_trainable: list[str
             gamma = lift.lisa_layers or DEFAULT_LISA_LAYERS
             if gamma > len(candidates):
                 raise ConfigError([f"lift.lisa_layers: {gamma} is more than the {len(candidates)} candidate layers "
-                                   f"(layer_range {list(lift.layer_range) if lift.layer_range else 'all'}); allowed: 1..{len(candidates)}"])
+                                   f"(layer_range {list(lift.layer_range) if lift.layer_range else 'all'}); "
+                                   f"allowed: 1..{len(candidates)}"])
     if fixed_trainable is not None or lift.method == "lift":
         units, steps = [(c,) for c in range(len(candidates))], plan(len(candidates), steps_total, lift.schedule, lift.policy, lift.seed)
     else:

@@ -67,15 +67,18 @@ def output_dir_problems(args: Any) -> list[str]:
     if problems:
         return problems
     if args.resume and args.overwrite_output_dir:
-        problems.append("--overwrite_output_dir: contradicts --resume (one replaces what --output_dir holds, the other continues it); drop one")
+        problems.append("--overwrite_output_dir: contradicts --resume (one replaces "
+                        "what --output_dir holds, the other continues it); drop one")
     elif out.is_dir() and not args.resume and not args.overwrite_output_dir and int(os.environ.get("RANK", "0") or 0) == 0:
         # rank 0 only: the other ranks start at their own pace, and would see what rank 0 (or another
         # rank's write probe) has just put there; rank 0's refusal ends the job before any process group
         held = sorted(p.name for p in out.iterdir() if not p.name.startswith(WRITE_PROBE))
         if held:
             shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
-            problems.append(f"--output_dir: {str(out)!r} is not empty ({shown}) and --resume is not given: a new run would mix its metrics "
-                            "and checkpoints with what is there. Continue that run with --resume, choose another --output_dir, or pass "
+            problems.append(f"--output_dir: {str(out)!r} is not empty ({shown}) "
+                            "and --resume is not given: a new run would mix its metrics "
+                            "and checkpoints with what is there. Continue that run with --resume, "
+                            "choose another --output_dir, or pass "
                             f"--overwrite_output_dir to replace lift_ds's outputs in it ({', '.join(OUTPUTS)})")
     return problems
 
@@ -105,9 +108,11 @@ def resolve_dir(value: str, flag: str, tokenizer_only: bool = False) -> tuple[st
     if Path(value).expanduser().is_dir():
         return str(Path(value).expanduser()), []
     if Path(value).expanduser().exists():
-        return value, [f"{flag}: {value!r} is a file; give the {'tokenizer' if tokenizer_only else 'model'}'s directory (or a hub id)"]
+        return value, [f"{flag}: {value!r} is a file; "
+                       f"give the {'tokenizer' if tokenizer_only else 'model'}'s directory (or a hub id)"]
     if _looks_like_path(value) or not _HUB_ID.match(value):
-        return value, [f"{flag}: directory {value!r} does not exist (give a local Hugging Face directory or a hub id like org/name)"]
+        return value, [f"{flag}: directory {value!r} does not exist (give a "
+                       "local Hugging Face directory or a hub id like org/name)"]
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # read now, not when huggingface_hub was imported: HF_HUB_OFFLINE and the cache location as they are
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -121,7 +126,8 @@ def resolve_dir(value: str, flag: str, tokenizer_only: bool = False) -> tuple[st
         why = " ".join(str(e).split())[:200]
         where = ("HF_HUB_OFFLINE is set, so only the local cache was searched" if offline
                  else "the hub could not be reached or has no such repository")
-        return value, [f"{flag}: {value!r} is not a local directory, and as a Hugging Face hub id it could not be fetched ({where}: "
+        return value, [f"{flag}: {value!r} is not a local directory, "
+                       f"and as a Hugging Face hub id it could not be fetched ({where}: "
                        f"{type(e).__name__}: {why}). Give a local directory, or download it where the hub is reachable "
                        f"(huggingface-cli download {value}) and run with that cache (HF_HOME)"]
 
@@ -144,7 +150,8 @@ def model_dir_problems(model_dir: str, random_init: bool) -> list[str]:
         return []
     weights = sorted(p.name for p in d.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
     if not weights:
-        return [f"--model: {model_dir!r} has no weights (*.safetensors); give a directory with them, or --random_init for fresh weights"]
+        return [f"--model: {model_dir!r} has no weights (*.safetensors); "
+                "give a directory with them, or --random_init for fresh weights"]
     for index in (d / n for n in weights if n.endswith(".index.json")):
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
@@ -159,7 +166,8 @@ def model_dir_problems(model_dir: str, random_init: bool) -> list[str]:
 def tokenizer_dir_problems(tok_dir: str, flag: str) -> list[str]:
     d = Path(tok_dir)
     if not any((d / n).is_file() for n in TOKENIZER_FILES) and not (d / "merges.txt").is_file():
-        return [f"{flag}: {tok_dir!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); give --tokenizer a directory that does"]
+        return [f"{flag}: {tok_dir!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                "give --tokenizer a directory that does"]
     return []
 
 
@@ -171,7 +179,8 @@ def config_problems(model_dir: str) -> list[str]:
 
         cfg = AutoConfig.from_pretrained(model_dir)
     except Exception as e:  # noqa: BLE001 - transformers' many ways of refusing a config
-        return [f"--model: transformers cannot read {str(Path(model_dir) / 'config.json')!r}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"]
+        return [f"--model: transformers cannot read {str(Path(model_dir) / 'config.json')!r}: "
+                f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"]
     return architecture_problems(cfg)
 
 
@@ -261,7 +270,8 @@ def memory_problems(total_bytes: float, parts: list[tuple[str, float]], local_ra
     if zero < 3:
         fixes.append("ZeRO-3 (ds_configs/zero3.json) to partition states across ranks")
     fixes.append("a smaller --micro_batch_size or --seq_len, or --gradient_checkpointing")
-    return [f"memory: the estimated peak host memory is {total_bytes / GIB:.1f} GiB ({local_ranks} rank(s) on this node, each: {detail}; "
+    return [f"memory: the estimated peak host memory is {total_bytes / GIB:.1f} "
+            f"GiB ({local_ranks} rank(s) on this node, each: {detail}; "
             f"lift_ds.memory's estimate), more than this machine's {have / GIB:.1f} GiB ({what}). Fix: {'; '.join(fixes)}. "
             "Or pass --skip_memory_check to run anyway"]
 
@@ -274,15 +284,19 @@ def data_fit_problems(model: Any, data: Any, pad_id: int | None, seq_len: int, b
     top = max((max(s) for s in seqs if s), default=-1)
     problems = []
     if top >= rows or (pad_id is not None and pad_id >= rows):
-        problems.append(f"--tokenizer: the data has token ids up to {max(top, pad_id or -1)}, but the model's embedding has {rows} rows "
+        problems.append(f"--tokenizer: the data has token ids up to {max(top, pad_id or -1)}, "
+                        f"but the model's embedding has {rows} rows "
                         "(the tokenizer is larger than the model's vocabulary); use the model's own tokenizer")
     if batch is not None and len(data.train.input_ids) < batch[0] * batch[1] * batch[2]:
-        problems.append(f"--micro_batch_size: {len(data.train.input_ids)} training examples are fewer than one global batch ({batch[0]} x "
-                        f"{batch[1]} accumulation step(s) x {batch[2]} ranks); lower the micro batch or the accumulation, or add data")
+        problems.append(f"--micro_batch_size: {len(data.train.input_ids)} training "
+                        f"examples are fewer than one global batch ({batch[0]} x "
+                        f"{batch[1]} accumulation step(s) x {batch[2]} ranks); "
+                        "lower the micro batch or the accumulation, or add data")
     limit = position_limit(model)
     longest = max((len(s) for s in seqs), default=0)
     if limit is not None and longest > limit:
-        problems.append(f"--seq_len: sequences of up to {longest} tokens, but the model has {limit} learned positions; set --seq_len {limit}")
+        problems.append(f"--seq_len: sequences of up to {longest} tokens, "
+                        f"but the model has {limit} learned positions; set --seq_len {limit}")
     return problems
 
 
@@ -301,8 +315,10 @@ def resource_problems(args: Any, config: Any, model_dir: str, model: Any) -> lis
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     free = shutil.disk_usage(probe).free
     if free < need:
-        problems.append(f"--output_dir: {str(probe)!r} has {free / GIB:.1f} GiB free; this run writes about {need / GIB:.1f} GiB (a checkpoint "
-                        "and the final model); free space or choose another --output_dir (--no_checkpoint / --no_final_model write less)")
+        problems.append(f"--output_dir: {str(probe)!r} has {free / GIB:.1f} GiB free; "
+                        f"this run writes about {need / GIB:.1f} GiB (a checkpoint "
+                        "and the final model); free space or choose another "
+                        "--output_dir (--no_checkpoint / --no_final_model write less)")
     if args.skip_memory_check:
         return problems
     try:
@@ -327,8 +343,10 @@ def resource_problems(args: Any, config: Any, model_dir: str, model: Any) -> lis
         device = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()).total_memory
         if est.total > device:
             problems.append(f"memory: the estimated peak device memory per rank is {est.total / GIB:.1f} GiB (model states "
-                            f"{est.model_states / GIB:.1f}, activations {est.activations / GIB:.1f}), more than the GPU's {device / GIB:.1f} "
-                            "GiB. Fix: ZeRO-3 or optimizer offload (ds_configs/zero3_offload.json), more ranks, --gradient_checkpointing, a "
+                            f"{est.model_states / GIB:.1f}, activations {est.activations / GIB:.1f}), "
+                            f"more than the GPU's {device / GIB:.1f} "
+                            "GiB. Fix: ZeRO-3 or optimizer offload (ds_configs/zero3_offload.json), "
+                            "more ranks, --gradient_checkpointing, a "
                             "smaller --micro_batch_size / --seq_len, or --frozen_weights nf4; or --skip_memory_check")
     return problems
 

@@ -99,7 +99,8 @@ def _nearest_nf4(v: torch.Tensor, nf4: torch.Tensor) -> torch.Tensor:
     tables = _NEAREST_TABLES.get(key)
     if tables is None:
         starts = torch.arange(65536, dtype=torch.int64, device=v.device) << 16
-        ends = (starts | 0xFFFF).to(torch.int32).view(torch.float32)  # bit patterns: int64 -> int32 wraps to the same bits
+        # bit patterns: int64 -> int32 wraps to the same bits
+        ends = (starts | 0xFFFF).to(torch.int32).view(torch.float32)
         starts = starts.to(torch.int32).view(torch.float32)
         a, b = _torchao_nearest(starts, nf4).to(torch.uint8), _torchao_nearest(ends, nf4).to(torch.uint8)
         tables = _NEAREST_TABLES[key] = torch.stack([a, b])

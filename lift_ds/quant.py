@@ -141,7 +141,8 @@ class QuantizedFrozenBlocks:
             for p in paths:
                 m = modules[p]
                 if mode == "nf4" and isinstance(m, nn.Linear) and m.weight.numel() % NF4_BLOCK:
-                    problems.append(f"lift.frozen_weights: nf4 needs weights whose size is a multiple of {NF4_BLOCK}; {p}.weight has "
+                    problems.append("lift.frozen_weights: nf4 needs weights whose "
+                                    f"size is a multiple of {NF4_BLOCK}; {p}.weight has "
                                     f"shape {list(m.weight.shape)}. Use \"int8\" or \"full\"")
             self.linears[block] = paths
         if problems:
@@ -321,7 +322,8 @@ def build_quantized_blocks(model: nn.Module, plan: Any, mode: str, store_kind: s
         problems.append(f"lift.frozen_weights: {mode!r}, but the model was built with {model.lift_frozen_weights!r} layers; "
                         "build it with the same mode")
     if store is not None and (streamer is not None) != stream:
-        problems.append(f"lift.stream_frozen: {str(stream).lower()}, but the model was built with{'out' if streamer is None else ''} "
+        problems.append(f"lift.stream_frozen: {str(stream).lower()}, "
+                        f"but the model was built with{'out' if streamer is None else ''} "
                         "streamed layers; build it with the same setting")
     if problems:
         raise ConfigError(problems, source="model")

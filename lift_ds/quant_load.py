@@ -50,7 +50,8 @@ def _fill(model: nn.Module, module: nn.Module, prefix: str, reader: SafetensorsR
                 p.copy_(value.to(dtype))
     if missing:
         for sub in (module.modules() if recurse else [module]):
-            model._init_weights(sub)  # Hugging Face's per-module init (normal(0, initializer_range), ones for norms, ...)
+            # Hugging Face's per-module init (normal(0, initializer_range), ones for norms, ...)
+            model._init_weights(sub)
         if reader is not None:  # only the missing ones keep the init; the rest are read again
             with torch.no_grad():
                 for name, p in module.named_parameters(recurse=recurse):

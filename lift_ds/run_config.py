@@ -78,7 +78,8 @@ def read_config_file(config: str | Path | Mapping[str, Any]) -> tuple[dict[str, 
     except json.JSONDecodeError as e:
         raise ConfigError([f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"], source=str(p)) from None
     except RecursionError:
-        raise ConfigError([f"nested more than {MAX_DEPTH} levels deep (deeper than Python's JSON reader goes); a DeepSpeed config is a "
+        raise ConfigError([f"nested more than {MAX_DEPTH} levels deep (deeper than "
+                           "Python's JSON reader goes); a DeepSpeed config is a "
                            "few levels deep"], source=str(p)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"cannot read {str(p)!r}: {e}"], source=str(p)) from None

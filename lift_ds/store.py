@@ -162,7 +162,8 @@ def init_layer(model: nn.Module, layer: nn.Module, seed: int, index: int) -> Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(layer_seed(seed, index))
         for sub in layer.modules():
-            model._init_weights(sub)  # Hugging Face's per-module init (normal(0, initializer_range), ones for norms, ...)
+            # Hugging Face's per-module init (normal(0, initializer_range), ones for norms, ...)
+            model._init_weights(sub)
 
 
 class SeedOrigin:

@@ -70,7 +70,8 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
         for s in shape:
             numel *= s
         if not 0 <= b <= e or base + e > size or e - b != numel * torch.empty(0, dtype=dtype).element_size():
-            raise TensorFileError(f"{path}: tensor {name!r} has byte range {b}..{e}, which does not fit its shape {list(shape)} or the file")
+            raise TensorFileError(f"{path}: tensor {name!r} has byte range {b}..{e}, "
+                                  f"which does not fit its shape {list(shape)} or the file")
         entries[name] = Entry(dtype, shape, base + b, base + e)
     return entries, dict(table.get("__metadata__") or {})
 

@@ -58,7 +58,8 @@ class Run:
         pad = self.tokenizer.pad_token_id
         config, plan = check_model(self.launch, model_dir, self.data, pad)
         lift = config.lift
-        if lift.frozen_weights != "full" or lift.stream_frozen:  # Q-LIFT / streaming: layer by layer, never the whole model in memory
+        # Q-LIFT / streaming: layer by layer, never the whole model in memory
+        if lift.frozen_weights != "full" or lift.stream_frozen:
             from .quant import make_store, make_streamer, store_dtype
             from .quant_load import build_quantized_model
 
@@ -195,7 +196,8 @@ class Run:
         after = self.evaluate()
         if after:
             self.log({"step": engine.global_step, **after})
-        if not args.no_checkpoint and self.saved_step != engine.global_step:  # not the step just saved (or resumed from) again
+        # not the step just saved (or resumed from) again
+        if not args.no_checkpoint and self.saved_step != engine.global_step:
             self.save()
         if not args.no_final_model:
             self.export()
@@ -285,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (DivergenceError, CheckpointError, PhaseOutOfMemoryError) as e:
         latest = run.ckpt_dir / "latest"
-        where = (f" The newest checkpoint is {run.ckpt_dir / latest.read_text().strip()}; continue from it with the same "
+        where = (f" The newest checkpoint is {run.ckpt_dir / latest.read_text().strip()}; "
+                 "continue from it with the same "
                  "command and --resume.") if latest.is_file() else " No checkpoint was written (use --save_every N)."
         if run.engine.rank == 0:
             print(f"error: {e}{where}", file=sys.stderr)
@@ -296,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             if key in a:
                 print(f"held-out {key.split('_')[1]}: before {b.get(key, float('nan')):.4f} -> after {a[key]:.4f}")
         if result["skipped_steps"]:
-            print(f"{result['skipped_steps']} optimizer steps were skipped for a NaN/inf loss or gradient (see metrics.jsonl)")
+            print(f"{result['skipped_steps']} optimizer steps were skipped "
+                  "for a NaN/inf loss or gradient (see metrics.jsonl)")
         print(f"phase switches took {result['phase_switch_seconds']:.1f} s; outputs in {run.out}")
         write_result(run, result)
     run.engine.close()

@@ -389,7 +389,7 @@ def test_at_least_forty_distinct_refusals(d, capsys):
         code, err = run_main(d, ["--ds_config", str(d / f"{name}.json"), *argv], capsys)
         check(code, err, needles)
         messages.add(err[err.rfind("error:"):].strip())
-    for name, argv, needles in CLI_CASES:
+    for _name, argv, needles in CLI_CASES:
         code, err = run_main(d, argv, capsys)
         check(code, err, needles)
         messages.add(err[err.rfind("error:"):].strip())
@@ -445,10 +445,12 @@ def test_bf16_where_the_gpu_has_none_is_refused_for_torch_backends(monkeypatch):
 
 
 @pytest.mark.parametrize("name,text,needles", [
-    ("duplicate-keys", '{"lift": {"backend": "torch", "schedule": "random", "schedule": "front2end"}, "train_micro_batch_size_per_gpu": 2, '
+    ("duplicate-keys", '{"lift": {"backend": "torch", "schedule": "random", '
+                       '"schedule": "front2end"}, "train_micro_batch_size_per_gpu": 2, '
                        '"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}',
      ["lift.schedule: the key appears more than once", "train_micro_batch_size_per_gpu: the key appears more than once", "DeepSpeed refuses duplicates"]),
-    ("nan-literal", '{"lift": {"backend": "torch"}, "optimizer": {"type": "AdamW", "params": {"lr": NaN, "weight_decay": -Infinity}}}',
+    ("nan-literal", ('{"lift": {"backend": "torch"}, "optimizer": {"type": '
+                     '"AdamW", "params": {"lr": NaN, "weight_decay": -Infinity}}}'),
      ["optimizer.params.lr: NaN is not a finite number", "optimizer.params.weight_decay: -Infinity is not a finite number"]),
     ("recursion-deep", '{"lift": {"backend": "torch"}, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", ["nested more than 32 levels deep"]),
 ])

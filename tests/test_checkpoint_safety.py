@@ -58,7 +58,8 @@ def reference():
 
 
 def saved(tmp_path, steps=(2, 5)):
-    """An engine trained to the last of ``steps``, checkpointed at each (offload + cyclic: every file kind is written)."""
+    """An engine trained to the last of ``steps``, checkpointed at each (offload + cyclic: every file kind is
+    written)."""
     engine = make(lift={"optimizer_state": "offload", "policy": "cyclic"})
     data = lm_batches(STEPS)
     for s in steps:

@@ -68,7 +68,7 @@ def test_classifier_head_run_single_process(files, tmp_path):
     proc = run(["--eval_data", str(files / "train.jsonl"), "--max_steps", "8", "--output_dir", str(out), "--lr", "0.01"], files, flags=["--classifier_head", "--no_checkpoint"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out accuracy: before" in proc.stdout
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"eval_accuracy", "eval_loss"} <= set(records[0]) and records[1]["phase"] == 1
     assert sum("loss" in r for r in records) == 8
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")

@@ -97,12 +97,15 @@ def test_lift_and_top_level_problems_together():
 
 
 def test_import_is_light():
-    code = "import sys, lift_ds; import lift_ds.config, lift_ds.schedule; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    code = ("import sys, lift_ds; import lift_ds.config, lift_ds.schedule; "
+            "print('torch' in sys.modules, 'deepspeed' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
-    # the class swaps are importable from the top level, as the README's one-line swap writes them; transformers loads then
+    # the class swaps are importable from the top level, as the
+    # README's one-line swap writes them; transformers loads then
     code = ("import sys, lift_ds; print('transformers' in sys.modules); from lift_ds import LiftTrainer, LiftSFTTrainer; "
-            "import lift_ds.integrations.transformers as t; print(LiftTrainer is t.LiftTrainer, LiftSFTTrainer is t.LiftSFTTrainer)")
+            "import lift_ds.integrations.transformers as t; "
+            "print(LiftTrainer is t.LiftTrainer, LiftSFTTrainer is t.LiftSFTTrainer)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True"]
 
@@ -132,7 +135,8 @@ def test_deepspeed_top_level_keys_are_the_installed_deepspeeds():
     for cfg in ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp", "quickstart_cpu", "trainer_zero2"):
         raw = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / f"{cfg}.json").read_text())
         assert not [k for k in raw if k not in compat.known_top_level_keys() and not k.startswith("_comment")], cfg
-        assert compat.section_problems(raw, ("zero_optimization", "bf16", "fp16")) == [], cfg  # DeepSpeed's models accept the shipped configs
+        # DeepSpeed's models accept the shipped configs
+        assert compat.section_problems(raw, ("zero_optimization", "bf16", "fp16")) == [], cfg
 
 
 def test_deepspeeds_own_models_validate_the_sections_it_reads():

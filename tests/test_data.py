@@ -16,7 +16,7 @@ def tok(tmp_path_factory):
 
 
 def write(path, lines):
-    path.write_text("".join(l + "\n" for l in lines))
+    path.write_text("".join(line + "\n" for line in lines))
     return path
 
 

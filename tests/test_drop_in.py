@@ -14,7 +14,8 @@ from lift_ds.facade import NOT_UNDER_LIFT, NotUnderLiftError
 
 from helpers import lm_batches, snapshot, tiny_llama
 
-LIFT = {"total_steps": 8, "layer_range": [2, 4], "include_head": True}  # 4 blocks x 2 steps; embedding and layers.0 never train
+# 4 blocks x 2 steps; embedding and layers.0 never train
+LIFT = {"total_steps": 8, "layer_range": [2, 4], "include_head": True}
 
 
 def make(model=None, opt=None, sched=None, lift=None, **top):
@@ -51,7 +52,7 @@ def test_engine_is_a_module_wrapping_the_model():
     assert engine.model is model.model and engine.get_input_embeddings() is model.get_input_embeddings()
     assert len(list(engine.named_modules())) == len(list(model.named_modules())) + 1
     with pytest.raises(AttributeError, match="nor has the LlamaForCausalLM it wraps"):
-        engine.no_such_member
+        engine.no_such_member  # noqa: B018 (the attribute access raises)
 
 
 def test_a_plan_resolved_before_the_weights_is_used_as_is():
@@ -82,7 +83,8 @@ def test_deepspeed_members_and_what_cannot_mean_the_same():
     assert not engine.bfloat16_enabled() and not engine.fp16_enabled() and engine.gradient_clipping() == 0.0
     b = lm_batches(1)[0]
     assert not engine.is_gradient_accumulation_boundary()
-    engine.set_gradient_accumulation_boundary(False)  # agrees with LIFT's count: accepted (accelerate calls it every backward)
+    # agrees with LIFT's count: accepted (accelerate calls it every backward)
+    engine.set_gradient_accumulation_boundary(False)
     with pytest.raises(NotUnderLiftError, match="LIFT counts micro-steps itself"):
         engine.set_gradient_accumulation_boundary(True)
     for _ in range(2):
@@ -176,10 +178,12 @@ def test_built_optimizer_keeps_each_parameters_group_and_built_scheduler_one_cur
     plain_lift_loop(ref, data, lam)
     for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
-    # the layers' phases: 7 decayed tensors at lr, 2 norms undecayed at their own lr; the head: lm_head and the final norm
+    # the layers' phases: 7 decayed tensors at lr, 2 norms undecayed
+    # at their own lr; the head: lm_head and the final norm
     assert seen[0] == [(1e-2, 0.1, 7), (3e-2, 0.0, 2)] and seen[3] == [pytest.approx((1e-2 / 4, 0.1, 7)), pytest.approx((3e-2 / 4, 0.0, 2))]
     assert seen[6] == [pytest.approx((1e-2 / 7, 0.1, 1)), pytest.approx((3e-2 / 7, 0.0, 1))]
-    assert lr.get_last_lr() == pytest.approx([1e-2 / 9, 3e-2 / 9]) and lr.last_epoch == 8  # the scheduler's own attributes
+    # the scheduler's own attributes
+    assert lr.get_last_lr() == pytest.approx([1e-2 / 9, 3e-2 / 9]) and lr.last_epoch == 8
     assert all(g["lr"] == pytest.approx(lr.get_last_lr()[i]) for i, g in enumerate(user.param_groups))
 
 
@@ -275,7 +279,8 @@ def test_client_optimizer_with_offload_is_judged_as_deepspeed_judges_it():
             lift_ds.initialize(model=model, optimizer=opt, config=cfg)
     assert DeepSpeedBackend.client_optimizer_problems(cfg, "DeepSpeedCPUAdam") == []
     assert DeepSpeedBackend.client_optimizer_problems({**cfg, "zero_force_ds_cpu_optimizer": False}, "AdamW") == []
-    with pytest.raises(ConfigError, match=r"optimizer.type 'SGD' has none"):  # a config section that cannot run offloaded
+    # a config section that cannot run offloaded
+    with pytest.raises(ConfigError, match=r"optimizer.type 'SGD' has none"):
         lift_ds.load_run_config({**cfg, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
 
 
@@ -323,7 +328,8 @@ def test_absent_precision_follows_the_training_arguments(tmp_path):
     cfg = {"train_micro_batch_size_per_gpu": "auto", "lift": {"backend": "torch"}}
     t = trainer(tmp_path, cfg, bf16=True)
     assert trainer_config(t, cfg, 8)["bf16"] == {"enabled": True}
-    assert trainer_config(t, {**cfg, "bfloat16": {"enabled": True}}, 8)["bf16"] == {"enabled": True}  # DeepSpeed's older name
+    # DeepSpeed's older name
+    assert trainer_config(t, {**cfg, "bfloat16": {"enabled": True}}, 8)["bf16"] == {"enabled": True}
     with pytest.raises(ConfigError, match="bf16.enabled: False in the DeepSpeed config, but TrainingArguments says True"):
         trainer_config(t, {**cfg, "bf16": {"enabled": False}}, 8)
 

@@ -92,7 +92,8 @@ def test_truncated_backward_grads_and_hooks():
         m.register_full_backward_hook(lambda mod, gi, go, name=name: fired.__setitem__(name, fired.get(name, 0) + 1))
     b = lm_batches(1)[0]
     assert engine.active_block == "model.layers.2"
-    with pytest.warns(UserWarning, match="no inputs require gradients"):  # torch says so: the embedding output needs no grad
+    # torch says so: the embedding output needs no grad
+    with pytest.warns(UserWarning, match="no inputs require gradients"):
         engine(**b).loss.backward()  # plain autograd, no engine step: inspect grads
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == {n for n in dict(model.named_parameters()) if n.startswith("model.layers.2.")}
@@ -132,7 +133,7 @@ def test_truncated_backward_with_gradient_checkpointing():
 
 def test_gradient_accumulation_matches_big_batch():
     data = lm_batches(4, batch=4)
-    sgd = lambda ps: torch.optim.SGD(ps, lr=0.5)
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.5)  # noqa: E731
     e1, _, _ = make(lift={"total_steps": 4}, opt=sgd)
     train(e1, data)
     e2, _, _ = make(lift={"total_steps": 4}, opt=sgd, gradient_accumulation_steps=2, train_micro_batch_size_per_gpu=2)
@@ -148,8 +149,8 @@ def test_gradient_accumulation_matches_big_batch():
 
 
 def test_lr_schedule_runs_across_phases():
-    lam = lambda step: 1.0 / (1 + step)
-    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    lam = lambda step: 1.0 / (1 + step)  # noqa: E731
+    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam)  # noqa: E731
     engine, optimizer, lr = make(lift={"total_steps": 8}, opt=lambda ps: torch.optim.SGD(ps, lr=0.2), sched=sched)
     seen = []
     for b in lm_batches(8):
@@ -195,7 +196,7 @@ def test_gradient_clipping_on_and_off():
 @pytest.mark.parametrize("schedule,policy", [("random", "cyclic"), ("front2end", "grouped")])
 def test_checkpoint_resume_is_exact(tmp_path, schedule, policy):
     lift = {"total_steps": 10, "schedule": schedule, "policy": policy, "seed": 3, "include_head": True}
-    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))  # noqa: E731
     data = lm_batches(10)
     ref, _, _ = make(lift=lift, sched=sched)
     train(ref, data)
@@ -224,7 +225,7 @@ def test_optimizer_state_offload_keeps_each_blocks_state():
     data = lm_batches(9)
     model = tiny_llama(layers=3)
     ref_model = copy.deepcopy(model)
-    opt = lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=1e-3)
+    opt = lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=1e-3)  # noqa: E731
     engine, _, _ = make(model=model, lift={"total_steps": 9, "policy": "cyclic", "optimizer_state": "offload"}, opt=opt)
     train(engine, data)
     per_block_adam_reference(ref_model, data, opt, layers=3)  # one persistent Adam per layer, stepping in turn

@@ -27,7 +27,8 @@ def test_configuration_table_is_the_declarations():
     start = lines.index(settings_table().splitlines()[0])
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     assert "\n".join(lines[start:end]) == settings_table(), (
-        "regenerate the table in docs/configuration.md: python -c 'from lift_ds.config import settings_table; print(settings_table())'")
+        "regenerate the table in docs/configuration.md: "
+        "python -c 'from lift_ds.config import settings_table; print(settings_table())'")
 
 
 #: the README is the front door: what it is, install, the two commands, the drop-in surfaces, launching, links
@@ -67,7 +68,7 @@ def broken_links(pages: list[Path], root: Path = REPO) -> list[str]:
     """Every relative link in ``pages`` whose file (or, into a markdown file, heading anchor) does not exist."""
     broken = []
     for page in pages:
-        for n, line in enumerate(_prose(page), 1):
+        for line in _prose(page):
             for target in _LINK.findall(line):
                 if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...
                     continue

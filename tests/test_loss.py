@@ -326,7 +326,7 @@ def test_lift_trainer_trains_through_the_chunked_loss(tmp_path):
     for mode in ("model", "chunked"):
         model = tiny_llama(tie=True)
         calls = []
-        model.lm_head.register_forward_pre_hook(lambda m, a: calls.append(len(a)))
+        model.lm_head.register_forward_pre_hook(lambda m, a: calls.append(len(a)))  # noqa: B023 (the hook fires in this iteration)
         args = TrainingArguments(output_dir=str(tmp_path / mode), per_device_train_batch_size=2, max_steps=6, report_to=[], use_cpu=True,
                                  disable_tqdm=True, learning_rate=1e-2, save_strategy="no", adam_epsilon=1e-3)
         trainer = LiftTrainer(model=model, args=args, train_dataset=rows, data_collator=lambda r: {k: torch.tensor([x[k] for x in r]) for k in r[0]},

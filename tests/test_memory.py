@@ -94,7 +94,8 @@ def test_quantized_frozen_weights_arithmetic():
     nf4 = memory.estimate(s, "lift", 1, 0, frozen_weights="nf4")
     block_linear = min(max(s.candidate_sizes), s.layer_linear)
     assert nf4.params == (s.layer_linear - block_linear) * 4.127 / 8 + (s.total - s.layer_linear + block_linear) * 2
-    assert nf4.optimizer == lift.optimizer and nf4.grads == lift.grads and nf4.params < 0.35 * lift.params  # embeddings, head stay 16-bit
+    # embeddings, head stay 16-bit
+    assert nf4.optimizer == lift.optimizer and nf4.grads == lift.grads and nf4.params < 0.35 * lift.params
     qlora = memory.estimate(s, "lora", 1, 0, frozen_weights="int8")
     assert qlora.params == s.layer_linear * 1.0 + (s.total - s.layer_linear) * 2
     with pytest.raises(ValueError, match="frozen_weights 'nf4'"):
@@ -107,7 +108,8 @@ def test_one_gpu_table(capsys):
     assert out.splitlines()[0] == ("| method | llama-2-7b | llama-3-8b | llama-2-70b | llama-3-70b | fits 80 GiB | fits 48 GiB | fits 24 GiB "
                                    "| fits 12 GiB |")
     nf4 = next(line for line in out.splitlines() if line.startswith("| LIFT-NF4 |"))
-    assert nf4.endswith("| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b |")
+    assert nf4.endswith("| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, "
+                        "llama-3-8b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b |")
     streamed = next(line for line in out.splitlines() if line.startswith("| LIFT-NF4 streamed, AdamW8bit |"))
     assert streamed.endswith("| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, llama-3-8b, llama-2-70b |")
     assert "| full fine-tuning |" in out and out.count("none") >= 4

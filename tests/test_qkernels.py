@@ -59,7 +59,8 @@ class Source:
 def test_quantization_equals_torchao_bit_for_bit(small_chunks, dtype, mode, shape):
     torch.manual_seed(0)
     w = (torch.randn(*shape) * 0.02).to(dtype)
-    w[0, :7] = torch.tensor([0.0, 1e-30, -1e-30, 0.02, -0.02, 0.5, -0.5]).to(dtype)  # zeros, tiny values, a large block absmax
+    # zeros, tiny values, a large block absmax
+    w[0, :7] = torch.tensor([0.0, 1e-30, -1e-30, 0.02, -0.02, 0.5, -0.5]).to(dtype)
     mine = K.quantize_weight(w, mode)
     assert_same_tensor(mine, torchao_quantized(w, mode))
     want = mine.get_original_weight() if mode == "nf4" else mine.dequantize()
@@ -131,12 +132,13 @@ def test_no_full_size_temporary(small_chunks):
     assert _largest_allocation(lambda: torchao_quantized(w, "nf4")) >= full
     assert _largest_allocation(lambda: torchao_quantized(w, "nf4").get_original_weight()) >= full
     for mode in ("nf4", "int8"):
-        assert _largest_allocation(lambda: K.quantize_weight(w, mode)) <= full / 4, mode  # int8: its own output
+        # int8: its own output
+        assert _largest_allocation(lambda: K.quantize_weight(w, mode)) <= full / 4, mode  # noqa: B023 (called at once)
         q = K.quantize_weight(w, mode)
         x = torch.randn(4, 512, requires_grad=True)
 
         def step():
-            K.frozen_linear(x, Source(q), None).sum().backward()
+            K.frozen_linear(x, Source(q), None).sum().backward()  # noqa: B023 (called at once)
         assert _largest_allocation(step) <= full / 8, mode
     # the scratch buffers stay a chunk (or NF4's narrowest column block: 64 columns)
     assert max(b.numel() * b.element_size() for b in K._local.pool.values()) <= 4 * max(K.CHUNK, 64 * w.shape[0]) < full / 2

@@ -198,7 +198,8 @@ def test_unknown_mode_and_missing_torchao_are_config_errors(monkeypatch):
 
 def test_nf4_weight_of_unsupported_size_is_a_clear_error():
     model = tiny_llama(layers=4, hidden=24)  # k_proj 12 x 24 = 288 elements: not a multiple of NF4's block of 64
-    with pytest.raises(ConfigError, match=r"nf4 needs weights whose size is a multiple of 64; model.layers.\d.self_attn.k_proj.weight has shape \[12, 24\]"):
+    with pytest.raises(ConfigError, match=(r"nf4 needs weights whose size is a multiple of 64; "
+                                           r"model.layers.\d.self_attn.k_proj.weight has shape \[12, 24\]")):
         make("nf4", model=model)
 
 

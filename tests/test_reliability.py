@@ -203,7 +203,8 @@ def test_out_of_memory_at_phase_rebuild_names_block_and_estimate(monkeypatch):
 def test_cpu_allocator_failure_is_recognised():
     from lift_ds.engine import is_out_of_memory
 
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: "
+                                         "can't allocate memory: you tried to allocate 1 bytes"))
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 

@@ -93,7 +93,7 @@ def test_cursor_walks_and_reports_boundaries():
     assert seen == [0, 0, 1, 1, 2, 2]
     assert boundaries == [False, True, False, True, False, False]
     with pytest.raises(RuntimeError, match="finished"):
-        c.block
+        c.block  # noqa: B018 (the attribute access raises)
 
 
 def test_cursor_resume_continues_same_sequence():

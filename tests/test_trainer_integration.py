@@ -100,7 +100,8 @@ def test_fractional_steps_are_fractions_of_the_run_and_a_missing_checkpoint_is_n
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     half = build(tmp_path / "half", max_steps=-1, num_train_epochs=0.5, logging_strategy="no")
     half.train()
-    assert half.lift_engine.plan.total_steps == 4 and not [h for h in half.state.log_history if "loss" in h]  # 16 samples / 2 = 8 per epoch
+    # 16 samples / 2 = 8 per epoch
+    assert half.lift_engine.plan.total_steps == 4 and not [h for h in half.state.log_history if "loss" in h]
     with pytest.raises(ResumeError, match=r"resume_from_checkpoint: '.*checkpoint-99' is not a checkpoint directory"):
         build(tmp_path / "again").train(resume_from_checkpoint=str(tmp_path / "checkpoint-99"))
     with pytest.raises(ResumeError, match="resume_from_checkpoint=True: no valid checkpoint found"):
@@ -193,5 +194,6 @@ def test_badam_and_lisa_presets_through_the_trainer(tmp_path, method):
     assert len(seen) == 8
     for k, (params, state) in enumerate(seen):
         assert {ids[i] for i in params} == expected[k], (k, sorted({ids[i] for i in params} ^ expected[k]))
-        assert (state == 0) == (k in starts), (k, state)  # a fresh optimizer at every period start, the state kept within
+        # a fresh optimizer at every period start, the state kept within
+        assert (state == 0) == (k in starts), (k, state)
     assert len({frozenset(e) for e in expected}) > 1

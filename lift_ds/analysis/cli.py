@@ -3,8 +3,10 @@
     python -m lift_ds.analysis contribution --model DIR --task sentiment --task bigbench:strategyqa \\
         --steps 40 --out outputs/contribution [--sublayers] [--classifier_head]
     python -m lift_ds.analysis ablation --model DIR --task sentiment --steps 90 --out outputs/ablation \\
-        [--ranges all,first,middle,last,6-8] [--schedules front2end,end2front,random] [--policies grouped,cyclic] [--grid oat|full]
-    python -m lift_ds.analysis curves --run LIFT=outputs/lift/metrics.jsonl --run FT-Full=outputs/full/metrics.jsonl --out curves.png
+        [--ranges all,first,middle,last,6-8] [--schedules front2end,end2front,random] \
+        [--policies grouped,cyclic] [--grid oat|full]
+    python -m lift_ds.analysis curves --run LIFT=outputs/lift/metrics.jsonl \
+        --run FT-Full=outputs/full/metrics.jsonl --out curves.png
 
 Tasks: ``sentiment`` (movie reviews), ``trec`` (TREC question classes), ``bigbench:<task>`` (a BIG-bench
 multiple-choice task), or ``NAME=FORMAT:TRAIN[:EVAL]`` for your own files in a launch/train.py format.
@@ -94,11 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--micro_batch", type=int, default=8)
     m.add_argument("--val_items", type=int, default=100, help="validation items drawn (seed 0) from each training file, never trained on")
     m.add_argument("--test_limit", type=int, default=0, help="test items scored per task (0: all of the held-out file)")
-    m.add_argument("--eval_every", type=int, default=0, help="validation every N steps for the curves, runs of the first seed (default: steps / 5); the other seeds validate at the end only")
+    m.add_argument("--eval_every", type=int, default=0, help=("validation every N steps for the curves, runs of the first seed (default: "
+                                                              "steps / 5); the other seeds validate at the end only"))
     m.add_argument("--switch_every", type=int, default=0, help="badam / lisa: steps per switch (default: the methods' own, 50 / 20)")
     m.add_argument("--out", required=True, help="output directory (a stopped study continues there)")
-    m.add_argument("--lm_eval", action="store_true", help="also score each method's best-lr model (first seed) with lm-eval and "
-                   "report its agreement with lift_ds's evaluator (pip install 'lift_ds[eval]')")
+    m.add_argument("--lm_eval", action="store_true", help=("also score each method's best-lr model (first seed) with lm-eval and "
+                    "report its agreement with lift_ds's evaluator (pip install 'lift_ds[eval]')"))
     m.add_argument("--report_only", action="store_true", help="launch nothing: summarize the finished runs in --out (a study in progress or cut short)")
     m.add_argument("--keep_models", action="store_true", help="keep every run's exported model and checkpoint (default: removed once scored)")
     e = sub.add_parser("lmeval", help="accuracy of a model by lift_ds's evaluator and by EleutherAI's lm-eval, item by item")
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             res = contribution(setup, tasks, seeds, args.sublayers, args.window or max(1, layers // 3), out, only)
             print(f"wrote {out}/contribution.csv, .json, .png")
             if res["recommended_layer_range"]:
-                print(f"recommended layer_range: {res['recommended_layer_range']} (mean relative score {res['recommended_mean_relative']:.3f}; "
+                print(f"recommended layer_range: {res['recommended_layer_range']} "
+                      f"(mean relative score {res['recommended_mean_relative']:.3f}; "
                       f"all layers {res['all_layers_mean_relative']:.3f})")
         else:
             from transformers import AutoConfig
@@ -193,7 +197,8 @@ def _compare(args: argparse.Namespace) -> int:
         except ValueError:
             grid = []
         if not eq or name not in methods or not grid or not all(x > 0 for x in grid):
-            problems.append(f"--lrs: {spec!r} must be METHOD=LR[,LR...] with METHOD one of --methods ({', '.join(methods)}) and rates > 0")
+            problems.append(f"--lrs: {spec!r} must be METHOD=LR[,LR...] with METHOD "
+                            f"one of --methods ({', '.join(methods)}) and rates > 0")
         else:
             lrs[name] = grid
     try:
@@ -225,8 +230,10 @@ def _lmeval(args: argparse.Namespace) -> int:
         raise ConfigError(problems)
     rows = [agreement(args.model, parse_task(t), args.seq_len, args.limit, Path(args.out) / "tasks") for t in args.task]
     for r in rows:
-        print(f"{r['task']}: {r['items']} items, lift_ds accuracy {r['lift_ds_accuracy']:.4f}, lm-eval acc {r['lm_eval_accuracy']:.4f}, "
-              f"{r['items_choosing_differently']} items chosen differently, largest log-likelihood gap {r['max_loglikelihood_gap']:.2e}")
+        print(f"{r['task']}: {r['items']} items, lift_ds accuracy {r['lift_ds_accuracy']:.4f}, "
+              f"lm-eval acc {r['lm_eval_accuracy']:.4f}, "
+              f"{r['items_choosing_differently']} items chosen differently, "
+              f"largest log-likelihood gap {r['max_loglikelihood_gap']:.2e}")
     from ..provenance import write_json
 
     write_json(Path(args.out, "lmeval.json"), {"rows": rows})

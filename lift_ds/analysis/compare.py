@@ -170,7 +170,8 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
         if getattr(args, "report_only", False) and not (run_dir / "result.json").is_file():
             return None
         r = launch_run(model, task, *splits[task.name], m, lr, s, args, run_dir)
-        print(f"{task.name} {m} lr={lr:g} seed={s}: val {r['val']:.4f} test {r['test']['score']:.4f} ({r['seconds']:.0f} s)", flush=True)
+        print((f"{task.name} {m} lr={lr:g} seed={s}: "
+               f"val {r['val']:.4f} test {r['test']['score']:.4f} ({r['seconds']:.0f} s)"), flush=True)
         results.append(r)
         return r
 

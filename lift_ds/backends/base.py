@@ -85,7 +85,7 @@ class Backend(EngineMembers, ABC):
         torch.optim), ``scheduler``; subclasses add their own keys (``raw``: the whole config; ``baseline``: lift/full/lora).
         """
         problems = hardware.precision_problems(cls.name, training.precision)
-        problems += ds_config_keys.section_problems(raw, ("bf16", "fp16"))  # e.g. a misspelled "enable": silently fp32 otherwise
+        problems += ds_config_keys.section_problems(raw, ("bf16", "fp16"))  # e.g. a misspelled "enable": silently fp32
         problems += optimizer_backend_problems(training.optimizer, cls.name, cls.runs_16bit_optimizers)
         problems += cls.optimizer_section_problems(training.optimizer)
         if training.scheduler is not None:

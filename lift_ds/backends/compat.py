@@ -22,7 +22,7 @@ once when another version is found.
 | :func:`zero_reduce_bucket_size` | ``optimizer.reduce_bucket_size`` (read by the leak test) |
 | :func:`forget_process_groups` | ZeRO-3 parameters keep their process group in ``ds_process_group`` (dropped at exit) |
 | :class:`~lift_ds.backends.compat_zero3.Zero3OffloadKeeper` | ZeRO-3's optimizer builds its model-wide ``DeepSpeedZeRoOffload`` (parameter coordinator, hooks on every module) in ``initialize_ds_offload``, called with keywords, and removes it in ``destroy``; the coordinator's ``_invalidate_trace`` |
-"""
+"""  # noqa: E501 (a Markdown table: its rows cannot wrap)
 
 from __future__ import annotations
 

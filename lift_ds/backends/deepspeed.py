@@ -56,7 +56,8 @@ class DeepSpeedBackend(Backend):
         if zero is not None:
             zero_problems = ds_config_keys.zero_problems(zero, raw)
             problems += zero_problems
-            # the rest of the section as DeepSpeed's own model reads it (it would refuse it after the process group started)
+            # the rest of the section as DeepSpeed's own model reads it (it
+            # would refuse it after the process group started)
             reported = tuple(p.split(":", 1)[0] for p in zero_problems) + (("zero_optimization",) if not isinstance(zero, Mapping) else ())
             problems += ds_config_keys.section_problems(raw, ("zero_optimization",), reported)
             if not zero_problems:
@@ -138,7 +139,8 @@ class DeepSpeedBackend(Backend):
 
     def no_sync(self) -> Any:
         if self.zero_stage >= 2:  # DeepSpeed asserts the same
-            raise NotUnderLiftError(f"no_sync: incompatible with the gradient partitioning of ZeRO stage {self.zero_stage} (as in DeepSpeed)")
+            raise NotUnderLiftError("no_sync: incompatible with the gradient partitioning "
+                                    f"of ZeRO stage {self.zero_stage} (as in DeepSpeed)")
         return self._engine.no_sync() if self._engine is not None else contextlib.nullcontext()
 
     def monitor(self) -> Any:
@@ -205,7 +207,8 @@ class DeepSpeedBackend(Backend):
         return cfg
 
     def build(self, params: list[nn.Parameter]) -> None:
-        # parameter groups (their own weight decay, lr, ...) reach the client optimizer, or DeepSpeed's own build of the config's
+        # parameter groups (their own weight decay, lr, ...) reach the
+        # client optimizer, or DeepSpeed's own build of the config's
         inputs = self.param_groups(params) if self.param_groups is not None else params
         opt = self.optimizer_factory(inputs) if self.optimizer_factory is not None else None
         skip = self._built_once and self.zero_stage < 3
@@ -226,7 +229,8 @@ class DeepSpeedBackend(Backend):
             return
         self._loss_scaler = self._loss_scale_now()
         engine, self._engine = self._engine, None
-        # ZeRO-3: the kept parameter offload (and the backward Functions bound to its coordinator) stays for the next phase
+        # ZeRO-3: the kept parameter offload (and the backward Functions
+        # bound to its coordinator) stays for the next phase
         compat.release_engine(engine, self.model, keep_module_functions=self._offload_keeper.offload is not None)
         del engine
         self._params = []
@@ -279,7 +283,8 @@ class DeepSpeedBackend(Backend):
         if self._engine.was_step_applied():
             raise RuntimeError(
                 "DeepSpeed applied an update from NaN/inf gradients (its overflow check is off: "
-                "zero_optimization.compute_grad_norm is false?); the weights may now be NaN. Resume from the last checkpoint"
+                "zero_optimization.compute_grad_norm is false?); "
+                "the weights may now be NaN. Resume from the last checkpoint"
             )
 
     @property

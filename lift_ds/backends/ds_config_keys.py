@@ -88,7 +88,8 @@ def section_problems(raw: Any, sections: tuple[str, ...], reported: tuple[str, .
                 if any(path == r or path.startswith(r + ".") for r in reported):
                     continue
                 got = err.get("input")
-                hint = " (\"auto\" sizes are filled in by Hugging Face's own DeepSpeed integration, which lift_ds does not use; give a number)" if got == "auto" else ""
+                hint = (" (\"auto\" sizes are filled in by Hugging Face's own DeepSpeed integration, "
+                        "which lift_ds does not use; give a number)") if got == "auto" else ""
                 what = err["msg"]
                 if err["type"] == "extra_forbidden":
                     import difflib
@@ -127,16 +128,19 @@ def zero_problems(zero: Any, raw: Mapping[str, Any]) -> list[str]:
         if dev == "nvme" and not sec.get("nvme_path"):
             problems.append(f"zero_optimization.{key}.nvme_path: required with device \"nvme\" (a directory on a local NVMe drive)")
         if key == "offload_param" and stage != 3:
-            problems.append(f"zero_optimization.offload_param: only ZeRO stage 3 offloads parameters (stage is {stage!r}); use offload_optimizer, or stage 3")
+            problems.append("zero_optimization.offload_param: only ZeRO stage 3 offloads "
+                            f"parameters (stage is {stage!r}); use offload_optimizer, or stage 3")
         if key == "offload_optimizer":
             if stage not in (1, 2, 3):
                 problems.append(f"zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3 (stage is {stage!r})")
-            opt = raw.get("optimizer")  # absent: the optimizer is the client's (lift_ds.initialize checks it: client_optimizer_problems)
+            # absent: the optimizer is the client's (lift_ds.initialize checks it: client_optimizer_problems)
+            opt = raw.get("optimizer")
             kind = opt.get("type") if isinstance(opt, Mapping) else None
             if opt is not None and (not isinstance(kind, str) or kind.lower() not in OFFLOADABLE_OPTIMIZERS):
                 problems.append(
                     f"zero_optimization.offload_optimizer: DeepSpeed runs an offloaded optimizer with its CPU ops "
-                    f"(DeepSpeedCPUAdam, -Adagrad, -Lion); optimizer.type {kind!r} has none. Use Adam, AdamW, Adagrad or Lion, "
+                    "(DeepSpeedCPUAdam, -Adagrad, -Lion); "
+                    f"optimizer.type {kind!r} has none. Use Adam, AdamW, Adagrad or Lion, "
                     "or remove the offload"
                 )
     return problems
@@ -153,12 +157,14 @@ CPU_OP_OPTIMIZERS = ("DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULio
 
 def client_offload_problems(raw: Mapping[str, Any], optimizer_class: str) -> list[str]:
     """A client optimizer (``optimizer=`` of ``initialize``) with ``offload_optimizer``, judged as DeepSpeed does in
-    ``deepspeed.initialize`` (after its process group started): one of its CPU ops, or ``zero_force_ds_cpu_optimizer: false``."""
+    ``deepspeed.initialize`` (after its process group started): one of its CPU ops, or
+    ``zero_force_ds_cpu_optimizer: false``."""
     zero = raw.get("zero_optimization")
     if not isinstance(zero, Mapping) or not offloaded(zero, "offload_optimizer") or optimizer_class in CPU_OP_OPTIMIZERS:
         return []
     if raw.get("zero_force_ds_cpu_optimizer", True) is False:
         return []
-    return [f"optimizer: {optimizer_class} given with zero_optimization.offload_optimizer; DeepSpeed runs a client optimizer over "
+    return [f"optimizer: {optimizer_class} given with zero_optimization.offload_optimizer; "
+            "DeepSpeed runs a client optimizer over "
             f"offloaded partitions only when it is one of {', '.join(CPU_OP_OPTIMIZERS)} (deepspeed.ops), or with "
             "\"zero_force_ds_cpu_optimizer\": false (then it steps on the CPU partitions as given)"]

@@ -5,7 +5,8 @@ whether a consolidated 16-bit save happens. Defaults for every backend; ``deepsp
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Iterable
+from contextlib import AbstractContextManager
+from typing import Any, Iterable
 
 #: ``Backend.library_member``'s answer for a name its library's engine does not have
 MISSING = object()
@@ -35,7 +36,7 @@ class EngineMembers:
                     "(lift.backend \"deepspeed\" has one per phase)")
         return None
 
-    def no_sync(self) -> ContextManager[None]:
+    def no_sync(self) -> AbstractContextManager[None]:
         """A context in which backward does not reduce gradients across ranks."""
         if self.world_size == 1:
             return contextlib.nullcontext()

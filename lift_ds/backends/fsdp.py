@@ -46,12 +46,14 @@ def _fsdp_problems(raw: Mapping[str, Any], training: TrainingConfig) -> list[str
     if isinstance(zero, Mapping) and zero.get("stage", 0) not in (0, None):
         problems.append(
             f"zero_optimization.stage: {zero.get('stage')} is a DeepSpeed ZeRO stage; backend \"fsdp\" always shards "
-            "parameters, gradients and optimizer state (like ZeRO-3). Remove zero_optimization or use backend \"deepspeed\""
+            "parameters, gradients and optimizer state (like ZeRO-3). "
+            "Remove zero_optimization or use backend \"deepspeed\""
         )
     offloaded = [k for k in ("offload_optimizer", "offload_param") if isinstance(zero, Mapping) and zero.get(k)
                  and (not isinstance(zero[k], Mapping) or (zero[k].get("device") or "none") != "none")]
     if offloaded:  # {"device": "none"} (DeepSpeed-Chat's default) offloads nothing
-        problems.append("zero_optimization.offload_*: DeepSpeed offload does not apply to backend \"fsdp\"; use \"fsdp\": {\"cpu_offload\": true}")
+        problems.append("zero_optimization.offload_*: DeepSpeed offload does not apply "
+                        "to backend \"fsdp\"; use \"fsdp\": {\"cpu_offload\": true}")
     if training.precision == "fp16":
         problems.append("fp16.enabled: backend \"fsdp\" has no loss scaler here; use bf16")
     sec = raw.get("fsdp", {})

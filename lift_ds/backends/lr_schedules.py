@@ -34,15 +34,18 @@ def scheduler_problems(section: Mapping[str, Any], total_steps: int | None = Non
         elif k.endswith("_lr") and v != "auto" and not isinstance(v, list) and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
             problems.append(f"scheduler.params.{k}: must be a number >= 0, got {v!r}")
     if "warmup_type" in params and params["warmup_type"] not in ("log", "linear"):
-        problems.append(f"scheduler.params.warmup_type: got {params['warmup_type']!r}; allowed: log, linear (DeepSpeed would use log silently)")
+        problems.append(f"scheduler.params.warmup_type: got {params['warmup_type']!r}; "
+                        "allowed: log, linear (DeepSpeed would use log silently)")
     total = params.get("total_num_steps")
     if isinstance(total, int) and not isinstance(total, bool):
         warm = params.get("warmup_num_steps")
         if total < 1:
             problems.append(f"scheduler.params.total_num_steps: must be >= 1, got {total} (\"auto\": the run's total steps)")
         elif total_steps is not None and total < total_steps:
-            problems.append(f"scheduler.params.total_num_steps: {total} is below the run's {total_steps} optimizer steps (lift.total_steps): "
-                            f"the learning rate would sit at its end value for steps {total + 1}..{total_steps}; set it to {total_steps} or \"auto\"")
+            problems.append(f"scheduler.params.total_num_steps: {total} is below the "
+                            f"run's {total_steps} optimizer steps (lift.total_steps): "
+                            "the learning rate would sit at its end value for steps "
+                            f"{total + 1}..{total_steps}; set it to {total_steps} or \"auto\"")
         elif isinstance(warm, int) and not isinstance(warm, bool) and warm > total:
             problems.append(f"scheduler.params.warmup_num_steps: {warm} is more than total_num_steps {total}")
     if problems:
@@ -68,7 +71,8 @@ def _probe(kind: str, params: dict[str, Any], total_steps: int | None, base_lr: 
             sched.step(k)
             lr = float(opt.param_groups[0]["lr"])
             if not math.isfinite(lr) or lr < 0:
-                return [f"scheduler.params: {kind} gives a learning rate of {lr} at step {k + 1}; it must be a finite number >= 0"]
+                return [f"scheduler.params: {kind} gives a learning rate of "
+                        f"{lr} at step {k + 1}; it must be a finite number >= 0"]
     except (TypeError, ValueError, ZeroDivisionError, AssertionError, KeyError, IndexError, ConfigError) as e:
         key = next((k for k in sorted(params, key=len, reverse=True) if k in str(e)), None)
         return [f"scheduler.params{'.' + key if key else ''}: {kind} refuses it: {e}"]

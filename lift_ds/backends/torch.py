@@ -30,7 +30,8 @@ class TorchBackend(TorchOptimizerBackend):
         if zero is not None:
             z = zero if isinstance(zero, Mapping) else {}
             if not isinstance(zero, Mapping) or z.get("stage", 0) not in (0, None) or z.get("offload_optimizer") or z.get("offload_param"):
-                problems.append(f"zero_optimization: {zero!r} is DeepSpeed ZeRO, which the single-process torch backend cannot honour; "
+                problems.append(f"zero_optimization: {zero!r} is DeepSpeed ZeRO, "
+                                "which the single-process torch backend cannot honour; "
                                 "set lift.backend to \"deepspeed\" (or \"auto\"), or remove the section")
         problems += cls.foreign_section_problems(raw, cls.name, {"fsdp": "fsdp"})
         return None, problems

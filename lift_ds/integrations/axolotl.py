@@ -34,7 +34,7 @@ from ..utils import get_logger
 from .axolotl_args import PLUGIN_NAME, lift_config
 from .transformers import LiftTrainerMixin
 
-__all__ = ["LiftPlugin", "lift_config", "lift_trainer_class"]
+__all__ = ["LiftPlugin", "lift_config", "lift_trainer_class"]  # noqa: F822 (LiftPlugin: built by __getattr__)
 
 logger = get_logger(__name__)
 
@@ -109,7 +109,8 @@ def _build_plugin() -> type:
 
     return type("LiftPlugin", (_LiftPluginHooks, BasePlugin), {
         "__module__": __name__,
-        "__doc__": "axolotl plugin: the trainer axolotl builds runs through lift_ds's engine (LIFT, BAdam or LISA; see the module docstring).",
+        "__doc__": ("axolotl plugin: the trainer axolotl builds runs through lift_ds's engine (LIFT, "
+                    "BAdam or LISA; see the module docstring)."),
     })
 
 

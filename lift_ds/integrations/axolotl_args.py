@@ -24,15 +24,19 @@ PLUGIN_NAME = "lift_ds.integrations.axolotl.LiftPlugin"
 
 #: axolotl keys that train parameters LIFT does not choose, or re-wrap what LIFT rebuilds per phase
 _CONFLICTS: dict[str, str] = {
-    "lisa_n_layers": "axolotl's own LISA toggles requires_grad inside one optimizer; use lift: {method: lisa, lisa_layers: N}",
+    "lisa_n_layers": ("axolotl's own LISA toggles requires_grad inside one optimizer; "
+                      "use lift: {method: lisa, lisa_layers: N}"),
     "lisa_step_interval": "axolotl's own LISA; use lift: {method: lisa, switch_every: K}",
     "lisa_layers_attribute": "axolotl's own LISA; lift_ds finds the decoder layers itself",
     "relora": "ReLoRA merges and restarts LoRA adapters; LIFT trains the model's own weights block by block",
     "jagged_restart_steps": "ReLoRA's restart schedule; LIFT runs one schedule across phases",
-    "unfrozen_parameters": "LIFT decides what trains in each phase; keep extra modules trainable with lift: {always_trainable: [...]}",
-    "adapter": "LIFT fine-tunes the model's own weights, one block at a time; remove the adapter (LoRA on top of LIFT is not supported)",
+    "unfrozen_parameters": ("LIFT decides what trains in each phase; "
+                            "keep extra modules trainable with lift: {always_trainable: [...]}"),
+    "adapter": ("LIFT fine-tunes the model's own weights, one block at a time; "
+                "remove the adapter (LoRA on top of LIFT is not supported)"),
     "lora_model_dir": "a LoRA adapter to load; LIFT trains the model's own weights",
-    "layer_offloading": "axolotl moves frozen layers off the device with hooks; LIFT rebuilds its engine over the active block instead",
+    "layer_offloading": ("axolotl moves frozen layers off the device with hooks; "
+                         "LIFT rebuilds its engine over the active block instead"),
     "activation_offloading": "not supported with LIFT; use gradient_checkpointing: true",
     "rl": "preference / RL trainers are not supported with LIFT (supervised fine-tuning only)",
     "reward_model": "reward-model training is not supported with LIFT",
@@ -42,18 +46,27 @@ _CONFLICTS: dict[str, str] = {
     "torch_compile": "the model is re-wrapped at every phase",
     "neftune_noise_alpha": "not supported with LIFT",
     "auto_find_batch_size": "set micro_batch_size",
-    "group_by_length": "lift_ds orders data by a seeded permutation keyed by global sample index (exact resume on any layout)",
-    "curriculum_sampling": "lift_ds orders data by a seeded permutation keyed by global sample index (exact resume on any layout)",
-    "sample_packing": "LIFT reads single samples by global index; packed bins are not supported yet (use pad_to_sequence_len)",
+    "group_by_length": ("lift_ds orders data by a seeded permutation keyed "
+                        "by global sample index (exact resume on any layout)"),
+    "curriculum_sampling": ("lift_ds orders data by a seeded permutation keyed "
+                            "by global sample index (exact resume on any layout)"),
+    "sample_packing": ("LIFT reads single samples by global index; "
+                       "packed bins are not supported yet (use pad_to_sequence_len)"),
     "use_ray": "not supported with LIFT",
-    "optim_args": "LIFT builds adamw_torch / adamw_torch_fused / sgd per phase from learning_rate, weight_decay and adam_*",
+    "optim_args": ("LIFT builds adamw_torch / adamw_torch_fused / sgd "
+                   "per phase from learning_rate, weight_decay and adam_*"),
     "lr_groups": "LIFT builds one optimizer per phase over the active block; per-group learning rates are not applied",
-    "embedding_lr": "LIFT builds one optimizer per phase; train the embedding with lift: {include_embedding: true} at learning_rate",
-    "embedding_lr_scale": "LIFT builds one optimizer per phase; train the embedding with lift: {include_embedding: true} at learning_rate",
+    "embedding_lr": ("LIFT builds one optimizer per phase; train the embedding with lift: "
+                     "{include_embedding: true} at learning_rate"),
+    "embedding_lr_scale": ("LIFT builds one optimizer per phase; train the embedding with lift: "
+                           "{include_embedding: true} at learning_rate"),
     "loraplus_lr_ratio": "LoRA+ is for adapters; LIFT trains the model's own weights",
-    "cosine_min_lr_ratio": "axolotl's own scheduler is not used; LIFT runs the lr_scheduler (transformers' get_scheduler) across phases",
-    "cosine_constant_lr_ratio": "axolotl's own scheduler is not used; LIFT runs the lr_scheduler (transformers' get_scheduler) across phases",
-    "lr_quadratic_warmup": "axolotl's own scheduler is not used; LIFT runs the lr_scheduler (transformers' get_scheduler) across phases",
+    "cosine_min_lr_ratio": ("axolotl's own scheduler is not used; "
+                            "LIFT runs the lr_scheduler (transformers' get_scheduler) across phases"),
+    "cosine_constant_lr_ratio": ("axolotl's own scheduler is not used; "
+                                 "LIFT runs the lr_scheduler (transformers' get_scheduler) across phases"),
+    "lr_quadratic_warmup": ("axolotl's own scheduler is not used; "
+                            "LIFT runs the lr_scheduler (transformers' get_scheduler) across phases"),
 }
 #: values of these keys that are fine (the schema's defaults and explicit "off" values)
 _HARMLESS = (None, False, 0, 0.0, "", [], {})
@@ -115,8 +128,10 @@ def _backend_problems(data: dict[str, Any]) -> list[str]:
     raw = lift_config(data)
     backend, _, _ = choose_backend(raw["lift"].get("backend", "auto"), raw, get_world_size())
     if shards_parameters(backend, raw):
-        return [f"lift.backend: {backend!r} shards the model, but axolotl knows nothing of it and would save rank 0's shard; "
-                "configure the backend in axolotl (fsdp_version: 2 + fsdp_config, or deepspeed: a ZeRO-3 JSON) and drop lift.backend"]
+        return [f"lift.backend: {backend!r} shards the model, "
+                "but axolotl knows nothing of it and would save rank 0's shard; "
+                "configure the backend in axolotl (fsdp_version: 2 + fsdp_config, "
+                "or deepspeed: a ZeRO-3 JSON) and drop lift.backend"]
     return []
 
 
@@ -128,7 +143,8 @@ def conflicts(data: dict[str, Any]) -> list[str]:
         problems.append(f"optimizer: {optimizer!r} is not built per LIFT phase; use one of {', '.join(OPTIMIZERS)}")
     scheduler = data.get("lr_scheduler")
     if scheduler is not None and str(getattr(scheduler, "value", scheduler)) not in SCHEDULERS:
-        problems.append(f"lr_scheduler: {scheduler!r} is axolotl's own; LIFT runs transformers' schedulers across phases: {', '.join(SCHEDULERS)}")
+        problems.append(f"lr_scheduler: {scheduler!r} is axolotl's own; "
+                        f"LIFT runs transformers' schedulers across phases: {', '.join(SCHEDULERS)}")
     problems += [f"{key}: {data[key]!r}; LIFT parallelizes with ZeRO / FSDP2 data parallelism only" for key in _PARALLEL
                  if isinstance(data.get(key), int) and data[key] > 1]
     fsdp_version = data.get("fsdp_version") if data.get("fsdp_version") is not None else (data.get("fsdp_config") or {}).get("fsdp_version", 1)

@@ -31,7 +31,8 @@ def unsupported_features(trainer: Any) -> list[str]:
         ("train_sampling_strategy", getattr(a, "train_sampling_strategy", "random") != "random",
          "lift_ds orders data by a seeded permutation keyed by global sample index (exact resume on any layout)"),
         ("auto_find_batch_size", a.auto_find_batch_size, "set per_device_train_batch_size"),
-        # a subclass whose lift config carries the "fsdp" section itself may keep TrainingArguments.fsdp (axolotl's save reads it)
+        # a subclass whose lift config carries the "fsdp" section itself may
+        # keep TrainingArguments.fsdp (axolotl's save reads it)
         ("fsdp", bool(a.fsdp) and not getattr(trainer, "lift_fsdp_from_args", False),
          "pass lift_config= a config with an \"fsdp\" section (lift_ds's FSDP2 backend)"),
         ("neftune_noise_alpha", getattr(a, "neftune_noise_alpha", None) is not None, "not supported with LIFT"),
@@ -53,7 +54,8 @@ def _fill(section: dict, key: str, value: Any, problems: list[str], path: str) -
     if section.get(key, "auto") == "auto":
         section[key] = value
     elif section[key] != value and not (isinstance(value, float) and isinstance(section[key], (int, float)) and math.isclose(section[key], value)):
-        problems.append(f"{path}: {section[key]!r} in the DeepSpeed config, but TrainingArguments says {value!r}; make them agree or "
+        problems.append(f"{path}: {section[key]!r} in the DeepSpeed config, "
+                        f"but TrainingArguments says {value!r}; make them agree or "
                         "set it to \"auto\"")
 
 
@@ -148,7 +150,8 @@ class SampleStream:
         n = len(dataset)
         self.global_batch = micro_batch * accumulation * world
         if n < self.global_batch:
-            raise ConfigError([f"train_dataset: {n} samples are fewer than one global batch ({micro_batch} x {accumulation} x {world} ranks)"])
+            raise ConfigError([f"train_dataset: {n} samples are fewer than one global "
+                               f"batch ({micro_batch} x {accumulation} x {world} ranks)"])
         self.dataset, self.collate, self.micro_batch, self.rank, self.world, self.seed = dataset, collate, micro_batch, rank, world, seed
         self.samples_per_epoch = (n // self.global_batch) * self.global_batch
         self._epoch, self._order = -1, []
@@ -167,8 +170,9 @@ class SampleStream:
 #: TrainingArguments fields LIFT does not honour, refused when set away from Hugging Face's default
 #: (with the reason); fields that only matter with one of these, or that LIFT honours, are not listed
 UNHONOURED = {
-    "optim_args": "the optimizer is built per phase from optim / learning_rate / weight_decay / adam_*; put other arguments in "
-                  "the DeepSpeed config's \"optimizer\" section",
+    "optim_args": ("the optimizer is built per phase from optim / learning_rate "
+                   "/ weight_decay / adam_*; put other arguments in "
+                   "the DeepSpeed config's \"optimizer\" section"),
     "optim_target_modules": "GaLore-style optimizers are not built per LIFT phase",
     "bf16_full_eval": "evaluation runs through the training engine in its precision",
     "fp16_full_eval": "evaluation runs through the training engine in its precision",
@@ -201,10 +205,12 @@ def unhonoured_arguments(a: Any) -> list[str]:
             problems.append(f"TrainingArguments.{name}: {getattr(value, 'value', value)!r} is not supported with LIFT ({why})")
     sched = getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)
     if sched == "reduce_lr_on_plateau":
-        problems.append("TrainingArguments.lr_scheduler_type: 'reduce_lr_on_plateau' needs the evaluation metric at every step, which "
+        problems.append("TrainingArguments.lr_scheduler_type: "
+                        "'reduce_lr_on_plateau' needs the evaluation metric at every step, which "
                         "LIFT's run-long schedule does not feed; use a step schedule (linear, cosine, constant_with_warmup, ...)")
     if getattr(a.save_strategy, "value", a.save_strategy) == "best":
-        problems.append("TrainingArguments.save_strategy: 'best' is not supported with LIFT (it keeps no best-metric checkpoint); use "
+        problems.append("TrainingArguments.save_strategy: 'best' is not supported "
+                        "with LIFT (it keeps no best-metric checkpoint); use "
                         "\"steps\" or \"epoch\" and pick a checkpoint by its eval_loss in log_history")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         v = getattr(a, name)
@@ -215,7 +221,8 @@ def unhonoured_arguments(a: Any) -> list[str]:
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             problems.append(f"TrainingArguments.{name}: must be a finite number >= 0, got {v!r}")
     if a.max_steps <= 0 and not (isinstance(a.num_train_epochs, (int, float)) and math.isfinite(a.num_train_epochs) and a.num_train_epochs > 0):
-        problems.append(f"TrainingArguments.num_train_epochs: must be a number > 0 when max_steps is not set, got {a.num_train_epochs!r}")
+        problems.append("TrainingArguments.num_train_epochs: "
+                        f"must be a number > 0 when max_steps is not set, got {a.num_train_epochs!r}")
     for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
         v = getattr(a, name)
         if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):

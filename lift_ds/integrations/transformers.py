@@ -105,7 +105,8 @@ class LiftTrainerMixin:
         if a.max_steps > 0:
             return a.max_steps
         per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * world
-        return max(1, math.ceil(max(1, len(self.train_dataset) // per_step) * a.num_train_epochs))  # as Trainer: epochs may be fractional
+        # as Trainer: epochs may be fractional
+        return max(1, math.ceil(max(1, len(self.train_dataset) // per_step) * a.num_train_epochs))
 
     def _lift_build(self) -> Any:
         import lift_ds
@@ -291,7 +292,8 @@ class LiftTrainerMixin:
         if resume_from_checkpoint is True:  # the newest complete one (latest, or the newest that verifies)
             path, client = self.lift_engine.load_checkpoint(self.args.output_dir)
             if path is None:
-                raise ResumeError(f"resume_from_checkpoint=True: no valid checkpoint found in output directory ({self.args.output_dir})",
+                raise ResumeError(("resume_from_checkpoint=True: no valid checkpoint "
+                                   f"found in output directory ({self.args.output_dir})"),
                                   Path(self.args.output_dir))
         else:
             path = Path(str(resume_from_checkpoint))

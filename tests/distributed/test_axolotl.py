@@ -33,7 +33,8 @@ PLUGIN = "lift_ds.integrations.axolotl.LiftPlugin"
 OFFLINE = {"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "disabled", "WANDB_DISABLED": "true",
            "GRADIO_ANALYTICS_ENABLED": "False"}
-STEPS, SAVE_EVERY, KILL_AT = 8, 3, 5  # checkpoint-3 falls mid-period (LISA switches every 2 steps): optimizer state is saved
+# checkpoint-3 falls mid-period (LISA switches every 2 steps): optimizer state is saved
+STEPS, SAVE_EVERY, KILL_AT = 8, 3, 5
 AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
         "gradient_clipping": "auto"}
 
@@ -62,7 +63,8 @@ def _yaml(tmp: Path, name: str, **extra) -> Path:
 
 
 def axolotl(cfg: Path, probe: Path, kill_at: int | None = None, ranks: int = WORLD) -> tuple[subprocess.CompletedProcess, Path]:
-    """``axolotl train CFG`` (torchrun on ``ranks`` CPU ranks, or axolotl's python launcher); the probe writes to ``probe``."""
+    """``axolotl train CFG`` (torchrun on ``ranks`` CPU ranks, or axolotl's python launcher); the probe writes
+    to ``probe``."""
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(HERE), "LIFT_PROBE_OUT": str(probe), "LIFT_PROBE_KILL_AT": str(kill_at or 0)}
     launch = ["--launcher", "torchrun", "--", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else ["--launcher", "python"]
@@ -80,7 +82,8 @@ def runs(tmp_path_factory):
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     tmp = tmp_path_factory.mktemp("axolotl")
     make_model_dir(tmp / "model", layers=4, hidden=32)
-    rows = [{"text": f"Review: {(POSITIVE if i % 2 == 0 else NEGATIVE)[i % 6]} Sentiment: {'positive' if i % 2 == 0 else 'negative'}"}
+    rows = [{"text": (f"Review: {(POSITIVE if i % 2 == 0 else NEGATIVE)[i % 6]} Sentiment: "
+                      f"{'positive' if i % 2 == 0 else 'negative'}")}
             for i in range(64)]
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lisa = {"method": "lisa", "lisa_layers": 2, "switch_every": 2, "layer_range": [2, 4]}
@@ -155,7 +158,8 @@ def test_kill_and_auto_resume_equal_the_uninterrupted_run(runs):
     assert killed.returncode != 0 and "checkpoint-3" in runs["killed_dir"] and "model.safetensors" not in runs["killed_dir"], \
         (killed.returncode, runs["killed_dir"], killed.stderr[-3000:])
     out, ranks = ok(runs, "resumed", out="killed")
-    assert ranks[0]["steps"] == list(range(SAVE_EVERY, STEPS)), ranks[0]["steps"]  # resumed at step 3 (auto_resume_from_checkpoints)
+    # resumed at step 3 (auto_resume_from_checkpoints)
+    assert ranks[0]["steps"] == list(range(SAVE_EVERY, STEPS)), ranks[0]["steps"]
     whole, _ = ok(runs, "lisa")
     ref, got = weights(whole), weights(out)
     assert set(ref) == set(got) and all(torch.equal(ref[n], got[n]) for n in ref), [n for n in ref if not torch.equal(ref[n], got[n])]
@@ -169,4 +173,5 @@ def test_conflicting_axolotl_settings_are_refused_at_config_validation(runs):
     for key in ("lisa_n_layers", "lisa_step_interval", "adapter", "unfrozen_parameters", "layer_offloading", "lift.policy"):
         assert f"{key}:" in text, (key, text[-4000:])
     assert PLUGIN in text
-    assert not (runs["tmp"] / "refused-prepared").exists() and not (runs["tmp"] / "refused").exists()  # before any dataset or model work
+    # before any dataset or model work
+    assert not (runs["tmp"] / "refused-prepared").exists() and not (runs["tmp"] / "refused").exists()

@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow
 
 CLIENTS = Path(__file__).with_name("clients")
 DSCHAT, CLM, SFT = CLIENTS / "dschat_step1.py", CLIENTS / "run_clm_lift.py", CLIENTS / "trl_sft_swapped.py"
-LIFT = {"layer_range": [2, 4], "include_head": True}  # model.layers.1-3 and the head; the embedding and model.layers.0 never train
+# model.layers.1-3 and the head; the embedding and model.layers.0 never train
+LIFT = {"layer_range": [2, 4], "include_head": True}
 FROZEN = ("model.embed_tokens.", "model.layers.0.")
 NO_DECAY = ("norm.weight", "bias")
 AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
@@ -54,7 +55,8 @@ def write_files(d: Path) -> None:
     (d / "sft-data").mkdir()
     for split, part in (("train", lines[:200]), ("test", lines[200:])):
         (d / "sft-data" / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
-    # run_clm: ZeRO-3 with Trainer's --gradient_checkpointing; sft.py: ZeRO-2 with no bf16 key (SFTConfig's bf16 default then holds)
+    # run_clm: ZeRO-3 with Trainer's --gradient_checkpointing; sft.py:
+    # ZeRO-2 with no bf16 key (SFTConfig's bf16 default then holds)
     (d / "clm_zero3.json").write_text(json.dumps({**AUTO, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                                                   "lift": {"backend": "deepspeed", **LIFT}}))
     (d / "sft_zero2.json").write_text(json.dumps({**AUTO, "zero_optimization": {"stage": 2}, "lift": {"backend": "deepspeed", **LIFT}}))
@@ -193,7 +195,8 @@ def test_dschat_zero3_with_gradient_checkpointing_equals_without(d):
     # --offload: DeepSpeed-Chat's built DeepSpeedCPUAdam over offloaded partitions (no optimizer section in the config)
     off = record(d, "z3gc_offload")
     assert_only_planned_blocks_moved(z3["start"], off["final"])
-    assert_close_to(off["final"], z3["final"], z3["start"], rel=1e-3)  # CPU Adam kernel vs torch AdamW: 1.8e-4 seen; a lost weight decay is ~1e-2
+    # CPU Adam kernel vs torch AdamW: 1.8e-4 seen; a lost weight decay is ~1e-2
+    assert_close_to(off["final"], z3["final"], z3["start"], rel=1e-3)
 
 
 def test_dschat_zero1_zero2_and_fsdp2_with_gradient_checkpointing_equal_zero2_without(d):
@@ -225,7 +228,8 @@ def test_dschat_parameter_groups_schedule_and_engine_members(d):
 
     r = record(d, "z2bf16")
     assert_only_planned_blocks_moved(r["start"], r["final"], dtype=torch.bfloat16)
-    for step, groups in enumerate(r["groups"]):  # DeepSpeed's own groups (ZeRO-2's bit16_groups), as the phase's engine holds them
+    # DeepSpeed's own groups (ZeRO-2's bit16_groups), as the phase's engine holds them
+    for step, groups in enumerate(r["groups"]):
         assert groups and all(wd == (0.0 if n.endswith(NO_DECAY) else 0.1) for n, (wd, _) in groups.items()), (step, groups)
     assert_weight_decay_per_group(d / "z2bf16.trace", 0.1)
     plain = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": 0.1},
@@ -241,7 +245,8 @@ def test_dschat_parameter_groups_schedule_and_engine_members(d):
     used = [sorted({lr for _, lr in g.values()}) for g in r["groups"]]
     assert used == [[lr] for lr in [1e-2 * 0.0] + [w[0] for w in want[:-1]]], used
     assert r["epochs"] == 1 and r["samples_per_sec"] > 0
-    # the engine's monitor: one for the run, its x axis the run's samples (each phase's DeepSpeed engine would restart at 0)
+    # the engine's monitor: one for the run, its x axis the run's
+    # samples (each phase's DeepSpeed engine would restart at 0)
     rows = [line.split(",") for line in (d / "monitor" / "step1" / "Train_Samples_lr.csv").read_text().splitlines()[1:]]
     assert [int(s) for s, _ in rows] == [4 * k for k in range(1, 17)] and [float(v) for _, v in rows] == pytest.approx([w[0] for w in want])
     saved = torch.load(d / "dschat-out" / "pytorch_model.bin", weights_only=True)
@@ -291,7 +296,8 @@ def test_trl_sft_script_with_the_class_swapped(d):
     start, full, resumed = base_weights(d), saved_weights(d / "sft"), saved_weights(d / "sft_killed")
     from safetensors.torch import load_file
 
-    assert load_file(str(d / "sft" / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"].dtype == torch.bfloat16  # SFTConfig's bf16
+    # SFTConfig's bf16
+    assert load_file(str(d / "sft" / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"].dtype == torch.bfloat16
     assert_only_planned_blocks_moved(start, full, dtype=torch.bfloat16)
     assert_close_to(resumed, full, start, rel=1e-6)
     state = json.loads((d / "sft" / "checkpoint-8" / "trainer_state.json").read_text())

@@ -117,7 +117,8 @@ def initial_weights(files: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("first,then,nproc,extra", [
-    ("zero2_offload_cyclic", "zero2_offload_cyclic", 1, ["--gradient_accumulation_steps", "2"]),  # 2 ranks -> 1 rank, 2x accumulation
+    # 2 ranks -> 1 rank, 2x accumulation
+    ("zero2_offload_cyclic", "zero2_offload_cyclic", 1, ["--gradient_accumulation_steps", "2"]),
     ("zero2", "zero3", 2, []),   # ZeRO-2 -> ZeRO-3
     ("zero2", "fsdp", 2, []),    # DeepSpeed -> FSDP2
     ("fsdp", "zero2", 2, []),    # FSDP2 -> DeepSpeed
@@ -168,7 +169,8 @@ def test_nan_loss_is_skipped_then_divergence_stops_keeping_the_checkpoint(files,
     out = tmp_path / "diverge"
     bad = ",".join(f"nan_loss@{s}" for s in range(6, 17))
     proc = launch(files, "zero2", out, faults=bad)
-    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-5000:]  # torchrun exits 1; the ranks exit 3
+    # torchrun exits 1; the ranks exit 3
+    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-5000:]
     assert "training diverged: 5 optimizer steps in a row (steps 6..10" in proc.stderr
     assert "The newest checkpoint is" in proc.stderr and "global_step4" in proc.stderr
     assert (out / "checkpoints" / "latest").read_text() == "global_step4"
@@ -214,8 +216,10 @@ def test_sigkill_at_every_file_operation_of_a_save_resumes_exactly(files, tmp_pa
     for a, (s, r, n) in enumerate(plan):
         assert attempts[a][r] == -9, (a, (s, r, n), attempts[a], logs(a))  # the planned kill fired (SIGKILL)
     assert attempts[-1] == [0, 0], logs(len(plan))
-    for a, (s, r, n) in enumerate(plan):  # nothing complete is lost: the next attempt resumes from the newest complete save
-        step = s if r == 0 and n >= 7 else s - 2  # after the manifest (rank 0's 7th operation) the save at s is complete
+    # nothing complete is lost: the next attempt resumes from the newest complete save
+    for a, (s, r, n) in enumerate(plan):
+        # after the manifest (rank 0's 7th operation) the save at s is complete
+        step = s if r == 0 and n >= 7 else s - 2
         log = (tmp_path / "logs" / f"attempt{a + 1}.rank0.log").read_text()
         want = f"resumed from {out / 'checkpoints' / f'global_step{step}'} at step {step}" if step else "no checkpoint in"
         assert want in log, (a + 1, (s, r, n), want)
@@ -225,8 +229,10 @@ def test_sigkill_at_every_file_operation_of_a_save_resumes_exactly(files, tmp_pa
     from lift_ds import checkpoint_io
 
     kept = sorted((p for p in ckpts.iterdir() if p.is_dir()), key=lambda p: int(p.name[len("global_step"):]))
-    assert [p.name for p in kept[-2:]] == ["global_step14", "global_step16"]  # older ones stay when the kill cut the save's rotation short
+    # older ones stay when the kill cut the save's rotation short
+    assert [p.name for p in kept[-2:]] == ["global_step14", "global_step16"]
     assert all(checkpoint_io.verify(p) is None for p in kept), [(p.name, checkpoint_io.verify(p)) for p in kept]
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(1, 17)), steps
-    print(f"{config}: {len(plan)} kill points, attempt seconds {result['seconds']}, CPU seconds of all ranks {result['rank_cpu_seconds']}")
+    print(f"{config}: {len(plan)} kill points, attempt seconds {result['seconds']}, "
+          f"CPU seconds of all ranks {result['rank_cpu_seconds']}")

@@ -242,7 +242,7 @@ def test_runs_and_reduces_loss(request, name):
     if out is None:
         return
     losses = out["losses"]
-    assert len(losses) == 16 and all(l == l for l in losses)
+    assert len(losses) == 16 and all(x == x for x in losses)
     assert statistics.mean(losses[-4:]) < statistics.mean(losses[:4]) - 0.05, losses
 
 

@@ -38,7 +38,8 @@ save, resume, stage = sys.argv[1], sys.argv[2] == "resume", int(sys.argv[3])
 cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0, "zero_optimization": {"stage": stage},
        "fp16": {"enabled": True, "initial_scale_power": 4, "loss_scale_window": 2},
        "lift": {"backend": "deepspeed", "total_steps": 8}}
-engine, _, _, _ = lift_ds.initialize(model=tiny_llama(), config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+engine, _, _, _ = lift_ds.initialize(model=tiny_llama(), config=cfg,
+                                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
 if resume:
     engine.load_checkpoint(save)
 scales = {}

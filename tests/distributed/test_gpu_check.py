@@ -79,7 +79,8 @@ def test_cpu_smoke_has_a_row_per_method_with_the_environment(smoke):
     for name in ("lift-average", "lift-average-3b"):
         assert rows[name]["switches"] == layers - 1 and rows[name]["switch_s_per_switch"] > 0, rows[name]
     for name in ("lift-steady", "qlift-nf4", "qlift-int8", "lift-steady-3b", "lift-zero2-steady"):
-        assert rows[name]["timed_steps"] >= 2 and rows[name]["switches"] == 2, rows[name]  # three blocks, first phase excluded
+        # three blocks, first phase excluded
+        assert rows[name]["timed_steps"] >= 2 and rows[name]["switches"] == 2, rows[name]
     assert rows["full-bf16"]["trainable_params"] == rows["full-bf16"]["total_params"]
     assert rows["full-exact-3b"]["trainable_params"] == rows["full-exact-3b"]["total_params"]
     assert rows["lora"]["trainable_params"] < rows["lift-steady"]["trainable_params"]

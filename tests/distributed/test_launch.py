@@ -111,14 +111,15 @@ def test_baselines_in_the_same_harness(files, tmp_path, baseline):
     if baseline == "full":
         assert len(changed) == len(final)  # every tensor trained
     else:
-        assert changed and all(any(k in n for k in ("q_proj", "k_proj", "v_proj", "o_proj")) for n in changed)  # merged adapters only
+        # merged adapters only
+        assert changed and all(any(k in n for k in ("q_proj", "k_proj", "v_proj", "o_proj")) for n in changed)
 
 
 def test_quantized_frozen_layers_through_the_launcher(files, tmp_path):
     """Q-LIFT end to end: torchrun, ZeRO-2, nf4, a disk block store per rank, the model built layer by
-    layer from the checkpoint; the store holds the trained layers only. Layers 1 and 4 never train: the export holds them bit-identical to the
-    checkpoint (in zero2.json's bf16, the training dtype, as without Q-LIFT); the trained layers moved;
-    the loss falls."""
+    layer from the checkpoint; the store holds the trained layers only. Layers 1 and 4 never train: the
+    export holds them bit-identical to the checkpoint (in zero2.json's bf16, the training dtype, as without
+    Q-LIFT); the trained layers moved; the loss falls."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "q"

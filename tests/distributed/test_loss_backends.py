@@ -18,7 +18,8 @@ def _config(backend: str, loss: str) -> dict:
            "lift": {"backend": "deepspeed" if backend.startswith("z") else backend, "total_steps": 8, "policy": "cyclic", "layer_range": [3, 4],
                     "include_embedding": True, "include_head": True, "loss": loss}}
     if backend.startswith("z"):
-        cfg["zero_optimization"] = {"stage": int(backend[1]), "stage3_param_persistence_threshold": 0}  # ZeRO-3: every weight partitioned
+        # ZeRO-3: every weight partitioned
+        cfg["zero_optimization"] = {"stage": int(backend[1]), "stage3_param_persistence_threshold": 0}
     return cfg
 
 

@@ -94,7 +94,8 @@ def test_sigkill_mid_phase_then_resume_is_bit_for_bit(files, tmp_path, config, f
     want, got = final_weights(clean), final_weights(out)
     assert want.keys() == got.keys()
     differ = [n for n in want if not torch.equal(want[n], got[n])]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}: max |diff| {max((want[n] - got[n]).abs().max().item() for n in differ):.3g}"
+    assert not differ, (f"{len(differ)} tensors differ, e.g. {differ[:3]}: "
+                        f"max |diff| {max((want[n] - got[n]).abs().max().item() for n in differ):.3g}")
 
 
 def test_lift_trainer_sigkill_mid_phase_then_resume_is_bit_for_bit(tmp_path):

@@ -68,7 +68,8 @@ def reference() -> tuple[dict, dict]:
     from . import trainer_worker as tw
     from helpers import tiny_llama
 
-    torch.manual_seed(0)  # TrainingArguments(seed=0): Trainer seeds before building nothing here; the model is built by the worker first
+    # TrainingArguments(seed=0): Trainer seeds before building nothing here; the model is built by the worker first
+    torch.manual_seed(0)
     model = tiny_llama()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = {"train_micro_batch_size_per_gpu": 2 * WORLD, "gradient_clipping": 0.0, "lift": {"backend": "torch", "total_steps": 8, "seed": 0, **LIFT}}
@@ -128,7 +129,8 @@ def test_save_model_loads_with_from_pretrained(runs):
         assert torch.equal(p.detach().float(), got(res, "zero3")["final"][n]), n
 
 
-# the deepspeed launcher sets the same variables torchrun does (it ran by hand: docs/drop-in.md); left out to keep CI short
+# the deepspeed launcher sets the same variables torchrun does (it
+# ran by hand: docs/drop-in.md); left out to keep CI short
 LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
     "accelerate": [str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed", "--num_processes", "2", "--num_machines", "1",
@@ -151,7 +153,8 @@ def test_trl_example_on_smollm2(tmp_path, launcher):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     history = json.loads((out / "log_history.json").read_text())
     losses = [h["loss"] for h in history if "loss" in h]
-    assert all("mean_token_accuracy" in h for h in history if "loss" in h)  # TRL's own metrics, logged as training metrics
+    # TRL's own metrics, logged as training metrics
+    assert all("mean_token_accuracy" in h for h in history if "loss" in h)
     if launcher == "torchrun":
         assert len(losses) == 2 and losses[-1] < losses[0] - 0.3, losses
     model = AutoModelForCausalLM.from_pretrained(out / "final")

@@ -3,9 +3,9 @@
     torchrun --nproc_per_node 2 tests/distributed/trainer_worker.py SPEC.json OUT.pt
 
 SPEC: {"config": lift_ds config dict, "output_dir": ..., "max_steps": N, "save_steps": K,
-"kill_at": step or null, "resume": bool, "attention_dropout": p (default 0)}. The dataset is fixed-length token sequences, so the mean
-over a global batch equals the mean of the per-rank means (the reference feeds the whole global batch
-at once).
+"kill_at": step or null, "resume": bool, "attention_dropout": p (default 0)}. The dataset is fixed-length
+token sequences, so the mean over a global batch equals the mean of the per-rank means (the reference
+feeds the whole global batch at once).
 """
 
 from __future__ import annotations

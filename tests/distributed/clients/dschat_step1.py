@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """A supervised fine-tuning loop in the shape of DeepSpeed-Chat's step 1 (``training/step1_supervised_finetuning/
 main.py`` and its ``dschat`` utils, deepspeedai/DeepSpeedExamples), written here, with LIFT's one swap:
-``lift_ds.initialize`` for ``deepspeed.initialize``. Its DeepSpeed config is built in code, so the ``"lift"`` section comes
-in a file given to DeepSpeed's own ``--deepspeed_config`` flag (``deepspeed.add_config_arguments``), and the run's length
-from the built ``get_scheduler(..., num_training_steps=N)``, as with the real script.
+``lift_ds.initialize`` for ``deepspeed.initialize``. Its DeepSpeed config is built in code, so the
+``"lift"`` section comes in a file given to DeepSpeed's own ``--deepspeed_config`` flag
+(``deepspeed.add_config_arguments``), and the run's length from the built
+``get_scheduler(..., num_training_steps=N)``, as with the real script.
 
 Like DeepSpeed-Chat it initialises DeepSpeed's process group itself, builds its DeepSpeed config in code
 (``bfloat16``/``fp16`` section, ``hybrid_engine``, ``tensorboard``), loads the model under ``HfDeepSpeedConfig``
@@ -173,7 +174,8 @@ def phase_groups(engine) -> dict:
     opt = engine.optimizer
     if opt is None:
         return {}
-    owners = getattr(opt, "bit16_groups", None) or getattr(opt, "fp16_groups", None)  # ZeRO-1/2, ZeRO-3: the model's params per group
+    # ZeRO-1/2, ZeRO-3: the model's params per group
+    owners = getattr(opt, "bit16_groups", None) or getattr(opt, "fp16_groups", None)
     out = {}
     for i, g in enumerate(opt.param_groups):
         for p in (owners[i] if owners is not None else g["params"]):
@@ -212,7 +214,7 @@ def main(argv=None) -> int:
     def evaluation(model, eval_dataloader):
         model.eval()
         losses = 0
-        for step, batch in enumerate(eval_dataloader):
+        for step, batch in enumerate(eval_dataloader):  # noqa: B007 (DeepSpeed-Chat's loop, as written there)
             with torch.no_grad():
                 losses += model(**to_device(batch, device)).loss.float()
         losses = all_reduce_mean(losses / (step + 1))
