@@ -57,8 +57,8 @@ def main() -> int:
     from trl import SFTConfig
 
     from lift_ds import assets
-    from lift_ds.config import read_config_file
     from lift_ds.integrations.transformers import LiftSFTTrainer
+    from lift_ds.run_config import read_config_file
 
     model_dir = args.model or str(assets.smollm2_135m())
     data = Path(args.data) if args.data else builtin_data(Path(args.output_dir) / "data" / "sft.jsonl", 2000)

@@ -175,7 +175,7 @@ def make_engine(row: Row, model, steps: int, device: str):
     import torch
 
     import lift_ds
-    from lift_ds.api import enable_gradient_checkpointing
+    from lift_ds.blocks import enable_gradient_checkpointing
 
     layers = model.config.num_hidden_layers
     adamw = lambda ps: torch.optim.AdamW(ps, lr=1e-5, fused=device == "cuda")  # noqa: E731  (no DeepSpeed op: nothing compiles)

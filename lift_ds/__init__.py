@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, LiftConfig, Override, RunConfig, TrainingConfig, load_run_config
+from .config import LiftConfig, TrainingConfig
+from .errors import ConfigError
+from .run_config import Override, RunConfig, load_run_config
 from .schedule import PhaseCursor, phases, plan
 
 if TYPE_CHECKING:  # pragma: no cover

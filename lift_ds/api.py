@@ -11,11 +11,13 @@ from torch import nn
 from .backends import get_backend_class
 from .backends.base import BackendContext
 from .backends.lr_schedules import scheduler_factory
-from .config import ConfigError, RunConfig, load_run_config
+from .blocks import enable_gradient_checkpointing
 from .drop_in_config import merge_args_lift_section, scheduler_horizon
 from .engine import LiftEngine
+from .errors import ConfigError
 from .optim import CrossPhaseLRScheduler, NamedGroups, resolve_optimizer
 from .plan import LiftPlan, resolve_plan
+from .run_config import RunConfig, load_run_config
 from .utils import get_logger, get_world_size
 
 logger = get_logger(__name__)
@@ -84,7 +86,7 @@ def initialize(
         mpu, dist_init_required: passed through to the backend's library (DeepSpeed).
         collate_fn: collate function for the returned DataLoader.
         config: a DeepSpeed config (path or dict) with a ``"lift"`` section, or a checked
-            :class:`~lift_ds.config.RunConfig`.
+            :class:`~lift_ds.run_config.RunConfig`.
         config_params: alias of ``config`` (as in DeepSpeed).
         total_steps: overrides ``lift.total_steps`` (e.g. from ``--max_steps``).
         fixed_trainable: parameter names trained for the whole run instead of the LIFT plan (the
@@ -221,28 +223,6 @@ def adapter_model_problem(model: nn.Module) -> str | None:
             "model keeps only the adapter. LIFT over adapters is not supported: "
             "pass the base model (no peft_config) to train "
             "it block by block, or train the adapters without LIFT (plain Trainer / deepspeed.initialize)")
-
-
-def enable_gradient_checkpointing(model: nn.Module, **kwargs: Any) -> None:
-    """Non-reentrant activation checkpointing through transformers' own switch, keeping truncated
-    backward: a block before the active one is neither recomputed nor back-propagated.
-
-    transformers also makes the input embeddings' output require a gradient when it turns
-    checkpointing on (``enable_input_require_grads``, needed by reentrant checkpointing and PEFT);
-    every layer's output would then need a gradient and backward would run through every block
-    before the active one. Non-reentrant checkpointing does not need it, so it is removed here.
-    """
-    kwargs = {**kwargs, "use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ConfigError([f"lift.gradient_checkpointing: {type(model).__name__} has no activation_checkpointing_enable / "
-                           "gradient_checkpointing_enable (a Hugging Face PreTrainedModel has); wrap its layers yourself"])
-    if hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()
-    logger.info("gradient checkpointing on (non-reentrant; truncated backward kept)")
 
 
 def make_dataloader(

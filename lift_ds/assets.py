@@ -29,6 +29,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from .errors import AssetError
 from .utils import get_logger
 
 logger = get_logger(__name__)
@@ -48,10 +49,6 @@ BIGBENCH_SDIST_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df
                       "bigbench-1.0.0.tar.gz")
 BIGBENCH_SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 _TASK = re.compile(r"^[a-z0-9_]{1,100}$")
-
-
-class AssetError(RuntimeError):
-    """A download that failed, or a file that is not the pinned one."""
 
 
 def cache_dir() -> Path:
@@ -270,7 +267,7 @@ def bigbench_task(task: str, train_size: int = 1000, eval_size: int = 200, seed:
     tarball: no code of it runs), split into train and held-out JSONL files."""
     import tarfile
 
-    from .config import ConfigError
+    from .errors import ConfigError
 
     if not isinstance(task, str) or not _TASK.match(task):
         raise ConfigError([f"--task bigbench:{task}: a BIG-bench task name is lowercase letters, digits and _ (e.g. strategyqa)"])

@@ -5,28 +5,25 @@ The layer stack is the ``nn.ModuleList`` whose children are all of a class named
 longest ``ModuleList`` of at least two children of one class. Parameters registered before the
 first layer form the embedding block, parameters after the last layer the head block (final norm,
 lm_head / pooler / classifier). A parameter shared by two modules (tied embeddings) is one
-parameter and so belongs to one block, the embedding.
+parameter and so belongs to one block, the embedding. :func:`enable_gradient_checkpointing`
+turns on activation checkpointing that keeps backward truncated at the active block.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-from .config import ConfigError, LiftConfig
+from .config import LiftConfig
+from .errors import BlockFindingError, ConfigError
+from .utils import get_logger
 
-
-class BlockFindingError(ConfigError):
-    """No candidate blocks could be found in a model (a configuration problem: raised before any
-    process group starts)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__([message], source="model")
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -181,3 +178,25 @@ def set_trainable(model: "nn.Module", param_names: Iterable[str]) -> list["torch
         if name in wanted:
             trainable.append(p)
     return trainable
+
+
+def enable_gradient_checkpointing(model: nn.Module, **kwargs: Any) -> None:
+    """Non-reentrant activation checkpointing through transformers' own switch, keeping truncated
+    backward: a block before the active one is neither recomputed nor back-propagated.
+
+    transformers also makes the input embeddings' output require a gradient when it turns
+    checkpointing on (``enable_input_require_grads``, needed by reentrant checkpointing and PEFT);
+    every layer's output would then need a gradient and backward would run through every block
+    before the active one. Non-reentrant checkpointing does not need it, so it is removed here.
+    """
+    kwargs = {**kwargs, "use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError([f"lift.gradient_checkpointing: {type(model).__name__} has no activation_checkpointing_enable / "
+                           "gradient_checkpointing_enable (a Hugging Face PreTrainedModel has); wrap its layers yourself"])
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    logger.info("gradient checkpointing on (non-reentrant; truncated backward kept)")

@@ -45,8 +45,8 @@ import torch
 from . import checkpoint_io as cio
 from . import faults
 from .backends.state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE
-from .checkpoint_io import LATEST, CheckpointFileError, is_tag
-from .config import ConfigError
+from .checkpoint_io import FORMAT, LATEST, STATE_FILE, is_tag
+from .errors import CheckpointError, ConfigError, ResumeError
 from .utils import get_logger, rng_state, set_rng_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,22 +54,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = get_logger(__name__)
 
-STATE_FILE = "lift_state.json"
-FORMAT = 3
 #: lift keys that do not change the result (how and where it runs): left out of the fingerprint
 LAYOUT_LIFT_KEYS = ("backend", "gradient_checkpointing", "block_store", "block_store_dir", "max_consecutive_skipped_steps")
-
-
-class CheckpointError(OSError):
-    """A checkpoint could not be written (disk full, read-only or missing directory, ...); the
-    previous checkpoint is untouched and still the newest."""
-
-
-class ResumeError(ConfigError):
-    """A checkpoint this run cannot resume from (a bad input: exit 2, nothing changed)."""
-
-    def __init__(self, message: str, path: Path) -> None:
-        super().__init__([message], source=str(path))
 
 
 def _portable(state: Any, what: str) -> None:
@@ -288,4 +274,4 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointFileError", "ResumeError", "FORMAT", "OPTIMIZER_FILE", "OPTIMIZER_FORMAT", "STATE_FILE"]
+__all__ = ["Checkpointer", "OPTIMIZER_FILE", "OPTIMIZER_FORMAT"]

@@ -12,7 +12,8 @@ import torch
 
 from . import checkpoint_io as cio
 from .backends.state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE
-from .checkpoint_io import CheckpointFileError, is_tag, safe_load
+from .checkpoint_io import FORMAT, STATE_FILE, is_tag, safe_load
+from .errors import CheckpointFileError, ResumeError
 from .utils import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,8 +59,6 @@ def _decide(load_dir: Path, tag: str | None, cands: list[Path]) -> tuple[int, st
 
 def choose(backend: "Backend", load_dir: Path, tag: str | None) -> Path | None:
     """See :meth:`lift_ds.checkpoint.Checkpointer.find` (collective; rank 0 decides)."""
-    from .checkpoint import ResumeError
-
     if tag is not None and not is_tag(tag):
         raise ResumeError(f"tag {tag!r} is not a checkpoint name inside {load_dir} (a plain directory name)", load_dir)
     if backend.rank == 0 and load_dir.is_dir():
@@ -81,8 +80,6 @@ def choose(backend: "Backend", load_dir: Path, tag: str | None) -> Path | None:
 
 def _agree(backend: "Backend", path: Path, err: Exception | None) -> None:
     """Raise the same ResumeError on every rank when reading failed on any."""
-    from .checkpoint import ResumeError
-
     if not backend.any_rank(err is not None):
         return
     if isinstance(err, ResumeError):
@@ -94,8 +91,6 @@ def _agree(backend: "Backend", path: Path, err: Exception | None) -> None:
 
 def read_meta(ckpt: "Checkpointer", path: Path) -> dict[str, Any]:
     """``lift_state.json``, checked for its format and fields (collective)."""
-    from .checkpoint import FORMAT, STATE_FILE, ResumeError
-
     meta, err = {}, None
     try:
         meta = cio.read_json(path / STATE_FILE)
@@ -206,8 +201,6 @@ def _load_stash(e: "LiftEngine", path: Path, old_world: int) -> dict[int, Any]:
 
 def check_layout(e: "LiftEngine", meta: dict[str, Any], path: Path, allow_batch_change: bool) -> None:
     """Log what changed in how the run is laid out; refuse another global batch unless allowed."""
-    from .checkpoint import ResumeError
-
     t = e.training_config
     now = {"world_size": e.world_size, "backend": e.backend.name, "zero_stage": e.backend.memory_layout()[0], "micro_batch_size": t.micro_batch_size,
            "gradient_accumulation_steps": t.gradient_accumulation_steps}
@@ -227,8 +220,6 @@ def check_layout(e: "LiftEngine", meta: dict[str, Any], path: Path, allow_batch_
 def check_fingerprint(ckpt: "Checkpointer", meta: dict[str, Any], path: Path) -> None:
     """Refuse a resume whose settings would change the result, naming each (fields recorded by both
     sides are compared; the learning rate is not among them: it may change)."""
-    from .checkpoint import ResumeError
-
     saved, now = meta["fingerprint"], ckpt.fingerprint()
     diffs = []
     for k in sorted(set(saved) & set(now)):

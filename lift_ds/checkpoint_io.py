@@ -31,12 +31,17 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import CheckpointFileError
 from .utils import get_logger
 
 logger = get_logger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+#: rank 0's file of a checkpoint (the plan cursor, data position, fingerprint: :mod:`lift_ds.checkpoint`)
+STATE_FILE = "lift_state.json"
+#: the layout version a checkpoint's STATE_FILE records; a resume refuses another
+FORMAT = 3
 #: a checkpoint tag: a plain directory name (no separators, no leading dot, no "..")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}$")
 _CHUNK = 1 << 22
@@ -46,16 +51,6 @@ Op = Callable[[str], None]
 
 def _no_op(what: str) -> None:
     pass
-
-
-class CheckpointFileError(ValueError):
-    """A file of a checkpoint that cannot be read safely (missing, truncated, corrupt, or holding
-    something other than tensors and plain data)."""
-
-    def __init__(self, path: Path, why: str) -> None:
-        self.path = Path(path)
-        self.why = why
-        super().__init__(f"{path}: {why}")
 
 
 def is_tag(name: Any) -> bool:

@@ -2,7 +2,7 @@
 
 The ``lift`` flags (``--schedule``, ``--layer_range``, ...) are generated from the declarations in
 :class:`lift_ds.config.LiftConfig`; every flag that sets a config key becomes an
-:class:`~lift_ds.config.Override` of its JSON path, and :func:`lift_ds.config.load_run_config`
+:class:`~lift_ds.run_config.Override` of its JSON path, and :func:`lift_ds.run_config.load_run_config`
 checks the merged result once, naming the flag of any bad value.
 """
 
@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import preflight
-from .config import ConfigError, Override, RunConfig, lift_settings, load_run_config, read_config_file
+from .config import lift_settings
+from .errors import ConfigError
+from .run_config import Override, RunConfig, load_run_config, read_config_file
 from .data import FORMATS
 from .utils import get_world_size
 

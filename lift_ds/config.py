@@ -2,7 +2,7 @@
 
 No torch import at module level. This module declares the sections (:class:`LiftConfig`,
 :class:`TrainingConfig`) and checks them; :mod:`lift_ds.run_config` builds the whole
-:class:`RunConfig`. :func:`load_run_config` reads a path or a dict, applies
+:class:`~lift_ds.run_config.RunConfig`. :func:`~lift_ds.run_config.load_run_config` reads a path or a dict, applies
 command-line overrides (dotted JSON paths), checks every field of the ``"lift"`` section and the
 top-level keys LIFT reads, chooses the backend, lets that backend check its own keys and the
 hardware, and raises ONE :class:`ConfigError` listing every problem with its JSON path (and the flag
@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .backends import REGISTRY
+from .errors import ConfigError
 from .schedule import DEFAULT_LISA_LAYERS, METHODS, POLICIES, SCHEDULES
 
 OPTIMIZER_STATES = ("reset", "offload")
@@ -33,25 +33,17 @@ FROZEN_WEIGHTS = ("full", "int8", "nf4")
 BLOCK_STORES = ("memory", "disk")
 #: ``lift.loss``: the causal-LM loss (lift_ds.loss)
 LOSS_MODES = ("auto", "chunked", "model")
-#: ``lift.backend`` values: the registered backends, and ``auto``, which follows the config
+#: the backends, by ``lift.backend`` name (``lift_ds.backends.REGISTRY`` is keyed by exactly these)
+BACKEND_NAMES = ("torch", "deepspeed", "fsdp")
+#: ``lift.backend`` values: the backends, and ``auto``, which follows the config
 #: (see :func:`lift_ds.backends.choose_backend`)
-BACKEND_CHOICES = ("auto", *REGISTRY)
+BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
 #: The one default for ``gradient_clipping`` on every backend: DeepSpeed's own default and the
 #: Hugging Face Trainer's ``max_grad_norm``. ``0`` turns clipping off. It is always written into the
 #: DeepSpeed config explicitly, so the meaning never depends on a library default.
 DEFAULT_GRADIENT_CLIPPING = 1.0
 #: the most optimizer steps a plan may have (every step's block is computed up front)
 MAX_TOTAL_STEPS = 10_000_000
-
-
-class ConfigError(ValueError):
-    """A configuration problem. ``problems`` holds one line per problem, each naming its JSON path."""
-
-    def __init__(self, problems: list[str], source: str = "config") -> None:
-        self.problems = list(problems)
-        self.source = source
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid LIFT configuration ({source}), {len(self.problems)} problem(s):\n{lines}")
 
 
 # --------------------------------------------------------------------------- declarations
@@ -389,7 +381,3 @@ def resolve_training(config: Mapping[str, Any], world_size: int) -> TrainingConf
         optimizer=dict(config["optimizer"]) if config.get("optimizer") else None,
         scheduler=dict(config["scheduler"]) if config.get("scheduler") else None,
     )
-
-
-# the run configuration (RunConfig, overrides, load_run_config) lives in run_config.py; re-exported here
-from .run_config import Override, RunConfig, apply_overrides, load_run_config, read_config_file  # noqa: E402,F401

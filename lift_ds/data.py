@@ -22,12 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .errors import DataError
+
 FORMATS = ("text", "prompt_response", "classification", "multiple_choice")
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """A problem with a data file, naming the file (and line where there is one)."""
 
 
 @dataclass

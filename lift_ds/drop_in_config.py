@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping
 
-from .config import ConfigError
+from .errors import ConfigError
 from .run_config import read_config_file
 from .utils import get_logger
 

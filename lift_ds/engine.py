@@ -21,13 +21,14 @@ from torch import nn
 
 from .backends.base import Backend
 from .blocks import set_trainable
-from .checkpoint import Checkpointer, CheckpointError, ResumeError  # noqa: F401  (re-exported)
+from .checkpoint import Checkpointer
 from . import faults
-from .config import RunConfig
-from .facade import DeepSpeedEngineMembers, NotUnderLiftError, ThroughputTimer
-from .guards import DivergenceError, PhaseOutOfMemoryError, StepGuard, is_out_of_memory, oom_message  # noqa: F401
+from .errors import NotUnderLiftError, PhaseOutOfMemoryError
+from .facade import DeepSpeedEngineMembers, ThroughputTimer
+from .guards import StepGuard, is_out_of_memory, oom_message
 from .optim import CrossPhaseLRScheduler
 from .plan import LiftPlan
+from .run_config import RunConfig
 from .schedule import PhaseCursor
 from .utils import get_logger
 

@@ -25,7 +25,9 @@ from typing import Any, Iterator
 
 import torch
 
-from .backends.engine_members import MISSING, NotUnderLiftError
+from .backends.engine_members import MISSING
+from .blocks import enable_gradient_checkpointing
+from .errors import NotUnderLiftError
 from .utils import get_logger
 
 logger = get_logger(__name__)
@@ -236,8 +238,6 @@ class DeepSpeedEngineMembers:
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """Hugging Face's switch (DeepSpeed forwards it to the model), made LIFT's: non-reentrant checkpointing that
         keeps truncated backward (transformers' default, reentrant, would back-propagate through every frozen block)."""
-        from .api import enable_gradient_checkpointing
-
         given = {**(gradient_checkpointing_kwargs or {}), **kwargs}
         if given.pop("use_reentrant", False):
             logger.info("gradient_checkpointing_enable(use_reentrant=True): "

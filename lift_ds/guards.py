@@ -7,21 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import DivergenceError
 from .utils import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import Backend
 
 logger = get_logger(__name__)
-
-
-class DivergenceError(RuntimeError):
-    """``lift.max_consecutive_skipped_steps`` optimizer steps in a row had a non-finite loss or
-    gradient norm. They were skipped: the weights are those from before the first of them."""
-
-
-class PhaseOutOfMemoryError(RuntimeError):
-    """Building a phase (engine, optimizer) for a block ran out of memory."""
 
 
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")

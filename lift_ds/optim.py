@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]

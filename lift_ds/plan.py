@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 from .blocks import Block, find_blocks, match_modules, select_candidates
-from .config import ConfigError, LiftConfig
+from .config import LiftConfig
+from .errors import ConfigError
 from .schedule import DEFAULT_LISA_LAYERS, Phase, method_plan, phases, plan
 
 if TYPE_CHECKING:  # pragma: no cover

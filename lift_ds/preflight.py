@@ -2,7 +2,7 @@
 directory, the model and tokenizer directories (or hub ids), and whether the run fits in memory.
 
 Each problem is one line naming the flag, what was given and what to do (collected into the
-launcher's one :class:`~lift_ds.config.ConfigError`, exit 2).
+launcher's one :class:`~lift_ds.errors.ConfigError`, exit 2).
 
 - ``--output_dir``: not a file, not under a file, writable, and either empty, or continued with
   ``--resume``, or cleared of lift_ds's outputs with ``--overwrite_output_dir`` (the Hugging Face

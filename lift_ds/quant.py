@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 from .qkernels import NF4_BLOCK, frozen_linear, nf4_scaler_block, quantize_weight  # noqa: F401  (re-exported)
 from .store import BlockStore
 from .stream import LayerStreamer, StreamedFrozenLinear

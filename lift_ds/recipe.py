@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .config import ConfigError
-from .data import DataError, Example, RankBatches, TokenizedData, load_examples, tokenize, tokenize_for_head
+from .data import Example, RankBatches, TokenizedData, load_examples, tokenize, tokenize_for_head
+from .errors import ConfigError, DataError
 from .utils import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover

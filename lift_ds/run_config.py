@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import ConfigError, LiftConfig, TrainingConfig, parse_lift_section, resolve_training
+from .config import LiftConfig, TrainingConfig, parse_lift_section, resolve_training
+from .errors import ConfigError
 from .config_scan import MAX_DEPTH, misspelled_top_level, parse_json, plain, scan
 
 

@@ -20,13 +20,11 @@ from typing import Any, Mapping
 
 import torch
 
+from .errors import TensorFileError
+
 DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
           "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _MAX_HEADER = 100 * 2**20
-
-
-class TensorFileError(ValueError):
-    """A safetensors file that cannot be read (truncated, bad header, unknown dtype)."""
 
 
 class Entry:

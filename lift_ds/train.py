@@ -12,8 +12,7 @@ from typing import Any
 
 from . import faults
 from .cli import Launch, build_parser, check_model, resolve
-from .config import ConfigError
-from .data import DataError
+from .errors import TRAINING_FAULT, ConfigError, LiftError
 from .utils import get_logger
 
 logger = get_logger("lift_ds.train")
@@ -263,36 +262,37 @@ def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
+def _report(e: LiftError, run: Run | None) -> None:
+    """The one-paragraph message of an error that ends the run (a fault during training says where the newest
+    checkpoint is), on rank 0, or on every rank before the engine exists."""
+    where = ""
+    if e.exit_code == TRAINING_FAULT and run is not None:
+        latest = run.ckpt_dir / "latest"
+        where = (f" The newest checkpoint is {run.ckpt_dir / latest.read_text().strip()}; continue from it with the same "
+                 "command and --resume.") if latest.is_file() else " No checkpoint was written (use --save_every N)."
+    engine = getattr(run, "engine", None)
+    if engine is None or engine.rank == 0:
+        print(f"error: {e}{where}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of launch/train.py; exit code 2 with a one-paragraph message on bad input."""
+    """Entry point of launch/train.py; a :class:`~lift_ds.errors.LiftError` with an ``exit_code`` ends it with
+    that status (2 bad input, 3 a fault during training) and a one-paragraph message."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
+    run: Run | None = None
     try:
         run = Run(resolve(args))
         run.setup()
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from .checkpoint import CheckpointError, ResumeError
-    from .guards import DivergenceError, PhaseOutOfMemoryError
-
-    try:
         result = run.train()
-    except ResumeError as e:  # e.g. another number of ranks: bad input, nothing was changed
-        if run.engine.rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DivergenceError, CheckpointError, PhaseOutOfMemoryError) as e:
-        latest = run.ckpt_dir / "latest"
-        where = (f" The newest checkpoint is {run.ckpt_dir / latest.read_text().strip()}; "
-                 "continue from it with the same "
-                 "command and --resume.") if latest.is_file() else " No checkpoint was written (use --save_every N)."
-        if run.engine.rank == 0:
-            print(f"error: {e}{where}", file=sys.stderr)
-        return 3
+    except LiftError as e:  # exit status by class: a ResumeError (another number of ranks) 2, a DivergenceError 3
+        if e.exit_code is None:
+            raise
+        _report(e, run)
+        return e.exit_code
     if run.engine.rank == 0:
         b, a = result["before"], result["after"]
         for key in ("eval_accuracy", "eval_loss"):

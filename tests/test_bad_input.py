@@ -333,7 +333,7 @@ def test_model_without_blocks_fails_before_a_process_group():
     from torch import nn
 
     import lift_ds
-    from lift_ds.config import ConfigError
+    from lift_ds.errors import ConfigError
 
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     cfg = merged(lift_backend="deepspeed", lift_total_steps=4, zero_optimization={"stage": 2})
@@ -410,7 +410,7 @@ def test_precision_the_accelerator_cannot_run_is_refused_up_front(d, capsys, mon
     from deepspeed.accelerator import get_accelerator
 
     import lift_ds
-    from lift_ds.config import ConfigError
+    from lift_ds.errors import ConfigError
 
     monkeypatch.setattr(type(get_accelerator()), f"is_{dtype}_supported", lambda self: False)
     cfg = merged(lift_backend="deepspeed", zero_optimization={"stage": 2}, **{dtype: {"enabled": True}})
@@ -469,7 +469,7 @@ def test_the_python_api_refuses_bad_models_optimizers_and_schedules_with_config_
     import torch
 
     import lift_ds
-    from lift_ds.config import ConfigError
+    from lift_ds.errors import ConfigError
 
     cfg = {"train_micro_batch_size_per_gpu": 2, "lift": {"backend": "deepspeed", "total_steps": 8}, "zero_optimization": {"stage": 2}}
     adamw = lambda **kw: (lambda ps: torch.optim.AdamW(ps, **{"lr": 1e-3, **kw}))  # noqa: E731

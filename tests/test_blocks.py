@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from lift_ds.blocks import BlockFindingError, find_blocks, match_modules, select_candidates, set_trainable
-from lift_ds.config import ConfigError, parse_lift_section
+from lift_ds.blocks import find_blocks, match_modules, select_candidates, set_trainable
+from lift_ds.config import parse_lift_section
+from lift_ds.errors import BlockFindingError, ConfigError
 
 from helpers import tiny_llama
 

@@ -22,8 +22,7 @@ import torch
 
 import lift_ds
 from lift_ds import checkpoint_io, faults
-from lift_ds.checkpoint import ResumeError
-from lift_ds.config import ConfigError
+from lift_ds.errors import ConfigError, ResumeError
 
 from helpers import lm_batches, tiny_llama
 

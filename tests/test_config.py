@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from lift_ds.config import DEFAULT_GRADIENT_CLIPPING, ConfigError, LiftConfig, load_run_config, parse_lift_section, resolve_training
+from lift_ds.config import DEFAULT_GRADIENT_CLIPPING, LiftConfig, parse_lift_section, resolve_training
+from lift_ds.errors import ConfigError
+from lift_ds.run_config import load_run_config
 
 
 def parse_config(config):

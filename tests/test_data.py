@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from lift_ds.data import IGNORE_INDEX, DataError, RankBatches, load_examples, read_jsonl, tokenize
+from lift_ds.data import IGNORE_INDEX, RankBatches, load_examples, read_jsonl, tokenize
+from lift_ds.errors import DataError
 
 from helpers import make_model_dir, write_sentiment
 

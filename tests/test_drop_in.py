@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import lift_ds
-from lift_ds.config import ConfigError
-from lift_ds.facade import NOT_UNDER_LIFT, NotUnderLiftError
+from lift_ds.errors import ConfigError, NotUnderLiftError
+from lift_ds.facade import NOT_UNDER_LIFT
 
 from helpers import lm_batches, snapshot, tiny_llama
 

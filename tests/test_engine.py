@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lift_ds
-from lift_ds.config import ConfigError
+from lift_ds.errors import ConfigError
 from lift_ds.optim import optimizer_state_elements
 
 from helpers import lm_batches, per_block_adam_reference, snapshot, tiny_llama
@@ -114,7 +114,7 @@ def count_forward_calls(module, counts, key):
 
 
 def test_truncated_backward_with_gradient_checkpointing():
-    from lift_ds.api import enable_gradient_checkpointing
+    from lift_ds.blocks import enable_gradient_checkpointing
 
     model = tiny_llama(layers=4)
     enable_gradient_checkpointing(model)
@@ -295,7 +295,7 @@ def test_load_checkpoint_into_a_finished_engine(tmp_path):
 def test_resume_with_another_global_batch_needs_allow_batch_change(tmp_path, caplog):
     """The data position is a global sample index: another global batch size changes what every later
     step reads, so it is refused unless allowed (then the run continues from the samples read so far)."""
-    from lift_ds.checkpoint import ResumeError
+    from lift_ds.errors import ResumeError
 
     engine, _, _ = make(lift={"total_steps": 8})
     train(engine, lm_batches(3))

@@ -1,6 +1,7 @@
 """The code's layout rules, checked: a lift key is declared once (validation, flag, the table in
 docs/configuration.md follow from the declaration), only lift_ds/backends/ touches DeepSpeed or a backend's
-name, modules stay small, and the README stays a front door whose links all resolve."""
+name, modules stay small, no lift_ds module imports one that imports it back (config.py, below the backends,
+imports none of them), and the README stays a front door whose links all resolve."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import pytest
 from lift_ds import config
 from lift_ds.backends import REGISTRY
 from lift_ds.cli import build_parser, overrides_from_args
-from lift_ds.config import ConfigError, LiftConfig, lift_settings, parse_lift_section, setting, settings_table
+from lift_ds.config import LiftConfig, lift_settings, parse_lift_section, setting, settings_table
+from lift_ds.errors import ConfigError
+from lift_ds.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lift_ds"
@@ -123,7 +126,7 @@ def test_a_new_key_needs_one_declaration(monkeypatch):
     args = build_parser().parse_args(["--warmup_phases", "3"])
     overrides = overrides_from_args(args, {}, [])
     assert any(o.path == "lift.warmup_phases" and o.value == 3 and o.origin == "--warmup_phases" for o in overrides)
-    run = config.load_run_config({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, overrides)
+    run = load_run_config({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, overrides)
     assert run.lift.warmup_phases == 3
     assert "| `warmup_phases` | `0` | `--warmup_phases` | phases before the first switch" in settings_table()
 
@@ -153,3 +156,135 @@ def test_only_backends_import_deepspeed_or_test_a_backend_name():
 def test_modules_stay_small():
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in _python_files()}
     assert max(sizes.values()) <= 420, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+
+
+# --------------------------------------------------------------------------- the import graph
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """The nodes inside ``if TYPE_CHECKING:`` blocks (their ``else`` runs, so it counts)."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        test = getattr(node, "test", None)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in (getattr(test, "id", None), getattr(test, "attr", None)):
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return skip
+
+
+def import_graph() -> dict[str, set[str]]:
+    """lift_ds module -> the lift_ds modules it imports, at module level or inside a function (relative or absolute;
+    ``from . import x`` is an edge to the module ``x``; ``import lift_ds`` / ``from lift_ds import name`` an edge to
+    lift_ds/__init__); imports only a type checker runs are left out."""
+    modules = {_module_name(p): p for p in _python_files()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        skip = _type_checking_only(tree)
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        edges: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # from . import x / from ..config import y
+                    base = ".".join(package[:len(package) - node.level + 1] + [base]).strip(".")
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if target.split(".")[0] != "lift_ds":
+                    continue
+                assert target in modules, f"{name}:{node.lineno} imports {target}, which is no lift_ds module"
+                if target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (``[a, b, ..., a]``) per strongly connected group of modules that import each other."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    cycles = []
+    for group in groups:  # the shortest way from the group's first module back to it, inside the group
+        start = min(group)
+        paths = {start: [start]}
+        frontier = [start]
+        while frontier and start not in {w for v in frontier for w in graph[v]}:
+            nxt = []
+            for v in frontier:
+                for w in sorted(graph[v] & group):
+                    if w not in paths:
+                        paths[w] = paths[v] + [w]
+                        nxt.append(w)
+            frontier = nxt
+        last = next(v for v in frontier if start in graph[v])
+        cycles.append(paths[last] + [start])
+    return cycles
+
+
+def test_no_lift_ds_module_imports_one_that_imports_it_back():
+    graph = import_graph()
+    assert len(graph) > 50 and "lift_ds.config" in graph["lift_ds.run_config"]  # the graph is read at all
+    assert "lift_ds.errors" in graph["lift_ds.config"] and "lift_ds.blocks" in graph["lift_ds.facade"]
+    cycles = "\n".join(" -> ".join(c) for c in import_cycles(graph))
+    assert not cycles, f"import cycles (move the shared piece down into the lower module):\n{cycles}"
+
+
+def test_the_cycle_finder_finds_a_back_import():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e2"}, "e2": {"e"}}
+    assert sorted(import_cycles(graph)) == [["a", "b", "c", "a"], ["e", "e2", "e"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_errors_import_nothing_and_config_no_backend():
+    """errors.py is the ground floor; config.py (the sections, the backend names) sits below the backends, and
+    run_config.py is the configuration module that sees both."""
+    graph = import_graph()
+    assert graph["lift_ds.errors"] == set()
+    assert not [m for m in graph["lift_ds.config"] if m.startswith("lift_ds.backends")], graph["lift_ds.config"]
+    assert "lift_ds.backends" in graph["lift_ds.run_config"]
+
+
+def test_the_backend_registry_is_keyed_by_the_declared_names():
+    assert tuple(REGISTRY) == config.BACKEND_NAMES
+    assert config.BACKEND_CHOICES == ("auto", *config.BACKEND_NAMES)
+    backend = next(f for f in dataclasses.fields(LiftConfig) if f.name == "backend")
+    assert backend.metadata["choices"] == config.BACKEND_CHOICES
+    for name, target in REGISTRY.items():  # each names a module of its own (imported on first use)
+        module, _, cls = target.partition(":")
+        assert module == f"lift_ds.backends.{name}" and cls, target
+        assert (REPO / (module.replace(".", "/") + ".py")).is_file(), target

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lift_ds
-from lift_ds.config import ConfigError
+from lift_ds.errors import ConfigError
 from lift_ds.loss import SUPPORTED_MODEL_TYPES, install_loss, installed_loss, linear_cross_entropy_sum, remove_loss, unsupported_reason
 
 from helpers import lm_batches, tiny_llama

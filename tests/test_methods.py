@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lift_ds
-from lift_ds.config import ConfigError
+from lift_ds.errors import ConfigError
 from lift_ds.optim import optimizer_state_elements
 from lift_ds.schedule import badam_phases, lisa_sets, method_plan, phases, plan, plan_fingerprint
 

@@ -10,7 +10,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import lift_ds
-from lift_ds.config import ConfigError, load_run_config
+from lift_ds.errors import ConfigError
+from lift_ds.run_config import load_run_config
 from lift_ds.quant import QuantizedFrozenLinear, quantize_weight, tensor_bytes
 
 from helpers import lm_batches, snapshot, tiny_llama

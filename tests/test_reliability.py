@@ -10,7 +10,7 @@ import torch
 
 import lift_ds
 from lift_ds import faults
-from lift_ds.engine import CheckpointError, DivergenceError, PhaseOutOfMemoryError
+from lift_ds.errors import CheckpointError, DivergenceError, PhaseOutOfMemoryError
 
 from helpers import lm_batches, snapshot, tiny_llama
 

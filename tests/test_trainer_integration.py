@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lift_ds.config import ConfigError
+from lift_ds.errors import ConfigError
 
 from helpers import lm_batches, tiny_llama
 
@@ -91,7 +91,7 @@ def test_fractional_steps_are_fractions_of_the_run_and_a_missing_checkpoint_is_n
     """Hugging Face reads logging/eval/save_steps below 1 as a fraction of the run (ceil): 0.25 of 8
     steps is every 2, 0.5 every 4; num_train_epochs 0.5 is half an epoch's steps. A resume from a
     path that does not exist is a ResumeError naming it."""
-    from lift_ds.checkpoint import ResumeError
+    from lift_ds.errors import ResumeError
 
     trainer = build(tmp_path, logging_steps=0.25, save_steps=0.5, eval_strategy="steps", eval_steps=0.5, trainer_kwargs={"eval_dataset": data()[:2]})
     trainer.train()

@@ -45,7 +45,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import BAD_INPUT, ConfigError, LiftError
 from .ablation import ablation, markdown_table, settings
 from .common import Setup, parse_task, zero_shot
 from .contribution import contribution
@@ -119,8 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..data import DataError
-
     args = build_parser().parse_args(argv)
     try:
         if args.command == "curves":
@@ -179,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_table(res["rows"], res["tasks"]))
             print(f"\nwrote {out}/ablation.md, .csv, .json")
         return 0
-    except (ConfigError, DataError) as e:
+    except LiftError as e:  # bad input (a ConfigError, DataError, ...): its exit status and message, no traceback
+        if e.exit_code != BAD_INPUT:
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..provenance import sidecar, write_json
 from .common import Task, score_of, write_tables
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 def read_curve(path: Path, metric: str) -> list[tuple[int, float]]:
     """``(step, value)`` of ``metric`` in a metrics.jsonl file (bad lines named by file and line)."""
-    from ..data import DataError, read_jsonl
+    from ..data import read_jsonl
+    from ..errors import DataError
 
     if not path.is_file():
         raise DataError(f"--run: file {str(path)!r} does not exist")

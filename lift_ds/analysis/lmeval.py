@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .common import Task
 
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Backend
 
-#: ``lift.backend`` name -> ``module:class`` (the one registry)
+#: ``lift.backend`` name -> ``module:class`` (the one registry), keyed by :data:`lift_ds.config.BACKEND_NAMES`
+#: (config.py declares the names and imports no backend; tests/test_layout.py keeps the two equal)
 REGISTRY: dict[str, str] = {
     "torch": "lift_ds.backends.torch:TorchBackend",
     "deepspeed": "lift_ds.backends.deepspeed:DeepSpeedBackend",
@@ -25,7 +26,7 @@ REGISTRY: dict[str, str] = {
 def get_backend_class(name: str) -> "type[Backend]":
     """The backend class registered under ``name`` (imported on first use)."""
     if name not in REGISTRY:
-        from ..config import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError([f"lift.backend: {name!r} unknown; allowed: {', '.join(REGISTRY)}"])
     module, cls = REGISTRY[name].split(":")

@@ -2,8 +2,7 @@
 
 The engine owns the plan, freezing, the lr schedule and micro-step counting; the checkpointer the checkpoint layout; a
 backend the wrapped model, the per-phase optimizer, backward, the optimizer step (with clipping), how weights and
-optimizer state are stored, parameter sizes, collectives, and its own config checks (:meth:`Backend.check_config`).
-"""
+optimizer state are stored, parameter sizes, collectives, and its own config checks (:meth:`Backend.check_config`)."""
 
 from __future__ import annotations
 
@@ -17,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError, LiftConfig, TrainingConfig
+from ..config import LiftConfig, TrainingConfig
+from ..errors import ConfigError
 from ..optim import OptimizerFactory, optimizer_backend_problems, optimizer_factory_from_section
 from ..optim_checks import probe_optimizer
 from . import ds_config_keys, hardware
@@ -26,7 +26,7 @@ from .lr_schedules import config_lr, scheduler_problems
 from .state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE, load_torch_optimizer_full_state, placed_like, torch_optimizer_full_state
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..config import RunConfig
+    from ..run_config import RunConfig
 
 
 @dataclass

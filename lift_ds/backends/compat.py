@@ -335,26 +335,6 @@ def is_deepspeed_engine_member(name: str) -> bool:
     return name in ENGINE_INSTANCE_ATTRIBUTES or (hasattr(DeepSpeedEngine, name) and not hasattr(torch.nn.Module, name))
 
 
-def phase_engine_member(current: Any, name: str) -> Any:
-    """``name`` of whichever DeepSpeed engine ``current()`` returns when it is used: a method is bound at each
-    call (a phase switch replaces the engine), any other member is read now. ``MISSING`` for other names."""
-    from .engine_members import MISSING
-
-    if not is_deepspeed_engine_member(name):
-        return MISSING
-    engine = current()
-    if engine is None:
-        return MISSING
-    if callable(getattr(type(engine), name, None)):
-        def member(*args: Any, **kwargs: Any) -> Any:
-            return getattr(current(), name)(*args, **kwargs)
-
-        member.__name__ = name
-        member.__doc__ = f"DeepSpeedEngine.{name} of the current LIFT phase's engine (the active block).\n\n" + (getattr(type(engine), name).__doc__ or "")
-        return member
-    return getattr(engine, name)
-
-
 def run_monitor(raw: dict[str, Any]) -> Any:
     """One DeepSpeed ``MonitorMaster`` for the whole run from the config's monitor sections (each phase's
     engine is built without them: its writers would restart their sample counts at every phase)."""

@@ -18,11 +18,12 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..config import ConfigError, LiftConfig, TrainingConfig, is_comment_key
+from ..config import LiftConfig, TrainingConfig, is_comment_key
+from ..errors import ConfigError, NotUnderLiftError
 from ..utils import get_logger, init_process_group
 from . import compat, compat_zero3, ds_config_keys
 from .base import Backend, BackendContext
-from .engine_members import NotUnderLiftError
+from .engine_members import phase_engine_member
 from .ops import choose_optimizer
 from .state import WEIGHTS_FILE, host_copies_done, load_torch_optimizer_full_state, to_host, torch_optimizer_full_state
 
@@ -130,7 +131,7 @@ class DeepSpeedBackend(Backend):
     # ----------------------------------------------------------------- the DeepSpeedEngine surface (lift_ds.facade)
 
     def library_member(self, name: str) -> Any:
-        return compat.phase_engine_member(lambda: self._engine, name)
+        return phase_engine_member(lambda: self._engine, name)
 
     def library_member_problem(self, name: str) -> str | None:
         if not compat.is_deepspeed_engine_member(name):

@@ -8,13 +8,29 @@ import contextlib
 from contextlib import AbstractContextManager
 from typing import Any, Iterable
 
+from ..errors import NotUnderLiftError
+from . import compat
+
 #: ``Backend.library_member``'s answer for a name its library's engine does not have
 MISSING = object()
 
 
-class NotUnderLiftError(AttributeError):
-    """A DeepSpeedEngine member that cannot mean the same under LIFT (the message says why and what
-    to use instead). An ``AttributeError``, so ``hasattr`` is False for it, as for a missing member."""
+def phase_engine_member(current: Any, name: str) -> Any:
+    """``name`` of whichever DeepSpeed engine ``current()`` returns when it is used: a method is bound at each
+    call (a phase switch replaces the engine), any other member is read now. ``MISSING`` for other names."""
+    if not compat.is_deepspeed_engine_member(name):
+        return MISSING
+    engine = current()
+    if engine is None:
+        return MISSING
+    if callable(getattr(type(engine), name, None)):
+        def member(*args: Any, **kwargs: Any) -> Any:
+            return getattr(current(), name)(*args, **kwargs)
+
+        member.__name__ = name
+        member.__doc__ = f"DeepSpeedEngine.{name} of the current LIFT phase's engine (the active block).\n\n" + (getattr(type(engine), name).__doc__ or "")
+        return member
+    return getattr(engine, name)
 
 
 class EngineMembers:
@@ -29,8 +45,6 @@ class EngineMembers:
 
     def library_member_problem(self, name: str) -> str | None:
         """Why ``name`` is unavailable, when it is a DeepSpeedEngine member this backend has no engine for."""
-        from . import compat
-
         if compat.is_deepspeed_engine_member(name):
             return (f"a DeepSpeedEngine member, and this run's backend is {self.name!r}, which builds no DeepSpeed engine "
                     "(lift.backend \"deepspeed\" has one per phase)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Mapping
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 def scheduler_problems(section: Mapping[str, Any], total_steps: int | None = None, base_lr: float | None = None) -> list[str]:

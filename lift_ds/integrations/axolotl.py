@@ -29,7 +29,7 @@ import copy
 from types import SimpleNamespace
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..utils import get_logger
 from .axolotl_args import PLUGIN_NAME, lift_config
 from .transformers import LiftTrainerMixin

@@ -17,7 +17,9 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ..backends import choose_backend, shards_parameters
-from ..config import ConfigError, lift_settings, parse_lift_section, read_config_file
+from ..config import lift_settings, parse_lift_section
+from ..errors import ConfigError
+from ..run_config import read_config_file
 from ..utils import get_world_size
 
 PLUGIN_NAME = "lift_ds.integrations.axolotl.LiftPlugin"

@@ -10,8 +10,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ConfigError, read_config_file
+from ..errors import ConfigError
 from ..optim import NamedGroups
+from ..run_config import read_config_file
 
 #: TrainingArguments.optim values lift_ds builds per phase
 OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd")

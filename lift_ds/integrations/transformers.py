@@ -26,7 +26,7 @@ learning rate and data position; ``checkpoint-N`` also holds a Hugging Face mode
 consolidated Hugging Face model), ``end()``. Trainer's no-decay group (biases, norms) holds on every
 optimizer path. ``"auto"`` values and keys absent from the JSON follow the TrainingArguments, as Hugging
 Face and accelerate do. A Trainer feature that cannot work with LIFT is a
-:class:`~lift_ds.config.ConfigError` when the trainer is built. ``docs/drop-in.md`` lists what differs.
+:class:`~lift_ds.errors.ConfigError` when the trainer is built. ``docs/drop-in.md`` lists what differs.
 
 Data order is lift_ds's own (keyed by global sample index, like ``launch/train.py``), so a resumed
 run reads exactly the samples an uninterrupted run would, on any number of ranks.
@@ -44,7 +44,8 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, load_run_config
+from ..errors import ConfigError
+from ..run_config import load_run_config
 from ..utils import get_logger, get_world_size
 from .trainer_args import (OPTIMS, SampleStream, absolute_steps, decay_groups, optimizer_factory, scheduler_factory, trainer_config,
                            trainer_fingerprint, unhonoured_arguments, unsupported_features)
@@ -117,7 +118,7 @@ class LiftTrainerMixin:
         config = load_run_config(raw, world_size=world,
                                  source=str(self.lift_config_source) if not isinstance(self.lift_config_source, dict) else "lift_config")
         if getattr(self.args, "activation_checkpointing", False) or getattr(self.args, "gradient_checkpointing", False):
-            from ..api import enable_gradient_checkpointing
+            from ..blocks import enable_gradient_checkpointing
 
             given = getattr(self.args, "activation_checkpointing_kwargs", None) or getattr(self.args, "gradient_checkpointing_kwargs", None) or {}
             # non-reentrant, without transformers' input-grad hook: truncated backward is kept
@@ -287,7 +288,7 @@ class LiftTrainerMixin:
         return path
 
     def _lift_resume(self, resume_from_checkpoint: str | bool) -> None:
-        from ..checkpoint import ResumeError
+        from ..errors import ResumeError
 
         if resume_from_checkpoint is True:  # the newest complete one (latest, or the newest that verifies)
             path, client = self.lift_engine.load_checkpoint(self.args.output_dir)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import lift_ds
 from lift_ds.backends import hardware
-from lift_ds.config import ConfigError
+from lift_ds.errors import ConfigError
 
 from helpers import tiny_llama
 
