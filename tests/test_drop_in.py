@@ -61,7 +61,7 @@ def test_a_plan_resolved_before_the_weights_is_used_as_is():
     from transformers import LlamaForCausalLM
 
     from helpers import tiny_llama_config
-    from lift_ds.config import load_run_config
+    from lift_ds.run_config import load_run_config
 
     with torch.device("meta"):
         meta = LlamaForCausalLM(tiny_llama_config())
