@@ -36,6 +36,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -185,6 +186,18 @@ class Checkpointer:
         agreed(finish)
         logger.info("saved checkpoint %s (step %d, %d parameter tensors)", final, e.global_step, len(names))
         return final
+
+    def rotate(self, save_dir: str | os.PathLike, prefix: str, keep: int) -> None:
+        """Keep the newest ``keep`` checkpoints ``save_dir/<prefix><step>`` (by step) and always the
+        one ``latest`` names (the one just written); the others are renamed aside (atomic) and then
+        deleted, each operation counted as the last save's (:func:`lift_ds.faults.save_ops`). The one
+        rotation of the launcher (``--keep_checkpoints``) and the Trainer (``save_total_limit``);
+        rank 0 only, ``keep`` 0 or None keeps every one."""
+        if self._rank != 0 or not keep:
+            return
+        save_dir = Path(save_dir)
+        latest, _ = cio.read_latest(save_dir)
+        cio.rotate(save_dir, rf"^{re.escape(prefix)}(\d+)$", keep, {latest} if latest else set(), self.last_ops)
 
     def _checkpoint_bytes(self, names: list[str]) -> int:
         """Rough size: saved weights plus the active block's optimizer state (all ranks)."""
