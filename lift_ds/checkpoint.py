@@ -5,7 +5,7 @@ A checkpoint ``save_dir/<tag>/`` holds:
 
 - ``lift_state.json`` (rank 0): the plan cursor, the samples read so far (the data position, keyed
   by global sample index), the batch layout, the step guard's counters, the learning rate, world
-  size, backend, the lift section, the names of the saved weights, the run's *fingerprint* (every
+  size, backend, the backend's layout, the lift section, the names of the saved weights, the run's *fingerprint* (every
   setting that decides the result), client state;
 - ``rank<r>_state.pt`` (every rank): RNG states and the learning-rate schedule;
 - ``stash.rank<r>.pt`` (every rank): its share of the stashed optimizer states
@@ -45,6 +45,7 @@ import torch
 
 from . import checkpoint_io as cio
 from . import faults
+from .backends.distributed import checkpoint_layout
 from .backends.state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE
 from .checkpoint_io import LATEST, CheckpointFileError, is_tag
 from .config import ConfigError
@@ -157,7 +158,7 @@ class Checkpointer:
                 t = e.training_config
                 meta = {
                     "format": FORMAT, "cursor": e.cursor.state_dict(), "samples_seen": e.samples_seen, "lr": e.lr_scheduler.lr,
-                    "world_size": e.world_size, "backend": e.backend.name, "zero_stage": e.backend.memory_layout()[0],
+                    "world_size": e.world_size, "backend": e.backend.name, "layout": checkpoint_layout(e.backend),
                     "micro_batch_size": t.micro_batch_size,
                     "gradient_accumulation_steps": t.gradient_accumulation_steps, "train_batch_size": t.train_batch_size,
                     "precision": t.precision, "lift": e.lift.to_dict(), "saved_params": names, **e.guard.state_dict(),

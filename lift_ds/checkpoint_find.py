@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import checkpoint_io as cio
+from .backends.distributed import layout_changes
 from .backends.state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE
 from .checkpoint_io import CheckpointFileError, is_tag, safe_load
 from .utils import get_logger
@@ -205,9 +206,9 @@ def check_layout(e: "LiftEngine", meta: dict[str, Any], path: Path, allow_batch_
     from .checkpoint import ResumeError
 
     t = e.training_config
-    now = {"world_size": e.world_size, "backend": e.backend.name, "zero_stage": e.backend.memory_layout()[0], "micro_batch_size": t.micro_batch_size,
+    now = {"world_size": e.world_size, "backend": e.backend.name, "micro_batch_size": t.micro_batch_size,
            "gradient_accumulation_steps": t.gradient_accumulation_steps}
-    changed = [f"{k} {meta.get(k)} -> {v}" for k, v in now.items() if meta.get(k) != v]
+    changed = [f"{k} {meta.get(k)} -> {v}" for k, v in now.items() if meta.get(k) != v] + layout_changes(e.backend, meta)
     if changed:
         logger.info("resuming %s with a changed layout: %s", path, ", ".join(changed))
     if meta["train_batch_size"] != t.train_batch_size:

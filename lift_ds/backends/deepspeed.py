@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainingConfig, frozen_layers_setting, is_comment_key
-from ..utils import get_logger, init_process_group
+from ..utils import get_logger
 from . import compat, compat_zero3, ds_config_keys
 from .base import Backend, BackendContext
+from .distributed import init_process_group
 from .engine_members import NotUnderLiftError
 from .ops import choose_optimizer
 from .state import WEIGHTS_FILE, host_copies_done, load_torch_optimizer_full_state, to_host, torch_optimizer_full_state
