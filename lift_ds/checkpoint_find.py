@@ -133,7 +133,7 @@ def read_files(ckpt: "Checkpointer", path: Path, meta: dict[str, Any]) -> Files:
     try:
         old_world = meta["world_size"]
         own = safe_load(path / f"rank{ckpt._rank % old_world}_state.pt")
-        if not isinstance(own, dict) or not {"rng", "lr_scheduler"} <= set(own):
+        if not isinstance(own, dict) or not set(ckpt.rank_pieces()) <= set(own):
             raise CheckpointFileError(path / f"rank{ckpt._rank % old_world}_state.pt", "not a lift_ds rank state")
         files = Files(own, _load_stash(e, path, old_world), None)
         step = meta["cursor"].get("step")
