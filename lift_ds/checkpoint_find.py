@@ -208,7 +208,8 @@ def check_layout(e: "LiftEngine", meta: dict[str, Any], path: Path, allow_batch_
     t = e.training_config
     now = {"world_size": e.world_size, "backend": e.backend.name, "micro_batch_size": t.micro_batch_size,
            "gradient_accumulation_steps": t.gradient_accumulation_steps}
-    changed = [f"{k} {meta.get(k)} -> {v}" for k, v in now.items() if meta.get(k) != v] + layout_changes(e.backend, meta)
+    changed = [f"{k} {meta.get(k)} -> {v}" for k, v in now.items() if meta.get(k) != v]
+    changed += layout_changes(e.backend, meta)
     if changed:
         logger.info("resuming %s with a changed layout: %s", path, ", ".join(changed))
     if meta["train_batch_size"] != t.train_batch_size:

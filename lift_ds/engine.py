@@ -234,7 +234,8 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         self.micro_steps = self.cursor.step * self.training_config.gradient_accumulation_steps
         self.guard.load_state_dict(state)
         self.end_phase()  # also after the plan finished, when the last engine is kept for evaluation
-        self.backend.load_precision_state(state.get("precision_state") or {})  # the fp16 loss scale, before the phase is built
+        # the fp16 loss scale, before the phase is built
+        self.backend.load_precision_state(state.get("precision_state") or {})
         self.stash = state["stash"]
 
     def resume_phase(self, optimizer_state: dict[str, Any] | None) -> None:

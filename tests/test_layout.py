@@ -156,7 +156,7 @@ def test_only_backends_import_deepspeed_or_test_a_backend_name():
     assert not offenders, offenders
 
 
-#: attributes only lift_ds/backends/ uses (outside it: lift_ds.backends.distributed / compat; ``_nn``: torch._C._nn.linear)
+#: attributes only lift_ds/backends/ uses (outside it: backends.distributed / compat; ``_nn``: torch._C._nn.linear)
 BACKEND_ONLY_NAMES = {"init_process_group", "to_local", "full_tensor", "_nn"}
 
 

@@ -39,9 +39,11 @@ def init_process_group(backend: str) -> None:
         from torch.distributed.constants import default_pg_timeout
 
         world = int(os.environ["WORLD_SIZE"])
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=default_pg_timeout)
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=default_pg_timeout)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"/lift_ds/attempt_{attempt}", store), rank=int(os.environ["RANK"]), world_size=world)
+        prefixed = dist.PrefixStore(f"/lift_ds/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=prefixed, rank=int(os.environ["RANK"]), world_size=world)
     else:
         dist.init_process_group(backend)
 

@@ -143,7 +143,8 @@ def test_zero_init_replaces_functional_linear_and_aten_linear_is_the_original(mo
     from deepspeed.runtime.zero import partition_parameters as pp
 
     source = inspect.getsource(pp)
-    assert "torch.nn.functional.linear = zero3_linear_wrap" in source and "This will persist unless manually reset" in source
+    assert "torch.nn.functional.linear = zero3_linear_wrap" in source
+    assert "This will persist unless manually reset" in source
     assert inspect.signature(pp.Init.__init__).parameters["mem_efficient_linear"].default is True
     monkeypatch.setattr(torch.nn.functional, "linear", pp.zero3_linear_wrap)  # as zero.Init leaves it
     linear = compat.aten_linear()
