@@ -3,12 +3,14 @@ that a kill at any point leaves a complete checkpoint, read back without running
 
 A checkpoint ``save_dir/<tag>/`` holds:
 
-- ``lift_state.json`` (rank 0): the plan cursor, the samples read so far (the data position, keyed
-  by global sample index), the batch layout, the step guard's counters, the learning rate, world
-  size, backend, the lift section, the names of the saved weights, the run's *fingerprint* (every
-  setting that decides the result), client state;
-- ``rank<r>_state.pt`` (every rank): RNG states and the learning-rate schedule;
-- ``stash.rank<r>.pt`` (every rank): its share of the stashed optimizer states
+- ``lift_state.json`` (rank 0): the engine's progress (:meth:`LiftEngine.state_dict`: the plan
+  cursor, the samples read so far, i.e. the data position keyed by global sample index, the step
+  guard's counters, the fp16 loss scale), the batch layout, the learning rate, world size, backend,
+  the backend's ``layout`` (older checkpoints: ``zero_stage``), the lift section, the names of the
+  saved weights, the run's *fingerprint* (every setting that decides the result), client state;
+- ``rank<r>_state.pt`` (every rank): the pieces of :meth:`Checkpointer.rank_pieces`, RNG states and
+  the learning-rate schedule;
+- ``stash.rank<r>.pt`` (every rank): its share of the engine's stashed optimizer states
   (``optimizer_state: offload``, split across ranks by parameter);
 - ``weights.safetensors``: the full weights of every block trained so far (untouched blocks equal
   the model the run was built from, which a resumed run must build again);
@@ -36,14 +38,16 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
 from . import checkpoint_io as cio
 from . import faults
+from .backends.distributed import checkpoint_layout
 from .backends.state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE
 from .checkpoint_io import FORMAT, LATEST, STATE_FILE, is_tag
 from .errors import CheckpointError, ConfigError, ResumeError
@@ -70,10 +74,34 @@ def _portable(state: Any, what: str) -> None:
                               f"which a safe load (weights_only=True) refuses ({cio._summary(e)})") from None
 
 
+class Stateful(Protocol):
+    """A piece of a run that owns its state (torch.distributed.checkpoint's ``Stateful``)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+class _RNG:
+    """This process's random number generators (Python, NumPy, torch, CUDA) as a stateful piece."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
+
+
+RNG = _RNG()
+
+
 class Checkpointer:
-    """Saves and restores a :class:`~lift_ds.engine.LiftEngine`'s stateful pieces: the cursor,
-    the step guard, the learning-rate schedule, the stashed optimizer states, RNG, and (through the
-    backend) the trained weights and the active block's optimizer state."""
+    """Saves and restores a :class:`~lift_ds.engine.LiftEngine`'s stateful pieces, each of which owns
+    its state (``state_dict`` / ``load_state_dict``): the engine's progress (cursor, data position,
+    step guard, precision state, stash), the learning-rate schedule and RNG (:meth:`rank_pieces`), and
+    through the backend the trained weights and the active block's optimizer state. The engine
+    decides its phases: a load hands it its progress (it ends the phase running), then the weights,
+    then :meth:`~lift_ds.engine.LiftEngine.resume_phase` builds the phase the checkpoint is in."""
 
     def __init__(self, engine: "LiftEngine") -> None:
         self.engine = engine
@@ -83,6 +111,12 @@ class Checkpointer:
     @property
     def _rank(self) -> int:
         return self.engine.backend.rank
+
+    def rank_pieces(self) -> dict[str, Stateful]:
+        """The stateful pieces every rank writes into ``rank<r>_state.pt``, by name. Rank 0 writes the
+        engine's progress (:meth:`LiftEngine.state_dict`) into ``lift_state.json``, each rank its share
+        of the stash into ``stash.rank<r>.pt``; the backend writes the weights and optimizer state."""
+        return {"rng": RNG, "lr_scheduler": self.engine.lr_scheduler}
 
     def fingerprint(self) -> dict[str, Any]:
         """Every setting that decides the result (JSON-ready): the plan, the lift keys that shape it,
@@ -101,8 +135,8 @@ class Checkpointer:
         """Write a checkpoint (collective: every rank calls it); returns its directory. ``extra_files(dir)``
         writes more files into it before it is published (collective; e.g. a Hugging Face model)."""
         e = self.engine
-        if e.micro_steps % e.training_config.gradient_accumulation_steps:
-            raise RuntimeError("save_checkpoint() in the middle of gradient accumulation; save after an optimizer step")
+        progress = e.state_dict()  # first: it refuses a save in the middle of gradient accumulation
+        stash = progress.pop("stash")
         if tag is not None and not is_tag(tag):
             raise ConfigError([f"tag: {tag!r} must be a plain directory name (letters, digits, _ . + -; no path separators, no "
                                "leading dot, no ..), e.g. global_step100"])
@@ -133,21 +167,21 @@ class Checkpointer:
             return run
 
         def write_state() -> None:
-            state = {"rng": rng_state(), "lr_scheduler": e.lr_scheduler.state_dict()}
+            state = {name: piece.state_dict() for name, piece in self.rank_pieces().items()}
             _portable(state, "the RNG / learning-rate scheduler state")
             torch.save(state, tmp / f"rank{self._rank}_state.pt")
             op("rank state written")
-            torch.save(e.stash, tmp / f"stash.rank{self._rank}.pt")
+            torch.save(stash, tmp / f"stash.rank{self._rank}.pt")
             op("stash written")
             if self._rank == 0:
                 t = e.training_config
                 meta = {
-                    "format": FORMAT, "cursor": e.cursor.state_dict(), "samples_seen": e.samples_seen, "lr": e.lr_scheduler.lr,
-                    "world_size": e.world_size, "backend": e.backend.name, "zero_stage": e.backend.memory_layout()[0],
+                    "format": FORMAT, **progress, "lr": e.lr_scheduler.lr,
+                    "world_size": e.world_size, "backend": e.backend.name, "layout": checkpoint_layout(e.backend),
                     "micro_batch_size": t.micro_batch_size,
                     "gradient_accumulation_steps": t.gradient_accumulation_steps, "train_batch_size": t.train_batch_size,
-                    "precision": t.precision, "lift": e.lift.to_dict(), "saved_params": names, **e.guard.state_dict(),
-                    "fingerprint": self.fingerprint(), "client_state": client_state or {}, "precision_state": e.backend.precision_state(),
+                    "precision": t.precision, "lift": e.lift.to_dict(), "saved_params": names,
+                    "fingerprint": self.fingerprint(), "client_state": client_state or {},
                 }
                 (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
                 op(f"{STATE_FILE} written")
@@ -172,6 +206,18 @@ class Checkpointer:
         agreed(finish)
         logger.info("saved checkpoint %s (step %d, %d parameter tensors)", final, e.global_step, len(names))
         return final
+
+    def rotate(self, save_dir: str | os.PathLike, prefix: str, keep: int) -> None:
+        """Keep the newest ``keep`` checkpoints ``save_dir/<prefix><step>`` (by step) and always the
+        one ``latest`` names (the one just written); the others are renamed aside (atomic) and then
+        deleted, each operation counted as the last save's (:func:`lift_ds.faults.save_ops`). The one
+        rotation of the launcher (``--keep_checkpoints``) and the Trainer (``save_total_limit``);
+        rank 0 only, ``keep`` 0 or None keeps every one."""
+        if self._rank != 0 or not keep:
+            return
+        save_dir = Path(save_dir)
+        latest, _ = cio.read_latest(save_dir)
+        cio.rotate(save_dir, rf"^{re.escape(prefix)}(\d+)$", keep, {latest} if latest else set(), self.last_ops)
 
     def _checkpoint_bytes(self, names: list[str]) -> int:
         """Rough size: saved weights plus the active block's optimizer state (all ranks)."""
@@ -241,27 +287,19 @@ class Checkpointer:
         check_fingerprint(self, meta, path)
         files = read_files(self, path, meta)
         try:
-            e.cursor.load_state_dict(meta["cursor"])
+            e.load_state_dict({**meta, "stash": files.stash})  # the progress; the engine ends its phase
         except ValueError as ex:
             raise ResumeError(str(ex), path) from None
-        e.samples_seen = int(meta["samples_seen"])
-        e.micro_steps = e.cursor.step * e.training_config.gradient_accumulation_steps
-        e.guard.load_state_dict(meta)
-        e.end_phase()  # also after the plan finished, when the last engine is kept for evaluation
-        # the fp16 loss scale, before the phase is built
-        e.backend.load_precision_state(meta.get("precision_state") or {})
         taken = e.quant.load(path, path / WEIGHTS_FILE) if e.quant is not None else set()
         e.backend.load_weights(path, skip=taken)
-        e.stash = files.stash
-        if not e.done:
-            e.start_phase(e.cursor.block, restore_stash=False)
-            e.backend.load_optimizer(files.optimizer)
-        changed = e.lr_scheduler.load_state_dict(files.own["lr_scheduler"], resume_step=e.global_step)
+        e.resume_phase(files.optimizer)  # the engine builds the phase the cursor is in
+        pieces = self.rank_pieces()
+        changed = pieces["lr_scheduler"].load_state_dict(files.own["lr_scheduler"], resume_step=e.global_step)
         if changed:
             logger.warning("resuming %s: %s", path, changed)
         if e.optimizer is not None:
             e.lr_scheduler.apply(e.optimizer)
-        set_rng_state(files.own["rng"])
+        pieces["rng"].load_state_dict(files.own["rng"])  # last: nothing above draws from it
         logger.info("resumed from %s at step %d", path, e.global_step)
         return path, meta.get("client_state", {})
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import checkpoint_io as cio
+from .backends.distributed import layout_changes
 from .backends.state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE
 from .checkpoint_io import FORMAT, STATE_FILE, is_tag, safe_load
 from .errors import CheckpointFileError, ResumeError
@@ -128,7 +129,7 @@ def read_files(ckpt: "Checkpointer", path: Path, meta: dict[str, Any]) -> Files:
     try:
         old_world = meta["world_size"]
         own = safe_load(path / f"rank{ckpt._rank % old_world}_state.pt")
-        if not isinstance(own, dict) or not {"rng", "lr_scheduler"} <= set(own):
+        if not isinstance(own, dict) or not set(ckpt.rank_pieces()) <= set(own):
             raise CheckpointFileError(path / f"rank{ckpt._rank % old_world}_state.pt", "not a lift_ds rank state")
         files = Files(own, _load_stash(e, path, old_world), None)
         step = meta["cursor"].get("step")
@@ -202,9 +203,10 @@ def _load_stash(e: "LiftEngine", path: Path, old_world: int) -> dict[int, Any]:
 def check_layout(e: "LiftEngine", meta: dict[str, Any], path: Path, allow_batch_change: bool) -> None:
     """Log what changed in how the run is laid out; refuse another global batch unless allowed."""
     t = e.training_config
-    now = {"world_size": e.world_size, "backend": e.backend.name, "zero_stage": e.backend.memory_layout()[0], "micro_batch_size": t.micro_batch_size,
+    now = {"world_size": e.world_size, "backend": e.backend.name, "micro_batch_size": t.micro_batch_size,
            "gradient_accumulation_steps": t.gradient_accumulation_steps}
     changed = [f"{k} {meta.get(k)} -> {v}" for k, v in now.items() if meta.get(k) != v]
+    changed += layout_changes(e.backend, meta)
     if changed:
         logger.info("resuming %s with a changed layout: %s", path, ", ".join(changed))
     if meta["train_batch_size"] != t.train_batch_size:

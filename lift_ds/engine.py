@@ -209,6 +209,44 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         self._active = None
         set_trainable(self.module, [])
 
+    # ----------------------------------------------------------------- progress (checkpoints)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's progress, as a checkpoint keeps it: the plan cursor, the samples read so far (the
+        data position), the step guard's counters, the backend's precision state (the fp16 loss scale),
+        and under ``stash`` this rank's share of the stashed optimizer states (the rest is every rank's).
+
+        Raises:
+            RuntimeError: in the middle of gradient accumulation (save after an optimizer step).
+        """
+        if self.micro_steps % self.training_config.gradient_accumulation_steps:
+            raise RuntimeError("save_checkpoint() in the middle of gradient accumulation; save after an optimizer step")
+        return {"cursor": self.cursor.state_dict(), "samples_seen": self.samples_seen, **self.guard.state_dict(),
+                "precision_state": self.backend.precision_state(), "stash": self.stash}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back a :meth:`state_dict` (other keys are ignored) and end the phase running now; the
+        weights are loaded next, then :meth:`resume_phase` enters the phase the cursor names.
+
+        Raises:
+            ValueError: the state is of another plan (nothing changed).
+        """
+        self.cursor.load_state_dict(state["cursor"])
+        self.samples_seen = int(state["samples_seen"])
+        self.micro_steps = self.cursor.step * self.training_config.gradient_accumulation_steps
+        self.guard.load_state_dict(state)
+        self.end_phase()  # also after the plan finished, when the last engine is kept for evaluation
+        # the fp16 loss scale, before the phase is built
+        self.backend.load_precision_state(state.get("precision_state") or {})
+        self.stash = state["stash"]
+
+    def resume_phase(self, optimizer_state: dict[str, Any] | None) -> None:
+        """After :meth:`load_state_dict` and the weights: build the phase the cursor is in (nothing once the
+        plan is finished) with ``optimizer_state`` (the checkpoint's, of the block active at its step)."""
+        if not self.done:
+            self.start_phase(self.cursor.block, restore_stash=False)
+            self.backend.load_optimizer(optimizer_state)
+
     # ----------------------------------------------------------------- training
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

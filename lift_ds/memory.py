@@ -318,12 +318,14 @@ def live_tensor_bytes() -> int:
 
     import torch
 
+    from .backends.distributed import local_tensor
+
     seen: dict[int, int] = {}
     for obj in gc.get_objects():
         try:
             if not torch.is_tensor(obj):
                 continue
-            t = obj.to_local() if hasattr(obj, "to_local") else obj
+            t = local_tensor(obj)
             if t.device.type == "meta":
                 continue
             st = t.untyped_storage()

@@ -30,8 +30,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .backends.compat import aten_linear
+
 #: aten's linear (``torch.nn.functional.linear`` unless something replaced it, e.g. DeepSpeed ZeRO-3)
-_LINEAR = torch._C._nn.linear
+_LINEAR = aten_linear()
 NF4_BLOCK = 64
 NF4_SCALER_BLOCK = 256
 #: elements of a weight dequantized at once (one scratch buffer of this size per dtype)

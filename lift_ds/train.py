@@ -116,13 +116,10 @@ class Run:
                     self._tb.add_scalar(k, v, record["step"])
 
     def save(self) -> None:
-        from .checkpoint_io import rotate
-
-        path = self.engine.save_checkpoint(self.ckpt_dir, client_state={"samples_seen": self.engine.samples_seen})
+        self.engine.save_checkpoint(self.ckpt_dir, client_state={"samples_seen": self.engine.samples_seen})
         self.saved_step = self.engine.global_step
-        if self.engine.rank == 0 and self.args.keep_checkpoints:
-            # the oldest go (renamed aside, then deleted), never the one just written
-            rotate(self.ckpt_dir, r"^global_step(\d+)$", self.args.keep_checkpoints, {path.name}, self.engine.checkpointer.last_ops)
+        # the oldest go (renamed aside, then deleted), never the one just written
+        self.engine.checkpointer.rotate(self.ckpt_dir, "global_step", self.args.keep_checkpoints)
 
     def continue_metrics(self) -> None:
         """On resume: drop records past the resumed step from metrics.jsonl (those steps run again), so

@@ -63,36 +63,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def init_process_group(backend: str) -> None:
-    """``torch.distributed.init_process_group`` from the launcher's environment, safe across
-    torchrun elastic restarts.
-
-    Under torchrun the workers share the agent's TCPStore, and with torch 2.13 ``--standalone`` a
-    restarted attempt can find the previous attempt's keys in it: a fast rank then reads its peer's
-    old gloo address and fails with "connectFullMesh ... Connection refused" (or waits). The store is
-    prefixed with the restart attempt here, so each attempt rendezvous only with itself. Without any
-    launcher variable, a world of one process is set up on a free local port (as DeepSpeed does).
-    """
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    if not any(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
-        # one process without a launcher (python train.py): a world of one on a free local port
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ:
-        from torch.distributed.constants import default_pg_timeout
-
-        world = int(os.environ["WORLD_SIZE"])
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=default_pg_timeout)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"/lift_ds/attempt_{attempt}", store), rank=int(os.environ["RANK"]), world_size=world)
-    else:
-        dist.init_process_group(backend)

@@ -168,6 +168,23 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_complete_one(tmp_p
     assert all(torch.equal(got[n], reference[n]) for n in reference)
 
 
+def test_a_checkpoint_from_before_the_layout_field_resumes_exactly(tmp_path, caplog, reference):
+    """lift_state.json as lift_ds wrote it before the backend-neutral ``layout`` (a top-level
+    ``zero_stage``; here 2, as a ZeRO-2 run would have written) resumes, the old field read as the layout."""
+    saved(tmp_path, steps=(2,))
+    ckpt = tmp_path / "global_step2"
+    meta = json.loads((ckpt / "lift_state.json").read_text())
+    assert meta.pop("layout") == {"zero_stage": 0}  # the torch backend
+    (ckpt / "lift_state.json").write_text(json.dumps({**meta, "zero_stage": 2}, indent=1))
+    refresh_manifest(ckpt)
+    with caplog.at_level(logging.INFO):
+        engine, path = resume(tmp_path)
+    assert path == ckpt and engine.global_step == 2 and "with a changed layout: zero_stage 2 -> 0" in caplog.text
+    train(engine, lm_batches(STEPS))
+    got = weights(engine)
+    assert all(torch.equal(got[n], reference[n]) for n in reference)
+
+
 def test_no_complete_checkpoint_is_an_error_that_changes_nothing(tmp_path):
     saved(tmp_path, steps=(2,))
     f = tmp_path / "global_step2" / "weights.safetensors"

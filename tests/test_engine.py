@@ -309,6 +309,12 @@ def test_resume_with_another_global_batch_needs_allow_batch_change(tmp_path, cap
         path, _ = other.load_checkpoint(tmp_path, allow_batch_change=True)
     assert path is not None and other.global_step == 3 and other.samples_seen == 12 and other.micro_steps == 6
     assert "will not equal an uninterrupted run" in caplog.text
+    b = lm_batches(1)[0]
+    other.backward(other(**b).loss)
+    other.step()  # half an optimizer step: the engine's progress cannot be saved now, and nothing is written
+    with pytest.raises(RuntimeError, match="in the middle of gradient accumulation"):
+        other.save_checkpoint(tmp_path / "mid")
+    assert not (tmp_path / "mid").exists()
 
 
 def test_checkpoint_is_portable_between_backends_and_layouts(tmp_path):

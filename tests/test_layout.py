@@ -150,7 +150,18 @@ def test_only_backends_import_deepspeed_or_test_a_backend_name():
                 for side in [node.left, *node.comparators]:
                     if isinstance(side, ast.Constant) and side.value in REGISTRY:
                         offenders.append(f"{path.name}:{node.lineno} compares with backend name {side.value!r}")
+            # what backends/ keeps: the process group, DTensor shards, aten's linear (compat), ZeRO's vocabulary
+            if isinstance(node, ast.Attribute) and node.attr in BACKEND_ONLY_NAMES:
+                offenders.append(f"{path.name}:{node.lineno} uses {node.attr}")
+            if isinstance(node, ast.Constant) and node.value == "zero_stage":
+                offenders.append(f"{path.name}:{node.lineno} names zero_stage")
+            if isinstance(node, ast.FunctionDef) and node.name in BACKEND_ONLY_NAMES:
+                offenders.append(f"{path.name}:{node.lineno} defines {node.name}")
     assert not offenders, offenders
+
+
+#: attributes only lift_ds/backends/ uses (outside it: backends.distributed / compat; ``_nn``: torch._C._nn.linear)
+BACKEND_ONLY_NAMES = {"init_process_group", "to_local", "full_tensor", "_nn"}
 
 
 def test_modules_stay_small():

@@ -134,13 +134,15 @@ def test_one_process_run_logs_evaluates_saves_and_resumes(tmp_path):
     assert out.global_step == 8 and [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [4, 8]
     assert (tmp_path / "checkpoint-4").is_dir() and (tmp_path / "checkpoint-8").is_dir()
     final = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    again = build(tmp_path, logging_steps=2, save_steps=4, learning_rate=1e-2)
+    again = build(tmp_path, logging_steps=2, save_steps=4, learning_rate=1e-2, save_total_limit=1)
     import shutil
 
     shutil.rmtree(tmp_path / "checkpoint-8")
     (tmp_path / "latest").write_text("checkpoint-4")
     again.train(resume_from_checkpoint=True)
     assert again.lift_engine.global_step == 8 and sum(1 for h in again.state.log_history if "loss" in h) == 4
+    # save_total_limit=1: the launcher's rotation (renamed aside, then removed) keeps the one just written
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint-" in p.name) == ["checkpoint-8"]
     for n, p in again.model.named_parameters():
         assert torch.equal(p, final[n]), n
 

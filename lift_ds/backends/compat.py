@@ -20,6 +20,7 @@ once when another version is found.
 | :func:`relink_zero_state` | ZeRO-1/2 before DeepSpeed 0.19 link the fragments of every parameter group after the first group's step, so later groups' fragments stay empty (``_hp_optimizer_states_linked``); tested against 0.18.9 by tests/distributed/test_axolotl.py (axolotl's venv) |
 | :func:`installed_op` | ``deepspeed.git_version_info.installed_ops`` |
 | :func:`zero_reduce_bucket_size` | ``optimizer.reduce_bucket_size`` (read by the leak test) |
+| :func:`aten_linear` | ``deepspeed.zero.Init`` (``mem_efficient_linear``, on by default) replaces ``torch.nn.functional.linear`` with its ``zero3_linear_wrap`` for the rest of the process; Q-LIFT's dequantized chunks call aten's linear instead |
 | :func:`forget_process_groups` | ZeRO-3 parameters keep their process group in ``ds_process_group`` (dropped at exit) |
 | :class:`~lift_ds.backends.compat_zero3.Zero3OffloadKeeper` | ZeRO-3's optimizer builds its model-wide ``DeepSpeedZeRoOffload`` (parameter coordinator, hooks on every module) in ``initialize_ds_offload``, called with keywords, and removes it in ``destroy``; the coordinator's ``_invalidate_trace`` |
 """  # noqa: E501 (a Markdown table: its rows cannot wrap)
@@ -342,6 +343,14 @@ def run_monitor(raw: dict[str, Any]) -> Any:
     from deepspeed.monitor.monitor import MonitorMaster
 
     return MonitorMaster(get_monitor_config(raw))
+
+
+def aten_linear() -> Any:
+    """aten's linear (``torch._C._nn.linear``): ``torch.nn.functional.linear`` unless something replaced
+    it. ``deepspeed.zero.Init`` swaps ``F.linear`` for ``zero3_linear_wrap`` (an autograd Function that
+    keeps its weight for the backward) and leaves it so; a frozen layer's dequantized chunk, used once
+    and freed, must not go through it."""
+    return torch._C._nn.linear
 
 
 def forget_process_groups(models: list[nn.Module]) -> None:

@@ -20,9 +20,10 @@ from torch import nn
 
 from ..config import LiftConfig, TrainingConfig, is_comment_key
 from ..errors import ConfigError, NotUnderLiftError
-from ..utils import get_logger, init_process_group
+from ..utils import get_logger
 from . import compat, compat_zero3, ds_config_keys
 from .base import Backend, BackendContext
+from .distributed import init_process_group
 from .engine_members import phase_engine_member
 from .ops import choose_optimizer
 from .state import WEIGHTS_FILE, host_copies_done, load_torch_optimizer_full_state, to_host, torch_optimizer_full_state

@@ -22,8 +22,9 @@ import torch
 
 from ..blocks import find_layer_stack
 from ..config import LiftConfig, TrainingConfig, is_comment_key
-from ..utils import get_logger, init_process_group
+from ..utils import get_logger
 from .base import BackendContext, TorchOptimizerBackend
+from .distributed import init_process_group
 
 logger = get_logger(__name__)
 

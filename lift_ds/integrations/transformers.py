@@ -265,8 +265,6 @@ class LiftTrainerMixin:
         """``output_dir/checkpoint-<step>/``, written atomically: lift_ds's resume state (with the
         TrainerState in it) and, as in a Trainer checkpoint, the Hugging Face model (``from_pretrained``
         loads it), the tokenizer, ``trainer_state.json`` and ``training_args.bin``."""
-        import shutil
-
         from ..export import save_hf_checkpoint
 
         out = Path(self.args.output_dir)
@@ -279,11 +277,8 @@ class LiftTrainerMixin:
 
         path = self.lift_engine.save_checkpoint(out, tag=f"{CHECKPOINT_PREFIX}{self.state.global_step}", extra_files=trainer_files,
                                                 client_state={"trainer_state": json.loads(json.dumps(dataclasses.asdict(self.state), default=str))})
-        if self.is_world_process_zero() and self.args.save_total_limit:
-            done = sorted((p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()),
-                          key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-            for old in done[: -self.args.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        # save_total_limit: the newest checkpoints stay, and always the one just written (``latest``)
+        self.lift_engine.checkpointer.rotate(out, CHECKPOINT_PREFIX, self.args.save_total_limit)
         self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         return path
 

@@ -56,7 +56,7 @@ def main() -> None:
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     from lift_ds.backends import compat
-    from lift_ds.utils import init_process_group
+    from lift_ds.backends.distributed import init_process_group
 
     init_process_group("gloo")
     compat.disable_shm_comm_op()

@@ -135,6 +135,24 @@ def test_installed_op_reads_installed_ops():
         assert op in installed_ops and compat.installed_op(op) == bool(installed_ops[op])
 
 
+def test_zero_init_replaces_functional_linear_and_aten_linear_is_the_original(monkeypatch):
+    """deepspeed.zero.Init (mem_efficient_linear, its default) sets torch.nn.functional.linear to its
+    zero3_linear_wrap and leaves it so (the warning says "persist"); aten_linear is aten's own, which
+    Q-LIFT's frozen chunks call, and computes x W^T + b."""
+    import torch
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    source = inspect.getsource(pp)
+    assert "torch.nn.functional.linear = zero3_linear_wrap" in source
+    assert "This will persist unless manually reset" in source
+    assert inspect.signature(pp.Init.__init__).parameters["mem_efficient_linear"].default is True
+    monkeypatch.setattr(torch.nn.functional, "linear", pp.zero3_linear_wrap)  # as zero.Init leaves it
+    linear = compat.aten_linear()
+    assert linear is not pp.zero3_linear_wrap
+    x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
+    assert torch.allclose(linear(x, w, b), x @ w.t() + b)
+
+
 def test_zero_reduce_bucket_size(facts):
     assert facts["reduce_bucket_size"] == 12345
 
