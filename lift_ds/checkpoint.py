@@ -3,7 +3,7 @@ that a kill at any point leaves a complete checkpoint, read back without running
 
 A checkpoint ``save_dir/<tag>/`` holds:
 
-- ``lift_state.json`` (rank 0): the engine's progress (:meth:`LiftEngine.state_dict`: the plan
+- ``lift_state.json`` (rank 0): the engine's progress (:meth:`LiftEngine.progress_state_dict`: the plan
   cursor, the samples read so far, i.e. the data position keyed by global sample index, the step
   guard's counters, the fp16 loss scale), the batch layout, the learning rate, world size, backend,
   the backend's ``layout`` (older checkpoints: ``zero_stage``), the lift section, the names of the
@@ -114,7 +114,7 @@ class Checkpointer:
 
     def rank_pieces(self) -> dict[str, Stateful]:
         """The stateful pieces every rank writes into ``rank<r>_state.pt``, by name. Rank 0 writes the
-        engine's progress (:meth:`LiftEngine.state_dict`) into ``lift_state.json``, each rank its share
+        engine's progress (:meth:`LiftEngine.progress_state_dict`) into ``lift_state.json``, each rank its share
         of the stash into ``stash.rank<r>.pt``; the backend writes the weights and optimizer state."""
         return {"rng": RNG, "lr_scheduler": self.engine.lr_scheduler}
 
@@ -135,7 +135,7 @@ class Checkpointer:
         """Write a checkpoint (collective: every rank calls it); returns its directory. ``extra_files(dir)``
         writes more files into it before it is published (collective; e.g. a Hugging Face model)."""
         e = self.engine
-        progress = e.state_dict()  # first: it refuses a save in the middle of gradient accumulation
+        progress = e.progress_state_dict()  # first: it refuses a save in the middle of gradient accumulation
         stash = progress.pop("stash")
         if tag is not None and not is_tag(tag):
             raise ConfigError([f"tag: {tag!r} must be a plain directory name (letters, digits, _ . + -; no path separators, no "
@@ -287,7 +287,7 @@ class Checkpointer:
         check_fingerprint(self, meta, path)
         files = read_files(self, path, meta)
         try:
-            e.load_state_dict({**meta, "stash": files.stash})  # the progress; the engine ends its phase
+            e.load_progress_state_dict({**meta, "stash": files.stash})  # the progress; the engine ends its phase
         except ValueError as ex:
             raise ResumeError(str(ex), path) from None
         taken = e.quant.load(path, path / WEIGHTS_FILE) if e.quant is not None else set()

@@ -211,7 +211,7 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
 
     # ----------------------------------------------------------------- progress (checkpoints)
 
-    def state_dict(self) -> dict[str, Any]:
+    def progress_state_dict(self) -> dict[str, Any]:
         """The run's progress, as a checkpoint keeps it: the plan cursor, the samples read so far (the
         data position), the step guard's counters, the backend's precision state (the fp16 loss scale),
         and under ``stash`` this rank's share of the stashed optimizer states (the rest is every rank's).
@@ -224,8 +224,8 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         return {"cursor": self.cursor.state_dict(), "samples_seen": self.samples_seen, **self.guard.state_dict(),
                 "precision_state": self.backend.precision_state(), "stash": self.stash}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take back a :meth:`state_dict` (other keys are ignored) and end the phase running now; the
+    def load_progress_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back a :meth:`progress_state_dict` (other keys are ignored) and end the phase running now; the
         weights are loaded next, then :meth:`resume_phase` enters the phase the cursor names.
 
         Raises:
@@ -241,7 +241,7 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         self.stash = state["stash"]
 
     def resume_phase(self, optimizer_state: dict[str, Any] | None) -> None:
-        """After :meth:`load_state_dict` and the weights: build the phase the cursor is in (nothing once the
+        """After :meth:`load_progress_state_dict` and the weights: build the phase the cursor is in (nothing once the
         plan is finished) with ``optimizer_state`` (the checkpoint's, of the block active at its step)."""
         if not self.done:
             self.start_phase(self.cursor.block, restore_stash=False)
