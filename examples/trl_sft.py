@@ -33,20 +33,29 @@ def builtin_data(out: Path, limit: int) -> Path:
     train, _ = assets.movie_review_sentiment()
     rows = read_jsonl(train)[:limit]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps({"prompt": classification_prompt(r["text"]), "completion": " " + r["label"]}) + "\n" for r in rows))
+    out.write_text(
+        "".join(
+            json.dumps({"prompt": classification_prompt(r["text"]), "completion": " " + r["label"]}) + "\n"
+            for r in rows
+        )
+    )
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF directory (default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default=None, help="JSONL with prompt/completion (or messages) lines (default: built-in sentiment)")
+    p.add_argument(
+        "--data", default=None, help="JSONL with prompt/completion (or messages) lines (default: built-in sentiment)"
+    )
     p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "trainer_zero2.json"))
     p.add_argument("--max_steps", type=int, default=60)
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--per_device_train_batch_size", type=int, default=4)
     p.add_argument("--max_length", type=int, default=64)
-    p.add_argument("--layer_range", default=None, help="FIRST,LAST: train only these layers (default: the config's, all)")
+    p.add_argument(
+        "--layer_range", default=None, help="FIRST,LAST: train only these layers (default: the config's, all)"
+    )
     p.add_argument("--output_dir", default="outputs/trl_sft")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args()
@@ -65,10 +74,20 @@ def main() -> int:
     config, _ = read_config_file(args.ds_config)
     if args.layer_range:
         config["lift"]["layer_range"] = [int(x) for x in args.layer_range.split(",")]
-    sft = SFTConfig(output_dir=args.output_dir, max_steps=args.max_steps, learning_rate=args.learning_rate,
-                    per_device_train_batch_size=args.per_device_train_batch_size, max_length=args.max_length,
-                    logging_steps=5, save_strategy="no", report_to=[], deepspeed=config, bf16=torch.cuda.is_available(),
-                    use_cpu=not torch.cuda.is_available(), disable_tqdm=False)
+    sft = SFTConfig(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        max_length=args.max_length,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        deepspeed=config,
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
     trainer = LiftSFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         args=sft,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -32,12 +31,25 @@ def run(backend: str, stage: int, state: str, args) -> dict:
     import lift_ds
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8))
-    cfg = {"train_micro_batch_size_per_gpu": args.batch, "gradient_clipping": 1.0,
-           "lift": {"backend": backend, "total_steps": args.steps, "policy": "cyclic", "optimizer_state": state}}
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=4 * args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+        )
+    )
+    cfg = {
+        "train_micro_batch_size_per_gpu": args.batch,
+        "gradient_clipping": 1.0,
+        "lift": {"backend": backend, "total_steps": args.steps, "policy": "cyclic", "optimizer_state": state},
+    }
     if backend == "deepspeed":
-        cfg["zero_optimization"] = {"stage": stage, "stage3_param_persistence_threshold": 0} if stage == 3 else {"stage": stage}
+        cfg["zero_optimization"] = (
+            {"stage": stage, "stage3_param_persistence_threshold": 0} if stage == 3 else {"stage": stage}
+        )
     engine, *_ = lift_ds.initialize(model=model, config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4))
     g = torch.Generator().manual_seed(1)
     steps, t_all = [], time.perf_counter()
@@ -57,7 +69,12 @@ def run(backend: str, stage: int, state: str, args) -> dict:
     engine.close()
     del engine, model
     gc.collect()
-    return {"step_s": statistics.median(steps), "switch_s": switch_s / max(switches, 1), "switch_share": switch_s / total, "switches": switches}
+    return {
+        "step_s": statistics.median(steps),
+        "switch_s": switch_s / max(switches, 1),
+        "switch_share": switch_s / total,
+        "switches": switches,
+    }
 
 
 def main() -> None:
@@ -78,19 +95,27 @@ def main() -> None:
             r = run(backend, stage, state, args)
             rows.append({"backend": backend if backend == "fsdp" else f"zero{stage}", "optimizer_state": state, **r})
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"\nmodel: hidden {args.hidden}, {args.layers} layers, "
-              f"vocab {args.vocab}; batch {args.batch}x{args.seq} per rank; "
-              f"{os.environ.get('WORLD_SIZE', 1)} ranks; cyclic policy, {args.steps} steps\n")
+        print(
+            f"\nmodel: hidden {args.hidden}, {args.layers} layers, "
+            f"vocab {args.vocab}; batch {args.batch}x{args.seq} per rank; "
+            f"{os.environ.get('WORLD_SIZE', 1)} ranks; cyclic policy, {args.steps} steps\n"
+        )
         print("| backend | optimizer_state | median step (s) | median switch (s) | switches' share of run |")
         print("|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['backend']} | {r['optimizer_state']} | {r['step_s']:.3f} "
-                  f"| {r['switch_s']:.3f} | {100 * r['switch_share']:.1f}% |")
+            print(
+                f"| {r['backend']} | {r['optimizer_state']} | {r['step_s']:.3f} "
+                f"| {r['switch_s']:.3f} | {100 * r['switch_share']:.1f}% |"
+            )
         print()
         for b in dict.fromkeys(r["backend"] for r in rows):
-            reset, off = (next(r for r in rows if r["backend"] == b and r["optimizer_state"] == s) for s in ("reset", "offload"))
-            print(f"{b}: offload/reset switch time {off['switch_s'] / reset['switch_s']:.2f}x, "
-                  f"step time {off['step_s'] / reset['step_s']:.2f}x")
+            reset, off = (
+                next(r for r in rows if r["backend"] == b and r["optimizer_state"] == s) for s in ("reset", "offload")
+            )
+            print(
+                f"{b}: offload/reset switch time {off['switch_s'] / reset['switch_s']:.2f}x, "
+                f"step time {off['step_s'] / reset['step_s']:.2f}x"
+            )
         if args.out:
             from lift_ds.provenance import write_json
 

@@ -75,9 +75,14 @@ def finish_mode(engine, out: dict, args, data, tok) -> dict:
     if not args.skip_eval:
         out["after_through_engine"] = evaluate(engine, data, tok, args.seq_len, 16)
     later = [dt for ph, dt, _ in steps if ph > 0]
-    out.update(step_seconds_mean=statistics.mean(later), step_seconds_median=statistics.median(later),
-               phase_switch_seconds=engine.phase_switch_seconds, first_losses=[s[2] for s in steps[:5]],
-               last_losses=[s[2] for s in steps[-5:]], **peak_memory())
+    out.update(
+        step_seconds_mean=statistics.mean(later),
+        step_seconds_median=statistics.median(later),
+        phase_switch_seconds=engine.phase_switch_seconds,
+        first_losses=[s[2] for s in steps[:5]],
+        last_losses=[s[2] for s in steps[-5:]],
+        **peak_memory(),
+    )
     from transformers import AutoModelForCausalLM
 
     from lift_ds.export import save_hf_checkpoint
@@ -122,7 +127,9 @@ def main() -> int:
     p.add_argument("--max_steps", type=int, default=150)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--modes", default="full,int8,nf4")
-    p.add_argument("--interleave", action="store_true", help="step every mode's engine in turn (ratios robust to a shared machine)")
+    p.add_argument(
+        "--interleave", action="store_true", help="step every mode's engine in turn (ratios robust to a shared machine)"
+    )
     p.add_argument("--skip_eval", action="store_true", help="time only: no held-out evaluation")
     args = p.parse_args()
     from lift_ds import assets
@@ -134,8 +141,11 @@ def main() -> int:
     tok = load_tokenizer(model_dir)
     data = load_task_data(train_path, eval_path, "classification", tok, args.seq_len)
     base = build_model(model_dir, seed=0).eval()
-    record = {"before_full_precision": {} if args.skip_eval else held_out_metrics(base, data, tok, args.seq_len, 16), "modes": {},
-              "interleaved": args.interleave}
+    record = {
+        "before_full_precision": {} if args.skip_eval else held_out_metrics(base, data, tok, args.seq_len, 16),
+        "modes": {},
+        "interleaved": args.interleave,
+    }
     del base
     if args.interleave:
         record["modes"] = run_interleaved(args.modes.split(","), args, tok, data, model_dir)
@@ -144,10 +154,16 @@ def main() -> int:
         record["modes"][mode] = run_mode(mode, args, tok, data, model_dir)
         record["modes"][mode]["wall_seconds"] = time.perf_counter() - t0
         print(json.dumps({mode: record["modes"][mode]}, default=str), flush=True)
-    record.update(steps=args.max_steps, load_average_at_end=os.getloadavg(), commit=_commit(), eval_items=len(data.held_examples or []), torch_threads=torch.get_num_threads(),
-                  machine={"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
-                  finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  command="python " + " ".join(sys.argv))
+    record.update(
+        steps=args.max_steps,
+        load_average_at_end=os.getloadavg(),
+        commit=_commit(),
+        eval_items=len(data.held_examples or []),
+        torch_threads=torch.get_num_threads(),
+        machine={"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command="python " + " ".join(sys.argv),
+    )
     from lift_ds.provenance import write_json
 
     write_json(args.out, record)
@@ -157,9 +173,12 @@ def main() -> int:
         c = r.get("census")
         ratio = f"{c['quantized_bytes'] / c['bf16_bytes']:.3f}x" if c else "-"
         acc = lambda d: d.get("eval_accuracy", float("nan"))  # noqa: E731
-        print(f"{mode:6} {acc(r.get('before_quantized', record['before_full_precision'])):9.3f} "
-              f"{acc(r.get('after_through_engine', {})):9.3f} {acc(r.get('after_exported', {})):9.3f} "
-              f"{r['step_seconds_mean']:7.2f} {ratio:>20}" + (f"  step time {r['step_seconds_mean'] / full['step_seconds_mean']:.2f}x full" if full else ""))
+        print(
+            f"{mode:6} {acc(r.get('before_quantized', record['before_full_precision'])):9.3f} "
+            f"{acc(r.get('after_through_engine', {})):9.3f} {acc(r.get('after_exported', {})):9.3f} "
+            f"{r['step_seconds_mean']:7.2f} {ratio:>20}"
+            + (f"  step time {r['step_seconds_mean'] / full['step_seconds_mean']:.2f}x full" if full else "")
+        )
     print(f"wrote {args.out}")
     return 0
 

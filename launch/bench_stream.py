@@ -40,14 +40,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {  # the config.json of each model (num_hidden_layers set per run)
-    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
-                        max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
-                        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4, vocab_size=32000,
-                 max_position_embeddings=512),
+    "llama-2-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "llama-2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "llama-3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=512,
+    ),
 }
 GIB = 2**30
 
@@ -74,11 +102,17 @@ def prepare(work: Path, shape: str, layers: int) -> tuple[Path, Path]:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4000, special_tokens=["<eos>", "<pad>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=4000, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     fast.save_pretrained(model_dir)
-    cfg = LlamaConfig(num_hidden_layers=layers, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, **SHAPES[shape])
+    cfg = LlamaConfig(
+        num_hidden_layers=layers, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, **SHAPES[shape]
+    )
     cfg.save_pretrained(model_dir)
     text = work / "reviews.txt"
     text.write_text("\n".join(texts))
@@ -88,15 +122,42 @@ def prepare(work: Path, shape: str, layers: int) -> tuple[Path, Path]:
 def train_argv(spec: dict) -> list[str]:
     """launch/train.py's arguments for one run."""
     work = Path(spec["work"])
-    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "bf16": {"enabled": True},
-           "optimizer": {"type": spec.get("optimizer", "AdamW8bit"), "params": {"lr": 1e-4, "weight_decay": 0.0}},
-           "lift": {"backend": "torch", "frozen_weights": spec.get("frozen_weights", "nf4"), "stream_frozen": spec["stream"],
-                    "layer_range": [1, 2], "gradient_checkpointing": spec.get("checkpointing", False),
-                    "block_store": "disk", "block_store_dir": str(work / "store")}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+        "optimizer": {"type": spec.get("optimizer", "AdamW8bit"), "params": {"lr": 1e-4, "weight_decay": 0.0}},
+        "lift": {
+            "backend": "torch",
+            "frozen_weights": spec.get("frozen_weights", "nf4"),
+            "stream_frozen": spec["stream"],
+            "layer_range": [1, 2],
+            "gradient_checkpointing": spec.get("checkpointing", False),
+            "block_store": "disk",
+            "block_store_dir": str(work / "store"),
+        },
+    }
     (work / "ds_config.json").write_text(json.dumps(cfg, indent=1))
-    argv = ["--ds_config", str(work / "ds_config.json"), "--model", spec["model_dir"], "--random_init", "--data", spec["text"],
-            "--format", "text", "--seq_len", str(spec["seq_len"]), "--max_steps", str(spec["steps"]), "--output_dir", str(work / "out"),
-            "--no_checkpoint", "--seed", "0"]
+    argv = [
+        "--ds_config",
+        str(work / "ds_config.json"),
+        "--model",
+        spec["model_dir"],
+        "--random_init",
+        "--data",
+        spec["text"],
+        "--format",
+        "text",
+        "--seq_len",
+        str(spec["seq_len"]),
+        "--max_steps",
+        str(spec["steps"]),
+        "--output_dir",
+        str(work / "out"),
+        "--no_checkpoint",
+        "--seed",
+        "0",
+    ]
     return argv + ([] if spec.get("export") else ["--no_final_model"])
 
 
@@ -130,6 +191,7 @@ def worker(spec: dict) -> dict:
         out = real_step(*a, **k)
         cpu_steps.append(time.process_time() - c)
         return out
+
     R.optimizer_step = timed_step
 
     def train(self):  # keep the engine; digest each block's weights as its phase ends (not inside a timed steady step)
@@ -140,6 +202,7 @@ def worker(spec: dict) -> dict:
             if engine.active_block_index is not None:
                 digest_live(engine, engine.trainable_param_names())
             orig_end(stash)
+
         engine.end_phase = end_phase
         return real_train(self)
 
@@ -153,11 +216,35 @@ def worker(spec: dict) -> dict:
     rc = T.main(train_argv(spec))
     out = Path(spec["work"]) / "out"
     engine = captured.get("engine")
-    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").is_file() else []
+    steps = (
+        [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        if (out / "metrics.jsonl").is_file()
+        else []
+    )
     steps = [s for s in steps if "loss" in s]
-    rec: dict = {"rc": rc, "wall_seconds": time.perf_counter() - t0, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                 "steps": [{**{k: s.get(k) for k in ("step", "block", "loss", "step_s", "peak_rss_gib", "tokens_per_s", "peak_cuda_allocated_gib")},
-                            "cpu_s": cpu_steps[i] if i < len(cpu_steps) else None} for i, s in enumerate(steps)]}
+    rec: dict = {
+        "rc": rc,
+        "wall_seconds": time.perf_counter() - t0,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "steps": [
+            {
+                **{
+                    k: s.get(k)
+                    for k in (
+                        "step",
+                        "block",
+                        "loss",
+                        "step_s",
+                        "peak_rss_gib",
+                        "tokens_per_s",
+                        "peak_cuda_allocated_gib",
+                    )
+                },
+                "cpu_s": cpu_steps[i] if i < len(cpu_steps) else None,
+            }
+            for i, s in enumerate(steps)
+        ],
+    }
     if engine is not None and engine.quant is not None and engine.quant.streamer is not None:
         rec["streamer"] = dict(engine.quant.streamer.stats)
     if (out / "result.json").is_file():
@@ -171,8 +258,8 @@ def check_export(final: Path, after_step: dict[str, str], spec: dict) -> dict:
     """The exported trained tensors against their digests after the last step; one untrained layer
     against its seeded init drawn again."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
     from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from lift_ds.store import init_layer
     from lift_ds.tensorfile import TensorFile
@@ -187,18 +274,33 @@ def check_export(final: Path, after_step: dict[str, str], spec: dict) -> dict:
     init_layer(model, layer, 0, top)
     untrained = [f"model.layers.{top}.{n}" for n, _ in layer.named_parameters()]
     values = dict(layer.named_parameters())
-    bad = [n for n in untrained if not torch.equal(TensorFile(final / index[n]).get(n), values[n[len(f"model.layers.{top}."):]].detach())]
-    return {"trained_tensors_checked": len(after_step), "trained_mismatched": mismatched, "untrained_layer": f"model.layers.{top}",
-            "untrained_tensors_checked": len(untrained), "untrained_mismatched": bad}
+    bad = [
+        n
+        for n in untrained
+        if not torch.equal(TensorFile(final / index[n]).get(n), values[n[len(f"model.layers.{top}.") :]].detach())
+    ]
+    return {
+        "trained_tensors_checked": len(after_step),
+        "trained_mismatched": mismatched,
+        "untrained_layer": f"model.layers.{top}",
+        "untrained_tensors_checked": len(untrained),
+        "untrained_mismatched": bad,
+    }
 
 
 def run_isolated(spec: dict, kill_gib: float | None) -> dict:
     """Run :func:`worker` in a fresh process under the memory watchdog."""
     spec_file = Path(spec["work"]) / "spec.json"
     spec_file.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TORCHINDUCTOR_COMPILE_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, __file__, "worker", "--spec", str(spec_file)], env=env, start_new_session=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "worker", "--spec", str(spec_file)], env=env, start_new_session=True
+    )
     peak_used, killed = 0.0, False
 
     def watch() -> None:
@@ -231,13 +333,26 @@ def summarise(rec: dict, layers: int) -> dict:
     keep = [i for i, s in enumerate(steps) if i > 0 and (i + 1 == len(steps) or steps[i + 1]["block"] == s["block"])]
     med = statistics.median([steps[i]["step_s"] for i in keep]) if keep else None
     cpu = [steps[i].get("cpu_s") for i in keep if steps[i].get("cpu_s") is not None]
-    return {"median_step_s": med, "step_s_per_layer": med / layers if med else None, "median_step_cpu_s": statistics.median(cpu) if cpu else None,
-            "losses": [s["loss"] for s in steps],
-            "peak_rss_gib": rec.get("peak_rss_gib"), "peak_rss_gib_training": max((s.get("peak_rss_gib") or 0) for s in steps) if steps else None}
+    return {
+        "median_step_s": med,
+        "step_s_per_layer": med / layers if med else None,
+        "median_step_cpu_s": statistics.median(cpu) if cpu else None,
+        "losses": [s["loss"] for s in steps],
+        "peak_rss_gib": rec.get("peak_rss_gib"),
+        "peak_rss_gib_training": max((s.get("peak_rss_gib") or 0) for s in steps) if steps else None,
+    }
 
 
-def one_run(shape: str, layers: int, stream: bool = True, export: bool = False, steps: int = 3, seq_len: int = 2048,
-            work: Path = Path("/tmp/lift_ds_bench_stream"), kill_gib: float | None = 21.0) -> dict:
+def one_run(
+    shape: str,
+    layers: int,
+    stream: bool = True,
+    export: bool = False,
+    steps: int = 3,
+    seq_len: int = 2048,
+    work: Path = Path("/tmp/lift_ds_bench_stream"),
+    kill_gib: float | None = 21.0,
+) -> dict:
     """One LIFT run (NF4, AdamW8bit, bf16, layers 1 and 2, activation checkpointing above 512 tokens)
     through launch/train.py in its own process: the GPU benchmark's streamed row is
     ``one_run("llama-3-70b", 80, seq_len=2048, kill_gib=None)``. Returns the worker's record with a
@@ -248,13 +363,30 @@ def one_run(shape: str, layers: int, stream: bool = True, export: bool = False, 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model_dir, text = prepare(work, shape, layers)
-    spec = {"work": str(work), "model_dir": str(model_dir), "text": str(text), "seq_len": seq_len, "steps": steps,
-            "stream": stream, "export": export, "checkpointing": seq_len > 512}
+    spec = {
+        "work": str(work),
+        "model_dir": str(model_dir),
+        "text": str(text),
+        "seq_len": seq_len,
+        "steps": steps,
+        "stream": stream,
+        "export": export,
+        "checkpointing": seq_len > 512,
+    }
     print(f"run: {shape} x {layers} layers, {'streamed' if stream else 'resident'}, {steps} steps", flush=True)
     rec = run_isolated(spec, kill_gib)
     rec.update(shape=shape, layers=layers, streamed=stream, summary=summarise(rec, layers))
-    print(json.dumps({k: rec[k] for k in ("shape", "layers", "streamed", "summary", "killed_by_watchdog", "machine_used_peak_gib")}
-                     | ({"export": rec["export"]} if "export" in rec else {}), default=str), flush=True)
+    print(
+        json.dumps(
+            {
+                k: rec[k]
+                for k in ("shape", "layers", "streamed", "summary", "killed_by_watchdog", "machine_used_peak_gib")
+            }
+            | ({"export": rec["export"]} if "export" in rec else {}),
+            default=str,
+        ),
+        flush=True,
+    )
     shutil.rmtree(work, ignore_errors=True)
     return rec
 
@@ -263,16 +395,24 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("llama70b", "llama7b", "row", "worker"))
     p.add_argument("--out", default=None)
-    p.add_argument("--layers", default=None, help="llama70b: comma-separated depths (default 4,8); row: the depth (default the shape's)")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="llama70b: comma-separated depths (default 4,8); row: the depth (default the shape's)",
+    )
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--shape", default="llama-3-70b", choices=sorted(SHAPES))
     p.add_argument("--no_stream", action="store_true", help="row: resident frozen layers")
     p.add_argument("--export", action="store_true", help="row: export and check the exported layers")
     p.add_argument("--work", default="/tmp/lift_ds_bench_stream")
-    p.add_argument("--kill_gib", type=float, default=21.0, help="kill a run when the machine's used memory passes this (0: never)")
+    p.add_argument(
+        "--kill_gib", type=float, default=21.0, help="kill a run when the machine's used memory passes this (0: never)"
+    )
     p.add_argument("--spec", default=None)
-    p.add_argument("--repeat", type=int, default=1, help="llama7b: run the streamed / resident pair this many times, alternating")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="llama7b: run the streamed / resident pair this many times, alternating"
+    )
     args = p.parse_args()
     if args.what == "worker":
         spec = json.loads(Path(args.spec).read_text())
@@ -288,12 +428,22 @@ def main() -> int:
         runs = [("llama-2-7b", 32, True, False), ("llama-2-7b", 32, False, False)] * args.repeat
         steps = args.steps or 6
     else:
-        depth = int(args.layers) if args.layers else {"llama-3-70b": 80, "llama-2-70b": 80, "llama-2-7b": 32, "tiny": 4}[args.shape]
+        depth = (
+            int(args.layers)
+            if args.layers
+            else {"llama-3-70b": 80, "llama-2-70b": 80, "llama-2-7b": 32, "tiny": 4}[args.shape]
+        )
         runs = [(args.shape, depth, not args.no_stream, args.export)]
         steps = args.steps or 3
-    record: dict = {"runs": [one_run(shape, layers, stream, export, steps, args.seq_len, Path(args.work), args.kill_gib or None)
-                            for shape, layers, stream, export in runs],
-                    "steps": steps, "seq_len": args.seq_len, "command": "python " + " ".join(sys.argv)}
+    record: dict = {
+        "runs": [
+            one_run(shape, layers, stream, export, steps, args.seq_len, Path(args.work), args.kill_gib or None)
+            for shape, layers, stream, export in runs
+        ],
+        "steps": steps,
+        "seq_len": args.seq_len,
+        "command": "python " + " ".join(sys.argv),
+    }
     a = record["runs"]
     if args.what == "llama70b" and len(a) >= 2 and all(r["summary"]["peak_rss_gib"] for r in a):
         lo, hi = a[0]["summary"], a[-1]["summary"]
@@ -305,10 +455,16 @@ def main() -> int:
             record["step_s_80_layers_extrapolated"] = lo["median_step_s"] + slope * (80 - a[0]["layers"])
         record["step_s_per_layer_deepest"] = per_layer
     if args.what == "llama7b" and len(a) >= 2:
+
         def best(streamed: bool, key: str) -> float | None:  # the least disturbed of the repeats
             vals = [r["summary"][key] for r in a if r["streamed"] == streamed and r["summary"].get(key)]
             return min(vals) if vals else None
-        for key, name in (("peak_rss_gib", "peak_rss"), ("median_step_s", "step_time"), ("median_step_cpu_s", "step_cpu_time")):
+
+        for key, name in (
+            ("peak_rss_gib", "peak_rss"),
+            ("median_step_s", "step_time"),
+            ("median_step_cpu_s", "step_cpu_time"),
+        ):
             s_, r_ = best(True, key), best(False, key)
             if s_ and r_:
                 record[f"{name}_streamed_over_resident"] = s_ / r_

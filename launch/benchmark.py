@@ -70,13 +70,28 @@ def single_worker(args: argparse.Namespace, model, data, tok) -> dict:
         model.to(torch.bfloat16)  # BAdam's intended set-up: 16-bit weights, fp32 copies of the active block
         blocks = [[prefix(k)]] if mode == "fixed" else [[prefix(i)] for i in switch_layers]
         base = torch.optim.AdamW(model.parameters(), **adamw)
-        opt = BlockOptimizer(base, list(model.named_parameters()), block_prefix_list=blocks, switch_block_every=1 if mode == "switch" else 10**9,
-                             switch_mode="fixed" if mode == "fixed" else "ascending", start_block=0, verbose=0)
+        opt = BlockOptimizer(
+            base,
+            list(model.named_parameters()),
+            block_prefix_list=blocks,
+            switch_block_every=1 if mode == "switch" else 10**9,
+            switch_mode="fixed" if mode == "fixed" else "ascending",
+            start_block=0,
+            verbose=0,
+        )
     else:
         layer_range = [k, k] if mode == "fixed" else [switch_layers[0], switch_layers[-1]]
-        cfg = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_clipping": 1.0,
-               "lift": {"backend": "torch" if kind == "lift-torch" else "deepspeed", "total_steps": args.steps,
-                        "layer_range": layer_range, "policy": "cyclic", "loss": loss_mode(args.method)}}
+        cfg = {
+            "train_micro_batch_size_per_gpu": args.micro_batch,
+            "gradient_clipping": 1.0,
+            "lift": {
+                "backend": "torch" if kind == "lift-torch" else "deepspeed",
+                "total_steps": args.steps,
+                "layer_range": layer_range,
+                "policy": "cyclic",
+                "loss": loss_mode(args.method),
+            },
+        }
         if kind == "lift-bf16":
             cfg.update({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}})
         engine, *_ = lift_ds.initialize(model=model, config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, **adamw))
@@ -112,8 +127,15 @@ def single_worker(args: argparse.Namespace, model, data, tok) -> dict:
     if kind == "badam" and mode == "switch":
         switches = args.steps - 1
         switch_s = time_badam_switch(opt, len(switch_layers)) * switches
-    out = {"model_state_bytes": max(states), "median_step_s": statistics.median(times[1:]), "switch_s": switch_s,
-           "switches": switches, "run_s": sum(times), "final_loss": statistics.mean(losses[-5:]), "losses": losses}
+    out = {
+        "model_state_bytes": max(states),
+        "median_step_s": statistics.median(times[1:]),
+        "switch_s": switch_s,
+        "switches": switches,
+        "run_s": sum(times),
+        "final_loss": statistics.mean(losses[-5:]),
+        "losses": losses,
+    }
     if engine is not None:
         engine.close()
     return out
@@ -138,6 +160,7 @@ def count_switch_cpu(engine) -> list[float]:
             return start_phase(*a, **k)
         finally:
             spent[0] += time.process_time() - c
+
     engine.start_phase = timed
     return spent
 
@@ -179,12 +202,27 @@ def worker(args: argparse.Namespace) -> None:
     model.config.use_cache = False
     if args.method.partition(":")[0] in SINGLE:
         out = single_worker(args, model, data, tok)
-        out.update({"method": args.method, "rank": 0, "world": 1, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                    "tokens_per_s": args.micro_batch * args.seq_len / out["median_step_s"]})
+        out.update(
+            {
+                "method": args.method,
+                "rank": 0,
+                "world": 1,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "tokens_per_s": args.micro_batch * args.seq_len / out["median_step_s"],
+            }
+        )
         Path(args.result).with_suffix(".rank0.json").write_text(json.dumps(out))
         return
-    cfg = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_clipping": 1.0, "bf16": {"enabled": args.workload == "text"},
-           "lift": {"backend": "fsdp" if backend == "fsdp" else "deepspeed", "total_steps": args.steps, "loss": loss_mode(args.method)}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": args.workload == "text"},
+        "lift": {
+            "backend": "fsdp" if backend == "fsdp" else "deepspeed",
+            "total_steps": args.steps,
+            "loss": loss_mode(args.method),
+        },
+    }
     if backend.startswith("zero"):
         cfg["zero_optimization"] = {"stage": int(backend[-1])}
         if backend == "zero3":
@@ -195,9 +233,14 @@ def worker(args: argparse.Namespace) -> None:
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0),
+        )
         fixed = [n for n, p in model.named_parameters() if p.requires_grad]
-    engine, *_ = lift_ds.initialize(model=model, config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, lr=args.lr), fixed_trainable=fixed)
+    engine, *_ = lift_ds.initialize(
+        model=model, config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, lr=args.lr), fixed_trainable=fixed
+    )
     batches = RankBatches(data, args.micro_batch, rank, world, seed=0, pad_id=tok.pad_token_id)
     build_s = engine.phase_switch_seconds  # the first phase's build: not a switch
     switch_cpu = count_switch_cpu(engine)
@@ -221,14 +264,19 @@ def worker(args: argparse.Namespace) -> None:
         if engine.global_step in (2, args.steps // 2 + 1):
             states.append(live_tensor_bytes())
     out = {
-        "method": args.method, "rank": rank, "world": world,
+        "method": args.method,
+        "rank": rank,
+        "world": world,
         "model_state_bytes": max(states) if states else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "median_step_s": statistics.median(times[1:]), "median_step_cpu_s": statistics.median(cpu_times[1:]),
+        "median_step_s": statistics.median(times[1:]),
+        "median_step_cpu_s": statistics.median(cpu_times[1:]),
         "tokens_per_s": args.micro_batch * args.seq_len * world / statistics.median(times[1:]),
-        "switch_s": engine.phase_switch_seconds - build_s, "switches": engine.phase_switches - 1,
+        "switch_s": engine.phase_switch_seconds - build_s,
+        "switches": engine.phase_switches - 1,
         "run_s": sum(times) + engine.phase_switch_seconds - build_s,
-        "final_loss": statistics.mean(losses[-5:]), "losses": losses,
+        "final_loss": statistics.mean(losses[-5:]),
+        "losses": losses,
     }
     Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(out))
     engine.close()
@@ -244,13 +292,37 @@ def orchestrate(args: argparse.Namespace) -> None:
     for m in args.methods.split(","):
         base, _, suffix = m.partition(":")
         if base not in METHODS + SINGLE or suffix not in ("", "model"):
-            raise SystemExit(f"error: --methods: {m!r} unknown; allowed: {', '.join(METHODS + SINGLE)}, each optionally with :model")
+            raise SystemExit(
+                f"error: --methods: {m!r} unknown; allowed: {', '.join(METHODS + SINGLE)}, each optionally with :model"
+            )
         res = Path(f"{tmp}.{m.replace(':', '_')}")
         ranks = 1 if base in SINGLE else args.ranks
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), __file__, "--worker",
-               "--method", m, "--result", str(res), "--steps", str(args.steps), "--seq_len", str(args.seq_len),
-               "--micro_batch", str(args.micro_batch), "--lr", str(args.lr), "--fixed_layer", str(args.fixed_layer),
-               "--workload", args.workload] + (["--model", args.model] if args.model else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(ranks),
+            __file__,
+            "--worker",
+            "--method",
+            m,
+            "--result",
+            str(res),
+            "--steps",
+            str(args.steps),
+            "--seq_len",
+            str(args.seq_len),
+            "--micro_batch",
+            str(args.micro_batch),
+            "--lr",
+            str(args.lr),
+            "--fixed_layer",
+            str(args.fixed_layer),
+            "--workload",
+            args.workload,
+        ] + (["--model", args.model] if args.model else [])
         print(f"running {m} ...", flush=True)
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
@@ -258,7 +330,10 @@ def orchestrate(args: argparse.Namespace) -> None:
             print(proc.stderr[-3000:])
             raise SystemExit(f"{m} failed (exit {proc.returncode})")
         per_rank = [json.loads(res.with_suffix(f".rank{r}.json").read_text()) for r in range(ranks)]
-        results[m] = {k: max(r[k] for r in per_rank) if isinstance(per_rank[0][k], (int, float)) else per_rank[0][k] for k in per_rank[0]}
+        results[m] = {
+            k: max(r[k] for r in per_rank) if isinstance(per_rank[0][k], (int, float)) else per_rank[0][k]
+            for k in per_rank[0]
+        }
         results[m]["wall_s"] = time.time() - t0
     from lift_ds.provenance import write_json
 
@@ -269,30 +344,46 @@ def orchestrate(args: argparse.Namespace) -> None:
 def report(results: dict, args: argparse.Namespace) -> None:
     gib = 1024**3
     text = getattr(args, "workload", "text") == "text"
-    print(f"\n{args.ranks} ranks, {'bf16 (fp32 master)' if text else 'fp32'}, "
-          f"{'packed text' if text else 'classification'}, "
-          f"micro batch {args.micro_batch} x {args.seq_len}, {args.steps} steps, AdamW lr {args.lr}\n")
-    print("| method | model states / rank (GiB) | peak RSS / rank (GiB) | median step (s) "
-          "| median step CPU (s) | tokens/s | phase switches (s, share) | loss, last 5 steps |")
+    print(
+        f"\n{args.ranks} ranks, {'bf16 (fp32 master)' if text else 'fp32'}, "
+        f"{'packed text' if text else 'classification'}, "
+        f"micro batch {args.micro_batch} x {args.seq_len}, {args.steps} steps, AdamW lr {args.lr}\n"
+    )
+    print(
+        "| method | model states / rank (GiB) | peak RSS / rank (GiB) | median step (s) "
+        "| median step CPU (s) | tokens/s | phase switches (s, share) | loss, last 5 steps |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for m, r in results.items():
         share = r["switch_s"] / r["run_s"] if r["run_s"] else 0
         cpu = f"{r['median_step_cpu_s']:.3f}" if r.get("median_step_cpu_s") else "-"
-        print(f"| {m} | {r['model_state_bytes'] / gib:.3f} | {r['peak_rss_bytes'] / gib:.2f} "
-              f"| {r['median_step_s']:.3f} | {cpu} | {r['tokens_per_s']:.0f} | "
-              f"{r['switch_s']:.1f} ({100 * share:.1f}%) | {r['final_loss']:.3f} |")
+        print(
+            f"| {m} | {r['model_state_bytes'] / gib:.3f} | {r['peak_rss_bytes'] / gib:.2f} "
+            f"| {r['median_step_s']:.3f} | {cpu} | {r['tokens_per_s']:.0f} | "
+            f"{r['switch_s']:.1f} ({100 * share:.1f}%) | {r['final_loss']:.3f} |"
+        )
     print()
-    pairs = [("lift-zero2", "full-zero2"), ("lift-zero3", "full-zero3"), ("lift-zero2", "lora-zero2"), ("lift-fsdp", "full-zero3"),
-             ("lift-torch-fixed", "plain-fixed"), ("lift-bf16-fixed", "badam-fixed"), ("lift-bf16-switch", "badam-switch"),
-             ("lift-zero2", "badam-switch"), ("lift-zero3", "badam-switch")]
+    pairs = [
+        ("lift-zero2", "full-zero2"),
+        ("lift-zero3", "full-zero3"),
+        ("lift-zero2", "lora-zero2"),
+        ("lift-fsdp", "full-zero3"),
+        ("lift-torch-fixed", "plain-fixed"),
+        ("lift-bf16-fixed", "badam-fixed"),
+        ("lift-bf16-switch", "badam-switch"),
+        ("lift-zero2", "badam-switch"),
+        ("lift-zero3", "badam-switch"),
+    ]
     for a, b in pairs:
         if a in results and b in results:
             ra, rb = results[a], results[b]
-            print(f"{b} / {a}: model states {rb['model_state_bytes'] / ra['model_state_bytes']:.2f}x, "
-                  f"peak RSS {rb['peak_rss_bytes'] / ra['peak_rss_bytes']:.2f}x, "
-                  f"step time {rb['median_step_s'] / ra['median_step_s']:.2f}x (median step, "
-                  f"switches excluded{_cpu_ratio(rb, ra)}), "
-                  f"whole run {rb['run_s'] / ra['run_s']:.2f}x (steps and phase switches)")
+            print(
+                f"{b} / {a}: model states {rb['model_state_bytes'] / ra['model_state_bytes']:.2f}x, "
+                f"peak RSS {rb['peak_rss_bytes'] / ra['peak_rss_bytes']:.2f}x, "
+                f"step time {rb['median_step_s'] / ra['median_step_s']:.2f}x (median step, "
+                f"switches excluded{_cpu_ratio(rb, ra)}), "
+                f"whole run {rb['run_s'] / ra['run_s']:.2f}x (steps and phase switches)"
+            )
     z2, z3 = results.get("lift-zero2"), results.get("lift-zero3")
     if z2 and z3 and z2["switches"] and z3["switches"]:
         a, b = 1000 * z3["switch_s"] / z3["switches"], 1000 * z2["switch_s"] / z2["switches"]
@@ -302,19 +393,25 @@ def report(results: dict, args: argparse.Namespace) -> None:
         if old is None or ":" in m:
             continue
         new = results[m]
-        diff = max(abs(a - b) for a, b in zip(old["losses"], new["losses"])) if old.get("losses") and new.get("losses") else float("nan")
-        print(f"{m}, loss model / chunked: "
-              f"step time {old['median_step_s'] / new['median_step_s']:.2f}x (median step), whole run "
-              f"{old['run_s'] / new['run_s']:.2f}x{_cpu_ratio(old, new)}; "
-              f"per-step losses differ by at most {diff:.2e} over "
-              f"{len(new.get('losses', []))} steps")
+        diff = (
+            max(abs(a - b) for a, b in zip(old["losses"], new["losses"]))
+            if old.get("losses") and new.get("losses")
+            else float("nan")
+        )
+        print(
+            f"{m}, loss model / chunked: "
+            f"step time {old['median_step_s'] / new['median_step_s']:.2f}x (median step), whole run "
+            f"{old['run_s'] / new['run_s']:.2f}x{_cpu_ratio(old, new)}; "
+            f"per-step losses differ by at most {diff:.2e} over "
+            f"{len(new.get('losses', []))} steps"
+        )
     for m in ("lift-bf16-switch", "badam-switch"):
         if m in results and results[m]["switches"]:
             print(f"{m}: {1000 * results[m]['switch_s'] / results[m]['switches']:.1f} ms per block switch")
 
 
 def _cpu_ratio(a: dict, b: dict) -> str:
-    """", CPU time X.XXx" of two results' median step CPU time (process time: what a loaded machine
+    """ ", CPU time X.XXx" of two results' median step CPU time (process time: what a loaded machine
     disturbs least), when both have it."""
     if a.get("median_step_cpu_s") and b.get("median_step_cpu_s"):
         return f"; CPU time {a['median_step_cpu_s'] / b['median_step_cpu_s']:.2f}x"
@@ -330,15 +427,26 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=None, help="default: 64 (text), 128 (classification)")
     p.add_argument("--micro_batch", type=int, default=None, help="default: 2 (text), 8 (classification)")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--fixed_layer", type=int, default=0, help="the block of the *-fixed methods (default: the middle layer)")
-    p.add_argument("--workload", default="text", choices=("text", "classification"),
-                   help="text: packed movie-review text, bf16 (the default); classification: the quickstart's shape, fp32")
+    p.add_argument(
+        "--fixed_layer", type=int, default=0, help="the block of the *-fixed methods (default: the middle layer)"
+    )
+    p.add_argument(
+        "--workload",
+        default="text",
+        choices=("text", "classification"),
+        help="text: packed movie-review text, bf16 (the default); classification: the quickstart's shape, fp32",
+    )
     p.add_argument("--note", default="", help="stored with the data (e.g. that the machine was shared)")
     p.add_argument("--out", default="outputs/benchmark.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--report", default=None, metavar="JSON", help="print the table and ratios of a saved run (e.g. docs/benchmark.json); runs nothing")
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="JSON",
+        help="print the table and ratios of a saved run (e.g. docs/benchmark.json); runs nothing",
+    )
     args = p.parse_args()
     classification = args.workload == "classification"
     args.seq_len = args.seq_len or (128 if classification else 64)
@@ -347,9 +455,11 @@ def main() -> None:
         saved = json.loads(Path(args.report).read_text())
         prov = saved.get("provenance") or {}
         cpu = (prov.get("machine") or {}).get("cpu") or {}
-        print(f"measured {prov.get('date', 'at an unrecorded date')}, commit {prov.get('commit', 'unrecorded')}, on "
-              f"{cpu.get('model', 'an unrecorded CPU')} ({cpu.get('cores', '?')} cores, "
-              f"flags {', '.join(cpu.get('flags') or []) or '-'})")
+        print(
+            f"measured {prov.get('date', 'at an unrecorded date')}, commit {prov.get('commit', 'unrecorded')}, on "
+            f"{cpu.get('model', 'an unrecorded CPU')} ({cpu.get('cores', '?')} cores, "
+            f"flags {', '.join(cpu.get('flags') or []) or '-'})"
+        )
         report(saved["results"], argparse.Namespace(**{**vars(args), **saved["args"]}))
     elif args.worker:
         worker(args)

@@ -50,17 +50,57 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHAPES = {
-    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
-    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True),
-    "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "llama-3.2-3b": dict(
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "llama-3-70b": dict(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
     # the CPU smoke mode's stand-ins: the same code paths (tied embeddings where the real shape has them)
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=128),
-    "tiny-tied": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, tie_word_embeddings=True),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    ),
+    "tiny-tied": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    ),
 }
 SMOKE_SHAPE = {"llama-3-8b": "tiny", "llama-3.2-3b": "tiny-tied", "llama-3-70b": "tiny"}
 #: (micro batch, sequence, steps per block in a steady phase, steps per layer in the average, steps of a fixed row)
@@ -80,23 +120,78 @@ class Row:
     lift: dict = field(default_factory=dict)
     backend: str = "torch"
     requires: tuple[str, ...] = ()
-    build: str = "device"  # device: bf16 straight on the device; layerwise: Q-LIFT's layer-by-layer build (lift_ds.quant_load)
+    build: str = (
+        "device"  # device: bf16 straight on the device; layerwise: Q-LIFT's layer-by-layer build (lift_ds.quant_load)
+    )
 
 
 ROWS = (
-    Row("lift-steady", "llama-3-8b", "lift", "steady", "LIFT, steady state in a grouped phase (middle layers; switches excluded)"),
-    Row("full-bf16", "llama-3-8b", "full-bf16", "fixed", "full FT as one GPU runs it: plain loop, bf16 weights/grads/AdamW states, no fp32 master"),
+    Row(
+        "lift-steady",
+        "llama-3-8b",
+        "lift",
+        "steady",
+        "LIFT, steady state in a grouped phase (middle layers; switches excluded)",
+    ),
+    Row(
+        "full-bf16",
+        "llama-3-8b",
+        "full-bf16",
+        "fixed",
+        "full FT as one GPU runs it: plain loop, bf16 weights/grads/AdamW states, no fp32 master",
+    ),
     Row("lora", "llama-3-8b", "lora", "fixed", "LoRA r=16 on q/k/v/o (peft), bf16 base, fp32 master for the adapters"),
-    Row("qlift-nf4", "llama-3-8b", "lift", "steady", "Q-LIFT: frozen layers NF4 (torchao), steady state", lift={"frozen_weights": "nf4"}),
+    Row(
+        "qlift-nf4",
+        "llama-3-8b",
+        "lift",
+        "steady",
+        "Q-LIFT: frozen layers NF4 (torchao), steady state",
+        lift={"frozen_weights": "nf4"},
+    ),
     Row("lift-average", "llama-3-8b", "lift", "average", "LIFT run average: every layer, switches included"),
-    Row("full-exact-3b", "llama-3.2-3b", "full-exact", "fixed", "full FT, LIFT's recipe (bf16 + fp32 master + AdamW), where it fits"),
-    Row("lift-steady-3b", "llama-3.2-3b", "lift", "steady", "LIFT steady state at the 3B shape (like for like with full-exact-3b)"),
+    Row(
+        "full-exact-3b",
+        "llama-3.2-3b",
+        "full-exact",
+        "fixed",
+        "full FT, LIFT's recipe (bf16 + fp32 master + AdamW), where it fits",
+    ),
+    Row(
+        "lift-steady-3b",
+        "llama-3.2-3b",
+        "lift",
+        "steady",
+        "LIFT steady state at the 3B shape (like for like with full-exact-3b)",
+    ),
     Row("lift-average-3b", "llama-3.2-3b", "lift", "average", "LIFT run average at the 3B shape, switches included"),
-    Row("qlift-int8", "llama-3-8b", "lift", "steady", "Q-LIFT: frozen layers int8 (torchao), steady state", lift={"frozen_weights": "int8"}),
-    Row("lift-zero2-steady", "llama-3-8b", "lift", "steady", "LIFT steady state on one DeepSpeed ZeRO-2 rank", backend="deepspeed"),
+    Row(
+        "qlift-int8",
+        "llama-3-8b",
+        "lift",
+        "steady",
+        "Q-LIFT: frozen layers int8 (torchao), steady state",
+        lift={"frozen_weights": "int8"},
+    ),
+    Row(
+        "lift-zero2-steady",
+        "llama-3-8b",
+        "lift",
+        "steady",
+        "LIFT steady state on one DeepSpeed ZeRO-2 rank",
+        backend="deepspeed",
+    ),
     # issue 29: a Llama-3-70B-shaped model, NF4, frozen layers streamed, built layer by layer
-    Row("qlift-nf4-stream-70b", "llama-3-70b", "lift", "steady", "Q-LIFT NF4 with streamed frozen layers at Llama-3-70B shapes",
-        lift={"frozen_weights": "nf4", "stream_frozen": True}, requires=("stream_frozen",), build="layerwise"),
+    Row(
+        "qlift-nf4-stream-70b",
+        "llama-3-70b",
+        "lift",
+        "steady",
+        "Q-LIFT NF4 with streamed frozen layers at Llama-3-70B shapes",
+        lift={"frozen_weights": "nf4", "stream_frozen": True},
+        requires=("stream_frozen",),
+        build="layerwise",
+    ),
 )
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
@@ -121,9 +216,13 @@ class Device:
     def peak(self, prefix: str) -> dict[str, float]:
         gib = 2**30
         if self.cuda:
-            return {f"{prefix}_peak_allocated_gib": self.torch.cuda.max_memory_allocated() / gib,
-                    f"{prefix}_peak_reserved_gib": self.torch.cuda.max_memory_reserved() / gib}
-        hwm = next((int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:")), 0)
+            return {
+                f"{prefix}_peak_allocated_gib": self.torch.cuda.max_memory_allocated() / gib,
+                f"{prefix}_peak_reserved_gib": self.torch.cuda.max_memory_reserved() / gib,
+            }
+        hwm = next(
+            (int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:")), 0
+        )
         return {f"{prefix}_peak_rss_gib": hwm / 2**20}
 
     def reset_peak(self) -> bool:
@@ -156,8 +255,15 @@ def build_model(shape: str, device: str, build: str, stream: bool = False):
         from lift_ds.quant_load import build_quantized_model
 
         store = BlockStore("disk", tempfile.mkdtemp(prefix="lift_gpu_bench_store_"))
-        model = build_quantized_model("unused", "nf4", store, random_init=True, config=config, dtype=torch.bfloat16,
-                                      streamer=make_streamer(None) if stream else None)
+        model = build_quantized_model(
+            "unused",
+            "nf4",
+            store,
+            random_init=True,
+            config=config,
+            dtype=torch.bfloat16,
+            streamer=make_streamer(None) if stream else None,
+        )
     else:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
@@ -198,7 +304,10 @@ def make_engine(row: Row, model, steps: int, device: str):
     elif row.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0),
+        )
         fixed = [n for n, p in model.named_parameters() if p.requires_grad]
     engine, *_ = lift_ds.initialize(model=model, config=cfg, optimizer=adamw, fixed_trainable=fixed)
     # what trains in the first phase (every phase of these plans trains a block of the same shape)
@@ -218,17 +327,28 @@ def worker(args: argparse.Namespace) -> dict:
     model = build_model(args.shape, dev.name, row.build, stream=bool(row.lift.get("stream_frozen")))
     built_dtypes = sorted({str(p.dtype) for p in model.parameters()})  # bf16 from the start, never an fp32 copy
     layers = model.config.num_hidden_layers
-    steps = {"steady": 3 * args.block_steps, "average": layers * args.average_steps, "fixed": args.fixed_steps}[row.timing]
+    steps = {"steady": 3 * args.block_steps, "average": layers * args.average_steps, "fixed": args.fixed_steps}[
+        row.timing
+    ]
     engine, plain_opt, trained = make_engine(row, model, steps, dev.name)
     model = engine.module if engine is not None else model
     model.train()
     dev.sync()
-    out: dict = {"status": "ok", "device": torch.cuda.get_device_name() if dev.cuda else "cpu", "shape": args.shape, "micro_batch": mb,
-                 "seq_len": seq, "steps": steps, "trainable_params": trained,
-                 # Q-LIFT's quantized weights are buffers: counted by their shapes
-                 "total_params": sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in model.modules()
-                                                                                  if hasattr(m, "qweight")),
-                 "built_dtypes": built_dtypes, "build_s": time.perf_counter() - t0, **dev.peak("build")}
+    out: dict = {
+        "status": "ok",
+        "device": torch.cuda.get_device_name() if dev.cuda else "cpu",
+        "shape": args.shape,
+        "micro_batch": mb,
+        "seq_len": seq,
+        "steps": steps,
+        "trainable_params": trained,
+        # Q-LIFT's quantized weights are buffers: counted by their shapes
+        "total_params": sum(p.numel() for p in model.parameters())
+        + sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "qweight")),
+        "built_dtypes": built_dtypes,
+        "build_s": time.perf_counter() - t0,
+        **dev.peak("build"),
+    }
     out["step_peak_reset"] = dev.reset_peak()
     g = torch.Generator(device=dev.name).manual_seed(1)
     batch = lambda: torch.randint(0, model.config.vocab_size, (mb, seq), generator=g, device=dev.name)  # noqa: E731
@@ -258,8 +378,16 @@ def worker(args: argparse.Namespace) -> dict:
         dev.sync()
         seconds = time.perf_counter() - t
         switched = engine is not None and engine.phase_switches > switches
-        records.append({"seconds": seconds, "first_of_phase": first, "phase": phase, "switched": switched, "loss": value,
-                        "switch_s": (engine.phase_switch_seconds - switch_s) if engine is not None else 0.0})
+        records.append(
+            {
+                "seconds": seconds,
+                "first_of_phase": first,
+                "phase": phase,
+                "switched": switched,
+                "loss": value,
+                "switch_s": (engine.phase_switch_seconds - switch_s) if engine is not None else 0.0,
+            }
+        )
     run_s = time.perf_counter() - t_run
     out.update(dev.peak("step"))
     out.update(summarize(row, records, run_s, mb * seq))
@@ -273,18 +401,30 @@ def summarize(row: Row, records: list[dict], run_s: float, tokens: int) -> dict:
     if row.timing == "steady":
         clean = [r["seconds"] for r in records if r["phase"] > 0 and not r["first_of_phase"] and not r["switched"]]
         step = statistics.median(clean)
-        extra = {"timed_steps": len(clean), "first_of_phase_s": statistics.median([r["seconds"] for r in records if r["first_of_phase"]])}
+        extra = {
+            "timed_steps": len(clean),
+            "first_of_phase_s": statistics.median([r["seconds"] for r in records if r["first_of_phase"]]),
+        }
     elif row.timing == "average":
         step = run_s / len(records)
-        extra = {"mean_step_excl_switch_s": statistics.mean(r["seconds"] - r["switch_s"] for r in records),
-                 "phase_length": sum(1 for r in records if r["phase"] == 0)}
+        extra = {
+            "mean_step_excl_switch_s": statistics.mean(r["seconds"] - r["switch_s"] for r in records),
+            "phase_length": sum(1 for r in records if r["phase"] == 0),
+        }
     else:
         step = statistics.median(r["seconds"] for r in records[1:])
         extra = {"timed_steps": len(records) - 1}
     switches = [r["switch_s"] for r in records if r["switched"]]
-    return {"step_s": step, "tokens_per_s": tokens / step, "run_s": run_s, "switches": len(switches),
-            "switch_s_per_switch": statistics.mean(switches) if switches else None, "first_loss": records[0]["loss"],
-            "last_loss": records[-1]["loss"], **extra}
+    return {
+        "step_s": step,
+        "tokens_per_s": tokens / step,
+        "run_s": run_s,
+        "switches": len(switches),
+        "switch_s_per_switch": statistics.mean(switches) if switches else None,
+        "first_loss": records[0]["loss"],
+        "last_loss": records[-1]["loss"],
+        **extra,
+    }
 
 
 # --------------------------------------------------------------------------- the orchestrator
@@ -303,12 +443,32 @@ def run_row(row: Row, mode: str, timeout: float, drop_requires: bool) -> dict:
     shape = SMOKE_SHAPE[row.shape] if mode == "cpu-smoke" else row.shape
     # not in OUT: few files come back
     result = Path(tempfile.gettempdir()) / f"lift_ds_gpu_bench.{os.getpid()}.{row.name}.json"
-    cmd = [sys.executable, __file__, "--worker", "--row", row.name, "--shape", shape, "--micro_batch", str(mb), "--seq_len", str(seq),
-           "--block_steps", str(block_steps), "--average_steps", str(average_steps), "--fixed_steps", str(fixed_steps),
-           "--result", str(result)] + (["--drop_requires"] if drop_requires else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--row",
+        row.name,
+        "--shape",
+        shape,
+        "--micro_batch",
+        str(mb),
+        "--seq_len",
+        str(seq),
+        "--block_steps",
+        str(block_steps),
+        "--average_steps",
+        str(average_steps),
+        "--fixed_steps",
+        str(fixed_steps),
+        "--result",
+        str(result),
+    ] + (["--drop_requires"] if drop_requires else [])
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
     except subprocess.TimeoutExpired as e:
         tail = (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or "")[-1500:]
         return {"status": f"timeout after {timeout:.0f} s", "stderr_tail": tail, "wall_s": time.time() - t0}
@@ -317,7 +477,10 @@ def run_row(row: Row, mode: str, timeout: float, drop_requires: bool) -> dict:
         result.unlink()
     else:
         tail = (proc.stderr or "")[-1500:]
-        out = {"status": "oom" if "out of memory" in tail.lower() else f"error (exit {proc.returncode})", "stderr_tail": tail}
+        out = {
+            "status": "oom" if "out of memory" in tail.lower() else f"error (exit {proc.returncode})",
+            "stderr_tail": tail,
+        }
     out["wall_s"] = time.time() - t0
     return out
 
@@ -334,19 +497,33 @@ def environment(mode: str) -> dict:
 def markdown(record: dict) -> str:
     env = record["environment"]
     gpus = ", ".join(f"{g['name']} (driver {g['driver']})" for g in env["machine"]["gpus"]) or "no GPU"
-    lines = [f"{record['mode']} run, {env['date']}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}, {gpus}, "
-             f"torch {env['versions']['torch']} (CUDA {env['torch_cuda']}), deepspeed {env['versions']['deepspeed']}", "",
-             ("| row | shape | status | step peak alloc / reserved (GiB) "
-              "| build peak (GiB) | step (s) | tokens/s | switch (s) | loss first -> last |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{record['mode']} run, {env['date']}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}, {gpus}, "
+        f"torch {env['versions']['torch']} (CUDA {env['torch_cuda']}), deepspeed {env['versions']['deepspeed']}",
+        "",
+        (
+            "| row | shape | status | step peak alloc / reserved (GiB) "
+            "| build peak (GiB) | step (s) | tokens/s | switch (s) | loss first -> last |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
     for name, r in record["rows"].items():
-        mem = (f"{f(r, 'step_peak_allocated_gib', '.2f')} / {f(r, 'step_peak_reserved_gib', '.2f')}" if "step_peak_allocated_gib" in r
-               else f"{f(r, 'step_peak_rss_gib', '.2f')} (RSS)")
-        build = f(r, "build_peak_allocated_gib", ".2f") if "build_peak_allocated_gib" in r else f(r, "build_peak_rss_gib", ".2f")
+        mem = (
+            f"{f(r, 'step_peak_allocated_gib', '.2f')} / {f(r, 'step_peak_reserved_gib', '.2f')}"
+            if "step_peak_allocated_gib" in r
+            else f"{f(r, 'step_peak_rss_gib', '.2f')} (RSS)"
+        )
+        build = (
+            f(r, "build_peak_allocated_gib", ".2f")
+            if "build_peak_allocated_gib" in r
+            else f(r, "build_peak_rss_gib", ".2f")
+        )
         loss = f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}" if "first_loss" in r else "-"
-        lines.append(f"| {name} | {r.get('shape', '-')} | {r['status']} | {mem} | {build} | {f(r, 'step_s', '.3f')} | "
-                     f"{f(r, 'tokens_per_s', '.0f')} | {f(r, 'switch_s_per_switch', '.3f')} | {loss} |")
+        lines.append(
+            f"| {name} | {r.get('shape', '-')} | {r['status']} | {mem} | {build} | {f(r, 'step_s', '.3f')} | "
+            f"{f(r, 'tokens_per_s', '.0f')} | {f(r, 'switch_s_per_switch', '.3f')} | {loss} |"
+        )
     lines.append("")
     for a, b in RATIOS:
         ra, rb = record["rows"].get(a, {}), record["rows"].get(b, {})
@@ -356,8 +533,16 @@ def markdown(record: dict) -> str:
 
 
 #: (numerator, denominator) of the tokens/s ratios printed under the table
-RATIOS = (("lift-steady", "full-bf16"), ("lift-average", "full-bf16"), ("lift-steady", "lora"), ("lift-average", "lora"),
-          ("lift-steady-3b", "full-exact-3b"), ("lift-average-3b", "full-exact-3b"), ("qlift-nf4", "lift-steady"), ("qlift-int8", "lift-steady"))
+RATIOS = (
+    ("lift-steady", "full-bf16"),
+    ("lift-average", "full-bf16"),
+    ("lift-steady", "lora"),
+    ("lift-average", "lora"),
+    ("lift-steady-3b", "full-exact-3b"),
+    ("lift-average-3b", "full-exact-3b"),
+    ("qlift-nf4", "lift-steady"),
+    ("qlift-int8", "lift-steady"),
+)
 
 
 def orchestrate(args: argparse.Namespace) -> int:
@@ -369,26 +554,47 @@ def orchestrate(args: argparse.Namespace) -> int:
         return 2
     rows = [ROW_BY_NAME[n] for n in args.rows.split(",")] if args.rows else list(ROWS)
     t_end = time.time() + args.budget
-    record = {"mode": mode, "budget_s": args.budget, "row_timeout_s": args.row_timeout, "complete": False,
-              "environment": environment(mode), "rows": {}}
+    record = {
+        "mode": mode,
+        "budget_s": args.budget,
+        "row_timeout_s": args.row_timeout,
+        "complete": False,
+        "environment": environment(mode),
+        "rows": {},
+    }
     from lift_ds.provenance import write_json
 
     for row in rows:
         left = t_end - time.time()
         missing = missing_requirements(row)
         if missing and mode == "gpu":
-            r = {"status": f"unavailable: needs lift.{', lift.'.join(missing)} (not declared at this commit)", "what": row.what}
+            r = {
+                "status": f"unavailable: needs lift.{', lift.'.join(missing)} (not declared at this commit)",
+                "what": row.what,
+            }
         elif left < args.min_row_s:
-            r = {"status": f"not run: {left:.0f} s of the budget left (a row needs {args.min_row_s} s)", "what": row.what}
+            r = {
+                "status": f"not run: {left:.0f} s of the budget left (a row needs {args.min_row_s} s)",
+                "what": row.what,
+            }
         else:
             print(f"{row.name} ({row.shape}) ...", flush=True)
             r = {"what": row.what, **run_row(row, mode, min(args.row_timeout, left), bool(missing))}
             if missing:
-                r["note"] = f"run without lift.{', lift.'.join(missing)} (not declared at this commit): the code path only"
+                r["note"] = (
+                    f"run without lift.{', lift.'.join(missing)} (not declared at this commit): the code path only"
+                )
         r.update(kind=row.kind, timing=row.timing, backend=row.backend)
         record["rows"][row.name] = r
-        print(f"  {r['status']}" + (f": {r.get('step_s', 0):.3f} s/step, {r.get('tokens_per_s', 0):.0f} tokens/s" if r["status"] == "ok" else ""),
-              flush=True)
+        print(
+            f"  {r['status']}"
+            + (
+                f": {r.get('step_s', 0):.3f} s/step, {r.get('tokens_per_s', 0):.0f} tokens/s"
+                if r["status"] == "ok"
+                else ""
+            ),
+            flush=True,
+        )
         write_json(args.out, record)  # each row as soon as it ends: a cut run keeps the rows done
         if args.md:
             Path(args.md).write_text(markdown(record))
@@ -419,7 +625,10 @@ def main() -> int:
     args = p.parse_args()
     if args.list:
         for r in ROWS:
-            print(f"{r.name:24s} {r.shape:14s} {r.kind:10s} {r.timing:8s} {r.what}" + (f"  [needs lift.{', '.join(r.requires)}]" if r.requires else ""))
+            print(
+                f"{r.name:24s} {r.shape:14s} {r.kind:10s} {r.timing:8s} {r.what}"
+                + (f"  [needs lift.{', '.join(r.requires)}]" if r.requires else "")
+            )
         return 0
     if not args.worker:
         return orchestrate(args)
@@ -429,7 +638,10 @@ def main() -> int:
         import torch
 
         oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-        out = {"status": "oom" if oom else f"error: {type(e).__name__}: {str(e)[:300]}", "traceback": traceback.format_exc()[-1500:]}
+        out = {
+            "status": "oom" if oom else f"error: {type(e).__name__}: {str(e)[:300]}",
+            "traceback": traceback.format_exc()[-1500:],
+        }
         if torch.cuda.is_available():
             out.update(Device().peak("at_failure"))
     Path(args.result).write_text(json.dumps(out, indent=1))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bar charts of a launch/benchmark.py result: model states per rank and median step time per method.
 
-    python launch/plot_benchmark.py docs/benchmark.json --out docs/benchmark.png
+python launch/plot_benchmark.py docs/benchmark.json --out docs/benchmark.png
 """
 
 from __future__ import annotations

@@ -41,8 +41,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 WORKLOADS = ("classification", "text")
-COLLECTIVES = ("all_reduce", "reduce_scatter", "reduce_scatter_tensor", "all_gather", "all_gather_into_tensor", "broadcast", "barrier",
-               "reduce", "all_to_all_single")
+COLLECTIVES = (
+    "all_reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "barrier",
+    "reduce",
+    "all_to_all_single",
+)
 
 
 class Spans:
@@ -109,7 +118,9 @@ def instrument(engine, model, spans: Spans, active: dict) -> None:
     parts = [(base.get_input_embeddings(), "fwd.embedding"), (base.get_output_embeddings(), "fwd.head")]
     # below the active layer: the prefix (no autograd); the active one and above: the suffix
     for i, layer in enumerate(stack):
-        layer.register_forward_pre_hook(lambda m, a, i=i: spans.push("fwd.prefix_layers" if i < active["index"] else "fwd.suffix_layers"))
+        layer.register_forward_pre_hook(
+            lambda m, a, i=i: spans.push("fwd.prefix_layers" if i < active["index"] else "fwd.suffix_layers")
+        )
         layer.register_forward_hook(lambda m, a, o: spans.pop())
     norm = getattr(getattr(base, "model", base), "norm", None)
     if norm is not None:
@@ -119,6 +130,7 @@ def instrument(engine, model, spans: Spans, active: dict) -> None:
         def on_norm(_m, _i, out):
             if out.requires_grad:
                 out.register_hook(lambda g: state.__setitem__("t", time.perf_counter()))
+
         norm.register_forward_hook(on_norm)
         engine._profile_norm_state = state
     for mod, name in parts:
@@ -134,7 +146,9 @@ def instrument(engine, model, spans: Spans, active: dict) -> None:
             def run(*a, **k):
                 with spans.span("fwd.loss"):
                     return fn(*a, **k)
+
             return run
+
         cls.loss_function = property(timed_loss)
     wrap(engine.guard, "poison", spans, "guards")
     wrap(engine.guard, "window_had_bad_loss", spans, "guards")
@@ -170,14 +184,23 @@ def config_for(args, world: int) -> dict:
         cfg = json.loads((REPO / "ds_configs" / "quickstart_cpu.json").read_text())
         cfg.pop("scheduler")
     else:
-        cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "bf16": {"enabled": True},
-               "zero_optimization": {"stage": 2}, "lift": {}}
+        cfg = {
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_clipping": 1.0,
+            "bf16": {"enabled": True},
+            "zero_optimization": {"stage": 2},
+            "lift": {},
+        }
     cfg["train_batch_size"] = "auto"
     cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": args.zero}
     if args.zero == 3:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 1e4  # as launch/benchmark.py
-    cfg["lift"].update(backend="deepspeed", total_steps=args.warmup + args.steps + args.profile_steps,
-                       layer_range=None if args.switch else [args.layer, args.layer], policy="cyclic" if args.switch else "grouped")
+    cfg["lift"].update(
+        backend="deepspeed",
+        total_steps=args.warmup + args.steps + args.profile_steps,
+        layer_range=None if args.switch else [args.layer, args.layer],
+        policy="cyclic" if args.switch else "grouped",
+    )
     if args.loss and args.loss != "ab":
         cfg["lift"]["loss"] = args.loss
     return cfg
@@ -202,7 +225,9 @@ def worker(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
     cfg = config_for(args, world)
-    engine, *_ = lift_ds.initialize(model=model, config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0))
+    engine, *_ = lift_ds.initialize(
+        model=model, config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0)
+    )
     batches = RankBatches(data, engine.train_micro_batch_size_per_gpu(), rank, world, seed=0, pad_id=tok.pad_token_id)
     spans = Spans()
     active = {"index": 0}
@@ -247,14 +272,31 @@ def worker(args) -> None:
             parts["bwd.loss_and_head"] = head
             parts["bwd.layers"] -= head
         if i >= args.warmup and i < n_timed:
-            steps.append({"step_s": t3 - t0 - switch, "cpu_s": cpu, "forward_s": t1 - t0, "backward_s": t2 - t1, "step_call_s": t3 - t2 - switch,
-                          "switch_s": switch, "loss": loss_value, "parts": parts, "mode": mode})
+            steps.append(
+                {
+                    "step_s": t3 - t0 - switch,
+                    "cpu_s": cpu,
+                    "forward_s": t1 - t0,
+                    "backward_s": t2 - t1,
+                    "step_call_s": t3 - t2 - switch,
+                    "switch_s": switch,
+                    "loss": loss_value,
+                    "parts": parts,
+                    "mode": mode,
+                }
+            )
             tokens.append(int(b["attention_mask"].sum()))
     top = []
     if prof is not None:
         prof.__exit__(None, None, None)
         for e in sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:25]:
-            top.append({"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / args.profile_steps, "calls_per_step": e.count / args.profile_steps})
+            top.append(
+                {
+                    "op": e.key,
+                    "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / args.profile_steps,
+                    "calls_per_step": e.count / args.profile_steps,
+                }
+            )
     out = {"rank": rank, "world": world, "tokens_per_micro_batch": statistics.mean(tokens), "top_ops": top}
     if args.loss == "ab":
         out["ab"] = {m: summary([s for s in steps if s["mode"] == m]) for m in ("model", "chunked")}
@@ -268,17 +310,47 @@ def summary(steps: list[dict]) -> dict:
     """Medians over measured steps: wall and CPU time of the step, its calls, and each part."""
     names = sorted({k for s in steps for k in s["parts"]})
     med = lambda key: statistics.median(s[key] for s in steps)  # noqa: E731
-    return {"median_step_s": med("step_s"), "median_step_cpu_s": med("cpu_s"), "median_forward_s": med("forward_s"),
-            "median_backward_s": med("backward_s"), "median_step_call_s": med("step_call_s"),
-            "median_parts_s": {k: statistics.median(s["parts"].get(k, 0.0) for s in steps) for k in names},
-            "losses": [s["loss"] for s in steps], "steps": len(steps)}
+    return {
+        "median_step_s": med("step_s"),
+        "median_step_cpu_s": med("cpu_s"),
+        "median_forward_s": med("forward_s"),
+        "median_backward_s": med("backward_s"),
+        "median_step_call_s": med("step_call_s"),
+        "median_parts_s": {k: statistics.median(s["parts"].get(k, 0.0) for s in steps) for k in names},
+        "losses": [s["loss"] for s in steps],
+        "steps": len(steps),
+    }
 
 
 def launch(args, workload: str, ranks: int, result: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), __file__, "--worker",
-           "--workload", workload, "--result", str(result), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--profile_steps", str(args.profile_steps), "--layer", str(args.layer), "--zero", str(args.zero)] + (["--switch"] if args.switch else []) \
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(ranks),
+            __file__,
+            "--worker",
+            "--workload",
+            workload,
+            "--result",
+            str(result),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--profile_steps",
+            str(args.profile_steps),
+            "--layer",
+            str(args.layer),
+            "--zero",
+            str(args.zero),
+        ]
+        + (["--switch"] if args.switch else [])
         + (["--loss", args.loss] if args.loss else [])
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -289,11 +361,15 @@ def orchestrate(args) -> None:
     for case in args.cases.split(","):
         workload, _, ranks = case.partition(":")
         if workload not in WORKLOADS or ranks not in ("1", "2", "1x2"):
-            raise SystemExit(f"error: --cases: {case!r}; each case is WORKLOAD:RANKS with "
-                             f"WORKLOAD in {', '.join(WORKLOADS)} and RANKS 1, 2 or 1x2")
+            raise SystemExit(
+                f"error: --cases: {case!r}; each case is WORKLOAD:RANKS with "
+                f"WORKLOAD in {', '.join(WORKLOADS)} and RANKS 1, 2 or 1x2"
+            )
         print(f"running {case} ...", flush=True)
-        jobs = [(launch(args, workload, 1 if ranks == "1x2" else int(ranks), tmp / f"{case.replace(':', '_')}.{j}"), j)
-                for j in range(2 if ranks == "1x2" else 1)]
+        jobs = [
+            (launch(args, workload, 1 if ranks == "1x2" else int(ranks), tmp / f"{case.replace(':', '_')}.{j}"), j)
+            for j in range(2 if ranks == "1x2" else 1)
+        ]
         per_rank = []
         for proc, j in jobs:
             _, err = proc.communicate()
@@ -305,12 +381,19 @@ def orchestrate(args) -> None:
         if "ab" in per_rank[0]:  # one case per loss of the A/B run
             for m in ("model", "chunked"):
                 ranks_m = [{**{k: v for k, v in r.items() if k != "ab"}, **r["ab"][m]} for r in per_rank]
-                cases[f"{case} loss={m}"] = {"per_rank": ranks_m, "median_step_s": max(r["median_step_s"] for r in ranks_m)}
+                cases[f"{case} loss={m}"] = {
+                    "per_rank": ranks_m,
+                    "median_step_s": max(r["median_step_s"] for r in ranks_m),
+                }
         else:
             cases[case] = {"per_rank": per_rank, "median_step_s": max(r["median_step_s"] for r in per_rank)}
     from lift_ds.provenance import write_json
 
-    record = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "result")}, "cases": cases, "note": args.note}
+    record = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "result")},
+        "cases": cases,
+        "note": args.note,
+    }
     write_json(args.out, record)
     report(record)
 
@@ -323,8 +406,12 @@ def report(record: dict) -> None:
     for k in names + ["step", "step CPU time"]:
         vals = []
         for c in cases.values():
-            v = max({"step": r["median_step_s"], "step CPU time": r.get("median_step_cpu_s", 0.0)}.get(k, r["median_parts_s"].get(k, 0.0))
-                    for r in c["per_rank"])
+            v = max(
+                {"step": r["median_step_s"], "step CPU time": r.get("median_step_cpu_s", 0.0)}.get(
+                    k, r["median_parts_s"].get(k, 0.0)
+                )
+                for r in c["per_rank"]
+            )
             vals.append(f"{1000 * v:.1f}")
         print(f"| {k} | " + " | ".join(vals) + " |")
 
@@ -334,13 +421,21 @@ def main() -> None:
     p.add_argument("--cases", default="classification:1,classification:2,text:1,text:2,text:1x2")
     p.add_argument("--steps", type=int, default=12, help="measured steps per case")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--profile_steps", type=int, default=3, help="steps under torch.profiler after the measured ones (0: none)")
+    p.add_argument(
+        "--profile_steps", type=int, default=3, help="steps under torch.profiler after the measured ones (0: none)"
+    )
     p.add_argument("--layer", type=int, default=15, help="the fixed active layer (1-indexed)")
     p.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage (default 2, as the quickstart)")
     p.add_argument("--switch", action="store_true", help="switch at every step over all layers instead (cyclic)")
-    p.add_argument("--loss", default=None, help=("lift.loss for the run (default: the config's default); ab: the model's own loss "
-                    "and the chunked one alternating step by step in each job "
-                    "(a side-by-side comparison a loaded machine disturbs least)"))
+    p.add_argument(
+        "--loss",
+        default=None,
+        help=(
+            "lift.loss for the run (default: the config's default); ab: the model's own loss "
+            "and the chunked one alternating step by step in each job "
+            "(a side-by-side comparison a loaded machine disturbs least)"
+        ),
+    )
     p.add_argument("--note", default="", help="a note stored with the data (e.g. that the machine was shared)")
     p.add_argument("--out", default="outputs/step_profile.json")
     p.add_argument("--report", default=None, metavar="JSON", help="print the table of a saved run; runs nothing")

@@ -40,10 +40,17 @@ __all__ = [
     "resolve_plan",
 ]
 
-_LAZY = {"find_blocks": "blocks", "Block": "blocks", "LiftEngine": "engine", "LiftPlan": "plan", "resolve_plan": "plan",
-         # the class swaps for transformers' Trainer and TRL's SFTTrainer,
-         # importable as lift_ds.LiftTrainer (transformers loads on first use)
-         "LiftTrainer": "integrations.transformers", "LiftSFTTrainer": "integrations.transformers"}
+_LAZY = {
+    "find_blocks": "blocks",
+    "Block": "blocks",
+    "LiftEngine": "engine",
+    "LiftPlan": "plan",
+    "resolve_plan": "plan",
+    # the class swaps for transformers' Trainer and TRL's SFTTrainer,
+    # importable as lift_ds.LiftTrainer (transformers loads on first use)
+    "LiftTrainer": "integrations.transformers",
+    "LiftSFTTrainer": "integrations.transformers",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ def initialize(
     mpu: Any = None,
     dist_init_required: bool | None = None,
     collate_fn: Callable | None = None,
-    config: "str | os.PathLike | Mapping[str, Any] | RunConfig | None" = None,
+    config: str | os.PathLike | Mapping[str, Any] | RunConfig | None = None,
     config_params: Mapping[str, Any] | None = None,
     total_steps: int | None = None,
     fixed_trainable: list[str] | None = None,
@@ -102,8 +103,12 @@ def initialize(
     if model is None:
         raise ConfigError(["model: required (pass model=...)"])
     if not isinstance(model, nn.Module):
-        raise ConfigError([f"model: must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}; load it first, e.g. "
-                           "AutoModelForCausalLM.from_pretrained(path)"])
+        raise ConfigError(
+            [
+                f"model: must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}; load it first, e.g. "
+                "AutoModelForCausalLM.from_pretrained(path)"
+            ]
+        )
     if config is None:
         config = config_params
     if config is None and args is not None:
@@ -111,7 +116,7 @@ def initialize(
     elif not isinstance(config, RunConfig):  # a config built in code, and --deepspeed_config with its "lift" section
         config = merge_args_lift_section(config, args)
     if config is None:
-        raise ConfigError(["config: none given; pass config= a DeepSpeed JSON path or dict with a \"lift\" section"])
+        raise ConfigError(['config: none given; pass config= a DeepSpeed JSON path or dict with a "lift" section'])
     run = config if isinstance(config, RunConfig) else load_run_config(config, world_size=get_world_size())
     if total_steps is None and run.lift.total_steps is None:
         total_steps = scheduler_horizon(lr_scheduler)  # get_scheduler(..., num_training_steps=N) knows the run's length
@@ -126,25 +131,40 @@ def initialize(
     if plan is not None and fixed_trainable is not None:
         raise ConfigError(["plan: give plan or fixed_trainable, not both (a plan already says what trains)"])
     if plan is not None and plan.total_steps != run.lift.total_steps:
-        raise ConfigError([f"plan: resolved for {plan.total_steps} steps, but lift.total_steps is {run.lift.total_steps}; "
-                           "resolve it with this config (lift_ds.resolve_plan)"])
+        raise ConfigError(
+            [
+                f"plan: resolved for {plan.total_steps} steps, but lift.total_steps is {run.lift.total_steps}; "
+                "resolve it with this config (lift_ds.resolve_plan)"
+            ]
+        )
     # a model LIFT cannot split, a bad layer range or pattern fail here, before any process group
     plan = plan or resolve_plan(model, run.lift, fixed_trainable)
     install_model_loss(model, run.lift.loss)
     if run.lift.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # with no optimizer given, each backend builds the config's "optimizer" section its own way
-    factory, groups = (None, None) if optimizer is None and run.training.optimizer is not None else \
-        resolve_optimizer(optimizer, run.training.optimizer, model)
+    factory, groups = (
+        (None, None)
+        if optimizer is None and run.training.optimizer is not None
+        else resolve_optimizer(optimizer, run.training.optimizer, model)
+    )
     groups = groups or param_groups
     missing = groups.missing(plan.param_names_of(range(len(plan.candidates)))) if groups is not None else []
     if missing:
-        raise ConfigError([f"optimizer: {len(missing)} parameters LIFT trains are in none of the optimizer's parameter groups "
-                           f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-                           "build it over every parameter of the "
-                           "blocks LIFT trains (e.g. model.parameters()), or pass a callable params -> Optimizer"])
+        raise ConfigError(
+            [
+                f"optimizer: {len(missing)} parameters LIFT trains are in none of the optimizer's parameter groups "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                "build it over every parameter of the "
+                "blocks LIFT trains (e.g. model.parameters()), or pass a callable params -> Optimizer"
+            ]
+        )
     fingerprint = _probe_before_any_process_group(run, model, factory, lr_scheduler, plan.total_steps)
-    client_class = type(optimizer).__name__ if isinstance(optimizer, torch.optim.Optimizer) else fingerprint.get("optimizer", {}).get("type")
+    client_class = (
+        type(optimizer).__name__
+        if isinstance(optimizer, torch.optim.Optimizer)
+        else fingerprint.get("optimizer", {}).get("type")
+    )
     # e.g. DeepSpeed-Chat's DeepSpeedCPUAdam with --offload: judged as DeepSpeed judges it
     if factory is not None and client_class:
         problems = get_backend_class(run.backend).client_optimizer_problems(run.raw, client_class)
@@ -159,12 +179,16 @@ def initialize(
     engine.run_fingerprint.update(fingerprint)
     loader = None
     if training_data is not None:
-        loader = make_dataloader(training_data, run.training.micro_batch_size, backend.rank, backend.world_size, collate_fn, run.lift.seed)
+        loader = make_dataloader(
+            training_data, run.training.micro_batch_size, backend.rank, backend.world_size, collate_fn, run.lift.seed
+        )
         engine.training_dataloader = loader
     return engine, PhaseOptimizer(engine), loader, schedule
 
 
-def _probe_before_any_process_group(run: RunConfig, model: nn.Module, factory: Any, lr_scheduler: Any, total_steps: int) -> dict[str, Any]:
+def _probe_before_any_process_group(
+    run: RunConfig, model: nn.Module, factory: Any, lr_scheduler: Any, total_steps: int
+) -> dict[str, Any]:
     """The optimizer and schedule the run will build, tried once (on a dummy parameter, or one of
     the model's when the factory needs its own): a NaN or out-of-range argument is a ConfigError now,
     not an error inside torch or DeepSpeed later. Returns their part of the run's fingerprint."""
@@ -176,7 +200,9 @@ def _probe_before_any_process_group(run: RunConfig, model: nn.Module, factory: A
         problems, built = probe_optimizer(factory, "optimizer", keep=True)
         # a factory that looks its parameters up in the model
         if built is None and any("KeyError" in p for p in problems):
-            problems, built = probe_optimizer(factory, "optimizer", param=next(iter(model.parameters()), None), keep=True)
+            problems, built = probe_optimizer(
+                factory, "optimizer", param=next(iter(model.parameters()), None), keep=True
+            )
         if built is not None:
             base_lr, fingerprint["optimizer"] = float(built.param_groups[0]["lr"]), describe_optimizer(built)
     else:  # every hyperparameter as torch.optim holds it (defaults included); DeepSpeed's own optimizers: the section
@@ -184,9 +210,14 @@ def _probe_before_any_process_group(run: RunConfig, model: nn.Module, factory: A
         try:
             from .optim import optimizer_factory_from_section
 
-            fingerprint["optimizer"] = describe_optimizer(optimizer_factory_from_section(section)([nn.Parameter(torch.zeros(1))]))
+            fingerprint["optimizer"] = describe_optimizer(
+                optimizer_factory_from_section(section)([nn.Parameter(torch.zeros(1))])
+            )
         except (ConfigError, TypeError, ValueError):
-            fingerprint["optimizer"] = {"type": section.get("type"), **{k: v for k, v in section.get("params", {}).items() if k != "lr"}}
+            fingerprint["optimizer"] = {
+                "type": section.get("type"),
+                **{k: v for k, v in section.get("params", {}).items() if k != "lr"},
+            }
     if callable(lr_scheduler) and not problems:
         problems += probe_scheduler(lr_scheduler, base_lr, total_steps)
     elif lr_scheduler is None and run.training.scheduler is not None:
@@ -216,13 +247,15 @@ def adapter_model_problem(model: nn.Module) -> str | None:
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if not frozen:
         return None
-    return (f"model: a PEFT model ({type(model).__name__}, "
-            f"peft_config / --use_peft) with {len(frozen)} frozen base weights (e.g. "
-            f"{frozen[0]}): LIFT trains every weight of the active block, "
-            "so it would train what PEFT froze, and saving a PEFT "
-            "model keeps only the adapter. LIFT over adapters is not supported: "
-            "pass the base model (no peft_config) to train "
-            "it block by block, or train the adapters without LIFT (plain Trainer / deepspeed.initialize)")
+    return (
+        f"model: a PEFT model ({type(model).__name__}, "
+        f"peft_config / --use_peft) with {len(frozen)} frozen base weights (e.g. "
+        f"{frozen[0]}): LIFT trains every weight of the active block, "
+        "so it would train what PEFT froze, and saving a PEFT "
+        "model keeps only the adapter. LIFT over adapters is not supported: "
+        "pass the base model (no peft_config) to train "
+        "it block by block, or train the adapters without LIFT (plain Trainer / deepspeed.initialize)"
+    )
 
 
 def make_dataloader(
@@ -232,7 +265,9 @@ def make_dataloader(
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
     if world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
     else:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=True)

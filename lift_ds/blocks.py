@@ -12,8 +12,9 @@ turns on activation checkpointing that keeps backward truncated at the active bl
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -43,7 +44,7 @@ class Block:
     param_names: tuple[str, ...]
 
 
-def find_layer_stack(model: "nn.Module") -> tuple[str, "nn.ModuleList"]:
+def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The module path and ``ModuleList`` holding the model's repeated layers."""
     from torch import nn
 
@@ -72,7 +73,7 @@ def find_layer_stack(model: "nn.Module") -> tuple[str, "nn.ModuleList"]:
     )
 
 
-def parameter_names(model: "nn.Module") -> list[str]:
+def parameter_names(model: nn.Module) -> list[str]:
     """``model.named_parameters()``'s names in its order, plus the weight of each frozen linear module
     held outside the parameters (Q-LIFT's :class:`lift_ds.quant.QuantizedFrozenLinear`, a buffer, and
     :class:`lift_ds.stream.StreamedFrozenLinear`, a file: modules with a ``frozen_weight`` method; a
@@ -90,7 +91,7 @@ def parameter_names(model: "nn.Module") -> list[str]:
     return out
 
 
-def find_blocks(model: "nn.Module") -> list[Block]:
+def find_blocks(model: nn.Module) -> list[Block]:
     """All blocks of a model in order: embedding (if any), each layer, head (if any)."""
     stack_name, stack = find_layer_stack(model)
     prefix = stack_name + "."
@@ -99,7 +100,7 @@ def find_blocks(model: "nn.Module") -> list[Block]:
     per_layer: list[list[str]] = [[] for _ in range(len(stack))]
     for pname in parameter_names(model):
         if pname.startswith(prefix):
-            idx = int(pname[len(prefix):].split(".", 1)[0])
+            idx = int(pname[len(prefix) :].split(".", 1)[0])
             per_layer[idx].append(pname)
         elif any(per_layer):
             after.append(pname)
@@ -144,7 +145,7 @@ def select_candidates(blocks: list[Block], lift: LiftConfig) -> list[Block]:
     return chosen
 
 
-def match_modules(model: "nn.Module", patterns: Iterable[str]) -> list[str]:
+def match_modules(model: nn.Module, patterns: Iterable[str]) -> list[str]:
     """Parameter names of the modules whose names match any ``fnmatch`` pattern.
 
     Raises:
@@ -169,7 +170,7 @@ def match_modules(model: "nn.Module", patterns: Iterable[str]) -> list[str]:
     return names
 
 
-def set_trainable(model: "nn.Module", param_names: Iterable[str]) -> list["torch.nn.Parameter"]:
+def set_trainable(model: nn.Module, param_names: Iterable[str]) -> list[torch.nn.Parameter]:
     """Freeze every parameter except ``param_names``; return the trainable ones in model order."""
     wanted = set(param_names)
     trainable = []
@@ -195,8 +196,12 @@ def enable_gradient_checkpointing(model: nn.Module, **kwargs: Any) -> None:
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        raise ConfigError([f"lift.gradient_checkpointing: {type(model).__name__} has no activation_checkpointing_enable / "
-                           "gradient_checkpointing_enable (a Hugging Face PreTrainedModel has); wrap its layers yourself"])
+        raise ConfigError(
+            [
+                f"lift.gradient_checkpointing: {type(model).__name__} has no activation_checkpointing_enable / "
+                "gradient_checkpointing_enable (a Hugging Face PreTrainedModel has); wrap its layers yourself"
+            ]
+        )
     if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
     logger.info("gradient checkpointing on (non-reentrant; truncated backward kept)")

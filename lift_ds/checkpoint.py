@@ -40,8 +40,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -59,7 +60,13 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = get_logger(__name__)
 
 #: lift keys that do not change the result (how and where it runs): left out of the fingerprint
-LAYOUT_LIFT_KEYS = ("backend", "gradient_checkpointing", "block_store", "block_store_dir", "max_consecutive_skipped_steps")
+LAYOUT_LIFT_KEYS = (
+    "backend",
+    "gradient_checkpointing",
+    "block_store",
+    "block_store_dir",
+    "max_consecutive_skipped_steps",
+)
 
 
 def _portable(state: Any, what: str) -> None:
@@ -70,8 +77,11 @@ def _portable(state: Any, what: str) -> None:
     try:
         torch.load(buf, weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(errno.EINVAL, f"{what} holds something other than tensors, numbers, strings, lists and dicts, "
-                              f"which a safe load (weights_only=True) refuses ({cio._summary(e)})") from None
+        raise CheckpointError(
+            errno.EINVAL,
+            f"{what} holds something other than tensors, numbers, strings, lists and dicts, "
+            f"which a safe load (weights_only=True) refuses ({cio._summary(e)})",
+        ) from None
 
 
 class Stateful(Protocol):
@@ -103,7 +113,7 @@ class Checkpointer:
     decides its phases: a load hands it its progress (it ends the phase running), then the weights,
     then :meth:`~lift_ds.engine.LiftEngine.resume_phase` builds the phase the checkpoint is in."""
 
-    def __init__(self, engine: "LiftEngine") -> None:
+    def __init__(self, engine: LiftEngine) -> None:
         self.engine = engine
         #: the file-operation counter of the last save (lift_ds.faults.save_ops)
         self.last_ops: Callable[[str], None] = lambda what: None
@@ -125,21 +135,36 @@ class Checkpointer:
         e = self.engine
         fp: dict[str, Any] = {"plan": e.cursor.fingerprint}
         fp.update({f"lift.{k}": v for k, v in e.lift.to_dict().items() if k not in LAYOUT_LIFT_KEYS})
-        fp.update({"gradient_clipping": e.training_config.gradient_clipping, "precision": e.training_config.precision, **e.run_fingerprint})
+        fp.update(
+            {
+                "gradient_clipping": e.training_config.gradient_clipping,
+                "precision": e.training_config.precision,
+                **e.run_fingerprint,
+            }
+        )
         return json.loads(json.dumps(fp, default=str))
 
     # ----------------------------------------------------------------- save
 
-    def save(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None,
-             extra_files: Callable[[Path], None] | None = None) -> Path:
+    def save(
+        self,
+        save_dir: str | os.PathLike,
+        tag: str | None = None,
+        client_state: dict | None = None,
+        extra_files: Callable[[Path], None] | None = None,
+    ) -> Path:
         """Write a checkpoint (collective: every rank calls it); returns its directory. ``extra_files(dir)``
         writes more files into it before it is published (collective; e.g. a Hugging Face model)."""
         e = self.engine
         progress = e.progress_state_dict()  # first: it refuses a save in the middle of gradient accumulation
         stash = progress.pop("stash")
         if tag is not None and not is_tag(tag):
-            raise ConfigError([f"tag: {tag!r} must be a plain directory name (letters, digits, _ . + -; no path separators, no "
-                               "leading dot, no ..), e.g. global_step100"])
+            raise ConfigError(
+                [
+                    f"tag: {tag!r} must be a plain directory name (letters, digits, _ . + -; no path separators, no "
+                    "leading dot, no ..), e.g. global_step100"
+                ]
+            )
         save_dir = Path(save_dir)
         tag = tag or f"global_step{e.global_step}"
         final, tmp = save_dir / tag, save_dir / f".{tag}.partial"
@@ -157,13 +182,18 @@ class Checkpointer:
                 need = self._checkpoint_bytes(names)
                 free = shutil.disk_usage(save_dir).free
                 if free < need:
-                    raise OSError(errno.ENOSPC, f"{free / 2**20:.0f} MiB free, the checkpoint needs about {need / 2**20:.0f} MiB", str(save_dir))
+                    raise OSError(
+                        errno.ENOSPC,
+                        f"{free / 2**20:.0f} MiB free, the checkpoint needs about {need / 2**20:.0f} MiB",
+                        str(save_dir),
+                    )
 
         def then(fn: Callable[[], None], what: str, rank0: bool = True) -> Callable[[], None]:
             def run() -> None:
                 fn()
                 if self._rank == 0 or not rank0:
                     op(what)
+
             return run
 
         def write_state() -> None:
@@ -176,12 +206,20 @@ class Checkpointer:
             if self._rank == 0:
                 t = e.training_config
                 meta = {
-                    "format": FORMAT, **progress, "lr": e.lr_scheduler.lr,
-                    "world_size": e.world_size, "backend": e.backend.name, "layout": checkpoint_layout(e.backend),
+                    "format": FORMAT,
+                    **progress,
+                    "lr": e.lr_scheduler.lr,
+                    "world_size": e.world_size,
+                    "backend": e.backend.name,
+                    "layout": checkpoint_layout(e.backend),
                     "micro_batch_size": t.micro_batch_size,
-                    "gradient_accumulation_steps": t.gradient_accumulation_steps, "train_batch_size": t.train_batch_size,
-                    "precision": t.precision, "lift": e.lift.to_dict(), "saved_params": names,
-                    "fingerprint": self.fingerprint(), "client_state": client_state or {},
+                    "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                    "train_batch_size": t.train_batch_size,
+                    "precision": t.precision,
+                    "lift": e.lift.to_dict(),
+                    "saved_params": names,
+                    "fingerprint": self.fingerprint(),
+                    "client_state": client_state or {},
                 }
                 (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
                 op(f"{STATE_FILE} written")
@@ -224,7 +262,11 @@ class Checkpointer:
         e = self.engine
         named = dict(e.module.named_parameters())
         weights = sum(e.backend.numel(named[n]) * named[n].element_size() for n in names if n in named)
-        active = sum(e.backend.numel(named[n]) for n in (e.trainable_param_names() if e.active_block_index is not None else []) if n in named)
+        active = sum(
+            e.backend.numel(named[n])
+            for n in (e.trainable_param_names() if e.active_block_index is not None else [])
+            if n in named
+        )
         return weights + 12 * active
 
     def _agreed(self, fn: Callable[[], None], save_dir: Path, tmp: Path, final: Path) -> None:
@@ -248,9 +290,15 @@ class Checkpointer:
         raise CheckpointError(
             errno.EIO if err is None else (err.errno or errno.EIO),
             f"could not write checkpoint {final}: {cause}. "
-            + (f"The previous checkpoint {save_dir / prev} is untouched and still the newest ({save_dir / LATEST}). " if prev else "No earlier checkpoint exists. ")
-            + (f"Free disk space or make {save_dir} writable (or choose another "
-               "--output_dir and copy the checkpoints there), then resume with --resume."),
+            + (
+                f"The previous checkpoint {save_dir / prev} is untouched and still the newest ({save_dir / LATEST}). "
+                if prev
+                else "No earlier checkpoint exists. "
+            )
+            + (
+                f"Free disk space or make {save_dir} writable (or choose another "
+                "--output_dir and copy the checkpoints there), then resume with --resume."
+            ),
         )
 
     # ----------------------------------------------------------------- load
@@ -263,7 +311,9 @@ class Checkpointer:
 
         return choose(self.engine.backend, Path(load_dir), tag)
 
-    def load(self, load_dir: str | os.PathLike, tag: str | None = None, allow_batch_change: bool = False) -> tuple[Path | None, dict]:
+    def load(
+        self, load_dir: str | os.PathLike, tag: str | None = None, allow_batch_change: bool = False
+    ) -> tuple[Path | None, dict]:
         """Restore every piece from a checkpoint, on any world size and backend; ``(path,
         client_state)``, or ``(None, {})`` when there is none.
 

@@ -28,8 +28,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import CheckpointFileError
 from .utils import get_logger
@@ -108,8 +109,11 @@ def _fsync_dir(path: Path) -> None:
 
 def write_manifest(directory: Path, step: int, op: Op = _no_op) -> None:
     """Hash (and fsync) every file of ``directory`` into its manifest, written last and atomically."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p, sync=True)} for p in sorted(directory.iterdir())
-             if p.is_file() and not p.is_symlink() and not p.name.startswith(".")}
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p, sync=True)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and not p.is_symlink() and not p.name.startswith(".")
+    }
     tmp = directory / f".{MANIFEST}.partial"
     tmp.write_text(json.dumps({"format": 1, "step": step, "files": files}, indent=1))
     os.replace(tmp, directory / MANIFEST)
@@ -158,8 +162,11 @@ def published(save_dir: Path) -> list[Path]:
     """Checkpoint directories with a manifest, newest first (by the step their manifest records)."""
     if not save_dir.is_dir():
         return []
-    found = [(s, p) for p in save_dir.iterdir()
-             if is_tag(p.name) and p.is_dir() and not p.is_symlink() and (s := manifest_step(p)) is not None]
+    found = [
+        (s, p)
+        for p in save_dir.iterdir()
+        if is_tag(p.name) and p.is_dir() and not p.is_symlink() and (s := manifest_step(p)) is not None
+    ]
     return [p for _, p in sorted(found, key=lambda sp: (sp[0], sp[1].stat().st_mtime), reverse=True)]
 
 
@@ -173,7 +180,10 @@ def read_latest(save_dir: Path) -> tuple[str | None, str | None]:
     except (OSError, UnicodeDecodeError) as e:
         return None, f"{latest} cannot be read ({e})"
     if not is_tag(tag):
-        return None, f"{latest} holds {tag[:80]!r}, which is not a checkpoint name inside {save_dir} (a plain directory name)"
+        return (
+            None,
+            f"{latest} holds {tag[:80]!r}, which is not a checkpoint name inside {save_dir} (a plain directory name)",
+        )
     path = save_dir / tag
     if path.is_symlink() or (path.exists() and path.resolve().parent != save_dir.resolve()):
         return None, f"{latest} names {tag!r}, a link out of {save_dir}"
@@ -245,7 +255,9 @@ def recover(save_dir: Path) -> None:
             logger.warning("put back %s (set aside by a save that did not finish)", save_dir / tag)
     if intent is not None and is_tag(intent) and verify(save_dir / intent) is None:
         if intent != latest_tag:
-            logger.warning("moved %s to %s (the save that wrote it was cut short before it could)", save_dir / LATEST, intent)
+            logger.warning(
+                "moved %s to %s (the save that wrote it was cut short before it could)", save_dir / LATEST, intent
+            )
         set_latest(save_dir, intent)
     elif intent_file.exists():
         _remove(intent_file, "an unfinished update of latest")

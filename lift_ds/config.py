@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 from .schedule import DEFAULT_LISA_LAYERS, METHODS, POLICIES, SCHEDULES
@@ -49,8 +50,17 @@ MAX_TOTAL_STEPS = 10_000_000
 # --------------------------------------------------------------------------- declarations
 
 
-def setting(default: Any, help: str, *, kind: str, choices: tuple[str, ...] = (), minimum: int | None = None,
-            maximum: int | None = None, auto: bool = False, flag: bool = True) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    kind: str,
+    choices: tuple[str, ...] = (),
+    minimum: int | None = None,
+    maximum: int | None = None,
+    auto: bool = False,
+    flag: bool = True,
+) -> Any:
     """Declare one ``lift`` key: a dataclass field whose metadata drives validation, flags and docs.
 
     Args:
@@ -63,66 +73,163 @@ def setting(default: Any, help: str, *, kind: str, choices: tuple[str, ...] = ()
         auto: an ``int`` that may be ``"auto"`` / null (filled in by the caller, e.g. ``--max_steps``).
         flag: generate a ``--<name>`` launcher flag.
     """
-    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices, "minimum": minimum, "maximum": maximum,
-                                            "auto": auto, "flag": flag})
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "kind": kind,
+            "choices": choices,
+            "minimum": minimum,
+            "maximum": maximum,
+            "auto": auto,
+            "flag": flag,
+        },
+    )
 
 
 @dataclass(frozen=True)
 class LiftConfig:
     """The ``"lift"`` section of a DeepSpeed config (each field's help is in its declaration)."""
 
-    backend: str = setting("auto", "where training runs: deepspeed (ZeRO-1/2/3, offload), fsdp (FSDP2, launch with torchrun), "
-                           "torch (one process, the reference); auto follows the config: a zero_optimization section means "
-                           "deepspeed, an fsdp section fsdp, neither torch on one process and deepspeed on several",
-                           kind="choice", choices=BACKEND_CHOICES)
-    method: str = setting("lift", "lift: LIFT's plan; badam: BAdam 1.4's BlockOptimizer (one block per switch_every steps, a fresh "
-                          "Adam state per switch); lisa: LISA (embedding and head always, lisa_layers layers drawn per period of "
-                          "switch_every steps); the launcher's --method sets it", kind="choice", choices=METHODS, flag=False)
-    schedule: str = setting("front2end", "block order: front2end (embedding side first, the paper's default), end2front, or "
-                            "random (N uniform draws with replacement, seeded); for badam: ascending, descending, or a fresh "
-                            "permutation per pass", kind="choice", choices=SCHEDULES)
-    policy: str = setting("grouped", "grouped: each slot's floor(t/N) steps contiguous (the first t mod N slots get one more); "
-                          "cyclic: round-robin, one step per block", kind="choice", choices=POLICIES)
-    total_steps: int | None = setting(None, "optimizer steps t in the whole run; \"auto\": taken from --max_steps / total_steps=",
-                                      kind="int", minimum=1, maximum=MAX_TOTAL_STEPS, auto=True, flag=False)
-    switch_every: int | None = setting(None, "badam / lisa: optimizer steps per block (BAdam's switch_block_every; null: 50) or "
-                                       "per draw of layers (LISA's interval; null: 20); LIFT's phase lengths come from total_steps "
-                                       "and policy", kind="int", minimum=1, auto=True)
-    lisa_layers: int | None = setting(None, f"lisa: decoder layers trained together in each period (LISA's gamma; null: "
-                                      f"{DEFAULT_LISA_LAYERS}), drawn from the layer range without replacement", kind="int", minimum=1, auto=True)
-    layer_range: tuple[int, int] | None = setting(None, "[first, last], 1-indexed inclusive over the layers ([6, 8] = the middle "
-                                                  "three of twelve); null: all layers", kind="layer_range")
-    include_embedding: bool = setting(False, "also train the input embedding block (with tied output embeddings)", kind="bool")
+    backend: str = setting(
+        "auto",
+        "where training runs: deepspeed (ZeRO-1/2/3, offload), fsdp (FSDP2, launch with torchrun), "
+        "torch (one process, the reference); auto follows the config: a zero_optimization section means "
+        "deepspeed, an fsdp section fsdp, neither torch on one process and deepspeed on several",
+        kind="choice",
+        choices=BACKEND_CHOICES,
+    )
+    method: str = setting(
+        "lift",
+        "lift: LIFT's plan; badam: BAdam 1.4's BlockOptimizer (one block per switch_every steps, a fresh "
+        "Adam state per switch); lisa: LISA (embedding and head always, lisa_layers layers drawn per period of "
+        "switch_every steps); the launcher's --method sets it",
+        kind="choice",
+        choices=METHODS,
+        flag=False,
+    )
+    schedule: str = setting(
+        "front2end",
+        "block order: front2end (embedding side first, the paper's default), end2front, or "
+        "random (N uniform draws with replacement, seeded); for badam: ascending, descending, or a fresh "
+        "permutation per pass",
+        kind="choice",
+        choices=SCHEDULES,
+    )
+    policy: str = setting(
+        "grouped",
+        "grouped: each slot's floor(t/N) steps contiguous (the first t mod N slots get one more); "
+        "cyclic: round-robin, one step per block",
+        kind="choice",
+        choices=POLICIES,
+    )
+    total_steps: int | None = setting(
+        None,
+        'optimizer steps t in the whole run; "auto": taken from --max_steps / total_steps=',
+        kind="int",
+        minimum=1,
+        maximum=MAX_TOTAL_STEPS,
+        auto=True,
+        flag=False,
+    )
+    switch_every: int | None = setting(
+        None,
+        "badam / lisa: optimizer steps per block (BAdam's switch_block_every; null: 50) or "
+        "per draw of layers (LISA's interval; null: 20); LIFT's phase lengths come from total_steps "
+        "and policy",
+        kind="int",
+        minimum=1,
+        auto=True,
+    )
+    lisa_layers: int | None = setting(
+        None,
+        f"lisa: decoder layers trained together in each period (LISA's gamma; null: "
+        f"{DEFAULT_LISA_LAYERS}), drawn from the layer range without replacement",
+        kind="int",
+        minimum=1,
+        auto=True,
+    )
+    layer_range: tuple[int, int] | None = setting(
+        None,
+        "[first, last], 1-indexed inclusive over the layers ([6, 8] = the middle three of twelve); null: all layers",
+        kind="layer_range",
+    )
+    include_embedding: bool = setting(
+        False, "also train the input embedding block (with tied output embeddings)", kind="bool"
+    )
     include_head: bool = setting(False, "also train the head block (final norm + lm_head / classifier)", kind="bool")
-    always_trainable: tuple[str, ...] = setting((), "module-name patterns (fnmatch) trained in every phase, e.g. [\"score\"] "
-                                                "for a new classification head", kind="patterns")
-    seed: int = setting(0, "seed of the random schedule (every rank computes the same plan); the launcher's --seed fills it",
-                        kind="int", minimum=0, maximum=2**32 - 1, flag=False)
-    optimizer_state: str = setting("reset", "reset: a fresh optimizer each phase; offload: a block's optimizer state (and fp32 "
-                                   "master) waits on CPU and comes back when the block does", kind="choice", choices=OPTIMIZER_STATES)
-    gradient_checkpointing: bool = setting(False, "recompute each layer's activations during backward (non-reentrant, through "
-                                           "transformers' own switch): less activation memory; blocks before the active one are "
-                                           "neither recomputed nor back-propagated", kind="bool")
-    frozen_weights: str = setting("full", "Q-LIFT: full keeps every frozen layer in the training dtype; int8 / nf4 hold the decoder "
-                                  "layers' linear weights quantized (torchao) while they are frozen, their exact weights in the block "
-                                  "store; the active layer trains from its exact weights (torch backend, or DeepSpeed ZeRO-1/2)",
-                                  kind="choice", choices=FROZEN_WEIGHTS)
-    block_store: str = setting("memory", "where Q-LIFT keeps the exact weights of quantized layers: memory (host RAM) or disk "
-                               "(a safetensors file per layer in block_store_dir, for models larger than host memory)",
-                               kind="choice", choices=BLOCK_STORES)
-    block_store_dir: str | None = setting(None, "directory of a disk block store (null: a temporary directory, removed at the end); "
-                                          "one per rank", kind="path")
-    loss: str = setting("auto", "causal-LM training loss: chunked computes logits only at positions whose next-token label counts, "
-                        "in chunks, with the fp32 cross-entropy and its gradient fused (no fp32 logits over the whole vocabulary); "
-                        "auto: that, or on CUDA Liger's / cut-cross-entropy's fused kernel when installed, and the model's own "
-                        "loss for models it does not cover; model: the model's own forward (logits at every position). "
-                        "The training forward then returns logits=None", kind="choice", choices=LOSS_MODES)
-    stream_frozen: bool = setting(False, "frozen decoder layers are not resident: their linear weights (quantized by frozen_weights, "
-                                  "or in the training dtype) live in a file per layer (block_store_dir/stream, or a temporary "
-                                  "directory), read ahead of the forward and again for the backward; 3 layers in memory at a time "
-                                  "whatever the depth (torch backend, or DeepSpeed ZeRO-1/2)", kind="bool")
-    max_consecutive_skipped_steps: int = setting(5, "a step with a NaN/inf loss or gradient norm is skipped and counted; this many "
-                                                 "in a row stop the run (0: never)", kind="int", minimum=0)
+    always_trainable: tuple[str, ...] = setting(
+        (),
+        'module-name patterns (fnmatch) trained in every phase, e.g. ["score"] for a new classification head',
+        kind="patterns",
+    )
+    seed: int = setting(
+        0,
+        "seed of the random schedule (every rank computes the same plan); the launcher's --seed fills it",
+        kind="int",
+        minimum=0,
+        maximum=2**32 - 1,
+        flag=False,
+    )
+    optimizer_state: str = setting(
+        "reset",
+        "reset: a fresh optimizer each phase; offload: a block's optimizer state (and fp32 "
+        "master) waits on CPU and comes back when the block does",
+        kind="choice",
+        choices=OPTIMIZER_STATES,
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        "recompute each layer's activations during backward (non-reentrant, through "
+        "transformers' own switch): less activation memory; blocks before the active one are "
+        "neither recomputed nor back-propagated",
+        kind="bool",
+    )
+    frozen_weights: str = setting(
+        "full",
+        "Q-LIFT: full keeps every frozen layer in the training dtype; int8 / nf4 hold the decoder "
+        "layers' linear weights quantized (torchao) while they are frozen, their exact weights in the block "
+        "store; the active layer trains from its exact weights (torch backend, or DeepSpeed ZeRO-1/2)",
+        kind="choice",
+        choices=FROZEN_WEIGHTS,
+    )
+    block_store: str = setting(
+        "memory",
+        "where Q-LIFT keeps the exact weights of quantized layers: memory (host RAM) or disk "
+        "(a safetensors file per layer in block_store_dir, for models larger than host memory)",
+        kind="choice",
+        choices=BLOCK_STORES,
+    )
+    block_store_dir: str | None = setting(
+        None,
+        "directory of a disk block store (null: a temporary directory, removed at the end); one per rank",
+        kind="path",
+    )
+    loss: str = setting(
+        "auto",
+        "causal-LM training loss: chunked computes logits only at positions whose next-token label counts, "
+        "in chunks, with the fp32 cross-entropy and its gradient fused (no fp32 logits over the whole vocabulary); "
+        "auto: that, or on CUDA Liger's / cut-cross-entropy's fused kernel when installed, and the model's own "
+        "loss for models it does not cover; model: the model's own forward (logits at every position). "
+        "The training forward then returns logits=None",
+        kind="choice",
+        choices=LOSS_MODES,
+    )
+    stream_frozen: bool = setting(
+        False,
+        "frozen decoder layers are not resident: their linear weights (quantized by frozen_weights, "
+        "or in the training dtype) live in a file per layer (block_store_dir/stream, or a temporary "
+        "directory), read ahead of the forward and again for the backward; 3 layers in memory at a time "
+        "whatever the depth (torch backend, or DeepSpeed ZeRO-1/2)",
+        kind="bool",
+    )
+    max_consecutive_skipped_steps: int = setting(
+        5,
+        "a step with a NaN/inf loss or gradient norm is skipped and counted; this many "
+        "in a row stop the run (0: never)",
+        kind="int",
+        minimum=0,
+    )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -130,10 +237,12 @@ class LiftConfig:
         d["always_trainable"] = list(self.always_trainable)
         return d
 
-    def replace(self, **changes: Any) -> "LiftConfig":
+    def replace(self, **changes: Any) -> LiftConfig:
         """A copy with some fields changed (JSON-like values, checked as in the ``"lift"`` section)."""
         known = {f.name: f for f in lift_settings()}
-        problems = [f"lift.{k}: unknown key; allowed keys are {', '.join(sorted(known))}" for k in changes if k not in known]
+        problems = [
+            f"lift.{k}: unknown key; allowed keys are {', '.join(sorted(known))}" for k in changes if k not in known
+        ]
         values = {k: getattr(self, k) for k in known}
         typed: dict[str, Any] = {}
         for name, f in known.items():
@@ -160,8 +269,6 @@ class LiftConfig:
 def lift_settings() -> list[dataclasses.Field]:
     """The declared ``lift`` keys, in declaration order."""
     return list(fields(LiftConfig))
-
-
 
 
 def settings_table() -> str:
@@ -203,18 +310,30 @@ def check_setting(f: dataclasses.Field, value: Any, path: str) -> tuple[Any, str
             return None, None
         lo, hi = m["minimum"], m.get("maximum")
         if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-            what = "an integer" + (f" >= {lo}" if lo is not None else "") + (f" and <= {hi}" if hi is not None else "") + (" or \"auto\"" if m["auto"] else "")
+            what = (
+                "an integer"
+                + (f" >= {lo}" if lo is not None else "")
+                + (f" and <= {hi}" if hi is not None else "")
+                + (' or "auto"' if m["auto"] else "")
+            )
             extra = " (0: never stop)" if f.name == "max_consecutive_skipped_steps" else ""
             return None, f"{path}: must be {what}{extra}, got {value!r}"
         return value, None
     if kind == "layer_range":
         if value is None:
             return None, None
-        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(x) for x in value) and 1 <= value[0] <= value[1]
+        ok = (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(_is_int(x) for x in value)
+            and 1 <= value[0] <= value[1]
+        )
         if not ok:
-            return None, (f"{path}: must be [first, last], 1-indexed integers "
-                          "with 1 <= first <= last (e.g. [6, 8] for the middle "
-                          f"three of twelve layers), or null for all layers; got {value!r}")
+            return None, (
+                f"{path}: must be [first, last], 1-indexed integers "
+                "with 1 <= first <= last (e.g. [6, 8] for the middle "
+                f"three of twelve layers), or null for all layers; got {value!r}"
+            )
         return (int(value[0]), int(value[1])), None
     if kind == "path":
         if value is None or (isinstance(value, str) and value):
@@ -233,8 +352,11 @@ def parse_lift_section(section: Any, path: str = "lift") -> LiftConfig:
     if not isinstance(section, Mapping):
         raise ConfigError([f"{path}: must be a JSON object, got {type(section).__name__}"])
     known = {f.name for f in lift_settings()}
-    problems = [f"{path}.{k}: unknown key; allowed keys are {', '.join(sorted(known))}"
-                for k in section if k not in known and not is_comment_key(k)]
+    problems = [
+        f"{path}.{k}: unknown key; allowed keys are {', '.join(sorted(known))}"
+        for k in section
+        if k not in known and not is_comment_key(k)
+    ]
     values: dict[str, Any] = {}
     for f in lift_settings():
         if f.name in section:
@@ -257,24 +379,34 @@ def _method_problems(section: Mapping[str, Any], values: Mapping[str, Any], path
     if method == "lift":
         for key in ("switch_every", "lisa_layers"):
             if given(key):
-                problems.append(f"{path}.{key}: applies to method badam or lisa, not lift (LIFT's phase lengths come from "
-                                f"total_steps and policy); remove it or set {path}.method")
+                problems.append(
+                    f"{path}.{key}: applies to method badam or lisa, not lift (LIFT's phase lengths come from "
+                    f"total_steps and policy); remove it or set {path}.method"
+                )
         return problems
     if values.get("policy", "grouped") != "grouped":
-        problems.append(f"{path}.policy: {values['policy']!r} is LIFT's; "
-                        f"method {method} switches every switch_every steps; remove it")
+        problems.append(
+            f"{path}.policy: {values['policy']!r} is LIFT's; "
+            f"method {method} switches every switch_every steps; remove it"
+        )
     if values.get("optimizer_state", "reset") != "reset":
-        problems.append(f"{path}.optimizer_state: {values['optimizer_state']!r} keeps a block's state across its phases; method "
-                        f"{method} starts a fresh optimizer state at every switch, as it is defined; remove it")
+        problems.append(
+            f"{path}.optimizer_state: {values['optimizer_state']!r} keeps a block's state across its phases; method "
+            f"{method} starts a fresh optimizer state at every switch, as it is defined; remove it"
+        )
     if method == "badam" and given("lisa_layers"):
         problems.append(f"{path}.lisa_layers: applies to method lisa, not badam; remove it")
     if method == "lisa":
         for key in ("include_embedding", "include_head"):
             if values.get(key):
-                problems.append(f"{path}.{key}: method lisa trains the embedding and the head in every period already; remove it")
+                problems.append(
+                    f"{path}.{key}: method lisa trains the embedding and the head in every period already; remove it"
+                )
         if values.get("schedule", "front2end") != "front2end":
-            problems.append(f"{path}.schedule: {values['schedule']!r} orders LIFT / BAdam blocks; lisa draws its layers at random "
-                            f"(lift.seed); remove it")
+            problems.append(
+                f"{path}.schedule: {values['schedule']!r} orders LIFT / BAdam blocks; lisa draws its layers at random "
+                f"(lift.seed); remove it"
+            )
     return problems
 
 
@@ -306,7 +438,7 @@ def _positive_int_or_auto(d: Mapping[str, Any], key: str, problems: list[str]) -
     if key not in d or d[key] in (None, "auto"):
         return None
     if not _is_int(d[key]) or d[key] < 1:
-        problems.append(f"{key}: must be an integer >= 1 or \"auto\", got {d[key]!r}")
+        problems.append(f'{key}: must be an integer >= 1 or "auto", got {d[key]!r}')
         return None
     return d[key]
 
@@ -322,13 +454,17 @@ def _batch_sizes(config: Mapping[str, Any], world_size: int, problems: list[str]
     if total is not None and micro is not None and gas is None:
         gas, rem = divmod(total, micro * world_size)
         if rem or gas < 1:
-            problems.append(f"train_batch_size: {total} is not a multiple of train_micro_batch_size_per_gpu ({micro}) "
-                            f"x world size ({world_size}); set train_batch_size to a multiple of {micro * world_size}")
+            problems.append(
+                f"train_batch_size: {total} is not a multiple of train_micro_batch_size_per_gpu ({micro}) "
+                f"x world size ({world_size}); set train_batch_size to a multiple of {micro * world_size}"
+            )
     elif total is not None and gas is not None and micro is None:
         micro, rem = divmod(total, gas * world_size)
         if rem or micro < 1:
-            problems.append(f"train_batch_size: {total} is not a multiple of gradient_accumulation_steps ({gas}) "
-                            f"x world size ({world_size}); set train_batch_size to a multiple of {gas * world_size}")
+            problems.append(
+                f"train_batch_size: {total} is not a multiple of gradient_accumulation_steps ({gas}) "
+                f"x world size ({world_size}); set train_batch_size to a multiple of {gas * world_size}"
+            )
     elif total is not None and micro is None and gas is None:
         gas = 1
         micro, rem = divmod(total, world_size)
@@ -336,9 +472,11 @@ def _batch_sizes(config: Mapping[str, Any], world_size: int, problems: list[str]
             problems.append(f"train_batch_size: {total} is not a multiple of the world size ({world_size})")
     micro, gas = micro or 1, gas or 1
     if total is not None and not problems and total != micro * gas * world_size:
-        problems.append(f"train_batch_size: {total} != train_micro_batch_size_per_gpu ({micro}) x gradient_accumulation_steps "
-                        f"({gas}) x world size ({world_size}) = {micro * gas * world_size}; "
-                        "fix one of the three or set it to \"auto\"")
+        problems.append(
+            f"train_batch_size: {total} != train_micro_batch_size_per_gpu ({micro}) x gradient_accumulation_steps "
+            f"({gas}) x world size ({world_size}) = {micro * gas * world_size}; "
+            'fix one of the three or set it to "auto"'
+        )
     return micro, gas
 
 
@@ -357,7 +495,7 @@ def resolve_training(config: Mapping[str, Any], world_size: int) -> TrainingConf
         if sec is None:
             continue
         if not isinstance(sec, Mapping) or not isinstance(sec.get("enabled", False), (bool, str)):
-            problems.append(f"{key}: must be an object like {{\"enabled\": true}}, got {sec!r}")
+            problems.append(f'{key}: must be an object like {{"enabled": true}}, got {sec!r}')
         elif sec.get("enabled") is True:
             if precision != "fp32":
                 problems.append("bf16.enabled and fp16.enabled: only one of the two may be true")
@@ -365,7 +503,7 @@ def resolve_training(config: Mapping[str, Any], world_size: int) -> TrainingConf
     for key in ("optimizer", "scheduler"):
         sec = config.get(key)
         if sec is not None and (not isinstance(sec, Mapping) or not isinstance(sec.get("type"), str)):
-            problems.append(f"{key}: must be an object with a string \"type\" and a \"params\" object, got {sec!r}")
+            problems.append(f'{key}: must be an object with a string "type" and a "params" object, got {sec!r}')
         elif sec is not None and not isinstance(sec.get("params", {}), Mapping):
             problems.append(f"{key}.params: must be an object, got {sec.get('params')!r}")
     opt = config.get("optimizer")
@@ -376,8 +514,11 @@ def resolve_training(config: Mapping[str, Any], world_size: int) -> TrainingConf
     if problems:
         raise ConfigError(problems)
     return TrainingConfig(
-        micro_batch_size=micro, gradient_accumulation_steps=gas, train_batch_size=micro * gas * world_size,
-        gradient_clipping=float(clip), precision=precision,
+        micro_batch_size=micro,
+        gradient_accumulation_steps=gas,
+        train_batch_size=micro * gas * world_size,
+        gradient_clipping=float(clip),
+        precision=precision,
         optimizer=dict(config["optimizer"]) if config.get("optimizer") else None,
         scheduler=dict(config["scheduler"]) if config.get("scheduler") else None,
     )

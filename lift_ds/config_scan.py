@@ -14,7 +14,8 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 #: deeper than any DeepSpeed config (they are 3-4 levels); also far below Python's recursion limit
 MAX_DEPTH = 32
@@ -75,17 +76,25 @@ def scan(data: Any, check_enabled: bool = True) -> list[str]:
         path, node, depth = stack.pop()
         where = path or "the top level"
         if depth > MAX_DEPTH:
-            problems.append(f"{where}: nested more than {MAX_DEPTH} levels deep; a DeepSpeed config is a few levels deep")
+            problems.append(
+                f"{where}: nested more than {MAX_DEPTH} levels deep; a DeepSpeed config is a few levels deep"
+            )
             continue
         if isinstance(node, dict):
             for k in getattr(node, "duplicates", []):
-                problems.append(f"{_join(path, k)}: the key appears more than once in its object (JSON keeps the last silently; "
-                                "DeepSpeed refuses duplicates); keep one")
+                problems.append(
+                    f"{_join(path, k)}: the key appears more than once in its object (JSON keeps the last silently; "
+                    "DeepSpeed refuses duplicates); keep one"
+                )
             for k, v in node.items():
                 if _is_comment(k):
                     continue
                 if check_enabled and k == "enabled" and not isinstance(v, bool):
-                    hint = " (\"auto\" is filled in only by a Hugging Face Trainer through LiftTrainer)" if v == "auto" else ""
+                    hint = (
+                        ' ("auto" is filled in only by a Hugging Face Trainer through LiftTrainer)'
+                        if v == "auto"
+                        else ""
+                    )
                     problems.append(f"{_join(path, k)}: must be true or false, got {v!r}{hint}")
                     continue
                 stack.append((_join(path, k), v, depth + 1))
@@ -93,8 +102,10 @@ def scan(data: Any, check_enabled: bool = True) -> list[str]:
             for i, v in enumerate(node):
                 stack.append((f"{path}[{i}]", v, depth + 1))
         elif isinstance(node, NonFinite) or (isinstance(node, float) and not math.isfinite(node)):
-            problems.append(f"{where}: {node!r} is not a finite number (NaN and Infinity are not JSON numbers, and would train a "
-                            "NaN model); give a finite value")
+            problems.append(
+                f"{where}: {node!r} is not a finite number (NaN and Infinity are not JSON numbers, and would train a "
+                "NaN model); give a finite value"
+            )
     return sorted(problems)
 
 
@@ -115,6 +126,8 @@ def misspelled_top_level(data: Any, known: Iterable[str]) -> list[str]:
             continue
         close = difflib.get_close_matches(k, known, n=1, cutoff=0.8)
         if close:
-            problems.append(f"{k}: unknown top-level key; did you mean \"{close[0]}\"? (an unknown key is ignored and the "
-                            f"default of \"{close[0]}\" would be used)")
+            problems.append(
+                f'{k}: unknown top-level key; did you mean "{close[0]}"? (an unknown key is ignored and the '
+                f'default of "{close[0]}" would be used)'
+            )
     return problems

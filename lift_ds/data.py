@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import DataError
 
@@ -51,8 +52,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{p}:{lineno}: not UTF-8 (byte {e.start}: "
-                                f"{raw[e.start:e.start + 1]!r}); re-encode the file as UTF-8") from None
+                raise DataError(
+                    f"{p}:{lineno}: not UTF-8 (byte {e.start}: "
+                    f"{raw[e.start : e.start + 1]!r}); re-encode the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -72,8 +75,10 @@ def _field(row: dict, path: Path, *names: str, kind: type | tuple = str) -> Any:
     for n in names:
         if n in row:
             if not isinstance(row[n], kind):
-                raise DataError(f"{path}:{row['_line']}: field {n!r} must be {getattr(kind, '__name__', kind)}, "
-                                f"got {type(row[n]).__name__}")
+                raise DataError(
+                    f"{path}:{row['_line']}: field {n!r} must be {getattr(kind, '__name__', kind)}, "
+                    f"got {type(row[n]).__name__}"
+                )
             return row[n]
     keys = sorted(k for k in row if k != "_line")
     raise DataError(f"{path}:{row['_line']}: missing field {' or '.join(repr(n) for n in names)} (the line has {keys})")
@@ -83,7 +88,9 @@ def classification_prompt(text: str) -> str:
     return f"Review: {text.strip()}\nSentiment:"
 
 
-def load_examples(path: str | os.PathLike, fmt: str, labels: list[str] | None = None) -> tuple[list[Example], list[str] | None]:
+def load_examples(
+    path: str | os.PathLike, fmt: str, labels: list[str] | None = None
+) -> tuple[list[Example], list[str] | None]:
     """Read a data file in ``fmt``; returns the examples and (for classification) the label words."""
     if fmt not in FORMATS:
         raise DataError(f"--format: {fmt!r} unknown; allowed: {', '.join(FORMATS)}")
@@ -104,7 +111,14 @@ def load_examples(path: str | os.PathLike, fmt: str, labels: list[str] | None = 
     if fmt == "text":
         return [Example(prompt="", response=_field(r, p, "text")) for r in rows], None
     if fmt == "prompt_response":
-        return [Example(prompt=_field(r, p, "prompt", "instruction"), response=_field(r, p, "response", "output"), source=f"{p}:{r['_line']}") for r in rows], None
+        return [
+            Example(
+                prompt=_field(r, p, "prompt", "instruction"),
+                response=_field(r, p, "response", "output"),
+                source=f"{p}:{r['_line']}",
+            )
+            for r in rows
+        ], None
     if fmt == "classification":
         seen = [str(_field(r, p, "label", kind=(str, int, bool))) for r in rows]
         label_set = labels or sorted(set(seen))
@@ -112,7 +126,16 @@ def load_examples(path: str | os.PathLike, fmt: str, labels: list[str] | None = 
             if lab not in label_set:
                 raise DataError(f"{p}:{r['_line']}: label {lab!r} is not in the label set {label_set}")
             text = _field(r, p, "text", "sentence")
-            out.append(Example(prompt=classification_prompt(text), response=" " + lab, choices=[" " + x for x in label_set], answer=label_set.index(lab), text=text, source=f"{p}:{r['_line']}"))
+            out.append(
+                Example(
+                    prompt=classification_prompt(text),
+                    response=" " + lab,
+                    choices=[" " + x for x in label_set],
+                    answer=label_set.index(lab),
+                    text=text,
+                    source=f"{p}:{r['_line']}",
+                )
+            )
         return out, label_set
     for r in rows:  # multiple_choice
         if "target_scores" in r:
@@ -162,7 +185,9 @@ def tokenize_for_head(examples: Iterable[Example], tokenizer: Any, seq_len: int)
     return out
 
 
-def tokenize(examples: Iterable[Example], tokenizer: Any, fmt: str, seq_len: int, truncate: bool = True) -> TokenizedData:
+def tokenize(
+    examples: Iterable[Example], tokenizer: Any, fmt: str, seq_len: int, truncate: bool = True
+) -> TokenizedData:
     """Tokenize for training: pack ``text``, otherwise prompt + response (+EOS) with loss on the response."""
     import datasets
 
@@ -171,7 +196,9 @@ def tokenize(examples: Iterable[Example], tokenizer: Any, fmt: str, seq_len: int
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if fmt == "text":
         ids: list[int] = []
-        for row in ds.map(lambda b: {"ids": tokenizer(b["response"], add_special_tokens=False)["input_ids"]}, batched=True)["ids"]:
+        for row in ds.map(
+            lambda b: {"ids": tokenizer(b["response"], add_special_tokens=False)["input_ids"]}, batched=True
+        )["ids"]:
             ids.extend(row + eos)
         blocks = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
         if not blocks:
@@ -185,15 +212,21 @@ def tokenize(examples: Iterable[Example], tokenizer: Any, fmt: str, seq_len: int
 
     enc = ds.map(encode, batched=True)
     out = TokenizedData([], [])
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None and getattr(tokenizer, "add_bos_token", False) else []
+    bos = (
+        [tokenizer.bos_token_id]
+        if getattr(tokenizer, "bos_token_id", None) is not None and getattr(tokenizer, "add_bos_token", False)
+        else []
+    )
     for i, (p, r) in enumerate(zip(enc["p"], enc["r"])):
         full_p, full_r = bos + p, r + eos
         if len(full_p) + len(full_r) > seq_len:
             if not truncate:
                 where = exs[i].source or f"example {i + 1}"
-                raise DataError(f"{where}: {len(full_p) + len(full_r)} tokens > --seq_len {seq_len}; "
-                                "raise --seq_len, or drop --no_truncate "
-                                "to cut the start of long prompts (counted in the log)")
+                raise DataError(
+                    f"{where}: {len(full_p) + len(full_r)} tokens > --seq_len {seq_len}; "
+                    "raise --seq_len, or drop --no_truncate "
+                    "to cut the start of long prompts (counted in the log)"
+                )
             out.truncated += 1
             keep = max(seq_len - len(full_r), 1)
             full_p = full_p[-keep:]  # keep the end of the prompt, next to the response
@@ -238,13 +271,31 @@ class RankBatches:
     step, so a run resumed on another number of ranks sees the samples an uninterrupted run would.
     """
 
-    def __init__(self, data: TokenizedData, micro_batch: int, rank: int, world: int, seed: int, pad_id: int, accumulation: int = 1) -> None:
+    def __init__(
+        self,
+        data: TokenizedData,
+        micro_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        pad_id: int,
+        accumulation: int = 1,
+    ) -> None:
         n = len(data.input_ids)
         self.global_batch = micro_batch * accumulation * world
         if n < self.global_batch:
-            raise DataError(f"{n} training examples are fewer than one global batch ({micro_batch} x {accumulation} accumulation "
-                            f"step(s) x {world} ranks)")
-        self.data, self.micro_batch, self.rank, self.world, self.seed, self.pad_id = data, micro_batch, rank, world, seed, pad_id
+            raise DataError(
+                f"{n} training examples are fewer than one global batch ({micro_batch} x {accumulation} accumulation "
+                f"step(s) x {world} ranks)"
+            )
+        self.data, self.micro_batch, self.rank, self.world, self.seed, self.pad_id = (
+            data,
+            micro_batch,
+            rank,
+            world,
+            seed,
+            pad_id,
+        )
         self.accumulation = accumulation
         #: optimizer steps per epoch (a partial last global batch is left out)
         self.steps_per_epoch = n // self.global_batch

@@ -11,7 +11,8 @@ absent or ``"auto"``, LIFT plans over that horizon.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ConfigError
 from .run_config import read_config_file
@@ -35,14 +36,22 @@ def merge_args_lift_section(config: Any, args: Any) -> Any:
     file_raw, file_name = read_config_file(path)
     other = sorted(k for k in file_raw if k != "lift")
     if other or "lift" not in file_raw:
-        has = f"keys {other}" if other else "no \"lift\" section"
-        raise ConfigError([f"args.deepspeed_config: {file_name!r} given beside config=; DeepSpeed refuses two configs, and LIFT "
-                           "accepts a --deepspeed_config file beside a config built in code only when it holds nothing but a "
-                           f"\"lift\" section (this one has {has}); put every other key in "
-                           "one of the two"], source=file_name)
+        has = f"keys {other}" if other else 'no "lift" section'
+        raise ConfigError(
+            [
+                f"args.deepspeed_config: {file_name!r} given beside config=; DeepSpeed refuses two configs, and LIFT "
+                "accepts a --deepspeed_config file beside a config built in code only when it holds nothing but a "
+                f'"lift" section (this one has {has}); put every other key in '
+                "one of the two"
+            ],
+            source=file_name,
+        )
     raw, name = read_config_file(config)
     if "lift" in raw:
-        raise ConfigError([f"lift: given both in config= ({name}) and in args.deepspeed_config ({file_name!r}); keep one"], source=name)
+        raise ConfigError(
+            [f"lift: given both in config= ({name}) and in args.deepspeed_config ({file_name!r}); keep one"],
+            source=name,
+        )
     logger.info("lift section taken from %s (args.deepspeed_config), the rest of the config from config=", file_name)
     return {**raw, "lift": file_raw["lift"]}
 

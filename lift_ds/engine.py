@@ -13,16 +13,17 @@ import atexit
 import os
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from . import faults
 from .backends.base import Backend
 from .blocks import set_trainable
 from .checkpoint import Checkpointer
-from . import faults
 from .errors import NotUnderLiftError, PhaseOutOfMemoryError
 from .facade import DeepSpeedEngineMembers, ThroughputTimer
 from .guards import StepGuard, is_out_of_memory, oom_message
@@ -52,7 +53,9 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         lr_scheduler: the run-long learning-rate schedule.
     """
 
-    def __init__(self, model: nn.Module, config: RunConfig, plan: LiftPlan, backend: Backend, lr_scheduler: CrossPhaseLRScheduler) -> None:
+    def __init__(
+        self, model: nn.Module, config: RunConfig, plan: LiftPlan, backend: Backend, lr_scheduler: CrossPhaseLRScheduler
+    ) -> None:
         nn.Module.__init__(self)
         self.module = model
         self.config = config
@@ -91,15 +94,30 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         if self.lift.frozen_weights != "full" or self.lift.stream_frozen:
             from .quant import build_quantized_blocks
 
-            self.quant = build_quantized_blocks(model, plan, self.lift.frozen_weights, self.lift.block_store, self.lift.block_store_dir,
-                                               self.training_config.precision, stream=self.lift.stream_frozen)
+            self.quant = build_quantized_blocks(
+                model,
+                plan,
+                self.lift.frozen_weights,
+                self.lift.block_store,
+                self.lift.block_store_dir,
+                self.training_config.precision,
+                stream=self.lift.stream_frozen,
+            )
         problem = plan.never_trained_problem()
         if problem:
             logger.warning("%s", problem)
         logger.info(
             "%s: %d candidate blocks (%s .. %s), %d steps, schedule=%s policy=%s, %d phases, backend=%s (%s)",
-            self.lift.method.upper(), len(self.candidates), self.candidates[0].name, self.candidates[-1].name, plan.total_steps,
-            self.lift.schedule, self.lift.policy, len(plan.phases), backend.name, config.backend_reason or "lift.backend",
+            self.lift.method.upper(),
+            len(self.candidates),
+            self.candidates[0].name,
+            self.candidates[-1].name,
+            plan.total_steps,
+            self.lift.schedule,
+            self.lift.policy,
+            len(plan.phases),
+            backend.name,
+            config.backend_reason or "lift.backend",
         )
         self.start_phase(self.cursor.block)
 
@@ -184,18 +202,34 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         self.phase_switch_seconds += time.perf_counter() - t0
         self.phase_switches += 1
         if os.environ.get("LIFT_DS_TRACE"):
-            faults.trace({"step": self.global_step, "block": self.plan.unit_name(block), "groups": self._group_settings(params)}, self.rank)
+            faults.trace(
+                {"step": self.global_step, "block": self.plan.unit_name(block), "groups": self._group_settings(params)},
+                self.rank,
+            )
         ph = self.cursor.phase
-        logger.info("phase %d/%d: training %s (%d parameter tensors) for steps %d..%d",
-                    ph.index + 1, len(self.plan.phases), self.plan.unit_name(block), len(params), ph.start + 1, ph.stop)
+        logger.info(
+            "phase %d/%d: training %s (%d parameter tensors) for steps %d..%d",
+            ph.index + 1,
+            len(self.plan.phases),
+            self.plan.unit_name(block),
+            len(params),
+            ph.start + 1,
+            ph.stop,
+        )
 
     def _group_settings(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
         """The phase optimizer's parameter groups: their parameters (by name) and settings (as the optimizer
         holds them)."""
         names = {id(p): n for n, p in self.module.named_parameters()}
         members = self.backend.param_groups(params) if self.backend.param_groups is not None else [{"params": params}]
-        return [{"params": [names.get(id(p), "?") for p in m["params"]], "weight_decay": g.get("weight_decay"), "lr": g.get("lr")}
-                for m, g in zip(members, self.backend.optimizer.param_groups)]
+        return [
+            {
+                "params": [names.get(id(p), "?") for p in m["params"]],
+                "weight_decay": g.get("weight_decay"),
+                "lr": g.get("lr"),
+            }
+            for m, g in zip(members, self.backend.optimizer.param_groups)
+        ]
 
     def end_phase(self, stash: bool = False) -> None:
         """Release the current phase (optimizer, gradients, any engine); with ``stash`` keep the
@@ -221,8 +255,13 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         """
         if self.micro_steps % self.training_config.gradient_accumulation_steps:
             raise RuntimeError("save_checkpoint() in the middle of gradient accumulation; save after an optimizer step")
-        return {"cursor": self.cursor.state_dict(), "samples_seen": self.samples_seen, **self.guard.state_dict(),
-                "precision_state": self.backend.precision_state(), "stash": self.stash}
+        return {
+            "cursor": self.cursor.state_dict(),
+            "samples_seen": self.samples_seen,
+            **self.guard.state_dict(),
+            "precision_state": self.backend.precision_state(),
+            "stash": self.stash,
+        }
 
     def load_progress_state_dict(self, state: dict[str, Any]) -> None:
         """Take back a :meth:`progress_state_dict` (other keys are ignored) and end the phase running now; the
@@ -259,9 +298,13 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         """Backward of one micro-batch's loss (scaled by 1 / gradient_accumulation_steps, as DeepSpeed's);
         gradients reach the active block only."""
         if self.done:
-            raise RuntimeError(f"backward() after the plan finished ({self.plan.total_steps} steps); raise lift.total_steps")
+            raise RuntimeError(
+                f"backward() after the plan finished ({self.plan.total_steps} steps); raise lift.total_steps"
+            )
         if not scale_wrt_gas:
-            raise NotUnderLiftError("backward(scale_wrt_gas=False): every LIFT backend scales the loss by 1 / gradient_accumulation_steps")
+            raise NotUnderLiftError(
+                "backward(scale_wrt_gas=False): every LIFT backend scales the loss by 1 / gradient_accumulation_steps"
+            )
         monitor = self.monitor
         if monitor.enabled and self.rank == 0 and self.is_gradient_accumulation_boundary():
             monitor.write_events([("Train/Samples/train_loss", float(loss.detach().mean()), self.samples_seen)])
@@ -273,7 +316,9 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         ``step``, e.g. ``{"metrics": val_loss}`` for ``ReduceLROnPlateau``, which is stepped only
         then), and a phase switch when the plan moves to another block."""
         if self.done:
-            raise RuntimeError(f"step() after the plan finished ({self.plan.total_steps} steps); raise lift.total_steps")
+            raise RuntimeError(
+                f"step() after the plan finished ({self.plan.total_steps} steps); raise lift.total_steps"
+            )
         if self._in_no_sync:
             raise RuntimeError("step() inside no_sync(): leave the no_sync block first (as in DeepSpeed)")
         boundary = self.is_gradient_accumulation_boundary()
@@ -335,8 +380,15 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
 
     # ----------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None, save_latest: bool = True,
-                        exclude_frozen_parameters: bool = False, extra_files: Callable[[Path], None] | None = None) -> Path:
+    def save_checkpoint(
+        self,
+        save_dir: str | os.PathLike,
+        tag: str | None = None,
+        client_state: dict | None = None,
+        save_latest: bool = True,
+        exclude_frozen_parameters: bool = False,
+        extra_files: Callable[[Path], None] | None = None,
+    ) -> Path:
         """Save everything a resumed run needs (see :mod:`lift_ds.checkpoint`); collective.
 
         DeepSpeed's arguments: ``save_latest`` must stay True (``latest`` is what a resume finds);
@@ -348,13 +400,23 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
             The checkpoint directory.
         """
         if not save_latest:
-            raise NotUnderLiftError("save_checkpoint(save_latest=False): LIFT publishes each "
-                                    "checkpoint as `latest` atomically, the point a resume starts from")
+            raise NotUnderLiftError(
+                "save_checkpoint(save_latest=False): LIFT publishes each "
+                "checkpoint as `latest` atomically, the point a resume starts from"
+            )
         return self.checkpointer.save(save_dir, tag, client_state, extra_files=extra_files)
 
-    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None, load_module_strict: bool = True, load_optimizer_states: bool = True,
-                        load_lr_scheduler_states: bool = True, load_module_only: bool = False, allow_batch_change: bool = False,
-                        **kwargs: Any) -> tuple[Path | None, dict]:
+    def load_checkpoint(
+        self,
+        load_dir: str | os.PathLike,
+        tag: str | None = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+        allow_batch_change: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Path | None, dict]:
         """Resume from ``load_dir/<tag>`` (default: the tag in ``load_dir/latest``), on any number
         of ranks and any backend; see :mod:`lift_ds.checkpoint`. DeepSpeed's switches keep their
         defaults: a LIFT resume restores the plan position, weights, optimizer and schedule together.
@@ -365,20 +427,30 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
         Raises:
             ResumeError: the checkpoint cannot be resumed by this run as configured.
         """
-        partial = {k: v for k, v in (("load_module_strict", not load_module_strict), ("load_optimizer_states", not load_optimizer_states),
-                                     ("load_lr_scheduler_states", not load_lr_scheduler_states), ("load_module_only", load_module_only)) if v}
+        partial = {
+            k: v
+            for k, v in (
+                ("load_module_strict", not load_module_strict),
+                ("load_optimizer_states", not load_optimizer_states),
+                ("load_lr_scheduler_states", not load_lr_scheduler_states),
+                ("load_module_only", load_module_only),
+            )
+            if v
+        }
         partial.update({k: v for k, v in kwargs.items() if v not in (None, False)})
         if partial:
-            raise NotUnderLiftError(f"load_checkpoint({', '.join(partial)}): a LIFT checkpoint resumes exactly (plan position, weights, "
-                                    "optimizer state, schedule, data position) or not at all; to start a new run from its weights, "
-                                    "load weights.safetensors into the model before lift_ds.initialize")
+            raise NotUnderLiftError(
+                f"load_checkpoint({', '.join(partial)}): a LIFT checkpoint resumes exactly (plan position, weights, "
+                "optimizer state, schedule, data position) or not at all; to start a new run from its weights, "
+                "load weights.safetensors into the model before lift_ds.initialize"
+            )
         return self.checkpointer.load(load_dir, tag, allow_batch_change)
 
 
 #: engines not closed yet; closed, and the process group ended, at interpreter exit
-_LIVE: "weakref.WeakSet[LiftEngine]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[LiftEngine] = weakref.WeakSet()
 #: the models engines were built on (weakly: a model the script dropped is gone already)
-_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _EXIT_HOOK: list[Callable[..., None]] = []
 
 

@@ -14,13 +14,13 @@ positions, not its prompt's.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, Example, TokenizedData, collate
-
 
 Reduce = Callable[[list[float]], list[float]]
 
@@ -53,7 +53,11 @@ def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     out = torch.zeros(tgt.shape, dtype=torch.float32)
     for s in range(0, len(tgt), _ROWS):
         t = tgt[s : s + _ROWS].to(flat.device)
-        lp = torch.log_softmax(flat[s : s + _ROWS], -1, dtype=torch.float32).gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+        lp = (
+            torch.log_softmax(flat[s : s + _ROWS], -1, dtype=torch.float32)
+            .gather(1, t.clamp(min=0)[:, None])
+            .squeeze(1)
+        )
         out[s : s + _ROWS] = torch.where(t == IGNORE_INDEX, 0.0, lp).cpu()
     return out.view(targets.shape)
 
@@ -68,7 +72,15 @@ def _shard(n: int, rank: int, world: int) -> list[tuple[int, float]]:
 
 
 @torch.no_grad()
-def eval_loss(forward: Callable[..., Any], data: TokenizedData, batch_size: int, rank: int, world: int, pad_id: int, reduce: Reduce = _local) -> dict[str, float]:
+def eval_loss(
+    forward: Callable[..., Any],
+    data: TokenizedData,
+    batch_size: int,
+    rank: int,
+    world: int,
+    pad_id: int,
+    reduce: Reduce = _local,
+) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over ``data``."""
     items = _shard(len(data.input_ids), rank, world)
     total, count = 0.0, 0.0
@@ -90,7 +102,15 @@ def eval_loss(forward: Callable[..., Any], data: TokenizedData, batch_size: int,
 
 
 @torch.no_grad()
-def head_metrics(forward: Callable[..., Any], data: TokenizedData, batch_size: int, rank: int, world: int, pad_id: int, reduce: Reduce = _local) -> dict[str, float]:
+def head_metrics(
+    forward: Callable[..., Any],
+    data: TokenizedData,
+    batch_size: int,
+    rank: int,
+    world: int,
+    pad_id: int,
+    reduce: Reduce = _local,
+) -> dict[str, float]:
     """Loss and accuracy of a sequence-classification head (``data.labels`` are class indices)."""
     items = _shard(len(data.input_ids), rank, world)
     loss = correct = total = 0.0
@@ -108,8 +128,15 @@ def head_metrics(forward: Callable[..., Any], data: TokenizedData, batch_size: i
 
 @torch.no_grad()
 def choice_accuracy(
-    forward: Callable[..., Any], examples: list[Example], tokenizer: Any, seq_len: int, batch_size: int, rank: int, world: int,
-    reduce: Reduce = _local, loglikelihoods: list[list[float]] | None = None,
+    forward: Callable[..., Any],
+    examples: list[Example],
+    tokenizer: Any,
+    seq_len: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+    reduce: Reduce = _local,
+    loglikelihoods: list[list[float]] | None = None,
 ) -> dict[str, float]:
     """Accuracy of picking the choice with the highest summed log-likelihood after the prompt.
 
@@ -121,7 +148,7 @@ def choice_accuracy(
         p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
         for choice in ex.choices:
             r = tokenizer(choice, add_special_tokens=False)["input_ids"]
-            pp = p[-max(seq_len - len(r), 1):]
+            pp = p[-max(seq_len - len(r), 1) :]
             seqs.append((pp + r, len(pp), k))
     scores: list[list[float]] = [[] for _ in shard]
     keep = _keeps_logits(forward)

@@ -33,8 +33,10 @@ def save_hf_checkpoint(engine: LiftEngine, output_dir: str | os.PathLike, tokeni
     out.mkdir(parents=True, exist_ok=True)
     model = engine.module
     if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"{type(model).__name__} is not a Hugging Face model (no save_pretrained); "
-                        "save engine.backend.full_state_dict() yourself")
+        raise TypeError(
+            f"{type(model).__name__} is not a Hugging Face model (no save_pretrained); "
+            "save engine.backend.full_state_dict() yourself"
+        )
     if engine.quant is not None:
         # Q-LIFT: the exact weights of quantized layers come from the block store, a shard per layer
         from .quant import write_hf_shards

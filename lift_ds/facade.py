@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -35,25 +36,37 @@ logger = get_logger(__name__)
 
 #: DeepSpeedEngine members that cannot mean the same under LIFT, and why
 NOT_UNDER_LIFT = {
-    "set_train_batch_size": ("LIFT plans its phases and its data position (a "
-                             "global sample index) from a fixed global batch; "
-                             "start the run with the batch you want (a checkpoint resumes with another one through allow_batch_change)"),
-    "set_train_micro_batch_size": ("the global batch is fixed for the run (see set_train_batch_size); "
-                                   "set train_micro_batch_size_per_gpu in the config"),
-    "offload_states": ("the DeepSpeed engine and its optimizer are rebuilt at every phase; "
-                       "keep optimizer state off the device with "
-                       "zero_optimization.offload_optimizer, or between a block's phases with lift.optimizer_state \"offload\""),
+    "set_train_batch_size": (
+        "LIFT plans its phases and its data position (a "
+        "global sample index) from a fixed global batch; "
+        "start the run with the batch you want (a checkpoint resumes with another one through allow_batch_change)"
+    ),
+    "set_train_micro_batch_size": (
+        "the global batch is fixed for the run (see set_train_batch_size); "
+        "set train_micro_batch_size_per_gpu in the config"
+    ),
+    "offload_states": (
+        "the DeepSpeed engine and its optimizer are rebuilt at every phase; "
+        "keep optimizer state off the device with "
+        'zero_optimization.offload_optimizer, or between a block\'s phases with lift.optimizer_state "offload"'
+    ),
     "reload_states": "see offload_states: there is no engine state to reload across LIFT's phase rebuilds",
-    "compile": ("the model is re-wrapped by a new DeepSpeed engine at every phase, "
-                "so a compiled engine would be thrown away at the first switch"),
-    "load_universal_checkpoint": ("LIFT's checkpoints are already independent of ranks "
-                                  "and backend (load_checkpoint reads them on any layout)"),
+    "compile": (
+        "the model is re-wrapped by a new DeepSpeed engine at every phase, "
+        "so a compiled engine would be thrown away at the first switch"
+    ),
+    "load_universal_checkpoint": (
+        "LIFT's checkpoints are already independent of ranks and backend (load_checkpoint reads them on any layout)"
+    ),
     "zero_load_from_fp32_weights": "LIFT's checkpoints always hold the full weights and the active block's fp32 master",
-    "set_data_post_process_func": ("the training DataLoader is lift_ds's own "
-                                   "(lift_ds.initialize(training_data=...)), not DeepSpeed's "
-                                   "data-efficiency sampler, which each phase's engine would build anew"),
-    "set_custom_curriculum_learning_schedule": ("see set_data_post_process_func: "
-                                                "DeepSpeed's curriculum sampler is not used"),
+    "set_data_post_process_func": (
+        "the training DataLoader is lift_ds's own "
+        "(lift_ds.initialize(training_data=...)), not DeepSpeed's "
+        "data-efficiency sampler, which each phase's engine would build anew"
+    ),
+    "set_custom_curriculum_learning_schedule": (
+        "see set_data_post_process_func: DeepSpeed's curriculum sampler is not used"
+    ),
 }
 
 
@@ -167,7 +180,8 @@ class DeepSpeedEngineMembers:
                 "LIFT counts micro-steps itself (gradient_accumulation_steps="
                 f"{self.gradient_accumulation_steps()}, "
                 f"micro step {self.micro_steps + 1}), because its phase switches happen at "  # type: ignore[attr-defined]
-                "optimizer steps; set gradient_accumulation_steps in the config to the accumulation you run")
+                "optimizer steps; set gradient_accumulation_steps in the config to the accumulation you run"
+            )
 
     # ----------------------------------------------------------------- precision and ZeRO queries
 
@@ -240,8 +254,10 @@ class DeepSpeedEngineMembers:
         keeps truncated backward (transformers' default, reentrant, would back-propagate through every frozen block)."""
         given = {**(gradient_checkpointing_kwargs or {}), **kwargs}
         if given.pop("use_reentrant", False):
-            logger.info("gradient_checkpointing_enable(use_reentrant=True): "
-                        "LIFT runs non-reentrant checkpointing (it keeps truncated backward)")
+            logger.info(
+                "gradient_checkpointing_enable(use_reentrant=True): "
+                "LIFT runs non-reentrant checkpointing (it keeps truncated backward)"
+            )
         enable_gradient_checkpointing(self.module, **given)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
@@ -271,7 +287,9 @@ class DeepSpeedEngineMembers:
             state = {k: v for k, v in state.items() if k in keep}
         return state
 
-    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor] | None:
+    def _zero3_consolidated_16bit_state_dict(
+        self, exclude_frozen_parameters: bool = False
+    ) -> dict[str, torch.Tensor] | None:
         """The full state dict on rank 0 (None on the others), gathered one parameter at a time; collective."""
         return self._full_state(exclude_frozen_parameters)
 
@@ -280,15 +298,25 @@ class DeepSpeedEngineMembers:
         ``stage3_gather_16bit_weights_on_model_save``; everything else: always)."""
         return self.backend.gathers_16bit_on_save()
 
-    def module_state_dict(self, destination: Any = None, prefix: str = "", keep_vars: bool = False,
-                          exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
+    def module_state_dict(
+        self,
+        destination: Any = None,
+        prefix: str = "",
+        keep_vars: bool = False,
+        exclude_frozen_parameters: bool = False,
+    ) -> dict[str, torch.Tensor]:
         state = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
         if exclude_frozen_parameters:
             keep = {prefix + n for n in self._trained_names()}
             state = type(state)((k, v) for k, v in state.items() if k in keep)
         return state
 
-    def save_16bit_model(self, save_dir: str | os.PathLike, save_filename: str = "pytorch_model.bin", exclude_frozen_parameters: bool = False) -> bool:
+    def save_16bit_model(
+        self,
+        save_dir: str | os.PathLike,
+        save_filename: str = "pytorch_model.bin",
+        exclude_frozen_parameters: bool = False,
+    ) -> bool:
         """The consolidated weights in the training dtype, written by rank 0 (collective), as DeepSpeed's: under
         ZeRO-3 only when ``stage3_gather_16bit_weights_on_model_save`` is true. A ``.safetensors`` name writes
         safetensors."""
@@ -330,6 +358,7 @@ class DeepSpeedEngineMembers:
         why = backend.library_member_problem(name) if backend is not None else None
         if why:
             raise NotUnderLiftError(f"LiftEngine.{name}: {why}")
-        raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r} (nor has the "
-                             f"{type(model).__name__} it wraps, nor DeepSpeedEngine)")
-
+        raise AttributeError(
+            f"'{type(self).__name__}' object has no attribute {name!r} (nor has the "
+            f"{type(model).__name__} it wraps, nor DeepSpeedEngine)"
+        )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 POINTS = ("kill", "save_midway", "save_op", "nan_loss")
 _ENTRY = re.compile(r"^(?P<point>[a-z_]+)@(?P<step>\d+)(?:\.(?P<n>\d+))?(?::(?P<rank>\d+))?(?:#(?P<attempt>\d+))?$")
@@ -34,9 +34,19 @@ def _parse(spec: str) -> set[tuple[str, int, int | None, int | None, int]]:
     for item in filter(None, (x.strip() for x in spec.split(","))):
         m = _ENTRY.match(item)
         if not m or m["point"] not in POINTS or (m["point"] == "save_op") != (m["n"] is not None):
-            raise ValueError(f"LIFT_DS_FAULTS: bad entry {item!r}; expected point@step[:rank][#attempt] with point one of "
-                             f"{', '.join(POINTS)} (save_op@step.n[:rank][#attempt] for the n-th file operation of a save)")
-        out.add((m["point"], int(m["step"]), int(m["n"]) if m["n"] else None, int(m["rank"]) if m["rank"] else None, int(m["attempt"] or 0)))
+            raise ValueError(
+                f"LIFT_DS_FAULTS: bad entry {item!r}; expected point@step[:rank][#attempt] with point one of "
+                f"{', '.join(POINTS)} (save_op@step.n[:rank][#attempt] for the n-th file operation of a save)"
+            )
+        out.add(
+            (
+                m["point"],
+                int(m["step"]),
+                int(m["n"]) if m["n"] else None,
+                int(m["rank"]) if m["rank"] else None,
+                int(m["attempt"] or 0),
+            )
+        )
     return out
 
 
@@ -46,7 +56,10 @@ def armed(point: str, step: int, rank: int, n: int | None = None) -> bool:
     if not spec:
         return False
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    return any(p == point and s == step and k == n and (r is None or r == rank) and a == attempt for p, s, k, r, a in _parse(spec))
+    return any(
+        p == point and s == step and k == n and (r is None or r == rank) and a == attempt
+        for p, s, k, r, a in _parse(spec)
+    )
 
 
 def maybe_kill(point: str, step: int, rank: int, n: int | None = None) -> None:

@@ -26,7 +26,7 @@ def is_out_of_memory(e: BaseException) -> bool:
     )
 
 
-def oom_message(block: str, params: list[torch.nn.Parameter], backend: "Backend", e: BaseException) -> str:
+def oom_message(block: str, params: list[torch.nn.Parameter], backend: Backend, e: BaseException) -> str:
     """What ran out, the ``lift_ds.memory`` estimate for that phase, and what to change."""
     from .memory import GIB, state_bytes
 
@@ -78,7 +78,7 @@ class StepGuard:
         self._window_finite.append(finite)
         return loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype)
 
-    def window_had_bad_loss(self, backend: "Backend") -> bool:
+    def window_had_bad_loss(self, backend: Backend) -> bool:
         """Whether any micro-batch of this accumulation window had a non-finite loss on any rank (collective)."""
         finite = bool(torch.stack(self._window_finite).all()) if self._window_finite else True
         self._window_finite = []
@@ -94,8 +94,14 @@ class StepGuard:
         why = "a NaN/inf loss" if bad_loss else f"a non-finite gradient norm ({norm})"
         if not (not bad_loss and self.precision == "fp16"):  # DeepSpeed's loss scaler lowers the scale and carries on
             self.consecutive_skipped_steps += 1
-        logger.warning("step %d (block %s) skipped: %s; %d skipped so far, %d in a row",
-                       step, block, why, self.skipped_steps, self.consecutive_skipped_steps)
+        logger.warning(
+            "step %d (block %s) skipped: %s; %d skipped so far, %d in a row",
+            step,
+            block,
+            why,
+            self.skipped_steps,
+            self.consecutive_skipped_steps,
+        )
         if self.limit and self.consecutive_skipped_steps >= self.limit:
             first = step - self.consecutive_skipped_steps + 1
             raise DivergenceError(

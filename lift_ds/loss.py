@@ -33,7 +33,8 @@ import dataclasses
 import functools
 import importlib.util
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,13 @@ logger = get_logger(__name__)
 #: standard loss (tests/test_loss.py checks each one present in the installed transformers)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo2", "smollm3", "starcoder2")
 #: config attributes that change the logits after lm_head (softcapping, scaling) or add to the loss
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 #: fp32 logits elements of one chunk (32 MiB): a chunk holds ``CHUNK_ELEMENTS // vocab`` positions
 CHUNK_ELEMENTS = 1 << 23
 IGNORE_INDEX = -100
@@ -71,8 +78,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                rows: int, defer: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        rows: int,
+        defer: bool,
+    ) -> torch.Tensor:
         need = ctx.needs_input_grad[:3]
         grads = _GradBuffers(hidden, weight, bias, need) if any(need) and not defer else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -142,7 +156,9 @@ class _GradBuffers:
                 self.g = torch.empty((hidden.shape[0], weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
             else:
                 self.w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        self.b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] and bias is not None else None
+        self.b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] and bias is not None else None
+        )
 
     def add(self, start: int, h: torch.Tensor, g: torch.Tensor) -> None:
         """Chunk ``h`` (rows from ``start``) with logits gradient ``g`` (in the model's dtype)."""
@@ -160,13 +176,20 @@ class _GradBuffers:
             if x is None:
                 return None
             return (x if scale is None else x.float() * scale.float()).to(dtype or x.dtype)
+
         w = self.w if self.g is None else self.g.t() @ self.hidden
         self.g = self.hidden = None
         return out(self.h, None), out(w, dtypes[0]), out(self.b, dtypes[1])
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                             rows: int | None = None, defer: bool | None = None) -> torch.Tensor:
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    rows: int | None = None,
+    defer: bool | None = None,
+) -> torch.Tensor:
     """Summed negative log-likelihood of ``targets`` under ``hidden @ weight.T + bias`` (fp32 scalar),
     through :class:`ChunkedLinearCrossEntropy` (``defer`` defaults to True for fp16)."""
     rows = rows or chunk_rows(weight.shape[0])
@@ -223,8 +246,16 @@ def _call_module(module: nn.Module, fn: Callable, *args: Any) -> Any:
             module.forward = own
 
 
-def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor | None, *, shift_labels: torch.Tensor | None = None,
-                   num_items_in_batch: Any = None, ignore_index: int = IGNORE_INDEX, mode: str = "chunked") -> torch.Tensor:
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor | None,
+    *,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: Any = None,
+    ignore_index: int = IGNORE_INDEX,
+    mode: str = "chunked",
+) -> torch.Tensor:
     """The causal-LM loss of Hugging Face's ``ForCausalLMLoss`` from the final hidden states.
 
     Args:
@@ -267,8 +298,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
     config = getattr(inner, "config", None)
     kind = getattr(config, "model_type", None)
     if config is None or not type(inner).__name__.endswith("ForCausalLM"):
-        return (f"{type(inner).__name__} is not a Hugging Face causal "
-                "LM (a sequence-classification head keeps its own loss)")
+        return (
+            f"{type(inner).__name__} is not a Hugging Face causal "
+            "LM (a sequence-classification head keeps its own loss)"
+        )
     if kind not in SUPPORTED_MODEL_TYPES:
         return f"model type {kind!r} is not one whose loss lift_ds reproduces ({', '.join(SUPPORTED_MODEL_TYPES)})"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -303,8 +336,10 @@ def install_loss(model: nn.Module, mode: str) -> str | None:
     reason = unsupported_reason(model)
     if reason is not None:
         if mode == "chunked":
-            raise ValueError(f"lift.loss: \"chunked\" needs a causal LM whose logits are lm_head(hidden states); {reason}. "
-                             "Use \"auto\" (falls back to the model's own loss) or \"model\"")
+            raise ValueError(
+                f'lift.loss: "chunked" needs a causal LM whose logits are lm_head(hidden states); {reason}. '
+                'Use "auto" (falls back to the model\'s own loss) or "model"'
+            )
         logger.info("lift.loss auto: the model's own loss (%s)", reason)
         return None
     if getattr(inner, _MARK, None) is not None:
@@ -318,23 +353,38 @@ def install_loss(model: nn.Module, mode: str) -> str | None:
         for name, value in zip(names, args):
             kwargs[name] = value
         labels, shift = kwargs.get("labels"), kwargs.get("shift_labels")
-        if (not torch.is_grad_enabled() or (labels is None and shift is None) or kwargs.get("return_dict") is False
-                or kwargs.get("fused_lm_head") or kwargs.get("logits_to_keep") not in (None, 0)):
+        if (
+            not torch.is_grad_enabled()
+            or (labels is None and shift is None)
+            or kwargs.get("return_dict") is False
+            or kwargs.get("fused_lm_head")
+            or kwargs.get("logits_to_keep") not in (None, 0)
+        ):
             return original(**kwargs)
         loss_kw = {k: kwargs.pop(k) for k in _LOSS_ONLY if k in kwargs}
         kwargs.pop("logits_to_keep", None)
         outputs = self.base_model(**kwargs)
-        loss = causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings(), loss_kw.get("labels"),
-                              shift_labels=loss_kw.get("shift_labels"), num_items_in_batch=loss_kw.get("num_items_in_batch"),
-                              ignore_index=loss_kw.get("ignore_index", IGNORE_INDEX), mode=mode)
+        loss = causal_lm_loss(
+            outputs.last_hidden_state,
+            self.get_output_embeddings(),
+            loss_kw.get("labels"),
+            shift_labels=loss_kw.get("shift_labels"),
+            num_items_in_batch=loss_kw.get("num_items_in_batch"),
+            ignore_index=loss_kw.get("ignore_index", IGNORE_INDEX),
+            mode=mode,
+        )
         return _causal_lm_output(loss, outputs)
 
     previous = inner.__dict__.get("forward")  # an instance-level forward someone installed first (TRL's fused head)
     inner.forward = types.MethodType(forward, inner)
     setattr(inner, _MARK, (mode, previous))
     name, _ = choose_implementation(mode, next(inner.parameters()).device)
-    logger.info("lift.loss %s: logits only at counted positions, %s cross-entropy (%d positions per chunk)", mode, name,
-                chunk_rows(inner.get_output_embeddings().weight.shape[0]))
+    logger.info(
+        "lift.loss %s: logits only at counted positions, %s cross-entropy (%d positions per chunk)",
+        mode,
+        name,
+        chunk_rows(inner.get_output_embeddings().weight.shape[0]),
+    )
     return name
 
 

@@ -46,12 +46,55 @@ from .config import LiftConfig
 GIB = 1024**3
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
-    "llama-2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40),
-    "llama-2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
-    "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    ),
+    "llama-2-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "llama-3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+    "llama-2-13b": dict(
+        vocab_size=32000,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+    ),
+    "llama-2-70b": dict(
+        vocab_size=32000,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
+    "llama-3-70b": dict(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
 }
 
 
@@ -89,7 +132,9 @@ def _config_of(model_or_config: str) -> Any:
         return AutoConfig.from_pretrained(str(p.parent))
     if p.is_dir():
         return AutoConfig.from_pretrained(str(p))
-    raise ValueError(f"--model: {model_or_config!r} is neither a file, a directory, nor a preset ({', '.join(PRESETS)})")
+    raise ValueError(
+        f"--model: {model_or_config!r} is neither a file, a directory, nor a preset ({', '.join(PRESETS)})"
+    )
 
 
 def model_shape(model_or_config: str, lift: LiftConfig | None = None) -> ModelShape:
@@ -107,19 +152,28 @@ def model_shape(model_or_config: str, lift: LiftConfig | None = None) -> ModelSh
     size = lambda names: sum(named[n].numel() for n in names)  # noqa: E731
     plan = resolve_plan(model, lift or LiftConfig(), total_steps=10**6)
     blocks = plan.blocks
-    lora = sum(m.in_features + m.out_features for n, m in model.named_modules()
-               if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") and hasattr(m, "in_features"))
+    lora = sum(
+        m.in_features + m.out_features
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") and hasattr(m, "in_features")
+    )
     lowest = min((b.layer_number or 0) if b.kind != "head" else cfg.num_hidden_layers + 1 for b in plan.candidates)
     stack = {n for b in blocks if b.kind == "layer" for n in b.param_names}
-    linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and f"{n}.weight" in stack)
+    linear = sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and f"{n}.weight" in stack
+    )
     return ModelShape(
-        name=str(model_or_config), total=sum(p.numel() for p in named.values()),
+        name=str(model_or_config),
+        total=sum(p.numel() for p in named.values()),
         layer_sizes=[size(b.param_names) for b in blocks if b.kind == "layer"],
         embedding=sum(size(b.param_names) for b in blocks if b.kind == "embedding"),
         head=sum(size(b.param_names) for b in blocks if b.kind == "head"),
-        hidden=cfg.hidden_size, vocab=cfg.vocab_size, lora_per_rank_unit=lora,
+        hidden=cfg.hidden_size,
+        vocab=cfg.vocab_size,
+        lora_per_rank_unit=lora,
         candidate_sizes=[size(plan.trainable_param_names(plan.units.index(u))) for u in dict.fromkeys(plan.units)],
-        lowest_candidate_layer=lowest, layer_linear=linear,
+        lowest_candidate_layer=lowest,
+        layer_linear=linear,
     )
 
 
@@ -166,8 +220,14 @@ def _streamed_params(shape: ModelShape, trained: int, w: int, frozen_weights: st
 LOSSES = ("chunked", "model")
 
 
-def logits_bytes(shape: ModelShape, seq_len: int, micro_batch: int = 1, precision: str = "bf16", loss: str = "chunked",
-                 head_trains: bool = False) -> float:
+def logits_bytes(
+    shape: ModelShape,
+    seq_len: int,
+    micro_batch: int = 1,
+    precision: str = "bf16",
+    loss: str = "chunked",
+    head_trains: bool = False,
+) -> float:
     """Peak bytes of the logits and the loss of one micro-batch (see the module docstring)."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
@@ -182,9 +242,22 @@ def logits_bytes(shape: ModelShape, seq_len: int, micro_batch: int = 1, precisio
     return rows * vocab * (2 * w + 4) + tokens * shape.hidden * w + weight_grad
 
 
-def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: str = "bf16", offload: bool = False,
-             micro_batch: int = 1, seq_len: int = 2048, lora_r: int = 8, checkpointing: bool = False,
-             frozen_weights: str = "full", loss: str = "chunked", stream_frozen: bool = False, optimizer: str = "adamw") -> Estimate:
+def estimate(
+    shape: ModelShape,
+    method: str,
+    ranks: int,
+    zero: int,
+    precision: str = "bf16",
+    offload: bool = False,
+    micro_batch: int = 1,
+    seq_len: int = 2048,
+    lora_r: int = 8,
+    checkpointing: bool = False,
+    frozen_weights: str = "full",
+    loss: str = "chunked",
+    stream_frozen: bool = False,
+    optimizer: str = "adamw",
+) -> Estimate:
     """Bytes per rank for one method. ``zero`` 0-3 (FSDP = 3). LIFT trains the largest of the
     shape's candidate blocks (``model_shape(..., lift)``) at a time. With ``checkpointing`` a stored
     layer keeps only its input (2 s b h bytes in 16-bit) and one layer's activations exist at a time
@@ -208,8 +281,10 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
     params, grads, optimizer_bytes = state_bytes(shape.total, trained, ranks, zero, precision)
     if frozen_weights != "full":
         if frozen_weights not in QUANTIZED_BYTES or method == "full" or zero == 3:
-            raise ValueError(f"frozen_weights {frozen_weights!r}: allowed full, "
-                             f"{', '.join(QUANTIZED_BYTES)}, for lift and lora below ZeRO-3")
+            raise ValueError(
+                f"frozen_weights {frozen_weights!r}: allowed full, "
+                f"{', '.join(QUANTIZED_BYTES)}, for lift and lora below ZeRO-3"
+            )
         w = 2 if precision in ("bf16", "fp16") else 4
         active_linear = min(trained, shape.layer_linear) if method == "lift" else 0
         quantized = shape.layer_linear - active_linear
@@ -230,7 +305,9 @@ def estimate(shape: ModelShape, method: str, ranks: int, zero: int, precision: s
     per_layer = 34 * seq_len * micro_batch * shape.hidden * act_bytes / 2
     logits = logits_bytes(shape, seq_len, micro_batch, precision, loss, head_trains=method == "full")
     # LIFT stores activations from its lowest candidate block upward (backward stops there)
-    stored_layers = shape.num_layers if method != "lift" else shape.num_layers - max(shape.lowest_candidate_layer, 1) + 1
+    stored_layers = (
+        shape.num_layers if method != "lift" else shape.num_layers - max(shape.lowest_candidate_layer, 1) + 1
+    )
     if checkpointing:
         activations = stored_layers * 2 * seq_len * micro_batch * shape.hidden * act_bytes / 2 + per_layer + logits
     else:
@@ -265,14 +342,24 @@ def table(shape: ModelShape, ranks: int, zero: int, **kw: Any) -> list[Estimate]
 
 
 #: rows of the one-GPU table: (label, method, frozen weights, streamed, optimizer)
-ONE_GPU_METHODS = (("LIFT-NF4 streamed, AdamW8bit", "lift", "nf4", True, "adamw8bit"), ("LIFT-NF4 streamed", "lift", "nf4", True, "adamw"),
-                   ("LIFT streamed (bf16 layers)", "lift", "full", True, "adamw"), ("LIFT-NF4", "lift", "nf4", False, "adamw"),
-                   ("LIFT", "lift", "full", False, "adamw"), ("LoRA r=16", "lora", "full", False, "adamw"),
-                   ("QLoRA-style LoRA r=16", "lora", "nf4", False, "adamw"), ("full fine-tuning", "full", "full", False, "adamw"))
+ONE_GPU_METHODS = (
+    ("LIFT-NF4 streamed, AdamW8bit", "lift", "nf4", True, "adamw8bit"),
+    ("LIFT-NF4 streamed", "lift", "nf4", True, "adamw"),
+    ("LIFT streamed (bf16 layers)", "lift", "full", True, "adamw"),
+    ("LIFT-NF4", "lift", "nf4", False, "adamw"),
+    ("LIFT", "lift", "full", False, "adamw"),
+    ("LoRA r=16", "lora", "full", False, "adamw"),
+    ("QLoRA-style LoRA r=16", "lora", "nf4", False, "adamw"),
+    ("full fine-tuning", "full", "full", False, "adamw"),
+)
 
 
-def one_gpu_table(models: tuple[str, ...] = ("llama-2-7b", "llama-3-8b", "llama-2-70b", "llama-3-70b"), gpus: tuple[int, ...] = (80, 48, 24, 12),
-                  seq_len: int = 2048, loss: str = "chunked") -> str:
+def one_gpu_table(
+    models: tuple[str, ...] = ("llama-2-7b", "llama-3-8b", "llama-2-70b", "llama-3-70b"),
+    gpus: tuple[int, ...] = (80, 48, 24, 12),
+    seq_len: int = 2048,
+    loss: str = "chunked",
+) -> str:
     """Which models fit on one GPU of each size, per method: a markdown table of estimated GiB (bf16
     weights, fp32 master and Adam for what trains unless AdamW8bit, micro batch 1, activation
     checkpointing; streamed: :data:`STREAMED_LAYERS` frozen layers on the device)."""
@@ -280,8 +367,24 @@ def one_gpu_table(models: tuple[str, ...] = ("llama-2-7b", "llama-3-8b", "llama-
     head = "| method | " + " | ".join(models) + " | " + " | ".join(f"fits {g} GiB" for g in gpus) + " |"
     lines = [head, "|---" * (1 + len(models) + len(gpus)) + "|"]
     for label, method, frozen, stream, opt in ONE_GPU_METHODS:
-        totals = {m: estimate(s, method, 1, 0, "bf16", seq_len=seq_len, lora_r=16, checkpointing=True, frozen_weights=frozen,
-                              stream_frozen=stream, optimizer=opt, loss=loss).total / GIB for m, s in shapes.items()}
+        totals = {
+            m: estimate(
+                s,
+                method,
+                1,
+                0,
+                "bf16",
+                seq_len=seq_len,
+                lora_r=16,
+                checkpointing=True,
+                frozen_weights=frozen,
+                stream_frozen=stream,
+                optimizer=opt,
+                loss=loss,
+            ).total
+            / GIB
+            for m, s in shapes.items()
+        }
         fits = [", ".join(m for m in models if totals[m] <= g) or "none" for g in gpus]
         lines.append(f"| {label} | " + " | ".join(f"{totals[m]:.1f}" for m in models) + " | " + " | ".join(fits) + " |")
     return "\n".join(lines)
@@ -304,7 +407,10 @@ def peak_memory() -> dict[str, float]:
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return {"peak_cuda_allocated_gib": torch.cuda.max_memory_allocated() / GIB, "peak_cuda_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+        return {
+            "peak_cuda_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "peak_cuda_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+        }
     import resource
 
     # ru_maxrss is KiB on Linux
@@ -350,16 +456,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro_batch", type=int, default=1)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--lora_r", type=int, default=8)
-    p.add_argument("--checkpointing", action="store_true", help="activation (gradient) checkpointing: a layer keeps only its input")
+    p.add_argument(
+        "--checkpointing", action="store_true", help="activation (gradient) checkpointing: a layer keeps only its input"
+    )
     p.add_argument("--gib", type=float, default=80.0, help="memory per rank for the 'largest model that fits' line")
-    p.add_argument("--loss", default="chunked", choices=LOSSES, help=("lift.loss: chunked (lift_ds's loss, the default) or model "
-                    "(the model's own: logits at every position)"))
+    p.add_argument(
+        "--loss",
+        default="chunked",
+        choices=LOSSES,
+        help=("lift.loss: chunked (lift_ds's loss, the default) or model (the model's own: logits at every position)"),
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--frozen_weights", default="full", choices=("full", *QUANTIZED_BYTES), help="LIFT / LoRA: frozen decoder layers quantized")
-    p.add_argument("--stream_frozen", action="store_true", help="LIFT: frozen layers streamed (3 on the device at a time)")
-    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"), help="adamw8bit: torchao's 8-bit AdamW, no fp32 master")
-    p.add_argument("--one_gpu", action="store_true", help=("which presets fit on one 80 / 48 / 24 / 12 GiB GPU with LIFT (streamed or not, "
-                    "NF4 or not), LoRA, QLoRA-style LoRA and full fine-tuning (ignores the other options except --seq_len)"))
+    p.add_argument(
+        "--frozen_weights",
+        default="full",
+        choices=("full", *QUANTIZED_BYTES),
+        help="LIFT / LoRA: frozen decoder layers quantized",
+    )
+    p.add_argument(
+        "--stream_frozen", action="store_true", help="LIFT: frozen layers streamed (3 on the device at a time)"
+    )
+    p.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=("adamw", "adamw8bit"),
+        help="adamw8bit: torchao's 8-bit AdamW, no fp32 master",
+    )
+    p.add_argument(
+        "--one_gpu",
+        action="store_true",
+        help=(
+            "which presets fit on one 80 / 48 / 24 / 12 GiB GPU with LIFT (streamed or not, "
+            "NF4 or not), LoRA, QLoRA-style LoRA and full fine-tuning (ignores the other options except --seq_len)"
+        ),
+    )
     args = p.parse_args(argv)
     if args.one_gpu:
         print(one_gpu_table(seq_len=args.seq_len, loss=args.loss))
@@ -372,8 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = args.ranks * args.nodes
-    kw = dict(precision=args.precision, offload=args.offload, micro_batch=args.micro_batch, seq_len=args.seq_len, lora_r=args.lora_r,
-              checkpointing=args.checkpointing, loss=args.loss)
+    kw = dict(
+        precision=args.precision,
+        offload=args.offload,
+        micro_batch=args.micro_batch,
+        seq_len=args.seq_len,
+        lora_r=args.lora_r,
+        checkpointing=args.checkpointing,
+        loss=args.loss,
+    )
     rows = table(shape, n, args.zero, **kw)
     lift_kw = dict(frozen_weights=args.frozen_weights, stream_frozen=args.stream_frozen, optimizer=args.optimizer)
     if any(v != d for v, d in zip(lift_kw.values(), ("full", False, "adamw"))):
@@ -384,29 +521,53 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     fit = largest_fitting(args.gib, n, args.zero, **kw)
     if args.json:
-        print(json.dumps({"model": shape.name, "params": shape.total, "ranks": n, "zero": args.zero,
-                          "rows": [{**asdict(r), "model_states": r.model_states, "total": r.total} for r in rows], "largest_fitting": fit}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "model": shape.name,
+                    "params": shape.total,
+                    "ranks": n,
+                    "zero": args.zero,
+                    "rows": [{**asdict(r), "model_states": r.model_states, "total": r.total} for r in rows],
+                    "largest_fitting": fit,
+                },
+                indent=1,
+            )
+        )
         return 0
-    print(f"{shape.name}: {shape.total / 1e6:.1f}M parameters, {shape.num_layers} layers; {n} ranks, ZeRO-{args.zero}, "
-          f"{args.precision}{', optimizer offload' if args.offload else ''}; "
-          f"micro batch {args.micro_batch} x {args.seq_len}\n")
-    print("| method | trained params | params GiB | grads GiB | optimizer "
-          "GiB | model states GiB | activations GiB | total GiB |")
+    print(
+        f"{shape.name}: {shape.total / 1e6:.1f}M parameters, {shape.num_layers} layers; {n} ranks, ZeRO-{args.zero}, "
+        f"{args.precision}{', optimizer offload' if args.offload else ''}; "
+        f"micro batch {args.micro_batch} x {args.seq_len}\n"
+    )
+    print(
+        "| method | trained params | params GiB | grads GiB | optimizer "
+        "GiB | model states GiB | activations GiB | total GiB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         opt = _fmt(r.optimizer) + (" (CPU)" if r.optimizer_on_cpu else "")
-        print(f"| {r.method} | {r.trained / 1e6:.1f}M | {_fmt(r.params)} | {_fmt(r.grads)} "
-              f"| {opt} | {_fmt(r.model_states)} | {_fmt(r.activations)} | {_fmt(r.total)} |")
+        print(
+            f"| {r.method} | {r.trained / 1e6:.1f}M | {_fmt(r.params)} | {_fmt(r.grads)} "
+            f"| {opt} | {_fmt(r.model_states)} | {_fmt(r.activations)} | {_fmt(r.total)} |"
+        )
     full, lift = rows[1], rows[0]
     chunked, own = (logits_bytes(shape, args.seq_len, args.micro_batch, args.precision, loss) for loss in LOSSES)
-    print("\nlogits (in the activations, per micro-batch): "
-          f"{_fmt(chunked)} GiB with lift.loss chunked, {_fmt(own)} GiB with the "
-          f"model's own loss (lift.loss model): {_fmt(own - chunked)} GiB less; counted here: {args.loss}")
+    print(
+        "\nlogits (in the activations, per micro-batch): "
+        f"{_fmt(chunked)} GiB with lift.loss chunked, {_fmt(own)} GiB with the "
+        f"model's own loss (lift.loss model): {_fmt(own - chunked)} GiB less; counted here: {args.loss}"
+    )
     print(f"model states, full / LIFT: {full.model_states / lift.model_states:.2f}x")
     if args.zero in (2, 3):
-        print(f"DeepSpeed's own estimate for full fine-tuning (ZeRO-{args.zero}): "
-              f"{_fmt(deepspeed_full_estimate(shape, args.ranks, args.nodes, args.zero, args.offload))} GiB per rank")
-    print(f"largest preset that fits in {args.gib:g} GiB per rank: " + ", ".join(f"{m}: {v or 'none'}" for m, v in fit.items()))
+        print(
+            f"DeepSpeed's own estimate for full fine-tuning (ZeRO-{args.zero}): "
+            f"{_fmt(deepspeed_full_estimate(shape, args.ranks, args.nodes, args.zero, args.offload))} GiB per rank"
+        )
+    print(
+        f"largest preset that fits in {args.gib:g} GiB per rank: "
+        + ", ".join(f"{m}: {v or 'none'}" for m, v in fit.items())
+    )
     return 0
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -33,9 +34,11 @@ def optimizer_backend_problems(section: Mapping[str, Any] | None, backend: str, 
     """An optimizer type the backend ``backend`` cannot run (``AdamW8bit`` outside the torch backend)."""
     kind = str((section or {}).get("type", "")).lower()
     if kind in TORCH_BACKEND_ONLY and not runs_16bit:
-        return [f"optimizer.type: {section['type']!r} updates 16-bit "
-                "weights without fp32 masters, which only the torch backend "
-                f"runs (this is {backend}); use AdamW here (DeepSpeed: offload_optimizer keeps its state in host memory)"]
+        return [
+            f"optimizer.type: {section['type']!r} updates 16-bit "
+            "weights without fp32 masters, which only the torch backend "
+            f"runs (this is {backend}); use AdamW here (DeepSpeed: offload_optimizer keeps its state in host memory)"
+        ]
     return []
 
 
@@ -43,11 +46,15 @@ def _adamw8bit() -> type:
     try:
         from torchao.optim import AdamW8bit
     except ImportError:
-        raise ConfigError(["optimizer.type: AdamW8bit is torchao's 8-bit AdamW: pip install 'lift_ds[quant]' (torchao)"]) from None
+        raise ConfigError(
+            ["optimizer.type: AdamW8bit is torchao's 8-bit AdamW: pip install 'lift_ds[quant]' (torchao)"]
+        ) from None
     return AdamW8bit
 
 
-def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> OptimizerFactory:
+def optimizer_factory_from_section(
+    section: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+) -> OptimizerFactory:
     """A factory for the DeepSpeed ``"optimizer"`` section's type, with DeepSpeed's meanings.
 
     DeepSpeed's ``"Adam"`` is AdamW unless ``"adam_w_mode": false``; ``"AdamW"`` and ``"SGD"`` are
@@ -57,8 +64,13 @@ def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[st
     params = dict(section.get("params", {}))
     autos = [k for k, v in params.items() if v == "auto"]
     if autos:
-        raise ConfigError([f"optimizer.params.{k}: \"auto\" is filled in only by a Hugging Face Trainer "
-                           "(lift_ds.integrations.transformers.LiftTrainer); give a value here (the launcher's --lr sets lr)" for k in autos])
+        raise ConfigError(
+            [
+                f'optimizer.params.{k}: "auto" is filled in only by a Hugging Face Trainer '
+                "(lift_ds.integrations.transformers.LiftTrainer); give a value here (the launcher's --lr sets lr)"
+                for k in autos
+            ]
+        )
     from .optim_checks import section_value_problems
 
     problems = section_value_problems(params)
@@ -77,13 +89,19 @@ def optimizer_factory_from_section(section: Mapping[str, Any], extra: Mapping[st
     elif kind == "adamw8bit":
         cls = _adamw8bit()
     else:
-        raise ConfigError([f"optimizer.type: {section.get('type')!r} is not supported by this backend; "
-                           "allowed: Adam, AdamW, AdamW8bit, SGD "
-                           "(or pass optimizer= a factory)"])
+        raise ConfigError(
+            [
+                f"optimizer.type: {section.get('type')!r} is not supported by this backend; "
+                "allowed: Adam, AdamW, AdamW8bit, SGD "
+                "(or pass optimizer= a factory)"
+            ]
+        )
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise ConfigError([f"optimizer.params.{k}: not a parameter of {cls.__name__}; allowed: {sorted(allowed)}" for k in unknown])
+        raise ConfigError(
+            [f"optimizer.params.{k}: not a parameter of {cls.__name__}; allowed: {sorted(allowed)}" for k in unknown]
+        )
 
     kwargs.update(extra or {})
 
@@ -117,8 +135,19 @@ class NamedGroups:
         default: the group of a name not in ``group_of`` (None: such a parameter is an error).
     """
 
-    def __init__(self, model: torch.nn.Module, group_of: Mapping[str, int], settings: list[dict[str, Any]], default: int | None = None) -> None:
-        self.model, self.group_of, self.settings, self.default = model, dict(group_of), [dict(s) for s in settings], default
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        group_of: Mapping[str, int],
+        settings: list[dict[str, Any]],
+        default: int | None = None,
+    ) -> None:
+        self.model, self.group_of, self.settings, self.default = (
+            model,
+            dict(group_of),
+            [dict(s) for s in settings],
+            default,
+        )
 
     def missing(self, names: Iterable[str]) -> list[str]:
         """The names (of parameters LIFT will train) that belong to no group."""
@@ -130,7 +159,9 @@ class NamedGroups:
         for p in params:
             i = self.group_of.get(names.get(id(p), ""), self.default)
             if i is None:
-                raise ConfigError([f"optimizer: parameter {names.get(id(p), '?')!r} is in none of the optimizer's parameter groups"])
+                raise ConfigError(
+                    [f"optimizer: parameter {names.get(id(p), '?')!r} is in none of the optimizer's parameter groups"]
+                )
             groups.setdefault(i, []).append(p)
         return [{**self.settings[i], "params": ps, "lift_group": i} for i, ps in sorted(groups.items())]
 
@@ -151,8 +182,9 @@ def groups_of_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module
     return NamedGroups(model, group_of, settings)
 
 
-def resolve_optimizer(optimizer: Any, section: Mapping[str, Any] | None, model: torch.nn.Module | None = None
-                      ) -> tuple[OptimizerFactory | None, NamedGroups | None]:
+def resolve_optimizer(
+    optimizer: Any, section: Mapping[str, Any] | None, model: torch.nn.Module | None = None
+) -> tuple[OptimizerFactory | None, NamedGroups | None]:
     """Turn what a caller passed as ``optimizer`` into ``(per-phase factory, parameter groups)``.
 
     Accepts a callable ``params -> Optimizer`` (no groups: the callable groups as it likes); an
@@ -163,14 +195,20 @@ def resolve_optimizer(optimizer: Any, section: Mapping[str, Any] | None, model: 
     """
     if isinstance(optimizer, torch.optim.Optimizer):
         if model is None:
-            raise TypeError("resolve_optimizer: an Optimizer instance needs the model (its groups are found by parameter name)")
+            raise TypeError(
+                "resolve_optimizer: an Optimizer instance needs the model (its groups are found by parameter name)"
+            )
         cls = type(optimizer)
         allowed = set(inspect.signature(cls.__init__).parameters)
         defaults = {k: v for k, v in optimizer.defaults.items() if k in allowed}
         groups = groups_of_optimizer(optimizer, model)
         if not groups.group_of:
-            raise ConfigError([f"optimizer: the {cls.__name__} you passed holds none of the model's parameters; build it over "
-                               "model.parameters() (or parameter groups of them), or pass a callable params -> Optimizer"])
+            raise ConfigError(
+                [
+                    f"optimizer: the {cls.__name__} you passed holds none of the model's parameters; build it over "
+                    "model.parameters() (or parameter groups of them), or pass a callable params -> Optimizer"
+                ]
+            )
 
         def factory(params: Any) -> torch.optim.Optimizer:
             return cls(params, **defaults)
@@ -180,11 +218,19 @@ def resolve_optimizer(optimizer: Any, section: Mapping[str, Any] | None, model: 
     if callable(optimizer):
         return optimizer, None
     if optimizer is not None:
-        raise ConfigError(["optimizer: must be a callable params -> torch.optim.Optimizer, "
-                           f"an Optimizer, or None; got {type(optimizer).__name__}"])
+        raise ConfigError(
+            [
+                "optimizer: must be a callable params -> torch.optim.Optimizer, "
+                f"an Optimizer, or None; got {type(optimizer).__name__}"
+            ]
+        )
     if section is None:
-        raise ConfigError(["optimizer: none given; pass optimizer= a callable params -> torch.optim.Optimizer, "
-                           "or add an \"optimizer\" section to the config"])
+        raise ConfigError(
+            [
+                "optimizer: none given; pass optimizer= a callable params -> torch.optim.Optimizer, "
+                'or add an "optimizer" section to the config'
+            ]
+        )
     return None, None
 
 
@@ -213,12 +259,17 @@ class CrossPhaseLRScheduler:
 
     def __init__(self, scheduler: Any, optimizer: torch.optim.Optimizer | None = None) -> None:
         built = scheduler is not None and not callable(scheduler)
-        if built and not (callable(getattr(scheduler, "step", None)) and isinstance(getattr(scheduler, "optimizer", None), torch.optim.Optimizer)):
-            raise ConfigError([
-                "lr_scheduler: must be a callable optimizer -> scheduler, "
-                "or a scheduler built on an optimizer (it has .step() and "
-                f".optimizer); got {type(scheduler).__name__}"
-            ])
+        if built and not (
+            callable(getattr(scheduler, "step", None))
+            and isinstance(getattr(scheduler, "optimizer", None), torch.optim.Optimizer)
+        ):
+            raise ConfigError(
+                [
+                    "lr_scheduler: must be a callable optimizer -> scheduler, "
+                    "or a scheduler built on an optimizer (it has .step() and "
+                    f".optimizer); got {type(scheduler).__name__}"
+                ]
+            )
         self._factory = None if built else scheduler
         self.scheduler: Any = scheduler if built else None
         #: the run-long optimizer whose group learning rates are the schedule
@@ -271,7 +322,9 @@ class CrossPhaseLRScheduler:
             return
         with warnings.catch_warnings():
             # the clock optimizer is never stepped (the phase optimizers are): torch's order check does not apply
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+            warnings.filterwarnings(
+                "ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
+            )
             warnings.filterwarnings("ignore", message=r"Seems like `optimizer.step\(\)` has been overridden")
             self.scheduler.step(*args, **kwargs)
 
@@ -306,14 +359,21 @@ class CrossPhaseLRScheduler:
         if self._clock is None:
             raise RuntimeError("CrossPhaseLRScheduler.load_state_dict before any optimizer was attached")
         old = state.get("base_lr")
-        if (resume_step is not None and isinstance(old, (int, float)) and self.base_lr and not self.plateau
-                and not math.isclose(old, self.base_lr, rel_tol=1e-9)):
+        if (
+            resume_step is not None
+            and isinstance(old, (int, float))
+            and self.base_lr
+            and not self.plateau
+            and not math.isclose(old, self.base_lr, rel_tol=1e-9)
+        ):
             for _ in range(resume_step):  # the schedule the new rate describes, at the resumed step
                 self.step()
-            return (f"the learning rate changed from {old:g} to {self.base_lr:g} "
-                    "since the checkpoint: applied, the schedule continues at "
-                    f"step {resume_step} as the new rate gives (lr now {self.lr:g}); "
-                    "the result will differ from an uninterrupted run")
+            return (
+                f"the learning rate changed from {old:g} to {self.base_lr:g} "
+                "since the checkpoint: applied, the schedule continues at "
+                f"step {resume_step} as the new rate gives (lr now {self.lr:g}); "
+                "the result will differ from an uninterrupted run"
+            )
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         lrs = state.get("group_lrs") or ([state["proxy_lr"]] if state.get("proxy_lr") is not None else [])

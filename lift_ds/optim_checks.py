@@ -4,7 +4,8 @@ of a run's fingerprint they give (:func:`describe_optimizer`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,10 +13,25 @@ if TYPE_CHECKING:
     from .optim import OptimizerFactory, SchedulerFactory
 
 #: numeric optimizer parameters: (must be >= this, strictly greater)
-_NUMERIC = {"lr": (0.0, True), "eps": (0.0, False), "weight_decay": (0.0, False), "momentum": (0.0, False), "dampening": (0.0, False)}
+_NUMERIC = {
+    "lr": (0.0, True),
+    "eps": (0.0, False),
+    "weight_decay": (0.0, False),
+    "momentum": (0.0, False),
+    "dampening": (0.0, False),
+}
 #: words in torch's argument errors -> the parameter they are about
-_ERROR_KEYS = (("learning rate", "lr"), ("epsilon", "eps"), ("beta", "betas"), ("weight_decay", "weight_decay"), ("nesterov", "nesterov"),
-               ("momentum", "momentum"), ("dampening", "dampening"), ("amsgrad", "amsgrad"), ("maximize", "maximize"))
+_ERROR_KEYS = (
+    ("learning rate", "lr"),
+    ("epsilon", "eps"),
+    ("beta", "betas"),
+    ("weight_decay", "weight_decay"),
+    ("nesterov", "nesterov"),
+    ("momentum", "momentum"),
+    ("dampening", "dampening"),
+    ("amsgrad", "amsgrad"),
+    ("maximize", "maximize"),
+)
 
 
 def section_value_problems(params: Mapping[str, Any]) -> list[str]:
@@ -26,24 +42,54 @@ def section_value_problems(params: Mapping[str, Any]) -> list[str]:
         if v is None or v == "auto":
             continue
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > lo if strict else v >= lo):
-            problems.append(f"optimizer.params.{key}: must be a finite number {'>' if strict else '>='} {lo:g}, got {v!r}")
+            problems.append(
+                f"optimizer.params.{key}: must be a finite number {'>' if strict else '>='} {lo:g}, got {v!r}"
+            )
     betas = params.get("betas")
     if betas is not None and betas != "auto":
-        ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+        ok = (
+            isinstance(betas, (list, tuple))
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+        )
         if not ok:
-            problems.append(f"optimizer.params.betas: must be a list of two numbers in [0, 1) (beta1, beta2), got {betas!r}")
-    for key in ("amsgrad", "maximize", "nesterov", "foreach", "capturable", "differentiable", "fused", "adam_w_mode", "torch_adam"):
+            problems.append(
+                f"optimizer.params.betas: must be a list of two numbers in [0, 1) (beta1, beta2), got {betas!r}"
+            )
+    for key in (
+        "amsgrad",
+        "maximize",
+        "nesterov",
+        "foreach",
+        "capturable",
+        "differentiable",
+        "fused",
+        "adam_w_mode",
+        "torch_adam",
+    ):
         if key in params and params[key] is not None and not isinstance(params[key], bool):
             problems.append(f"optimizer.params.{key}: must be true or false, got {params[key]!r}")
     if params.get("bias_correction", True) is not True:
-        problems.append("optimizer.params.bias_correction: false is DeepSpeed's FusedAdam only; "
-                        "torch's Adam/AdamW always correct the bias "
-                        "(remove the key)")
+        problems.append(
+            "optimizer.params.bias_correction: false is DeepSpeed's FusedAdam only; "
+            "torch's Adam/AdamW always correct the bias "
+            "(remove the key)"
+        )
     return problems
 
 
 #: optimizer-group keys that say how a step is computed, not what it computes (and the rate, which may change)
-_IMPLEMENTATION_KEYS = {"params", "lr", "initial_lr", "lift_base_lr", "foreach", "fused", "capturable", "differentiable", "step"}
+_IMPLEMENTATION_KEYS = {
+    "params",
+    "lr",
+    "initial_lr",
+    "lift_base_lr",
+    "foreach",
+    "fused",
+    "capturable",
+    "differentiable",
+    "step",
+}
 
 
 def describe_optimizer(opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -56,8 +102,13 @@ def describe_optimizer(opt: torch.optim.Optimizer) -> dict[str, Any]:
     return out
 
 
-def probe_optimizer(factory: "OptimizerFactory", where: str = "optimizer", params: Mapping[str, Any] | None = None,
-                    param: torch.nn.Parameter | None = None, keep: bool = False) -> Any:
+def probe_optimizer(
+    factory: OptimizerFactory,
+    where: str = "optimizer",
+    params: Mapping[str, Any] | None = None,
+    param: torch.nn.Parameter | None = None,
+    keep: bool = False,
+) -> Any:
     """Build the optimizer once, so its own argument checks are problems now, named
     ``where.<param>`` for a config section, instead of errors after the process group started; its
     groups' hyperparameters must be finite, and an Adam-style ``eps`` above 0 (with 0, a parameter
@@ -88,13 +139,17 @@ def probe_optimizer(factory: "OptimizerFactory", where: str = "optimizer", param
             if k != "params" and any(isinstance(x, float) and not math.isfinite(x) for x in values):
                 problems.append(f"{where}: parameter group {i} has {k} = {v!r}; it must be finite")
         if "betas" in group and group.get("eps") == 0:
-            problems.append(f"{where}{'.eps' if params is not None else ''}: "
-                            "eps 0 turns a zero gradient (e.g. an embedding row no batch "
-                            "used) into NaN in Adam's update; use a small positive eps such as 1e-8")
+            problems.append(
+                f"{where}{'.eps' if params is not None else ''}: "
+                "eps 0 turns a zero gradient (e.g. an embedding row no batch "
+                "used) into NaN in Adam's update; use a small positive eps such as 1e-8"
+            )
     return (problems, opt) if keep else problems
 
 
-def probe_scheduler(factory: "SchedulerFactory", base_lr: float, total_steps: int | None, where: str = "lr_scheduler") -> list[str]:
+def probe_scheduler(
+    factory: SchedulerFactory, base_lr: float, total_steps: int | None, where: str = "lr_scheduler"
+) -> list[str]:
     """Build the schedule on a dummy optimizer and run it over the plan's steps (at most 2,000): an
     error, or a learning rate that is negative or not finite, is a problem now."""
     import math
@@ -108,8 +163,10 @@ def probe_scheduler(factory: "SchedulerFactory", base_lr: float, total_steps: in
             for k in range(min(total_steps or 100, 2000)):
                 lr = float(proxy.param_groups[0]["lr"])
                 if not math.isfinite(lr) or lr < 0:
-                    return [f"{where}: the schedule gives a learning rate of {lr} at step {k}; "
-                            "it must be a finite number >= 0"]
+                    return [
+                        f"{where}: the schedule gives a learning rate of {lr} at step {k}; "
+                        "it must be a finite number >= 0"
+                    ]
                 proxy.step()
                 sched.step()
     except Exception as e:  # noqa: BLE001

@@ -9,8 +9,9 @@ engine and ``lift_ds.memory`` all use it; nothing else interprets ``layer_range`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from .blocks import Block, find_blocks, match_modules, select_candidates
 from .config import LiftConfig
@@ -61,10 +62,12 @@ class LiftPlan:
             return None
         layers = [b.layer_number for b in self.candidates if b.layer_number is not None]
         last = max(layers) if layers else n
-        return (f"{name}: {t} is below the {n} candidate blocks, so {n - t} blocks would never train (each block gets "
-                f"floor({t}/{n}) = 0 steps, the first {t} one extra). "
-                f"Use {name} >= {n}, or fewer blocks (e.g. --layer_range "
-                f"{max(1, last - t + 1)},{last})")
+        return (
+            f"{name}: {t} is below the {n} candidate blocks, so {n - t} blocks would never train (each block gets "
+            f"floor({t}/{n}) = 0 steps, the first {t} one extra). "
+            f"Use {name} >= {n}, or fewer blocks (e.g. --layer_range "
+            f"{max(1, last - t + 1)},{last})"
+        )
 
     def param_names_of(self, candidates: Iterable[int]) -> list[str]:
         """Parameters of the given candidates plus ``always_trainable``, in model order."""
@@ -74,7 +77,9 @@ class LiftPlan:
         return list(dict.fromkeys(names + list(self.always_trainable)))
 
 
-def resolve_plan(model: "nn.Module", lift: LiftConfig, fixed_trainable: list[str] | None = None, total_steps: int | None = None) -> LiftPlan:
+def resolve_plan(
+    model: nn.Module, lift: LiftConfig, fixed_trainable: list[str] | None = None, total_steps: int | None = None
+) -> LiftPlan:
     """The plan of a run: candidate blocks and the block of every step.
 
     Args:
@@ -91,11 +96,15 @@ def resolve_plan(model: "nn.Module", lift: LiftConfig, fixed_trainable: list[str
     """
     steps_total = total_steps if total_steps is not None else lift.total_steps
     if steps_total is None:
-        raise ConfigError(["lift.total_steps: required (an integer >= 1); set it in the config's "
-                           "\"lift\" section (a --deepspeed_config file holding only that section "
-                           "goes beside a config built in code), "
-                           "pass total_steps= (--max_steps), or pass lift_ds.initialize a built "
-                           "lr_scheduler laid out for the run (get_scheduler(..., num_training_steps=N), OneCycleLR)"])
+        raise ConfigError(
+            [
+                "lift.total_steps: required (an integer >= 1); set it in the config's "
+                '"lift" section (a --deepspeed_config file holding only that section '
+                "goes beside a config built in code), "
+                "pass total_steps= (--max_steps), or pass lift_ds.initialize a built "
+                "lr_scheduler laid out for the run (get_scheduler(..., num_training_steps=N), OneCycleLR)"
+            ]
+        )
     if fixed_trainable is not None:
         names = {n for n, _ in model.named_parameters()}
         unknown = [n for n in fixed_trainable if n not in names]
@@ -108,15 +117,34 @@ def resolve_plan(model: "nn.Module", lift: LiftConfig, fixed_trainable: list[str
         candidates = tuple(select_candidates(list(blocks), lift))
         always = tuple(match_modules(model, lift.always_trainable))
         if lift.method == "lisa":  # LISA trains the embedding and the head in every period
-            always = tuple(dict.fromkeys([n for b in blocks if b.kind in ("embedding", "head") for n in b.param_names] + list(always)))
+            always = tuple(
+                dict.fromkeys(
+                    [n for b in blocks if b.kind in ("embedding", "head") for n in b.param_names] + list(always)
+                )
+            )
             gamma = lift.lisa_layers or DEFAULT_LISA_LAYERS
             if gamma > len(candidates):
-                raise ConfigError([f"lift.lisa_layers: {gamma} is more than the {len(candidates)} candidate layers "
-                                   f"(layer_range {list(lift.layer_range) if lift.layer_range else 'all'}); "
-                                   f"allowed: 1..{len(candidates)}"])
+                raise ConfigError(
+                    [
+                        f"lift.lisa_layers: {gamma} is more than the {len(candidates)} candidate layers "
+                        f"(layer_range {list(lift.layer_range) if lift.layer_range else 'all'}); "
+                        f"allowed: 1..{len(candidates)}"
+                    ]
+                )
     if fixed_trainable is not None or lift.method == "lift":
-        units, steps = [(c,) for c in range(len(candidates))], plan(len(candidates), steps_total, lift.schedule, lift.policy, lift.seed)
+        units, steps = (
+            [(c,) for c in range(len(candidates))],
+            plan(len(candidates), steps_total, lift.schedule, lift.policy, lift.seed),
+        )
     else:
-        units, steps = method_plan(lift.method, len(candidates), steps_total, lift.schedule, lift.policy, lift.seed,
-                                   lift.switch_every, lift.lisa_layers or DEFAULT_LISA_LAYERS)
+        units, steps = method_plan(
+            lift.method,
+            len(candidates),
+            steps_total,
+            lift.schedule,
+            lift.policy,
+            lift.seed,
+            lift.switch_every,
+            lift.lisa_layers or DEFAULT_LISA_LAYERS,
+        )
     return LiftPlan(blocks, candidates, always, tuple(units), tuple(steps), tuple(phases(list(steps))))

@@ -30,8 +30,15 @@ from .memory import GIB
 
 #: what lift_ds writes into --output_dir (removed by --overwrite_output_dir, nothing else is)
 OUTPUTS = ("checkpoints", "metrics.jsonl", "final", "result.json", "tensorboard")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 #: a hub snapshot brings configs, safetensors weights and tokenizer files: never code or pickles
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
@@ -67,19 +74,28 @@ def output_dir_problems(args: Any) -> list[str]:
     if problems:
         return problems
     if args.resume and args.overwrite_output_dir:
-        problems.append("--overwrite_output_dir: contradicts --resume (one replaces "
-                        "what --output_dir holds, the other continues it); drop one")
-    elif out.is_dir() and not args.resume and not args.overwrite_output_dir and int(os.environ.get("RANK", "0") or 0) == 0:
+        problems.append(
+            "--overwrite_output_dir: contradicts --resume (one replaces "
+            "what --output_dir holds, the other continues it); drop one"
+        )
+    elif (
+        out.is_dir()
+        and not args.resume
+        and not args.overwrite_output_dir
+        and int(os.environ.get("RANK", "0") or 0) == 0
+    ):
         # rank 0 only: the other ranks start at their own pace, and would see what rank 0 (or another
         # rank's write probe) has just put there; rank 0's refusal ends the job before any process group
         held = sorted(p.name for p in out.iterdir() if not p.name.startswith(WRITE_PROBE))
         if held:
             shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
-            problems.append(f"--output_dir: {str(out)!r} is not empty ({shown}) "
-                            "and --resume is not given: a new run would mix its metrics "
-                            "and checkpoints with what is there. Continue that run with --resume, "
-                            "choose another --output_dir, or pass "
-                            f"--overwrite_output_dir to replace lift_ds's outputs in it ({', '.join(OUTPUTS)})")
+            problems.append(
+                f"--output_dir: {str(out)!r} is not empty ({shown}) "
+                "and --resume is not given: a new run would mix its metrics "
+                "and checkpoints with what is there. Continue that run with --resume, "
+                "choose another --output_dir, or pass "
+                f"--overwrite_output_dir to replace lift_ds's outputs in it ({', '.join(OUTPUTS)})"
+            )
     return problems
 
 
@@ -108,15 +124,21 @@ def resolve_dir(value: str, flag: str, tokenizer_only: bool = False) -> tuple[st
     if Path(value).expanduser().is_dir():
         return str(Path(value).expanduser()), []
     if Path(value).expanduser().exists():
-        return value, [f"{flag}: {value!r} is a file; "
-                       f"give the {'tokenizer' if tokenizer_only else 'model'}'s directory (or a hub id)"]
+        return value, [
+            f"{flag}: {value!r} is a file; "
+            f"give the {'tokenizer' if tokenizer_only else 'model'}'s directory (or a hub id)"
+        ]
     if _looks_like_path(value) or not _HUB_ID.match(value):
-        return value, [f"{flag}: directory {value!r} does not exist (give a "
-                       "local Hugging Face directory or a hub id like org/name)"]
+        return value, [
+            f"{flag}: directory {value!r} does not exist (give a "
+            "local Hugging Face directory or a hub id like org/name)"
+        ]
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # read now, not when huggingface_hub was imported: HF_HUB_OFFLINE and the cache location as they are
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    cache = os.environ.get("HF_HUB_CACHE") or (str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None)
+    cache = os.environ.get("HF_HUB_CACHE") or (
+        str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
+    )
     try:
         from huggingface_hub import snapshot_download
 
@@ -124,12 +146,17 @@ def resolve_dir(value: str, flag: str, tokenizer_only: bool = False) -> tuple[st
         return snapshot_download(value, allow_patterns=patterns, cache_dir=cache, local_files_only=offline), []
     except Exception as e:  # noqa: BLE001 - every way the hub can fail ends the same way here
         why = " ".join(str(e).split())[:200]
-        where = ("HF_HUB_OFFLINE is set, so only the local cache was searched" if offline
-                 else "the hub could not be reached or has no such repository")
-        return value, [f"{flag}: {value!r} is not a local directory, "
-                       f"and as a Hugging Face hub id it could not be fetched ({where}: "
-                       f"{type(e).__name__}: {why}). Give a local directory, or download it where the hub is reachable "
-                       f"(huggingface-cli download {value}) and run with that cache (HF_HOME)"]
+        where = (
+            "HF_HUB_OFFLINE is set, so only the local cache was searched"
+            if offline
+            else "the hub could not be reached or has no such repository"
+        )
+        return value, [
+            f"{flag}: {value!r} is not a local directory, "
+            f"and as a Hugging Face hub id it could not be fetched ({where}: "
+            f"{type(e).__name__}: {why}). Give a local directory, or download it where the hub is reachable "
+            f"(huggingface-cli download {value}) and run with that cache (HF_HOME)"
+        ]
 
 
 def model_dir_problems(model_dir: str, random_init: bool) -> list[str]:
@@ -137,7 +164,9 @@ def model_dir_problems(model_dir: str, random_init: bool) -> list[str]:
     d = Path(model_dir)
     cfg = d / "config.json"
     if not cfg.is_file():
-        return [f"--model: {model_dir!r} has no config.json (a Hugging Face model directory, as save_pretrained writes it)"]
+        return [
+            f"--model: {model_dir!r} has no config.json (a Hugging Face model directory, as save_pretrained writes it)"
+        ]
     try:
         config = json.loads(cfg.read_text())
         if not isinstance(config, dict):
@@ -145,13 +174,17 @@ def model_dir_problems(model_dir: str, random_init: bool) -> list[str]:
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         return [f"--model: {cfg} is not a valid config.json ({e})"]
     if "model_type" not in config:
-        return [f"--model: {cfg} has no \"model_type\" (the architecture, e.g. \"llama\")"]
+        return [f'--model: {cfg} has no "model_type" (the architecture, e.g. "llama")']
     if random_init:
         return []
-    weights = sorted(p.name for p in d.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
+    weights = sorted(
+        p.name for p in d.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
+    )
     if not weights:
-        return [f"--model: {model_dir!r} has no weights (*.safetensors); "
-                "give a directory with them, or --random_init for fresh weights"]
+        return [
+            f"--model: {model_dir!r} has no weights (*.safetensors); "
+            "give a directory with them, or --random_init for fresh weights"
+        ]
     for index in (d / n for n in weights if n.endswith(".index.json")):
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
@@ -166,8 +199,10 @@ def model_dir_problems(model_dir: str, random_init: bool) -> list[str]:
 def tokenizer_dir_problems(tok_dir: str, flag: str) -> list[str]:
     d = Path(tok_dir)
     if not any((d / n).is_file() for n in TOKENIZER_FILES) and not (d / "merges.txt").is_file():
-        return [f"{flag}: {tok_dir!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
-                "give --tokenizer a directory that does"]
+        return [
+            f"{flag}: {tok_dir!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+            "give --tokenizer a directory that does"
+        ]
     return []
 
 
@@ -179,8 +214,10 @@ def config_problems(model_dir: str) -> list[str]:
 
         cfg = AutoConfig.from_pretrained(model_dir)
     except Exception as e:  # noqa: BLE001 - transformers' many ways of refusing a config
-        return [f"--model: transformers cannot read {str(Path(model_dir) / 'config.json')!r}: "
-                f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"]
+        return [
+            f"--model: transformers cannot read {str(Path(model_dir) / 'config.json')!r}: "
+            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        ]
     return architecture_problems(cfg)
 
 
@@ -190,10 +227,18 @@ def architecture_problems(model_or_config: Any, flag: str = "--model") -> list[s
     problems = []
     hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
     kv = getattr(cfg, "num_key_value_heads", None)
-    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and getattr(cfg, "head_dim", None) is None and hidden % heads:
+    if (
+        isinstance(hidden, int)
+        and isinstance(heads, int)
+        and heads > 0
+        and getattr(cfg, "head_dim", None) is None
+        and hidden % heads
+    ):
         problems.append(f"{flag}: hidden_size {hidden} is not divisible by num_attention_heads {heads} (config.json)")
     if isinstance(heads, int) and isinstance(kv, int) and kv > 0 and heads % kv:
-        problems.append(f"{flag}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv} (config.json)")
+        problems.append(
+            f"{flag}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv} (config.json)"
+        )
     return problems
 
 
@@ -201,7 +246,11 @@ def position_limit(model: Any) -> int | None:
     """The longest sequence a model with learned absolute positions can take (None: no table)."""
     import torch
 
-    sizes = [m.num_embeddings for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and ("position" in n or n.endswith("wpe"))]
+    sizes = [
+        m.num_embeddings
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Embedding) and ("position" in n or n.endswith("wpe"))
+    ]
     return min(sizes) if sizes else None
 
 
@@ -229,22 +278,56 @@ def machine_memory() -> tuple[int | None, str]:
 RUNTIME_BYTES = 0.8 * GIB
 
 
-def host_estimate(shape: Any, method: str, ranks: int, local_ranks: int, zero: int, precision: str, offload: bool, micro_batch: int,
-                  seq_len: int, lora_r: int, checkpointing: bool, frozen: str, store: str, on_gpu: bool) -> tuple[float, list[tuple[str, float]]]:
+def host_estimate(
+    shape: Any,
+    method: str,
+    ranks: int,
+    local_ranks: int,
+    zero: int,
+    precision: str,
+    offload: bool,
+    micro_batch: int,
+    seq_len: int,
+    lora_r: int,
+    checkpointing: bool,
+    frozen: str,
+    store: str,
+    on_gpu: bool,
+) -> tuple[float, list[tuple[str, float]]]:
     """``(bytes on this node, [(part, bytes per rank)])``: the peak host memory of the launcher's run
     (each rank builds the model in fp32 first; Q-LIFT layer by layer)."""
     from .memory import QUANTIZED_BYTES, estimate
 
-    est = estimate(shape, "lift" if method in ("lift", "badam", "lisa") else method, ranks, zero, precision, offload, micro_batch, seq_len,
-                   lora_r, checkpointing, frozen_weights=frozen if zero < 3 else "full")
+    est = estimate(
+        shape,
+        "lift" if method in ("lift", "badam", "lisa") else method,
+        ranks,
+        zero,
+        precision,
+        offload,
+        micro_batch,
+        seq_len,
+        lora_r,
+        checkpointing,
+        frozen_weights=frozen if zero < 3 else "full",
+    )
     parts: list[tuple[str, float]] = [("Python, torch and libraries", RUNTIME_BYTES)]
     if frozen != "full":
         quantized = shape.layer_linear
         store_w = 2 if precision in ("bf16", "fp16") else 4
-        parts.append(("quantized model and what stays in full precision", quantized * QUANTIZED_BYTES[frozen] + store_w * (shape.total - quantized)))
+        parts.append(
+            (
+                "quantized model and what stays in full precision",
+                quantized * QUANTIZED_BYTES[frozen] + store_w * (shape.total - quantized),
+            )
+        )
         layer = max(shape.layer_sizes) if shape.layer_sizes else 0
-        parts.append(("Q-LIFT block store in memory" if store == "memory" else "one layer read from the disk block store",
-                      store_w * (quantized if store == "memory" else layer)))
+        parts.append(
+            (
+                "Q-LIFT block store in memory" if store == "memory" else "one layer read from the disk block store",
+                store_w * (quantized if store == "memory" else layer),
+            )
+        )
     else:
         parts.append(("model as loaded (fp32)", 4.0 * shape.total))
     if not on_gpu:
@@ -254,7 +337,9 @@ def host_estimate(shape: Any, method: str, ranks: int, local_ranks: int, zero: i
     return local_ranks * sum(b for _, b in parts), parts
 
 
-def memory_problems(total_bytes: float, parts: list[tuple[str, float]], local_ranks: int, frozen: str, store: str, zero: int) -> list[str]:
+def memory_problems(
+    total_bytes: float, parts: list[tuple[str, float]], local_ranks: int, frozen: str, store: str, zero: int
+) -> list[str]:
     """The refusal when the estimate does not fit, with the fix (empty when it fits or is unknown)."""
     have, what = machine_memory()
     if have is None or total_bytes <= have:
@@ -270,13 +355,17 @@ def memory_problems(total_bytes: float, parts: list[tuple[str, float]], local_ra
     if zero < 3:
         fixes.append("ZeRO-3 (ds_configs/zero3.json) to partition states across ranks")
     fixes.append("a smaller --micro_batch_size or --seq_len, or --gradient_checkpointing")
-    return [f"memory: the estimated peak host memory is {total_bytes / GIB:.1f} "
-            f"GiB ({local_ranks} rank(s) on this node, each: {detail}; "
-            f"lift_ds.memory's estimate), more than this machine's {have / GIB:.1f} GiB ({what}). Fix: {'; '.join(fixes)}. "
-            "Or pass --skip_memory_check to run anyway"]
+    return [
+        f"memory: the estimated peak host memory is {total_bytes / GIB:.1f} "
+        f"GiB ({local_ranks} rank(s) on this node, each: {detail}; "
+        f"lift_ds.memory's estimate), more than this machine's {have / GIB:.1f} GiB ({what}). Fix: {'; '.join(fixes)}. "
+        "Or pass --skip_memory_check to run anyway"
+    ]
 
 
-def data_fit_problems(model: Any, data: Any, pad_id: int | None, seq_len: int, batch: tuple[int, int, int] | None = None) -> list[str]:
+def data_fit_problems(
+    model: Any, data: Any, pad_id: int | None, seq_len: int, batch: tuple[int, int, int] | None = None
+) -> list[str]:
     """The tokenized data fits the model: every token id (and the pad id) has an embedding row, and
     no sequence is longer than a learned position table."""
     rows = model.get_input_embeddings().num_embeddings
@@ -284,19 +373,25 @@ def data_fit_problems(model: Any, data: Any, pad_id: int | None, seq_len: int, b
     top = max((max(s) for s in seqs if s), default=-1)
     problems = []
     if top >= rows or (pad_id is not None and pad_id >= rows):
-        problems.append(f"--tokenizer: the data has token ids up to {max(top, pad_id or -1)}, "
-                        f"but the model's embedding has {rows} rows "
-                        "(the tokenizer is larger than the model's vocabulary); use the model's own tokenizer")
+        problems.append(
+            f"--tokenizer: the data has token ids up to {max(top, pad_id or -1)}, "
+            f"but the model's embedding has {rows} rows "
+            "(the tokenizer is larger than the model's vocabulary); use the model's own tokenizer"
+        )
     if batch is not None and len(data.train.input_ids) < batch[0] * batch[1] * batch[2]:
-        problems.append(f"--micro_batch_size: {len(data.train.input_ids)} training "
-                        f"examples are fewer than one global batch ({batch[0]} x "
-                        f"{batch[1]} accumulation step(s) x {batch[2]} ranks); "
-                        "lower the micro batch or the accumulation, or add data")
+        problems.append(
+            f"--micro_batch_size: {len(data.train.input_ids)} training "
+            f"examples are fewer than one global batch ({batch[0]} x "
+            f"{batch[1]} accumulation step(s) x {batch[2]} ranks); "
+            "lower the micro batch or the accumulation, or add data"
+        )
     limit = position_limit(model)
     longest = max((len(s) for s in seqs), default=0)
     if limit is not None and longest > limit:
-        problems.append(f"--seq_len: sequences of up to {longest} tokens, "
-                        f"but the model has {limit} learned positions; set --seq_len {limit}")
+        problems.append(
+            f"--seq_len: sequences of up to {longest} tokens, "
+            f"but the model has {limit} learned positions; set --seq_len {limit}"
+        )
     return problems
 
 
@@ -315,10 +410,12 @@ def resource_problems(args: Any, config: Any, model_dir: str, model: Any) -> lis
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     free = shutil.disk_usage(probe).free
     if free < need:
-        problems.append(f"--output_dir: {str(probe)!r} has {free / GIB:.1f} GiB free; "
-                        f"this run writes about {need / GIB:.1f} GiB (a checkpoint "
-                        "and the final model); free space or choose another "
-                        "--output_dir (--no_checkpoint / --no_final_model write less)")
+        problems.append(
+            f"--output_dir: {str(probe)!r} has {free / GIB:.1f} GiB free; "
+            f"this run writes about {need / GIB:.1f} GiB (a checkpoint "
+            "and the final model); free space or choose another "
+            "--output_dir (--no_checkpoint / --no_final_model write less)"
+        )
     if args.skip_memory_check:
         return problems
     try:
@@ -331,23 +428,51 @@ def resource_problems(args: Any, config: Any, model_dir: str, model: Any) -> lis
     t = config.training
     on_gpu = torch.cuda.is_available()
     kind = args.baseline or args.method  # full / lora, else lift.method
-    host, parts = host_estimate(shape, kind, world, local, zero, t.precision, offload, t.micro_batch_size, args.seq_len, args.lora_r,
-                                config.lift.gradient_checkpointing, config.lift.frozen_weights, config.lift.block_store, on_gpu)
+    host, parts = host_estimate(
+        shape,
+        kind,
+        world,
+        local,
+        zero,
+        t.precision,
+        offload,
+        t.micro_batch_size,
+        args.seq_len,
+        args.lora_r,
+        config.lift.gradient_checkpointing,
+        config.lift.frozen_weights,
+        config.lift.block_store,
+        on_gpu,
+    )
     problems += memory_problems(host, parts, local, config.lift.frozen_weights, config.lift.block_store, zero)
     if on_gpu:
         from .memory import estimate
 
-        est = estimate(shape, "lift" if kind in ("lift", "badam", "lisa") else kind, world, zero, t.precision, offload,
-                       t.micro_batch_size, args.seq_len, args.lora_r, config.lift.gradient_checkpointing,
-                       frozen_weights=config.lift.frozen_weights if zero < 3 else "full")
-        device = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()).total_memory
+        est = estimate(
+            shape,
+            "lift" if kind in ("lift", "badam", "lisa") else kind,
+            world,
+            zero,
+            t.precision,
+            offload,
+            t.micro_batch_size,
+            args.seq_len,
+            args.lora_r,
+            config.lift.gradient_checkpointing,
+            frozen_weights=config.lift.frozen_weights if zero < 3 else "full",
+        )
+        device = torch.cuda.get_device_properties(
+            int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        ).total_memory
         if est.total > device:
-            problems.append(f"memory: the estimated peak device memory per rank is {est.total / GIB:.1f} GiB (model states "
-                            f"{est.model_states / GIB:.1f}, activations {est.activations / GIB:.1f}), "
-                            f"more than the GPU's {device / GIB:.1f} "
-                            "GiB. Fix: ZeRO-3 or optimizer offload (ds_configs/zero3_offload.json), "
-                            "more ranks, --gradient_checkpointing, a "
-                            "smaller --micro_batch_size / --seq_len, or --frozen_weights nf4; or --skip_memory_check")
+            problems.append(
+                f"memory: the estimated peak device memory per rank is {est.total / GIB:.1f} GiB (model states "
+                f"{est.model_states / GIB:.1f}, activations {est.activations / GIB:.1f}), "
+                f"more than the GPU's {device / GIB:.1f} "
+                "GiB. Fix: ZeRO-3 or optimizer offload (ds_configs/zero3_offload.json), "
+                "more ranks, --gradient_checkpointing, a "
+                "smaller --micro_batch_size / --seq_len, or --frozen_weights nf4; or --skip_memory_check"
+            )
     return problems
 
 
@@ -381,7 +506,7 @@ def model_identity(model_dir: str, random_init: bool) -> str:
     d = Path(model_dir)
     h = hashlib.sha256((d / "config.json").read_bytes() if (d / "config.json").is_file() else b"")
     h.update(b"random_init" if random_init else b"")
-    for p in ([] if random_init else sorted(d.glob("*.safetensors"))):
+    for p in [] if random_init else sorted(d.glob("*.safetensors")):
         size = p.stat().st_size
         h.update(f"{p.name}:{size}".encode())
         with open(p, "rb") as f:

@@ -19,8 +19,9 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 #: /proc/cpuinfo flags that decide what CPU kernels torch runs (native bf16/fp16 matmuls, AMX tiles)
@@ -41,8 +42,14 @@ def cpu_info() -> dict[str, Any]:
     except OSError:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags], "avx512": "avx512f" in flags,
-            "amx": "amx_tile" in flags, "cores": os.cpu_count(), "cores_usable": usable}
+    return {
+        "model": model,
+        "flags": [f for f in CPU_FLAGS if f in flags],
+        "avx512": "avx512f" in flags,
+        "amx": "amx_tile" in flags,
+        "cores": os.cpu_count(),
+        "cores_usable": usable,
+    }
 
 
 def memory_gib() -> float | None:
@@ -59,8 +66,12 @@ def memory_gib() -> float | None:
 def gpu_info() -> list[dict[str, str]]:
     """Each GPU ``nvidia-smi`` lists (name, driver, memory); empty without one. Starts no CUDA context."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError):
         return []
     gpus = []
@@ -72,8 +83,14 @@ def gpu_info() -> list[dict[str, str]]:
 
 def machine() -> dict[str, Any]:
     """The machine a measurement ran on."""
-    return {"cpu": cpu_info(), "memory_gib": memory_gib(), "gpus": gpu_info(), "hostname_hash": _host_hash(),
-            "os": platform.platform(), "python": platform.python_version()}
+    return {
+        "cpu": cpu_info(),
+        "memory_gib": memory_gib(),
+        "gpus": gpu_info(),
+        "hostname_hash": _host_hash(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def _host_hash() -> str:
@@ -89,13 +106,22 @@ def git_commit(repo: Path = REPO) -> dict[str, Any]:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=20)
         if sha.returncode == 0:
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
-                                    text=True, timeout=20)
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             return {"commit": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         pass
     env = os.environ.get("LIFT_DS_COMMIT")
-    return {"commit": env or None, "dirty": None, "commit_from": "LIFT_DS_COMMIT" if env else "unknown: no git checkout and no LIFT_DS_COMMIT"}
+    return {
+        "commit": env or None,
+        "dirty": None,
+        "commit_from": "LIFT_DS_COMMIT" if env else "unknown: no git checkout and no LIFT_DS_COMMIT",
+    }
 
 
 def versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:

@@ -40,8 +40,24 @@ NF4_SCALER_BLOCK = 256
 CHUNK = 1 << 22
 #: bytes of NF4 data decoded per inner step (near the cache, and few operations per weight)
 _DECODE_BYTES = 1 << 18
-NF4_VALUES = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626,
-              0.7230, 1.0)
+NF4_VALUES = (
+    -1.0,
+    -0.6962,
+    -0.5251,
+    -0.3949,
+    -0.2844,
+    -0.1848,
+    -0.0911,
+    0.0,
+    0.0796,
+    0.1609,
+    0.2461,
+    0.3379,
+    0.4407,
+    0.5626,
+    0.7230,
+    1.0,
+)
 
 
 def nf4_scaler_block(numel: int) -> int:
@@ -79,7 +95,9 @@ def _torchao_nearest(v: torch.Tensor, nf4: torch.Tensor) -> torch.Tensor:
     return (v.unsqueeze(-1) - nf4).abs().min(dim=-1).indices
 
 
-_NEAREST_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # per dtype: torchao's choice per bit pattern
+_NEAREST_TABLES: dict[
+    tuple[torch.dtype, torch.device], torch.Tensor
+] = {}  # per dtype: torchao's choice per bit pattern
 
 
 def _nearest_nf4(v: torch.Tensor, nf4: torch.Tensor) -> torch.Tensor:
@@ -126,7 +144,7 @@ def _quantize_nf4(w: torch.Tensor) -> torch.Tensor:
     absmax = torch.empty(n_blocks, dtype=w.dtype, device=w.device)
     for s in range(0, n_blocks, step):
         e = min(n_blocks, s + step)
-        absmax[s:e] = flat[s * NF4_BLOCK:e * NF4_BLOCK].view(-1, NF4_BLOCK).abs().amax(dim=1)
+        absmax[s:e] = flat[s * NF4_BLOCK : e * NF4_BLOCK].view(-1, NF4_BLOCK).abs().amax(dim=1)
     # double quantization of the scalers, as torchao's NF4Tensor.double_quantize_scalers
     mean = absmax.mean()
     centred = (absmax - mean).view(-1, sb)
@@ -136,9 +154,9 @@ def _quantize_nf4(w: torch.Tensor) -> torch.Tensor:
     data = torch.empty(numel // 2, dtype=torch.uint8, device=w.device)
     for s in range(0, n_blocks, step):
         e = min(n_blocks, s + step)
-        scaled = (flat[s * NF4_BLOCK:e * NF4_BLOCK].view(-1, NF4_BLOCK) / absmax[s:e, None]).view(-1)
+        scaled = (flat[s * NF4_BLOCK : e * NF4_BLOCK].view(-1, NF4_BLOCK) / absmax[s:e, None]).view(-1)
         idx = _nearest_nf4(scaled, nf4).view(-1, 2)
-        out = data[s * NF4_BLOCK // 2:e * NF4_BLOCK // 2]
+        out = data[s * NF4_BLOCK // 2 : e * NF4_BLOCK // 2]
         torch.bitwise_left_shift(idx[:, 0], 4, out=out)
         out.bitwise_or_(idx[:, 1])
     meta = SubclassTensorArgs(w.size(), w.stride(), w.storage_offset(), w.dtype, w.device, False)
@@ -155,17 +173,23 @@ def _quantize_int8(w: torch.Tensor) -> torch.Tensor:
     zero = torch.empty(w.shape[0], 1, dtype=torch.int8, device=w.device)
     first = None
     for r in range(0, w.shape[0], rows):
-        part = w[r:r + rows]
+        part = w[r : r + rows]
         holder = nn.Linear(part.shape[1], part.shape[0], bias=False, device="meta")
         holder.weight = nn.Parameter(part.contiguous(), requires_grad=False)
         quantize_(holder, Int8WeightOnlyConfig())
         q = holder.weight.detach()
         first = q if first is None else first
-        qdata[r:r + rows], scale[r:r + rows] = q.qdata, q.scale
-        zero[r:r + rows] = q.zero_point if q.zero_point is not None else 0
+        qdata[r : r + rows], scale[r : r + rows] = q.qdata, q.scale
+        zero[r : r + rows] = q.zero_point if q.zero_point is not None else 0
     assert first is not None and first.act_quant_kwargs is None, "int8 weight-only quantization expected"
-    return Int8Tensor(qdata, scale, [1, w.shape[1]], w.dtype, zero_point=zero if first.zero_point is not None else None,
-                      reduce_range=first.reduce_range)
+    return Int8Tensor(
+        qdata,
+        scale,
+        [1, w.shape[1]],
+        w.dtype,
+        zero_point=zero if first.zero_point is not None else None,
+        reduce_range=first.reduce_range,
+    )
 
 
 # --------------------------------------------------------------------------- dequantization
@@ -237,10 +261,10 @@ def dequantize_rows(w: torch.Tensor, r0: int, r1: int, scalers: torch.Tensor | N
     index = _scratch(step, torch.int32, w.device, minimum=step)
     for s in range(e0 // 2, e1 // 2, step):
         e = min(e1 // 2, s + step)
-        idx = index[:e - s]
+        idx = index[: e - s]
         idx.copy_(data[s:e])
-        torch.index_select(table, 0, idx, out=words[s - e0 // 2:e - e0 // 2])
-    out.view(-1, NF4_BLOCK).mul_(scalers[e0 // NF4_BLOCK:e1 // NF4_BLOCK, None])
+        torch.index_select(table, 0, idx, out=words[s - e0 // 2 : e - e0 // 2])
+    out.view(-1, NF4_BLOCK).mul_(scalers[e0 // NF4_BLOCK : e1 // NF4_BLOCK, None])
     return out
 
 
@@ -251,7 +275,7 @@ def dequantize(w: torch.Tensor) -> torch.Tensor:
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     step, scalers = row_step(w), nf4_scalers(w) if kind_of(w) == "nf4" else None
     for r in range(0, w.shape[0], step):
-        out[r:r + step] = dequantize_rows(w, r, min(w.shape[0], r + step), scalers)
+        out[r : r + step] = dequantize_rows(w, r, min(w.shape[0], r + step), scalers)
     return out
 
 
@@ -315,16 +339,16 @@ def dequantize_cols(w: torch.Tensor, c0: int, c1: int, scalers: torch.Tensor | N
         return out.copy_(w.qdata[:, c0:c1])
     scalers = nf4_scalers(w) if scalers is None else scalers
     table = _pair_table(w.nf4)
-    data = w.quantized_data.view(out_f, in_f // 2)[:, c0 // 2:c1 // 2]
+    data = w.quantized_data.view(out_f, in_f // 2)[:, c0 // 2 : c1 // 2]
     words = out.view(-1).view(table.dtype).view(out_f, width // 2)
     rows = max(1, min(_DECODE_BYTES, max(1, CHUNK // 2)) // (width // 2))
     index = _scratch(rows * (width // 2), torch.int32, w.device, minimum=rows * (width // 2))
     for r in range(0, out_f, rows):
         r1 = min(out_f, r + rows)
-        idx = index[:(r1 - r) * (width // 2)].view(r1 - r, width // 2)
+        idx = index[: (r1 - r) * (width // 2)].view(r1 - r, width // 2)
         idx.copy_(data[r:r1])
         torch.index_select(table, 0, idx.view(-1), out=words[r:r1].view(-1))
-    sc = scalers.view(out_f, in_f // NF4_BLOCK)[:, c0 // NF4_BLOCK:c1 // NF4_BLOCK]
+    sc = scalers.view(out_f, in_f // NF4_BLOCK)[:, c0 // NF4_BLOCK : c1 // NF4_BLOCK]
     out.view(out_f, width // NF4_BLOCK, NF4_BLOCK).mul_(sc.unsqueeze(-1))
     return out
 

@@ -55,7 +55,9 @@ STORE_FILE = "block_store.safetensors"
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor holds, counting a quantized tensor's inner tensors (data, scales, ...)."""
     if type(t) is not torch.Tensor and type(t) is not nn.Parameter and hasattr(t, "__tensor_flatten__"):
-        return sum(tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0] if getattr(t, name, None) is not None)
+        return sum(
+            tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0] if getattr(t, name, None) is not None
+        )
     return t.numel() * t.element_size()
 
 
@@ -75,7 +77,7 @@ class QuantizedFrozenLinear(nn.Module):
         # lift_ds.qkernels: chunked dequantize-matmul; autograd keeps no dequantized copy for backward
         return frozen_linear(x, self, self.bias)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "QuantizedFrozenLinear":
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedFrozenLinear:
         # ``model.to(dtype=...)`` must not turn the quantized weight into a dense one (torchao's NF4
         # ``.to(dtype)`` dequantizes): it follows device moves only, and keeps its own dtype
         q = self._buffers.pop("qweight")
@@ -89,13 +91,17 @@ class QuantizedFrozenLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, qweight={type(self.qweight).__name__}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, qweight={type(self.qweight).__name__}"
+        )
 
 
 FROZEN_MODULES = (QuantizedFrozenLinear, StreamedFrozenLinear)
 
 
-def frozen_module(weight: torch.Tensor, linear: nn.Module, mode: str, streamer: LayerStreamer | None, block: str, path: str) -> nn.Module:
+def frozen_module(
+    weight: torch.Tensor, linear: nn.Module, mode: str, streamer: LayerStreamer | None, block: str, path: str
+) -> nn.Module:
     """The frozen replacement of ``linear``: quantized in place, or (``streamer``) streamed from its file
     (the caller writes the file); ``weight`` is its quantized (or, ``full``, plain) weight."""
     bias = linear.bias
@@ -126,9 +132,16 @@ class QuantizedFrozenBlocks:
         ConfigError: a weight NF4 cannot hold (its size is not a multiple of 64).
     """
 
-    def __init__(self, model: nn.Module, layer_blocks: list[tuple[str, tuple[str, ...]]], mode: str, store: BlockStore,
-                 keep: set[str] = frozenset(), dtype: torch.dtype | None = None,  # type: ignore[assignment]
-                 streamer: LayerStreamer | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer_blocks: list[tuple[str, tuple[str, ...]]],
+        mode: str,
+        store: BlockStore,
+        keep: set[str] = frozenset(),
+        dtype: torch.dtype | None = None,  # type: ignore[assignment]
+        streamer: LayerStreamer | None = None,
+    ) -> None:
         if mode == "full" and streamer is None:
             raise ValueError("mode 'full' keeps layers frozen outside the parameters only when they are streamed")
         self.model, self.mode, self.store, self.dtype, self.streamer = model, mode, store, dtype, streamer
@@ -136,14 +149,22 @@ class QuantizedFrozenBlocks:
         self.linears: dict[str, list[str]] = {}
         problems = []
         for block, param_names in layer_blocks:
-            paths = [n for n, m in modules.items() if n.startswith(block + ".") and isinstance(m, (nn.Linear, *FROZEN_MODULES))
-                     and f"{n}.weight" not in keep and f"{n}.weight" in param_names]
+            paths = [
+                n
+                for n, m in modules.items()
+                if n.startswith(block + ".")
+                and isinstance(m, (nn.Linear, *FROZEN_MODULES))
+                and f"{n}.weight" not in keep
+                and f"{n}.weight" in param_names
+            ]
             for p in paths:
                 m = modules[p]
                 if mode == "nf4" and isinstance(m, nn.Linear) and m.weight.numel() % NF4_BLOCK:
-                    problems.append("lift.frozen_weights: nf4 needs weights whose "
-                                    f"size is a multiple of {NF4_BLOCK}; {p}.weight has "
-                                    f"shape {list(m.weight.shape)}. Use \"int8\" or \"full\"")
+                    problems.append(
+                        "lift.frozen_weights: nf4 needs weights whose "
+                        f"size is a multiple of {NF4_BLOCK}; {p}.weight has "
+                        f'shape {list(m.weight.shape)}. Use "int8" or "full"'
+                    )
             self.linears[block] = paths
         if problems:
             raise ConfigError(problems[:5], source="model")
@@ -180,7 +201,9 @@ class QuantizedFrozenBlocks:
         if not paths:
             return
         mods = {p: self.model.get_submodule(p) for p in paths}
-        weights = {p: m.weight.detach() if self.dtype is None else m.weight.detach().to(self.dtype) for p, m in mods.items()}
+        weights = {
+            p: m.weight.detach() if self.dtype is None else m.weight.detach().to(self.dtype) for p, m in mods.items()
+        }
         self.store.put(block, {f"{p}.weight": w for p, w in weights.items()})
         self._freeze(block, weights, mods)
 
@@ -307,8 +330,15 @@ def store_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def build_quantized_blocks(model: nn.Module, plan: Any, mode: str, store_kind: str, store_dir: str | None,
-                           precision: str = "fp32", stream: bool = False) -> QuantizedFrozenBlocks:
+def build_quantized_blocks(
+    model: nn.Module,
+    plan: Any,
+    mode: str,
+    store_kind: str,
+    store_dir: str | None,
+    precision: str = "fp32",
+    stream: bool = False,
+) -> QuantizedFrozenBlocks:
     """The :class:`QuantizedFrozenBlocks` of a run: every decoder layer of ``plan.blocks``; the store
     keeps the training dtype (bf16 / fp16 runs train 16-bit weights with fp32 masters). A model built
     layer by layer (:mod:`lift_ds.quant_load`) brings its store (and streamer)."""
@@ -319,12 +349,16 @@ def build_quantized_blocks(model: nn.Module, plan: Any, mode: str, store_kind: s
     streamer = getattr(model, "lift_streamer", None)
     problems = []
     if store is not None and getattr(model, "lift_frozen_weights", mode) != mode:
-        problems.append(f"lift.frozen_weights: {mode!r}, but the model was built with {model.lift_frozen_weights!r} layers; "
-                        "build it with the same mode")
+        problems.append(
+            f"lift.frozen_weights: {mode!r}, but the model was built with {model.lift_frozen_weights!r} layers; "
+            "build it with the same mode"
+        )
     if store is not None and (streamer is not None) != stream:
-        problems.append(f"lift.stream_frozen: {str(stream).lower()}, "
-                        f"but the model was built with{'out' if streamer is None else ''} "
-                        "streamed layers; build it with the same setting")
+        problems.append(
+            f"lift.stream_frozen: {str(stream).lower()}, "
+            f"but the model was built with{'out' if streamer is None else ''} "
+            "streamed layers; build it with the same setting"
+        )
     if problems:
         raise ConfigError(problems, source="model")
     if stream and streamer is None:
@@ -359,7 +393,9 @@ def write_hf_shards(out: Path, live: dict[str, torch.Tensor], quant: QuantizedFr
     for k, block in enumerate(blocks, start=2):
         values = quant.store.get(block)
         shard(k, {n: values[n] for n in quant.store.names(block) if n in quantized})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": index}, indent=1))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": size}, "weight_map": index}, indent=1)
+    )
     for stale in out.glob("model.safetensors"):
         stale.unlink()
     logger.info("wrote %d shards (%d tensors, %.1f MiB) to %s", total, len(index), size / 2**20, out)

@@ -35,7 +35,14 @@ logger = get_logger(__name__)
 __all__ = ["SafetensorsReader", "build_quantized_model"]
 
 
-def _fill(model: nn.Module, module: nn.Module, prefix: str, reader: SafetensorsReader | None, dtype: torch.dtype, recurse: bool) -> list[str]:
+def _fill(
+    model: nn.Module,
+    module: nn.Module,
+    prefix: str,
+    reader: SafetensorsReader | None,
+    dtype: torch.dtype,
+    recurse: bool,
+) -> list[str]:
     """Allocate ``module``'s meta parameters on CPU and fill them: from the checkpoint, or (random
     init, or a parameter the checkpoint lacks, e.g. a new classification head) by the model's init.
     Returns the names (relative to ``module``) that took the init."""
@@ -49,7 +56,7 @@ def _fill(model: nn.Module, module: nn.Module, prefix: str, reader: SafetensorsR
             else:
                 p.copy_(value.to(dtype))
     if missing:
-        for sub in (module.modules() if recurse else [module]):
+        for sub in module.modules() if recurse else [module]:
             # Hugging Face's per-module init (normal(0, initializer_range), ones for norms, ...)
             model._init_weights(sub)
         if reader is not None:  # only the missing ones keep the init; the rest are read again
@@ -60,9 +67,20 @@ def _fill(model: nn.Module, module: nn.Module, prefix: str, reader: SafetensorsR
     return missing
 
 
-def build_quantized_model(model_dir: str, mode: str, store: BlockStore, *, random_init: bool = False, seed: int = 0,
-                          dtype: torch.dtype = torch.float32, num_labels: int | None = None, pad_id: int | None = None,
-                          config: Any = None, streamer: LayerStreamer | None = None, origin_backed: bool = True) -> nn.Module:
+def build_quantized_model(
+    model_dir: str,
+    mode: str,
+    store: BlockStore,
+    *,
+    random_init: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    num_labels: int | None = None,
+    pad_id: int | None = None,
+    config: Any = None,
+    streamer: LayerStreamer | None = None,
+    origin_backed: bool = True,
+) -> nn.Module:
     """A model whose decoder layers' linear weights are frozen (``mode``), their exact weights in ``store``.
 
     Args:
@@ -82,7 +100,9 @@ def build_quantized_model(model_dir: str, mode: str, store: BlockStore, *, rando
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if mode == "full" and streamer is None:
-        raise ValueError("build_quantized_model: mode 'full' needs a streamer (else build the model with from_pretrained)")
+        raise ValueError(
+            "build_quantized_model: mode 'full' needs a streamer (else build the model with from_pretrained)"
+        )
     cfg = config if config is not None else AutoConfig.from_pretrained(model_dir)
     cls = AutoModelForCausalLM
     if num_labels is not None:
@@ -94,8 +114,11 @@ def build_quantized_model(model_dir: str, mode: str, store: BlockStore, *, rando
     reader = None if random_init else SafetensorsReader(model_dir)
     stack_name, stack = find_layer_stack(model)
     if origin_backed and store.origin is None:
-        store.origin = (SeedOrigin(model, copy.deepcopy(stack[0]), seed, dtype, stack_name) if reader is None
-                        else CheckpointOrigin(reader, dtype))
+        store.origin = (
+            SeedOrigin(model, copy.deepcopy(stack[0]), seed, dtype, stack_name)
+            if reader is None
+            else CheckpointOrigin(reader, dtype)
+        )
     for i, layer in enumerate(stack):
         block = f"{stack_name}.{i}"
         if reader is None:
@@ -132,6 +155,12 @@ def build_quantized_model(model_dir: str, mode: str, store: BlockStore, *, rando
     model.lift_block_store = store
     model.lift_frozen_weights = mode
     model.lift_streamer = streamer
-    logger.info("built %s layer by layer: %d layers in %s%s, exact weights in a %s block store", type(model).__name__, len(stack), mode,
-                " (streamed)" if streamer is not None else "", describe(store))
+    logger.info(
+        "built %s layer by layer: %d layers in %s%s, exact weights in a %s block store",
+        type(model).__name__,
+        len(stack),
+        mode,
+        " (streamed)" if streamer is not None else "",
+        describe(store),
+    )
     return model

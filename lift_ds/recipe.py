@@ -4,9 +4,10 @@ tokenizer, model, task data, the optimizer step loop and evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .data import Example, RankBatches, TokenizedData, load_examples, tokenize, tokenize_for_head
 from .errors import ConfigError, DataError
@@ -38,8 +39,15 @@ def load_tokenizer(name: str) -> Any:
     return tok
 
 
-def build_model(model_dir: str, *, num_labels: int | None = None, pad_id: int | None = None, random_init: bool = False,
-                seed: int = 0, meta: bool = False) -> "nn.Module":
+def build_model(
+    model_dir: str,
+    *,
+    num_labels: int | None = None,
+    pad_id: int | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    meta: bool = False,
+) -> nn.Module:
     """A causal LM, or (``num_labels``) a sequence-classification model with a new head, in fp32.
 
     Args:
@@ -61,16 +69,22 @@ def build_model(model_dir: str, *, num_labels: int | None = None, pad_id: int | 
         with torch.device("meta"):
             return cls.from_config(cfg)
     torch.manual_seed(seed)
-    model = cls.from_config(cfg, dtype=torch.float32) if random_init else cls.from_pretrained(model_dir, config=cfg, dtype=torch.float32)
+    model = (
+        cls.from_config(cfg, dtype=torch.float32)
+        if random_init
+        else cls.from_pretrained(model_dir, config=cfg, dtype=torch.float32)
+    )
     model.config.use_cache = False
     return model
 
 
-def head_module_names(model: "nn.Module") -> list[str]:
+def head_module_names(model: nn.Module) -> list[str]:
     """The top-level modules of a sequence-classification head (``score`` / ``classifier``)."""
     heads = [n for n, _ in model.named_children() if n in HEAD_NAMES]
     if not heads:
-        raise ConfigError([f"--classifier_head: {type(model).__name__} has no head module named {' or '.join(HEAD_NAMES)}"])
+        raise ConfigError(
+            [f"--classifier_head: {type(model).__name__} has no head module named {' or '.join(HEAD_NAMES)}"]
+        )
     return heads
 
 
@@ -99,8 +113,18 @@ class TaskData:
         return len(self.labels) if self.train.class_labels and self.labels else None
 
 
-def load_task_data(train_path: str, eval_path: str | None, fmt: str, tokenizer: Any, seq_len: int, *, labels: list[str] | None = None,
-                   classifier_head: bool = False, truncate: bool = True, eval_limit: int = 0) -> TaskData:
+def load_task_data(
+    train_path: str,
+    eval_path: str | None,
+    fmt: str,
+    tokenizer: Any,
+    seq_len: int,
+    *,
+    labels: list[str] | None = None,
+    classifier_head: bool = False,
+    truncate: bool = True,
+    eval_limit: int = 0,
+) -> TaskData:
     """Read, check and tokenize a task's training (and held-out) file.
 
     Raises:
@@ -110,12 +134,20 @@ def load_task_data(train_path: str, eval_path: str | None, fmt: str, tokenizer: 
     head = classifier_head and fmt == "classification"
 
     def encode(examples: list[Example], cut: bool) -> TokenizedData:
-        return tokenize_for_head(examples, tokenizer, seq_len) if head else tokenize(examples, tokenizer, fmt, seq_len, truncate=cut)
+        return (
+            tokenize_for_head(examples, tokenizer, seq_len)
+            if head
+            else tokenize(examples, tokenizer, fmt, seq_len, truncate=cut)
+        )
 
     train = encode(train_ex, truncate)
     if train.truncated:
-        logger.info("%d of %d training examples were longer than seq_len %d and were truncated (their prompt's start cut)",
-                    train.truncated, len(train.input_ids), seq_len)
+        logger.info(
+            "%d of %d training examples were longer than seq_len %d and were truncated (their prompt's start cut)",
+            train.truncated,
+            len(train.input_ids),
+            seq_len,
+        )
     held = held_ex = None
     if eval_path:
         held_ex, _ = load_examples(eval_path, fmt, label_set or labels)
@@ -127,7 +159,7 @@ def load_task_data(train_path: str, eval_path: str | None, fmt: str, tokenizer: 
     return TaskData(train, held, held_ex, fmt, label_set)
 
 
-def optimizer_step(engine: "LiftEngine", batches: RankBatches, nan_loss: bool = False) -> tuple[float, int]:
+def optimizer_step(engine: LiftEngine, batches: RankBatches, nan_loss: bool = False) -> tuple[float, int]:
     """One optimizer step: ``gradient_accumulation_steps`` micro-batches, chosen by the global
     sample index the engine has reached (so a run resumed on another layout reads the same samples).
     Returns ``(mean loss, tokens over all ranks)``.
@@ -150,18 +182,38 @@ def optimizer_step(engine: "LiftEngine", batches: RankBatches, nan_loss: bool = 
     return loss_sum / gas, tokens
 
 
-def evaluate(engine: "LiftEngine", data: TaskData, tokenizer: Any, seq_len: int, batch_size: int, with_loss: bool = True) -> dict[str, float]:
+def evaluate(
+    engine: LiftEngine, data: TaskData, tokenizer: Any, seq_len: int, batch_size: int, with_loss: bool = True
+) -> dict[str, float]:
     """Held-out metrics (collective: every rank calls it): a head's loss and accuracy; else the loss
     and perplexity (``with_loss``) and, for classification / multiple choice, choice accuracy."""
     engine.eval()
-    out = held_out_metrics(engine.forward, data, tokenizer, seq_len, batch_size, engine.rank, engine.world_size,
-                           engine.backend.all_reduce_sum, with_loss)
+    out = held_out_metrics(
+        engine.forward,
+        data,
+        tokenizer,
+        seq_len,
+        batch_size,
+        engine.rank,
+        engine.world_size,
+        engine.backend.all_reduce_sum,
+        with_loss,
+    )
     engine.train()
     return out
 
 
-def held_out_metrics(forward: Callable[..., Any], data: TaskData, tokenizer: Any, seq_len: int, batch_size: int, rank: int = 0,
-                     world: int = 1, reduce: Callable[[list[float]], list[float]] = lambda v: v, with_loss: bool = True) -> dict[str, float]:
+def held_out_metrics(
+    forward: Callable[..., Any],
+    data: TaskData,
+    tokenizer: Any,
+    seq_len: int,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    reduce: Callable[[list[float]], list[float]] = lambda v: v,
+    with_loss: bool = True,
+) -> dict[str, float]:
     """:func:`evaluate` for any forward function (e.g. a bare model: zero-shot scores)."""
     import torch
 
@@ -177,9 +229,21 @@ def held_out_metrics(forward: Callable[..., Any], data: TaskData, tokenizer: Any
         elif with_loss or not data.held_examples:
             out = eval_loss(forward, data.held, batch_size, rank, world, pad, reduce)
         if data.held_examples:
-            out.update(choice_accuracy(forward, data.held_examples, tokenizer, seq_len, batch_size, rank, world, reduce))
+            out.update(
+                choice_accuracy(forward, data.held_examples, tokenizer, seq_len, batch_size, rank, world, reduce)
+            )
     return out
 
 
-__all__ = ["DataError", "HEAD_NAMES", "TaskData", "build_model", "evaluate", "head_module_names", "held_out_metrics", "load_task_data",
-           "load_tokenizer", "optimizer_step"]
+__all__ = [
+    "DataError",
+    "HEAD_NAMES",
+    "TaskData",
+    "build_model",
+    "evaluate",
+    "head_module_names",
+    "held_out_metrics",
+    "load_task_data",
+    "load_tokenizer",
+    "optimizer_step",
+]

@@ -7,13 +7,14 @@ import copy
 import dataclasses
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .config import LiftConfig, TrainingConfig, parse_lift_section, resolve_training
-from .errors import ConfigError
 from .config_scan import MAX_DEPTH, misspelled_top_level, parse_json, plain, scan
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class RunConfig:
         """The backend that runs it (``lift.backend``, resolved)."""
         return self.lift.backend
 
-    def with_lift(self, **changes: Any) -> "RunConfig":
+    def with_lift(self, **changes: Any) -> RunConfig:
         """A copy with ``lift`` keys changed (validated again), e.g. ``total_steps`` from ``--max_steps``."""
         try:
             lift = self.lift.replace(**changes)
@@ -64,14 +65,23 @@ def read_config_file(config: str | Path | Mapping[str, Any]) -> tuple[dict[str, 
         try:
             return json.loads(json.dumps(config)), "config"
         except RecursionError:
-            raise ConfigError([f"nested more than {MAX_DEPTH} levels deep; a DeepSpeed config is a few levels deep"]) from None
+            raise ConfigError(
+                [f"nested more than {MAX_DEPTH} levels deep; a DeepSpeed config is a few levels deep"]
+            ) from None
         except (TypeError, ValueError) as e:
-            raise ConfigError([f"not a JSON-like config (dicts, lists, strings, numbers, booleans, null): {e}"]) from None
+            raise ConfigError(
+                [f"not a JSON-like config (dicts, lists, strings, numbers, booleans, null): {e}"]
+            ) from None
     if not isinstance(config, (str, os.PathLike)):
-        raise ConfigError([f"config: must be a DeepSpeed JSON path, a dict or a RunConfig, got {type(config).__name__}"])
+        raise ConfigError(
+            [f"config: must be a DeepSpeed JSON path, a dict or a RunConfig, got {type(config).__name__}"]
+        )
     p = Path(config)
     if p.is_dir():
-        raise ConfigError([f"{str(p)!r} is a directory; give the path of a DeepSpeed JSON file (e.g. ds_configs/zero2.json)"], source=str(p))
+        raise ConfigError(
+            [f"{str(p)!r} is a directory; give the path of a DeepSpeed JSON file (e.g. ds_configs/zero2.json)"],
+            source=str(p),
+        )
     if not p.is_file():
         raise ConfigError([f"file {str(p)!r} does not exist"], source=str(p))
     try:
@@ -79,9 +89,14 @@ def read_config_file(config: str | Path | Mapping[str, Any]) -> tuple[dict[str, 
     except json.JSONDecodeError as e:
         raise ConfigError([f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"], source=str(p)) from None
     except RecursionError:
-        raise ConfigError([f"nested more than {MAX_DEPTH} levels deep (deeper than "
-                           "Python's JSON reader goes); a DeepSpeed config is a "
-                           "few levels deep"], source=str(p)) from None
+        raise ConfigError(
+            [
+                f"nested more than {MAX_DEPTH} levels deep (deeper than "
+                "Python's JSON reader goes); a DeepSpeed config is a "
+                "few levels deep"
+            ],
+            source=str(p),
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"cannot read {str(p)!r}: {e}"], source=str(p)) from None
     if not isinstance(data, dict):
@@ -111,7 +126,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[Override]) -> list[
             if node.get(k) is None:
                 node[k] = {}
             if not isinstance(node[k], dict):
-                problems.append(f"{o.path}: cannot set it{_origin(o)}: {k} is a {type(node[k]).__name__}, not an object")
+                problems.append(
+                    f"{o.path}: cannot set it{_origin(o)}: {k} is a {type(node[k]).__name__}, not an object"
+                )
                 break
             node = node[k]
         else:
@@ -145,18 +162,24 @@ def frozen_weights_problems(lift: Any, method: str) -> list[str]:
     what = f"lift.frozen_weights: {mode!r} quantizes" if mode != "full" else "lift.stream_frozen: true streams"
     problems = []
     if method != "lift":
-        problems.append(f"{what} LIFT's frozen layers; --baseline {method} trains other parameters (use "
-                        + ("\"full\")" if mode != "full" else "false)"))
+        problems.append(
+            f"{what} LIFT's frozen layers; --baseline {method} trains other parameters (use "
+            + ('"full")' if mode != "full" else "false)")
+        )
     if lift.block_store_dir is not None and lift.block_store != "disk" and not lift.stream_frozen:
-        problems.append(f"lift.block_store_dir: set, but lift.block_store is {lift.block_store!r}; set block_store to \"disk\"")
+        problems.append(
+            f'lift.block_store_dir: set, but lift.block_store is {lift.block_store!r}; set block_store to "disk"'
+        )
     if mode != "full" and importlib.util.find_spec("torchao") is None:
-        problems.append(f"lift.frozen_weights: {mode!r} needs torchao for the quantized tensors: pip install 'lift_ds[quant]' "
-                        "(torchao), or use \"full\"")
+        problems.append(
+            f"lift.frozen_weights: {mode!r} needs torchao for the quantized tensors: pip install 'lift_ds[quant]' "
+            '(torchao), or use "full"'
+        )
     return problems
 
 
 def load_run_config(
-    config: "str | Path | Mapping[str, Any] | RunConfig",
+    config: str | Path | Mapping[str, Any] | RunConfig,
     overrides: Iterable[Override] = (),
     world_size: int = 1,
     method: str = "lift",
@@ -195,7 +218,7 @@ def load_run_config(
     except ConfigError as e:
         problems += e.problems
     if lift is not None and lift.total_steps is None and total_steps_flag:
-        problems.append(f"{total_steps_flag}: required (the config's lift.total_steps is \"auto\")")
+        problems.append(f'{total_steps_flag}: required (the config\'s lift.total_steps is "auto")')
     try:
         training = resolve_training(raw, world_size)
     except ConfigError as e:
@@ -206,7 +229,9 @@ def load_run_config(
 
         backend, reason, choice_problems = choose_backend(lift.backend, raw, world_size)
         problems += choice_problems
-        lift = dataclasses.replace(lift, backend=backend)  # the one backend field: resolved; what "auto" followed is the reason
+        lift = dataclasses.replace(
+            lift, backend=backend
+        )  # the one backend field: resolved; what "auto" followed is the reason
         if training is not None and not choice_problems:
             from .backends import get_backend_class
 
@@ -216,5 +241,12 @@ def load_run_config(
     if problems:
         raise ConfigError(_attribute(problems, overrides), source=source)
     assert lift is not None and training is not None
-    return RunConfig(lift=lift, training=training, backend_reason=reason, backend_options=options,
-                     raw=copy.deepcopy(raw), source=source, world_size=world_size)
+    return RunConfig(
+        lift=lift,
+        training=training,
+        backend_reason=reason,
+        backend_options=options,
+        raw=copy.deepcopy(raw),
+        source=source,
+        world_size=world_size,
+    )

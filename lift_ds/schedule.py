@@ -102,7 +102,9 @@ def plan(
     return steps
 
 
-def badam_phases(num_blocks: int, total_steps: int, switch_every: int, schedule: str = "front2end", seed: int = 0) -> list[tuple[int, int]]:
+def badam_phases(
+    num_blocks: int, total_steps: int, switch_every: int, schedule: str = "front2end", seed: int = 0
+) -> list[tuple[int, int]]:
     """BAdam 1.4's ``BlockOptimizer`` as ``(block, steps)`` per switch, ``total_steps`` steps in all.
 
     BAdam switches after its ``g``-th step when ``(g + 1) % K == 0``, so the first block gets
@@ -130,7 +132,9 @@ def badam_phases(num_blocks: int, total_steps: int, switch_every: int, schedule:
     return out
 
 
-def lisa_sets(num_layers: int, total_steps: int, switch_every: int, layers: int, seed: int = 0) -> list[tuple[int, ...]]:
+def lisa_sets(
+    num_layers: int, total_steps: int, switch_every: int, layers: int, seed: int = 0
+) -> list[tuple[int, ...]]:
     """LISA (LMFlow): the layers active in each period of ``switch_every`` steps, ``layers`` of the
     ``num_layers`` drawn without replacement at the start of every period (sorted)."""
     _check_int("num_layers", num_layers, 1)
@@ -144,8 +148,16 @@ def lisa_sets(num_layers: int, total_steps: int, switch_every: int, layers: int,
     return [tuple(sorted(rng.sample(range(num_layers), layers))) for _ in range(periods)]
 
 
-def method_plan(method: str, num_blocks: int, total_steps: int, schedule: str = "front2end", policy: str = "grouped", seed: int = 0,
-                switch_every: int | None = None, lisa_layers: int = DEFAULT_LISA_LAYERS) -> tuple[list[tuple[int, ...]], list[int]]:
+def method_plan(
+    method: str,
+    num_blocks: int,
+    total_steps: int,
+    schedule: str = "front2end",
+    policy: str = "grouped",
+    seed: int = 0,
+    switch_every: int | None = None,
+    lisa_layers: int = DEFAULT_LISA_LAYERS,
+) -> tuple[list[tuple[int, ...]], list[int]]:
     """The plan of any method as ``(units, steps)``: ``units[u]`` is the tuple of candidate blocks
     trained together, ``steps[k]`` the unit of optimizer step ``k``. A phase is a maximal run of
     one unit.

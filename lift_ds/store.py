@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +47,11 @@ class BlockStore:
         self._names: dict[str, list[str]] = {}
         self._written: set[str] = set()
         self._own_dir = kind == "disk" and directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="lift_ds_block_store_")) if self._own_dir else (Path(directory) if directory else None)
+        self.directory = (
+            Path(tempfile.mkdtemp(prefix="lift_ds_block_store_"))
+            if self._own_dir
+            else (Path(directory) if directory else None)
+        )
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -115,7 +120,9 @@ class SafetensorsReader:
             with TensorFile(d / "model.safetensors") as f:
                 self.where = {n: d / "model.safetensors" for n in f.keys()}
         else:
-            raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json (Q-LIFT loads safetensors layer by layer)")
+            raise FileNotFoundError(
+                f"{d}: no model.safetensors or model.safetensors.index.json (Q-LIFT loads safetensors layer by layer)"
+            )
         self._open: dict[Path, TensorFile] = {}
 
     @staticmethod
@@ -177,7 +184,7 @@ class SeedOrigin:
         layer = copy.deepcopy(self.template)
         init_layer(self.model, layer, self.seed, index)
         params = dict(layer.named_parameters())
-        return {n: params[n[len(block) + 1:]].detach().to(self.dtype) for n in names}
+        return {n: params[n[len(block) + 1 :]].detach().to(self.dtype) for n in names}
 
 
 def describe(store: Any) -> str:

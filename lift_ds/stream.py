@@ -72,11 +72,27 @@ def _rebuild(meta: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor:
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import SubclassTensorArgs
 
         args = SubclassTensorArgs(shape, (shape[1], 1), 0, dtype, t["quantized_data"].device, False)
-        return NF4Tensor(args, meta["block_size"], meta["n_blocks"], meta["scaler_block_size"], t["quantized_scalers"],
-                         t["quantization_factor"], t["scaler_mean"], t["quantized_data"], t["nf4"])
+        return NF4Tensor(
+            args,
+            meta["block_size"],
+            meta["n_blocks"],
+            meta["scaler_block_size"],
+            t["quantized_scalers"],
+            t["quantization_factor"],
+            t["scaler_mean"],
+            t["quantized_data"],
+            t["nf4"],
+        )
     from torchao.quantization import Int8Tensor
 
-    return Int8Tensor(t["qdata"], t["scale"], meta["block_size"], dtype, zero_point=t.get("zero_point"), reduce_range=meta["reduce_range"])
+    return Int8Tensor(
+        t["qdata"],
+        t["scale"],
+        meta["block_size"],
+        dtype,
+        zero_point=t.get("zero_point"),
+        reduce_range=meta["reduce_range"],
+    )
 
 
 def write_layer(path: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -112,7 +128,9 @@ class LayerStreamer:
         capacity: layers held at once (>= 1; 1 reads each layer on demand, nothing ahead).
     """
 
-    def __init__(self, directory: str | Path | None = None, device: str | torch.device = "cpu", capacity: int = CAPACITY) -> None:
+    def __init__(
+        self, directory: str | Path | None = None, device: str | torch.device = "cpu", capacity: int = CAPACITY
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self._own_dir = directory is None
@@ -129,7 +147,13 @@ class LayerStreamer:
         self._copy_stream: Any = None
         self._current: tuple[str, str] | None = None
         self._grad_low: int | None = None
-        self.stats: dict[str, float] = {"loads": 0, "misses": 0, "wait_seconds": 0.0, "peak_materialised": 0, "read_bytes": 0}
+        self.stats: dict[str, float] = {
+            "loads": 0,
+            "misses": 0,
+            "wait_seconds": 0.0,
+            "peak_materialised": 0,
+            "read_bytes": 0,
+        }
         #: when a list, every load / evict / get is appended as ``(event, layer)`` (tests count with it)
         self.trace: list[tuple[str, str]] | None = None
 
@@ -205,10 +229,10 @@ class LayerStreamer:
                 self._grad_low = pos
             seq = self._order[pos:]
             if self._grad_low is not None:
-                seq = seq + self._order[self._grad_low:][::-1]
+                seq = seq + self._order[self._grad_low :][::-1]
         else:
             low = self._grad_low if self._grad_low is not None and self._grad_low <= pos else 0
-            seq = self._order[low:pos + 1][::-1]
+            seq = self._order[low : pos + 1][::-1]
         self._current = (layer, phase)
         wanted = list(dict.fromkeys(seq + self._order))[: self.capacity]
         for other in [s for s in self._slots if s not in wanted]:
@@ -262,7 +286,9 @@ class LayerStreamer:
         if self.trace is not None:
             self.trace.append(("evict", layer))
 
-    def _read(self, layer: str, buffers: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _read(
+        self, layer: str, buffers: dict[str, torch.Tensor] | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(worker thread) Read a layer's file into buffers (reused when their shapes fit)."""
         path, entries, meta = self._files[layer]
         cuda = self.device.type == "cuda"
@@ -285,8 +311,12 @@ class LayerStreamer:
             with torch.cuda.stream(self._copy_stream):
                 tensors = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
             self._copy_stream.synchronize()
-        weights = {p: _rebuild(m, {n.split("/", 1)[1]: t for n, t in tensors.items() if n.split("/", 1)[0] == _suffix(p, layer)})
-                   for p, m in meta.items()}
+        weights = {
+            p: _rebuild(
+                m, {n.split("/", 1)[1]: t for n, t in tensors.items() if n.split("/", 1)[0] == _suffix(p, layer)}
+            )
+            for p, m in meta.items()
+        }
         return weights, out
 
     def release(self) -> None:
@@ -332,7 +362,7 @@ def _position(layer: str) -> tuple[str, int]:
 
 def _suffix(name: str, layer: str) -> str:
     """A tensor name without its layer prefix (buffers are reused across layers of one shape)."""
-    return name[len(layer) + 1:] if name.startswith(layer + ".") else name
+    return name[len(layer) + 1 :] if name.startswith(layer + ".") else name
 
 
 def _inner(w: torch.Tensor) -> list[torch.Tensor]:
@@ -347,8 +377,16 @@ def _inner(w: torch.Tensor) -> list[torch.Tensor]:
 class StreamedFrozenLinear(nn.Module):
     """A frozen ``nn.Linear`` whose weight lives in the streamer's files (the bias stays a frozen parameter)."""
 
-    def __init__(self, streamer: LayerStreamer, layer: str, path: str, bias: nn.Parameter | None, in_features: int,
-                 out_features: int, kind: str) -> None:
+    def __init__(
+        self,
+        streamer: LayerStreamer,
+        layer: str,
+        path: str,
+        bias: nn.Parameter | None,
+        in_features: int,
+        out_features: int,
+        kind: str,
+    ) -> None:
         super().__init__()
         self.streamer, self.layer, self.path = streamer, layer, path
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
@@ -362,7 +400,7 @@ class StreamedFrozenLinear(nn.Module):
         self._grad = torch.is_grad_enabled() and x.requires_grad
         return frozen_linear(x, self, self.bias)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "StreamedFrozenLinear":
+    def _apply(self, fn: Any, recurse: bool = True) -> StreamedFrozenLinear:
         super()._apply(fn, recurse)
         target = fn(torch.zeros(1, device=self.streamer.device)).device
         if target != self.streamer.device:

@@ -15,15 +15,26 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from .errors import TensorFileError
 
-DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-          "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
 _MAX_HEADER = 100 * 2**20
 
 
@@ -60,7 +71,9 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
         if name == "__metadata__":
             continue
         if info.get("dtype") not in DTYPES:
-            raise TensorFileError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}; readable: {', '.join(DTYPES)}")
+            raise TensorFileError(
+                f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}; readable: {', '.join(DTYPES)}"
+            )
         b, e = info["data_offsets"]
         shape = tuple(int(s) for s in info["shape"])
         dtype = DTYPES[info["dtype"]]
@@ -68,8 +81,10 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
         for s in shape:
             numel *= s
         if not 0 <= b <= e or base + e > size or e - b != numel * torch.empty(0, dtype=dtype).element_size():
-            raise TensorFileError(f"{path}: tensor {name!r} has byte range {b}..{e}, "
-                                  f"which does not fit its shape {list(shape)} or the file")
+            raise TensorFileError(
+                f"{path}: tensor {name!r} has byte range {b}..{e}, "
+                f"which does not fit its shape {list(shape)} or the file"
+            )
         entries[name] = Entry(dtype, shape, base + b, base + e)
     return entries, dict(table.get("__metadata__") or {})
 
@@ -81,7 +96,9 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
 def read_into(fd: int, entry: Entry, out: torch.Tensor) -> torch.Tensor:
     """Read one tensor into ``out`` (a contiguous CPU tensor of its dtype and shape, e.g. pinned)."""
     if out.dtype != entry.dtype or tuple(out.shape) != entry.shape or not out.is_contiguous():
-        raise ValueError(f"buffer {out.dtype} {list(out.shape)} does not fit a {entry.dtype} {list(entry.shape)} tensor")
+        raise ValueError(
+            f"buffer {out.dtype} {list(out.shape)} does not fit a {entry.dtype} {list(entry.shape)} tensor"
+        )
     if entry.end == entry.start:
         return out
     view, done = _bytes_view(out), 0
@@ -122,7 +139,7 @@ class TensorFile:
                 os.close(self._fd)
                 self._fd = None
 
-    def __enter__(self) -> "TensorFile":
+    def __enter__(self) -> TensorFile:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -138,7 +155,9 @@ def read_file(path: str | Path, names: list[str] | None = None) -> dict[str, tor
 CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 
-def write_file(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def write_file(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
     """Write a safetensors file atomically (a ``.partial`` file renamed over the target), each tensor's
     bytes straight from its memory: no serialized copy of the whole file is built (``safetensors``'
     own ``save_file`` holds one), so writing a layer or a shard costs no second copy of it."""

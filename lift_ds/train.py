@@ -46,14 +46,27 @@ class Run:
             self.tokenizer = recipe.load_tokenizer(args.tokenizer or model_dir)
         except Exception as e:  # noqa: BLE001 - transformers' many ways of refusing a tokenizer directory
             flag = "--tokenizer" if args.tokenizer else "--model (its tokenizer; or give --tokenizer)"
-            raise ConfigError([f"{flag}: cannot load a tokenizer from {args.tokenizer or model_dir!r}: {type(e).__name__}: "
-                               f"{' '.join(str(e).split())[:300]}"], source=args.ds_config) from None
+            raise ConfigError(
+                [
+                    f"{flag}: cannot load a tokenizer from {args.tokenizer or model_dir!r}: {type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:300]}"
+                ],
+                source=args.ds_config,
+            ) from None
         train_path, eval_path = args.data, args.eval_data
         if self.launch.builtin:
             train_path, eval_path = (str(p) for p in assets.movie_review_sentiment())
         self.data = recipe.load_task_data(
-            train_path, eval_path, self.launch.fmt, self.tokenizer, args.seq_len, labels=args.labels.split(",") if args.labels else None,
-            classifier_head=args.classifier_head, truncate=not args.no_truncate, eval_limit=args.eval_limit)
+            train_path,
+            eval_path,
+            self.launch.fmt,
+            self.tokenizer,
+            args.seq_len,
+            labels=args.labels.split(",") if args.labels else None,
+            classifier_head=args.classifier_head,
+            truncate=not args.no_truncate,
+            eval_limit=args.eval_limit,
+        )
         pad = self.tokenizer.pad_token_id
         config, plan = check_model(self.launch, model_dir, self.data, pad)
         lift = config.lift
@@ -63,22 +76,47 @@ class Run:
             from .quant_load import build_quantized_model
 
             dtype = store_dtype(config.training.precision) or torch.float32
-            self.model = build_quantized_model(model_dir, lift.frozen_weights, make_store(lift.block_store, lift.block_store_dir),
-                                               random_init=args.random_init, seed=args.seed, num_labels=self.data.num_labels, pad_id=pad, dtype=dtype,
-                                               streamer=make_streamer(lift.block_store_dir) if lift.stream_frozen else None)
+            self.model = build_quantized_model(
+                model_dir,
+                lift.frozen_weights,
+                make_store(lift.block_store, lift.block_store_dir),
+                random_init=args.random_init,
+                seed=args.seed,
+                num_labels=self.data.num_labels,
+                pad_id=pad,
+                dtype=dtype,
+                streamer=make_streamer(lift.block_store_dir) if lift.stream_frozen else None,
+            )
         else:
-            self.model = recipe.build_model(model_dir, num_labels=self.data.num_labels, pad_id=pad, random_init=args.random_init, seed=args.seed)
+            self.model = recipe.build_model(
+                model_dir, num_labels=self.data.num_labels, pad_id=pad, random_init=args.random_init, seed=args.seed
+            )
         fixed = None
         if args.baseline == "lora":
             from peft import LoraConfig, get_peft_model
 
-            self.model = get_peft_model(self.model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0))
+            self.model = get_peft_model(
+                self.model,
+                LoraConfig(
+                    r=args.lora_r,
+                    lora_alpha=2 * args.lora_r,
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                    lora_dropout=0.0,
+                ),
+            )
             fixed = [n for n, p in self.model.named_parameters() if p.requires_grad]
         elif args.baseline == "full":
             fixed = [n for n, _ in self.model.named_parameters()]
         self.engine, _, _, _ = initialize(model=self.model, config=config, fixed_trainable=fixed, plan=plan)
-        self.batches = RankBatches(self.data.train, self.engine.train_micro_batch_size_per_gpu(), self.engine.rank, self.engine.world_size, args.seed, pad,
-                                   accumulation=self.engine.gradient_accumulation_steps())
+        self.batches = RankBatches(
+            self.data.train,
+            self.engine.train_micro_batch_size_per_gpu(),
+            self.engine.rank,
+            self.engine.world_size,
+            args.seed,
+            pad,
+            accumulation=self.engine.gradient_accumulation_steps(),
+        )
         self.engine.run_fingerprint.update(run_fingerprint(args, model_dir, self.data))
         if self.engine.rank == 0:
             if args.overwrite_output_dir:
@@ -89,7 +127,10 @@ class Run:
                     logger.warning("--overwrite_output_dir: removed %s from %s", ", ".join(gone), self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             logger.info("backend %s, chosen by %s", config.backend, config.backend_reason)
-            logger.info("configuration (merged):\n%s", json.dumps({"args": vars(args), "config": config.to_dict()}, indent=1, default=str))
+            logger.info(
+                "configuration (merged):\n%s",
+                json.dumps({"args": vars(args), "config": config.to_dict()}, indent=1, default=str),
+            )
         torch.manual_seed(args.seed + self.engine.rank)
 
     def evaluate(self) -> dict[str, float]:
@@ -128,12 +169,20 @@ class Run:
         if self.engine.rank != 0 or not f.is_file():
             return
         lines = f.read_text().splitlines()
-        keep = [ln for ln in lines if ln.strip() and _step_of(ln) <= self.engine.global_step] if self.engine.global_step > 0 else []
+        keep = (
+            [ln for ln in lines if ln.strip() and _step_of(ln) <= self.engine.global_step]
+            if self.engine.global_step > 0
+            else []
+        )
         if len(keep) != len(lines):
             tmp = f.with_suffix(".partial")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, f)
-            logger.info("metrics.jsonl: %d records after step %d dropped (those steps run again)", len(lines) - len(keep), self.engine.global_step)
+            logger.info(
+                "metrics.jsonl: %d records after step %d dropped (those steps run again)",
+                len(lines) - len(keep),
+                self.engine.global_step,
+            )
 
     def train(self) -> dict[str, Any]:
         from tqdm import tqdm
@@ -156,23 +205,41 @@ class Run:
             self.log({"step": 0, **before})
         total = engine.plan.total_steps
         t_loop = time.perf_counter()
-        bar = tqdm(total=total, initial=engine.global_step, disable=engine.rank != 0, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=total, initial=engine.global_step, disable=engine.rank != 0, dynamic_ncols=True, file=sys.stderr
+        )
         t_step = time.perf_counter()
         while not engine.done:
             block = engine.active_block
             phase = engine.cursor.phase.index + 1
-            loss, tokens = optimizer_step(engine, self.batches, nan_loss=faults.armed("nan_loss", engine.global_step + 1, engine.rank))
+            loss, tokens = optimizer_step(
+                engine, self.batches, nan_loss=faults.armed("nan_loss", engine.global_step + 1, engine.rank)
+            )
             dt = time.perf_counter() - t_step
-            rec = {"step": engine.global_step, "loss": loss, "lr": engine.get_lr()[0], "block": block, "phase": phase,
-                   "grad_norm": engine.last_grad_norm, "tokens_per_s": tokens / dt, "step_s": dt, **peak_memory()}
+            rec = {
+                "step": engine.global_step,
+                "loss": loss,
+                "lr": engine.get_lr()[0],
+                "block": block,
+                "phase": phase,
+                "grad_norm": engine.last_grad_norm,
+                "tokens_per_s": tokens / dt,
+                "step_s": dt,
+                **peak_memory(),
+            }
             if engine.last_step_skipped:
                 rec["skipped"] = True
             if engine.skipped_steps:
                 rec["skipped_steps"] = engine.skipped_steps
             self.log(rec)
             mem = rec.get("peak_cuda_allocated_gib", rec.get("peak_rss_gib", 0.0))
-            bar.set_postfix(phase=f"{phase}/{len(engine.plan.phases)}", block=block, loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                            **{"peak_gpu_GiB" if "peak_cuda_allocated_gib" in rec else "peak_rss_GiB": f"{mem:.2f}"})
+            bar.set_postfix(
+                phase=f"{phase}/{len(engine.plan.phases)}",
+                block=block,
+                loss=f"{rec['loss']:.4f}",
+                tok_s=f"{rec['tokens_per_s']:.0f}",
+                **{"peak_gpu_GiB" if "peak_cuda_allocated_gib" in rec else "peak_rss_GiB": f"{mem:.2f}"},
+            )
             bar.update(1)
             t_step = time.perf_counter()
             faults.maybe_kill("kill", engine.global_step, engine.rank)
@@ -183,8 +250,11 @@ class Run:
             if args.save_every and engine.global_step % args.save_every == 0:
                 if engine.consecutive_skipped_steps:
                     # keep the newest checkpoint one from before the run of skipped (NaN/inf) steps
-                    logger.warning("step %d: checkpoint not written, the last %d steps were skipped for NaN/inf",
-                                   engine.global_step, engine.consecutive_skipped_steps)
+                    logger.warning(
+                        "step %d: checkpoint not written, the last %d steps were skipped for NaN/inf",
+                        engine.global_step,
+                        engine.consecutive_skipped_steps,
+                    )
                 else:
                     self.save()
         bar.close()
@@ -197,8 +267,13 @@ class Run:
             self.save()
         if not args.no_final_model:
             self.export()
-        return {"before": before, "after": after, "phase_switch_seconds": engine.phase_switch_seconds, "skipped_steps": engine.skipped_steps,
-                "train_loop_seconds": loop_seconds}
+        return {
+            "before": before,
+            "after": after,
+            "phase_switch_seconds": engine.phase_switch_seconds,
+            "skipped_steps": engine.skipped_steps,
+            "train_loop_seconds": loop_seconds,
+        }
 
     def export(self) -> None:
         from .export import save_hf_checkpoint
@@ -227,8 +302,13 @@ def run_fingerprint(args: Any, model_dir: str, data: Any) -> dict[str, Any]:
     if any, else lift.method, as checkpoints have always recorded it)."""
     from .preflight import data_digest, model_identity
 
-    out = {"data": data_digest(data.train), "data_seed": args.seed, "model": model_identity(model_dir, args.random_init),
-           "method": args.baseline or args.method, "classifier_head": bool(args.classifier_head)}
+    out = {
+        "data": data_digest(data.train),
+        "data_seed": args.seed,
+        "model": model_identity(model_dir, args.random_init),
+        "method": args.baseline or args.method,
+        "classifier_head": bool(args.classifier_head),
+    }
     if args.baseline == "lora":
         out["lora_r"] = args.lora_r
     return out
@@ -244,8 +324,13 @@ def write_result(run: Run, result: dict[str, Any]) -> None:
 
     engine = run.engine
     record = {
-        **result, "steps": engine.global_step, "world_size": engine.world_size, "backend": engine.backend.name,
-        "method": run.args.baseline or run.args.method, "phase_switches": engine.phase_switches, "process_seconds": time.process_time(),
+        **result,
+        "steps": engine.global_step,
+        "world_size": engine.world_size,
+        "backend": engine.backend.name,
+        "method": run.args.baseline or run.args.method,
+        "phase_switches": engine.phase_switches,
+        "process_seconds": time.process_time(),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
@@ -265,8 +350,14 @@ def _report(e: LiftError, run: Run | None) -> None:
     where = ""
     if e.exit_code == TRAINING_FAULT and run is not None:
         latest = run.ckpt_dir / "latest"
-        where = (f" The newest checkpoint is {run.ckpt_dir / latest.read_text().strip()}; continue from it with the same "
-                 "command and --resume.") if latest.is_file() else " No checkpoint was written (use --save_every N)."
+        where = (
+            (
+                f" The newest checkpoint is {run.ckpt_dir / latest.read_text().strip()}; "
+                "continue from it with the same command and --resume."
+            )
+            if latest.is_file()
+            else " No checkpoint was written (use --save_every N)."
+        )
     engine = getattr(run, "engine", None)
     if engine is None or engine.rank == 0:
         print(f"error: {e}{where}", file=sys.stderr)
@@ -275,7 +366,9 @@ def _report(e: LiftError, run: Run | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of launch/train.py; a :class:`~lift_ds.errors.LiftError` with an ``exit_code`` ends it with
     that status (2 bad input, 3 a fault during training) and a one-paragraph message."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -296,8 +389,10 @@ def main(argv: list[str] | None = None) -> int:
             if key in a:
                 print(f"held-out {key.split('_')[1]}: before {b.get(key, float('nan')):.4f} -> after {a[key]:.4f}")
         if result["skipped_steps"]:
-            print(f"{result['skipped_steps']} optimizer steps were skipped "
-                  "for a NaN/inf loss or gradient (see metrics.jsonl)")
+            print(
+                f"{result['skipped_steps']} optimizer steps were skipped "
+                "for a NaN/inf loss or gradient (see metrics.jsonl)"
+            )
         print(f"phase switches took {result['phase_switch_seconds']:.1f} s; outputs in {run.out}")
         write_result(run, result)
     run.engine.close()

@@ -5,17 +5,32 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama_config(layers: int = 4, hidden: int = 32, vocab: int = 128, tie: bool = False, attention_dropout: float = 0.0):
+def tiny_llama_config(
+    layers: int = 4, hidden: int = 32, vocab: int = 128, tie: bool = False, attention_dropout: float = 0.0
+):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
         attention_dropout=attention_dropout,
     )
 
 
-def tiny_llama(layers: int = 4, hidden: int = 32, vocab: int = 128, tie: bool = False, seed: int = 0, attention_dropout: float = 0.0):
+def tiny_llama(
+    layers: int = 4,
+    hidden: int = 32,
+    vocab: int = 128,
+    tie: bool = False,
+    seed: int = 0,
+    attention_dropout: float = 0.0,
+):
     """A random-init LlamaForCausalLM; ``attention_dropout`` > 0 draws from the RNG in every training
     forward (what makes a resume test need the RNG restore)."""
     from transformers import LlamaForCausalLM
@@ -46,10 +61,22 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-POSITIVE = ["a wonderful and moving film", "great acting and a clever plot", "i loved every minute of it", "a delightful, funny story",
-            "beautifully shot and well told", "an excellent cast at its best"]
-NEGATIVE = ["a dull and tedious mess", "the plot makes no sense at all", "i hated the boring script", "a tired, lifeless sequel",
-            "badly acted and far too long", "an awful waste of good actors"]
+POSITIVE = [
+    "a wonderful and moving film",
+    "great acting and a clever plot",
+    "i loved every minute of it",
+    "a delightful, funny story",
+    "beautifully shot and well told",
+    "an excellent cast at its best",
+]
+NEGATIVE = [
+    "a dull and tedious mess",
+    "the plot makes no sense at all",
+    "i hated the boring script",
+    "a tired, lifeless sequel",
+    "badly acted and far too long",
+    "an awful waste of good actors",
+]
 
 
 def write_sentiment(path, n: int, seed: int = 0) -> None:
@@ -73,7 +100,12 @@ def make_model_dir(path, layers: int = 4, hidden: int = 32, tie: bool = False, a
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = POSITIVE + NEGATIVE + ["Review:", "Sentiment:", " positive", " negative", "Question:", "Answer:"]
-    tok.train_from_iterator(corpus * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus * 4,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     model = tiny_llama(layers=layers, hidden=hidden, vocab=len(fast), tie=tie, attention_dropout=attention_dropout)
     model.config.eos_token_id = fast.eos_token_id

@@ -18,18 +18,42 @@ def d(tmp_path_factory):
     make_model_dir(d / "model", layers=3)
     write_sentiment(d / "train.jsonl", 32)
     write_sentiment(d / "eval.jsonl", 12, seed=1)
-    (d / "mc.jsonl").write_text("".join(json.dumps({"input": f"Is {w} good?", "target_scores": {"Yes": int(i % 2 == 0), "No": int(i % 2)}}) + "\n"
-                                        for i, w in enumerate(["this", "that", "it", "the plot", "the film", "acting"] * 3)))
+    (d / "mc.jsonl").write_text(
+        "".join(
+            json.dumps({"input": f"Is {w} good?", "target_scores": {"Yes": int(i % 2 == 0), "No": int(i % 2)}}) + "\n"
+            for i, w in enumerate(["this", "that", "it", "the plot", "the film", "acting"] * 3)
+        )
+    )
     return d
 
 
 def tasks(d):
-    return ["--task", f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl", "--task", f"mc=multiple_choice:{d}/mc.jsonl"]
+    return [
+        "--task",
+        f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
+        "--task",
+        f"mc=multiple_choice:{d}/mc.jsonl",
+    ]
 
 
 def test_contribution_table_heatmap_and_recommendation(d, capsys):
     out = d / "contribution"
-    code = main(["contribution", "--model", str(d / "model"), *tasks(d), "--steps", "3", "--micro_batch", "4", "--out", str(out), "--window", "2"])
+    code = main(
+        [
+            "contribution",
+            "--model",
+            str(d / "model"),
+            *tasks(d),
+            "--steps",
+            "3",
+            "--micro_batch",
+            "4",
+            "--out",
+            str(out),
+            "--window",
+            "2",
+        ]
+    )
     assert code == 0
     rows = list(csv.DictReader(open(out / "contribution.csv")))
     assert [r["block"] for r in rows] == ["embedding", "model.layers.0", "model.layers.1", "model.layers.2"]
@@ -45,26 +69,81 @@ def test_contribution_table_heatmap_and_recommendation(d, capsys):
 
 def test_contribution_sublayers_with_classifier_head(d):
     out = d / "sub"
-    code = main(["contribution", "--model", str(d / "model"), "--task", f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
-                 "--classifier_head", "--sublayers", "--only", "model.layers.1", "--steps", "2", "--micro_batch", "4", "--out", str(out)])
+    code = main(
+        [
+            "contribution",
+            "--model",
+            str(d / "model"),
+            "--task",
+            f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
+            "--classifier_head",
+            "--sublayers",
+            "--only",
+            "model.layers.1",
+            "--steps",
+            "2",
+            "--micro_batch",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     blocks = [r["block"] for r in csv.DictReader(open(out / "contribution.csv"))]
     # every linear and norm of the layer, each alone (with the head)
-    assert blocks == [f"model.layers.1.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")]
+    assert blocks == [
+        f"model.layers.1.{m}"
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        )
+    ]
 
 
 def test_ablation_table_in_the_papers_layout(d, capsys):
     out = d / "ablation"
-    code = main(["ablation", "--model", str(d / "model"), *tasks(d), "--steps", "6", "--micro_batch", "4", "--ranges", "all,first,2-3",
-                 "--schedules", "front2end,random", "--policies", "grouped,cyclic", "--seeds", "0,1", "--out", str(out)])
+    code = main(
+        [
+            "ablation",
+            "--model",
+            str(d / "model"),
+            *tasks(d),
+            "--steps",
+            "6",
+            "--micro_batch",
+            "4",
+            "--ranges",
+            "all,first,2-3",
+            "--schedules",
+            "front2end,random",
+            "--policies",
+            "grouped,cyclic",
+            "--seeds",
+            "0,1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     header = table.splitlines()[0]
     assert header == "| setting | reviews | mc | average |"
     labels = [r["setting"] for r in json.loads((out / "ablation.json").read_text())["rows"]]
-    assert labels == ["FT-Full", "LIFT all front2end grouped", "LIFT first [1, 1] front2end grouped", "LIFT [2, 3] front2end grouped",
-                      "LIFT all random grouped", "LIFT all front2end cyclic"]
+    assert labels == [
+        "FT-Full",
+        "LIFT all front2end grouped",
+        "LIFT first [1, 1] front2end grouped",
+        "LIFT [2, 3] front2end grouped",
+        "LIFT all random grouped",
+        "LIFT all front2end cyclic",
+    ]
     assert (out / "ablation.md").read_text().startswith(header)
 
 
@@ -84,8 +163,11 @@ def test_curves_png(d, tmp_path):
     runs = []
     for name, losses in (("LIFT", [2.0, 1.5, 1.2]), ("FT-Full", [2.0, 1.4, 1.1])):
         f = tmp_path / f"{name}.jsonl"
-        f.write_text("".join(json.dumps({"step": 10 * i, "eval_loss": v}) + "\n" for i, v in enumerate(losses))
-                     + json.dumps({"step": 5, "loss": 3.0, "step_s": 0.5}) + "\n")
+        f.write_text(
+            "".join(json.dumps({"step": 10 * i, "eval_loss": v}) + "\n" for i, v in enumerate(losses))
+            + json.dumps({"step": 5, "loss": 3.0, "step_s": 0.5})
+            + "\n"
+        )
         runs += ["--run", f"{name}={f}"]
     assert main(["curves", *runs, "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG
@@ -93,20 +175,34 @@ def test_curves_png(d, tmp_path):
     data = json.loads((tmp_path / "c.json").read_text())
     assert [e["eval_loss"] for e in data["runs"]["LIFT"]["evaluations"]] == [2.0, 1.5, 1.2]
     assert data["runs"]["FT-Full"]["median_step_s"] == 0.5
-    assert data["provenance"]["date"] and data["provenance"]["machine"]["cpu"]["model"] and "commit" in data["provenance"]
+    assert (
+        data["provenance"]["date"] and data["provenance"]["machine"]["cpu"]["model"] and "commit" in data["provenance"]
+    )
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["contribution", "--task", "nonsense", "--out", "x"], "--task: 'nonsense' is not a task"),
-    (["contribution", "--task", "t=csv:a.jsonl", "--out", "x"], "FORMAT one of"),
-    (["contribution", "--task", "t=text:/nonexistent.jsonl", "--out", "x"], "file '/nonexistent.jsonl' does not exist"),
-    (["ablation", "--task", "REVIEWS", "--ranges", "5-2", "--out", "x"], "--ranges: '5-2' must satisfy 1 <= A <= B <= 3"),
-    (["ablation", "--task", "REVIEWS", "--schedules", "sideways", "--out", "x"], "--schedules: 'sideways' unknown"),
-    (["ablation", "--task", "REVIEWS", "--steps", "0", "--out", "x"], "--steps: must be >= 1"),
-    (["contribution", "--task", "REVIEWS", "--seeds", "a,b", "--out", "x"], "--seeds: expected comma-separated integers"),
-    (["curves", "--run", "nolabel", "--out", "x.png"], "--run: 'nolabel' must be LABEL=path/to/metrics.jsonl"),
-    (["curves", "--run", "A=/nonexistent/metrics.jsonl", "--out", "x.png"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["contribution", "--task", "nonsense", "--out", "x"], "--task: 'nonsense' is not a task"),
+        (["contribution", "--task", "t=csv:a.jsonl", "--out", "x"], "FORMAT one of"),
+        (
+            ["contribution", "--task", "t=text:/nonexistent.jsonl", "--out", "x"],
+            "file '/nonexistent.jsonl' does not exist",
+        ),
+        (
+            ["ablation", "--task", "REVIEWS", "--ranges", "5-2", "--out", "x"],
+            "--ranges: '5-2' must satisfy 1 <= A <= B <= 3",
+        ),
+        (["ablation", "--task", "REVIEWS", "--schedules", "sideways", "--out", "x"], "--schedules: 'sideways' unknown"),
+        (["ablation", "--task", "REVIEWS", "--steps", "0", "--out", "x"], "--steps: must be >= 1"),
+        (
+            ["contribution", "--task", "REVIEWS", "--seeds", "a,b", "--out", "x"],
+            "--seeds: expected comma-separated integers",
+        ),
+        (["curves", "--run", "nolabel", "--out", "x.png"], "--run: 'nolabel' must be LABEL=path/to/metrics.jsonl"),
+        (["curves", "--run", "A=/nonexistent/metrics.jsonl", "--out", "x.png"], "does not exist"),
+    ],
+)
 def test_bad_arguments_exit_2(d, capsys, argv, needle):
     argv = [a.replace("REVIEWS", f"r=classification:{d}/train.jsonl:{d}/eval.jsonl") for a in argv]
     if argv[0] != "curves":
@@ -143,9 +239,32 @@ def test_compare_picks_best_lr_on_validation_and_reports_test_over_seeds(d, caps
     from lift_ds.analysis.compare import test_score
 
     out = d / "compare"
-    argv = ["compare", "--model", str(d / "model"), "--task", f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
-            "--methods", "lift,lisa", "--lrs", "lift=1e-3,3e-2", "--lrs", "lisa=1e-2", "--seeds", "0,1", "--steps", "4",
-            "--micro_batch", "4", "--val_items", "8", "--switch_every", "2", "--keep_models", "--out", str(out)]
+    argv = [
+        "compare",
+        "--model",
+        str(d / "model"),
+        "--task",
+        f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
+        "--methods",
+        "lift,lisa",
+        "--lrs",
+        "lift=1e-3,3e-2",
+        "--lrs",
+        "lisa=1e-2",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "4",
+        "--micro_batch",
+        "4",
+        "--val_items",
+        "8",
+        "--switch_every",
+        "2",
+        "--keep_models",
+        "--out",
+        str(out),
+    ]
     stale = out / "runs" / "reviews" / "lift" / "lr0.001" / "seed0" / "out"  # a run cut short by an earlier invocation
     stale.mkdir(parents=True)
     (stale / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_loss": 9.0, "eval_accuracy": 0.0}) + "\n")
@@ -161,7 +280,9 @@ def test_compare_picks_best_lr_on_validation_and_reports_test_over_seeds(d, caps
     at_best = [r["test"]["score"] for r in res["runs"] if r["method"] == "lift" and r["lr"] == lift["best_lr"]]
     assert lift["seeds"] == 2 and abs(lift["test_mean"] - sum(at_best) / 2) < 1e-12
     # the first seed's runs validate every step (the curves), the others before and after only; no run checkpoints
-    assert all([p["step"] for p in r["val_curve"]] == ([0, 1, 2, 3, 4] if r["seed"] == 0 else [0, 4]) for r in res["runs"])
+    assert all(
+        [p["step"] for p in r["val_curve"]] == ([0, 1, 2, 3, 4] if r["seed"] == 0 else [0, 4]) for r in res["runs"]
+    )
     assert not list((out / "runs").rglob("checkpoints"))
     assert (out / "curves_reviews.png").read_bytes()[:8] == PNG
     assert "| lift |" in (out / "compare.md").read_text()
@@ -169,7 +290,12 @@ def test_compare_picks_best_lr_on_validation_and_reports_test_over_seeds(d, caps
     run = res["runs"][0]
     run_dir = out / "runs" / "reviews" / "lift" / f"lr{run['lr']:g}" / "seed0"
     args = SimpleNamespace(seq_len=64, test_limit=0)
-    task = Task("reviews", "classification", str(out / "data" / "reviews" / "train.jsonl"), str(out / "data" / "reviews" / "val.jsonl"))
+    task = Task(
+        "reviews",
+        "classification",
+        str(out / "data" / "reviews" / "train.jsonl"),
+        str(out / "data" / "reviews" / "val.jsonl"),
+    )
     assert test_score(run_dir / "out" / "final", task, args)["score"] == run["val"]
     stamp = (run_dir / "result.json").stat().st_mtime_ns
     assert main(argv) == 0 and (run_dir / "result.json").stat().st_mtime_ns == stamp
@@ -192,14 +318,31 @@ def test_lm_eval_agrees_with_lift_ds_item_by_item(d, tmp_path, fmt, capsys):
     from lift_ds.analysis.common import Task
     from lift_ds.analysis.lmeval import agreement
 
-    task = (Task("reviews", "classification", f"{d}/train.jsonl", f"{d}/eval.jsonl") if fmt == "classification"
-            else Task("mc", "multiple_choice", f"{d}/mc.jsonl", f"{d}/mc.jsonl"))
+    task = (
+        Task("reviews", "classification", f"{d}/train.jsonl", f"{d}/eval.jsonl")
+        if fmt == "classification"
+        else Task("mc", "multiple_choice", f"{d}/mc.jsonl", f"{d}/mc.jsonl")
+    )
     r = agreement(str(d / "model"), task, 64, 0, tmp_path / "tasks")
     assert r["items"] == r["lm_eval_items"] > 0
     assert r["lm_eval_accuracy"] == r["lift_ds_accuracy"] and r["items_choosing_differently"] == 0
     assert r["max_loglikelihood_gap"] < 1e-4, r
     if fmt == "classification":
-        assert main(["lmeval", "--model", str(d / "model"), "--task", f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
-                     "--limit", "5", "--out", str(tmp_path / "cli")]) == 0
+        assert (
+            main(
+                [
+                    "lmeval",
+                    "--model",
+                    str(d / "model"),
+                    "--task",
+                    f"reviews=classification:{d}/train.jsonl:{d}/eval.jsonl",
+                    "--limit",
+                    "5",
+                    "--out",
+                    str(tmp_path / "cli"),
+                ]
+            )
+            == 0
+        )
         assert "5 items, lift_ds accuracy" in capsys.readouterr().out
         assert json.loads((tmp_path / "cli" / "lmeval.json").read_text())["rows"][0]["items"] == 5

@@ -39,11 +39,16 @@ def test_a_task_name_never_becomes_a_path_outside_the_cache(cache, name):
     assert not cache.exists() or all(assets.inside(p, cache) for p in cache.rglob("*"))
 
 
-@pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil.txt", "a/../../evil.txt", "a\\..\\evil.txt", "C:/evil.txt", ""])
+@pytest.mark.parametrize(
+    "member", ["../evil.txt", "/tmp/evil.txt", "a/../../evil.txt", "a\\..\\evil.txt", "C:/evil.txt", ""]
+)
 def test_archive_members_are_normalised_and_kept_inside(tmp_path, member):
     with pytest.raises(AssetError):
         assets.archive_member_path(member, tmp_path / "root")
-    assert assets.archive_member_path("sub/dir/file.json", tmp_path / "root") == tmp_path / "root" / "sub" / "dir" / "file.json"
+    assert (
+        assets.archive_member_path("sub/dir/file.json", tmp_path / "root")
+        == tmp_path / "root" / "sub" / "dir" / "file.json"
+    )
 
 
 def test_a_wheel_with_a_member_escaping_its_directory_writes_nothing_outside(cache, tmp_path, monkeypatch):
@@ -72,8 +77,10 @@ def _sdist(path: Path, marker: Path) -> None:
     member posing as another task's task.json."""
     task = {"examples": [{"input": f"q{i}", "target_scores": {"yes": 1, "no": 0}} for i in range(12)]}
     with tarfile.open(path, "w:gz") as tar:
-        for name, data in (("bigbench-1.0.0/setup.py", f"open({str(marker)!r}, 'w')\n".encode()),
-                           ("bigbench-1.0.0/bigbench/benchmark_tasks/tiny_task/task.json", json.dumps(task).encode())):
+        for name, data in (
+            ("bigbench-1.0.0/setup.py", f"open({str(marker)!r}, 'w')\n".encode()),
+            ("bigbench-1.0.0/bigbench/benchmark_tasks/tiny_task/task.json", json.dumps(task).encode()),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

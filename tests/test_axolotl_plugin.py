@@ -38,11 +38,30 @@ def test_off_values_of_those_settings_are_fine(value):
 
 
 def test_every_problem_at_once_and_only_for_configs_that_use_the_plugin():
-    cfg = {**BASE, "lisa_n_layers": 2, "lisa_step_interval": 5, "adapter": "lora", "unfrozen_parameters": ["lm_head.*"], "relora": True,
-           "layer_offloading": True, "optimizer": "adamw_bnb_8bit", "lr_scheduler": "one_cycle", "tensor_parallel_size": 2}
+    cfg = {
+        **BASE,
+        "lisa_n_layers": 2,
+        "lisa_step_interval": 5,
+        "adapter": "lora",
+        "unfrozen_parameters": ["lm_head.*"],
+        "relora": True,
+        "layer_offloading": True,
+        "optimizer": "adamw_bnb_8bit",
+        "lr_scheduler": "one_cycle",
+        "tensor_parallel_size": 2,
+    }
     problems = conflicts(cfg)
-    for key in ("lisa_n_layers", "lisa_step_interval", "adapter", "unfrozen_parameters", "relora", "layer_offloading", "optimizer",
-                "lr_scheduler", "tensor_parallel_size"):
+    for key in (
+        "lisa_n_layers",
+        "lisa_step_interval",
+        "adapter",
+        "unfrozen_parameters",
+        "relora",
+        "layer_offloading",
+        "optimizer",
+        "lr_scheduler",
+        "tensor_parallel_size",
+    ):
         assert any(p.startswith(f"{key}: ") for p in problems), key
     assert len(problems) == 9
     LiftArgs.model_validate({**cfg, "plugins": ["some.other.Plugin"]})  # the checks belong to LiftPlugin's configs only
@@ -52,42 +71,80 @@ def test_every_problem_at_once_and_only_for_configs_that_use_the_plugin():
 def test_backends_as_axolotl_configures_them():
     assert conflicts({**BASE, "fsdp_version": 2, "fsdp_config": {"offload_params": False}}) == []
     assert conflicts({**BASE, "fsdp_config": {"fsdp_version": 2}}) == []
-    assert conflicts({**BASE, "fsdp_config": {"offload_params": False}}) == \
-        ["fsdp_version: 1; lift_ds's FSDP backend is FSDP2: set fsdp_version: 2"]
-    assert any(p.startswith("deepspeed and fsdp_config: both") for p in conflicts({**BASE, "deepspeed": {"zero_optimization": {}},
-                                                                                   "fsdp_version": 2, "fsdp_config": {"a": 1}}))
+    assert conflicts({**BASE, "fsdp_config": {"offload_params": False}}) == [
+        "fsdp_version: 1; lift_ds's FSDP backend is FSDP2: set fsdp_version: 2"
+    ]
+    assert any(
+        p.startswith("deepspeed and fsdp_config: both")
+        for p in conflicts({**BASE, "deepspeed": {"zero_optimization": {}}, "fsdp_version": 2, "fsdp_config": {"a": 1}})
+    )
     # a sharding backend that axolotl does not know of: its final save would write rank 0's shard
     problems = conflicts({**BASE, "lift": {"backend": "fsdp"}})
     assert len(problems) == 1 and problems[0].startswith("lift.backend: 'fsdp' shards the model"), problems
-    assert conflicts({**BASE, "lift": {"backend": "torch"}}) == [] and conflicts({**BASE, "lift": {"method": "badam"}}) == []
+    assert (
+        conflicts({**BASE, "lift": {"backend": "torch"}}) == []
+        and conflicts({**BASE, "lift": {"method": "badam"}}) == []
+    )
 
 
 def test_the_lift_section_is_checked_by_lift_ds_every_problem_at_once(tmp_path):
     with pytest.raises(ValidationError) as e:
-        LiftArgs.model_validate({**BASE, "lift": {"method": "lisa", "policy": "cyclic", "bogus": 1, "layer_range": [3, 1]}})
+        LiftArgs.model_validate(
+            {**BASE, "lift": {"method": "lisa", "policy": "cyclic", "bogus": 1, "layer_range": [3, 1]}}
+        )
     text = str(e.value)
-    for part in ("lift.bogus: unknown key", "lift.policy: 'cyclic' is LIFT's", "lift.layer_range: must be [first, last]"):
+    for part in (
+        "lift.bogus: unknown key",
+        "lift.policy: 'cyclic' is LIFT's",
+        "lift.layer_range: must be [first, last]",
+    ):
         assert part in text, text
     with pytest.raises(ValidationError, match="lift: must be a mapping"):
         LiftArgs.model_validate({**BASE, "lift": ["method", "lisa"]})
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "lift": {"schedule": "sideways"}}))
-    assert conflicts({**BASE, "deepspeed": str(ds)}) == [f"{ds}: lift.schedule: got 'sideways'; allowed: front2end, end2front, random"]
+    assert conflicts({**BASE, "deepspeed": str(ds)}) == [
+        f"{ds}: lift.schedule: got 'sideways'; allowed: front2end, end2front, random"
+    ]
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "lift": {"total_steps": "auto"}}))
     assert conflicts({**BASE, "deepspeed": str(ds)}) == []
-    assert conflicts({**BASE, "deepspeed": str(ds), "lift": {}}) == [f"lift: given in the YAML and as the \"lift\" section of {str(ds)!r}; keep one"]
+    assert conflicts({**BASE, "deepspeed": str(ds), "lift": {}}) == [
+        f'lift: given in the YAML and as the "lift" section of {str(ds)!r}; keep one'
+    ]
 
 
 def test_lift_config_from_an_axolotl_config(tmp_path):
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "lift": {"include_head": True}}))
-    assert lift_config({"deepspeed": str(ds)}) == {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
-                                                   "lift": {"include_head": True}}
+    ds.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 3},
+                "train_micro_batch_size_per_gpu": "auto",
+                "lift": {"include_head": True},
+            }
+        )
+    )
+    assert lift_config({"deepspeed": str(ds)}) == {
+        "zero_optimization": {"stage": 3},
+        "train_micro_batch_size_per_gpu": "auto",
+        "lift": {"include_head": True},
+    }
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    assert lift_config({"deepspeed": str(ds), "lift": {"method": "badam"}}) == {"zero_optimization": {"stage": 2}, "lift": {"method": "badam"}}
-    assert lift_config({"deepspeed": {"zero_optimization": {"stage": 1}}}) == {"zero_optimization": {"stage": 1}, "lift": {}}
-    assert lift_config({"fsdp_version": 2, "fsdp_config": {"offload_params": True, "reshard_after_forward": False}, "lift": {"method": "lisa"}}) == \
-        {"lift": {"method": "lisa"}, "fsdp": {"cpu_offload": True, "reshard_after_forward": False}}
+    assert lift_config({"deepspeed": str(ds), "lift": {"method": "badam"}}) == {
+        "zero_optimization": {"stage": 2},
+        "lift": {"method": "badam"},
+    }
+    assert lift_config({"deepspeed": {"zero_optimization": {"stage": 1}}}) == {
+        "zero_optimization": {"stage": 1},
+        "lift": {},
+    }
+    assert lift_config(
+        {
+            "fsdp_version": 2,
+            "fsdp_config": {"offload_params": True, "reshard_after_forward": False},
+            "lift": {"method": "lisa"},
+        }
+    ) == {"lift": {"method": "lisa"}, "fsdp": {"cpu_offload": True, "reshard_after_forward": False}}
     assert lift_config({}) == {"lift": {}}  # the plugin line alone: LIFT over every layer, defaults
     section = {"layer_range": [2, 3]}
     built = lift_config({"lift": section})
@@ -100,8 +157,9 @@ def test_the_composed_trainer_hands_the_plugins_config_to_the_mixin(tmp_path):
     the base, the lift_ds config built from the axolotl config, the base's own arguments untouched."""
     from transformers import Trainer, TrainingArguments
 
-    from helpers import tiny_llama
     from lift_ds.integrations.transformers import LiftTrainerMixin
+
+    from helpers import tiny_llama
 
     cfg = {"lift": {"backend": "torch", "layer_range": [2, 3]}}
     cls = plugin_module.lift_trainer_class(cfg, base=Trainer)

@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch import nn
 
 from lift_ds.blocks import find_blocks, match_modules, select_candidates, set_trainable
@@ -20,7 +19,12 @@ def _build(arch: str, tie: bool | None = None):
     elif arch == "qwen2":
         cfg, cls = T.Qwen2Config(num_key_value_heads=2, **small), T.Qwen2ForCausalLM
     elif arch == "gpt2":
-        cfg, cls = T.GPT2Config(vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0), T.GPT2LMHeadModel
+        cfg, cls = (
+            T.GPT2Config(
+                vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
+            ),
+            T.GPT2LMHeadModel,
+        )
     elif arch == "neox":
         cfg, cls = T.GPTNeoXConfig(**small), T.GPTNeoXForCausalLM
     elif arch == "bert":
@@ -32,14 +36,27 @@ def _build(arch: str, tie: bool | None = None):
     return cls(cfg)
 
 
-@pytest.mark.parametrize("arch,layer_prefix,emb,head", [
-    ("llama", "model.layers", {"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
-    ("mistral", "model.layers", {"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
-    ("qwen2", "model.layers", {"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
-    ("gpt2", "transformer.h", {"transformer.wte.weight", "transformer.wpe.weight"}, {"transformer.ln_f.weight", "transformer.ln_f.bias"}),
-    ("neox", "gpt_neox.layers", {"gpt_neox.embed_in.weight"}, {"gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias", "lm_head.weight"}),
-    ("bert", "bert.encoder.layer", None, None),
-])
+@pytest.mark.parametrize(
+    "arch,layer_prefix,emb,head",
+    [
+        ("llama", "model.layers", {"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+        ("mistral", "model.layers", {"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+        ("qwen2", "model.layers", {"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+        (
+            "gpt2",
+            "transformer.h",
+            {"transformer.wte.weight", "transformer.wpe.weight"},
+            {"transformer.ln_f.weight", "transformer.ln_f.bias"},
+        ),
+        (
+            "neox",
+            "gpt_neox.layers",
+            {"gpt_neox.embed_in.weight"},
+            {"gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias", "lm_head.weight"},
+        ),
+        ("bert", "bert.encoder.layer", None, None),
+    ],
+)
 def test_blocks_per_architecture(arch, layer_prefix, emb, head):
     model = _build(arch)
     blocks = find_blocks(model)
@@ -93,7 +110,9 @@ def test_select_candidates_ranges():
     blocks = find_blocks(model)
     c = select_candidates(blocks, parse_lift_section({}))
     assert [b.layer_number for b in c] == [1, 2, 3]
-    c = select_candidates(blocks, parse_lift_section({"layer_range": [2, 3], "include_embedding": True, "include_head": True}))
+    c = select_candidates(
+        blocks, parse_lift_section({"layer_range": [2, 3], "include_embedding": True, "include_head": True})
+    )
     assert [b.name for b in c] == ["embedding", "bert.encoder.layer.1", "bert.encoder.layer.2", "head"]
     with pytest.raises(ConfigError, match=r"lift.layer_range: \[2, 9\] reaches past the model's 3 layers"):
         select_candidates(blocks, parse_lift_section({"layer_range": [2, 9]}))

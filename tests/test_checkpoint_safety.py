@@ -31,15 +31,23 @@ STEPS = 8
 
 
 def make(lift=None, lr=1e-2, wd=0.0, sched=None, **top):
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, **top,
-           "lift": {"backend": "torch", "total_steps": STEPS, "include_head": True, **(lift or {})}}
-    engine, _, _, _ = lift_ds.initialize(model=tiny_llama(), config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd),
-                                         lr_scheduler=sched)
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 1.0,
+        **top,
+        "lift": {"backend": "torch", "total_steps": STEPS, "include_head": True, **(lift or {})},
+    }
+    engine, _, _, _ = lift_ds.initialize(
+        model=tiny_llama(),
+        config=cfg,
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd),
+        lr_scheduler=sched,
+    )
     return engine
 
 
 def train(engine, data, upto=None):
-    for b in data[engine.global_step: upto]:
+    for b in data[engine.global_step : upto]:
         loss = engine(**b).loss
         engine.backward(loss)
         engine.step()
@@ -96,13 +104,21 @@ def test_every_torch_load_in_the_package_is_weights_only():
     calls = []
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "load" \
-                    and getattr(getattr(node.func, "value", None), "id", None) == "torch":
-                ok = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords)
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) == "load"
+                and getattr(getattr(node.func, "value", None), "id", None) == "torch"
+            ):
+                ok = any(
+                    k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in node.keywords
+                )
                 calls.append((f"{path.name}:{node.lineno}", ok))
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-                assert not any(n.split(".")[0] in ("pickle", "dill", "cloudpickle") for n in names), f"{path.name}:{node.lineno} imports pickle"
+                assert not any(n.split(".")[0] in ("pickle", "dill", "cloudpickle") for n in names), (
+                    f"{path.name}:{node.lineno} imports pickle"
+                )
     assert calls and all(ok for _, ok in calls), calls
 
 
@@ -117,7 +133,9 @@ def test_a_pickled_payload_in_a_checkpoint_never_runs(tmp_path, name):
         resume(tmp_path)
     assert not marker.exists(), "the checkpoint ran code"
     msg = str(info.value)
-    assert str(ckpt / name) in msg and "pickled Python object" in msg and "safe load refuses" in msg and "io.open" in msg
+    assert (
+        str(ckpt / name) in msg and "pickled Python object" in msg and "safe load refuses" in msg and "io.open" in msg
+    )
 
 
 def test_latest_is_only_a_tag_inside_the_save_directory(tmp_path, caplog):
@@ -125,7 +143,12 @@ def test_latest_is_only_a_tag_inside_the_save_directory(tmp_path, caplog):
     saved(outside / "ck", steps=(5,))
     ck = tmp_path / "ck"
     saved(ck, steps=(2,))
-    for bad in ["../elsewhere/ck/global_step5", str(outside / "ck" / "global_step5"), ".global_step2", "global_step2/../../elsewhere"]:
+    for bad in [
+        "../elsewhere/ck/global_step5",
+        str(outside / "ck" / "global_step5"),
+        ".global_step2",
+        "global_step2/../../elsewhere",
+    ]:
         (ck / "latest").write_text(bad)
         with caplog.at_level(logging.WARNING):
             engine, path = resume(ck)
@@ -144,10 +167,17 @@ def test_latest_is_only_a_tag_inside_the_save_directory(tmp_path, caplog):
 # ----------------------------------------------------------------------------- damaged checkpoints
 
 
-@pytest.mark.parametrize("name,damage", [
-    ("weights.safetensors", "truncate"), ("rank0_state.pt", "truncate"), ("optimizer_state.pt", "flip"),
-    ("stash.rank0.pt", "flip"), ("lift_state.json", "truncate"), ("manifest.json", "remove"),
-])
+@pytest.mark.parametrize(
+    "name,damage",
+    [
+        ("weights.safetensors", "truncate"),
+        ("rank0_state.pt", "truncate"),
+        ("optimizer_state.pt", "flip"),
+        ("stash.rank0.pt", "flip"),
+        ("lift_state.json", "truncate"),
+        ("manifest.json", "remove"),
+    ],
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_complete_one(tmp_path, caplog, reference, name, damage):
     saved(tmp_path)
     f = tmp_path / "global_step5" / name
@@ -161,7 +191,11 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_complete_one(tmp_p
     with caplog.at_level(logging.WARNING):
         engine, path = resume(tmp_path)
     assert path == tmp_path / "global_step2" and engine.global_step == 2
-    assert "global_step5" in caplog.text and "resuming from" in caplog.text and "the newest complete checkpoint" in caplog.text
+    assert (
+        "global_step5" in caplog.text
+        and "resuming from" in caplog.text
+        and "the newest complete checkpoint" in caplog.text
+    )
     assert (tmp_path / "global_step5").is_dir()  # nothing a resume might need is deleted
     train(engine, lm_batches(STEPS))
     got = weights(engine)
@@ -201,7 +235,9 @@ def test_a_checkpoint_whose_weights_do_not_fit_the_model_is_refused(tmp_path):
     ckpt = tmp_path / "global_step2"
     save_file({"model.layers.9.evil": torch.zeros(3)}, str(ckpt / "weights.safetensors"))
     refresh_manifest(ckpt)
-    with pytest.raises(ResumeError, match="weights.safetensors: holds 'model.layers.9.evil', which this model has no parameter of"):
+    with pytest.raises(
+        ResumeError, match="weights.safetensors: holds 'model.layers.9.evil', which this model has no parameter of"
+    ):
         resume(tmp_path)
 
 
@@ -229,6 +265,7 @@ def test_a_save_abandoned_after_any_file_operation_resumes_exactly(tmp_path, mon
                 state["done"].append(what)
                 if len(state["done"]) == state["kill_at"]:
                     raise Killed(what)
+
         return op
 
     monkeypatch.setattr(faults, "save_ops", counting)
@@ -254,11 +291,18 @@ def test_a_save_abandoned_after_any_file_operation_resumes_exactly(tmp_path, mon
             finally:
                 state["kill_at"] = None
             resumed, path = resume(ck)
-            assert path.name == ("global_step5" if resave or "manifest" in state["done"] else "global_step2"), (resave, state["done"])
+            assert path.name == ("global_step5" if resave or "manifest" in state["done"] else "global_step2"), (
+                resave,
+                state["done"],
+            )
             train(resumed, data)
             got = weights(resumed)
             assert all(torch.equal(got[k], reference[k]) for k in reference), (resave, n)
-            assert not [p for p in ck.iterdir() if p.name.startswith(".")], (resave, n, sorted(p.name for p in ck.iterdir()))
+            assert not [p for p in ck.iterdir() if p.name.startswith(".")], (
+                resave,
+                n,
+                sorted(p.name for p in ck.iterdir()),
+            )
             points += 1
             n += 1
     assert points >= 16, points
@@ -307,7 +351,9 @@ def test_another_learning_rate_on_resume_is_applied_and_logged(tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         other.load_checkpoint(tmp_path)
     assert "the learning rate changed from 0.01 to 0.005 since the checkpoint: applied" in caplog.text
-    assert other.get_lr()[0] == pytest.approx(5e-3 / 4) and other.optimizer.param_groups[0]["lr"] == pytest.approx(5e-3 / 4)
+    assert other.get_lr()[0] == pytest.approx(5e-3 / 4) and other.optimizer.param_groups[0]["lr"] == pytest.approx(
+        5e-3 / 4
+    )
     same = make(sched=sched)
     same.load_checkpoint(tmp_path)
     assert same.get_lr()[0] == pytest.approx(1e-2 / 4)
@@ -316,9 +362,13 @@ def test_another_learning_rate_on_resume_is_applied_and_logged(tmp_path, caplog)
 def test_an_optimizer_section_that_gains_a_key_on_resume_is_refused(tmp_path):
     """The fingerprint holds the optimizer as torch holds it (defaults included), so adding a key
     that changes a default is a change too."""
+
     def run_cfg(params):
-        cfg = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, **params}},
-               "lift": {"backend": "torch", "total_steps": STEPS}}
+        cfg = {
+            "train_micro_batch_size_per_gpu": 4,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, **params}},
+            "lift": {"backend": "torch", "total_steps": STEPS},
+        }
         engine, _, _, _ = lift_ds.initialize(model=tiny_llama(), config=cfg)
         return engine
 

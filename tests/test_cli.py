@@ -18,7 +18,11 @@ def files(tmp_path_factory):
     make_model_dir(d / "model", layers=4)
     write_sentiment(d / "train.jsonl", 16)
     (d / "broken.jsonl").write_text('{"text": "fine", "label": "positive"}\n{"text": "broken", "label": \n')
-    cfg = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "lift": {"backend": "torch"}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "lift": {"backend": "torch"},
+    }
     (d / "ok.json").write_text(json.dumps(cfg))
     (d / "typo.json").write_text(json.dumps({**cfg, "lift": {"backend": "torch", "shedule": "random"}}))
     (d / "bad.json").write_text('{"lift": {"backend": "torch",}}')
@@ -26,24 +30,48 @@ def files(tmp_path_factory):
 
 
 def run(args, files, flags=()):
-    base = ["--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--format", "classification",
-            "--ds_config", str(files / "ok.json"), "--max_steps", "8", "--output_dir", str(files / "out")]
+    base = [
+        "--model",
+        str(files / "model"),
+        "--data",
+        str(files / "train.jsonl"),
+        "--format",
+        "classification",
+        "--ds_config",
+        str(files / "ok.json"),
+        "--max_steps",
+        "8",
+        "--output_dir",
+        str(files / "out"),
+    ]
     merged = dict(zip(base[::2], base[1::2]))
     merged.update(dict(zip(args[::2], args[1::2])))
     argv = [x for kv in merged.items() for x in kv]
-    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *argv, *flags], capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), *argv, *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
 
 
-@pytest.mark.parametrize("args,needles", [
-    (["--data", "/nonexistent/train.jsonl"], ["--data", "/nonexistent/train.jsonl", "does not exist"]),
-    (["--ds_config", "/nonexistent.json"], ["--ds_config", "does not exist"]),
-    (["--ds_config", "{files}/bad.json"], ["not valid JSON at line 1"]),
-    (["--ds_config", "{files}/typo.json"], ["lift.shedule: unknown key", "schedule"]),
-    (["--data", "{files}/broken.jsonl"], ["broken.jsonl:2: invalid JSON"]),
-    (["--max_steps", "3"], ["--max_steps: 3 is below the 4 candidate blocks", "1 blocks would never train", "--layer_range"]),
-    (["--layer_range", "2,9"], ["lift.layer_range", "past the model's 4 layers"]),
-    (["--max_steps", "0"], ["lift.total_steps: must be an integer >= 1", "[set by --max_steps]"]),
-])
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--data", "/nonexistent/train.jsonl"], ["--data", "/nonexistent/train.jsonl", "does not exist"]),
+        (["--ds_config", "/nonexistent.json"], ["--ds_config", "does not exist"]),
+        (["--ds_config", "{files}/bad.json"], ["not valid JSON at line 1"]),
+        (["--ds_config", "{files}/typo.json"], ["lift.shedule: unknown key", "schedule"]),
+        (["--data", "{files}/broken.jsonl"], ["broken.jsonl:2: invalid JSON"]),
+        (
+            ["--max_steps", "3"],
+            ["--max_steps: 3 is below the 4 candidate blocks", "1 blocks would never train", "--layer_range"],
+        ),
+        (["--layer_range", "2,9"], ["lift.layer_range", "past the model's 4 layers"]),
+        (["--max_steps", "0"], ["lift.total_steps: must be an integer >= 1", "[set by --max_steps]"]),
+    ],
+)
 def test_bad_input_exit_2_with_clear_message(files, args, needles):
     args = [a.replace("{files}", str(files)) for a in args]
     proc = run(args, files)
@@ -65,7 +93,11 @@ def test_classifier_head_run_single_process(files, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "head"
-    proc = run(["--eval_data", str(files / "train.jsonl"), "--max_steps", "8", "--output_dir", str(out), "--lr", "0.01"], files, flags=["--classifier_head", "--no_checkpoint"])
+    proc = run(
+        ["--eval_data", str(files / "train.jsonl"), "--max_steps", "8", "--output_dir", str(out), "--lr", "0.01"],
+        files,
+        flags=["--classifier_head", "--no_checkpoint"],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out accuracy: before" in proc.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -86,11 +118,19 @@ def test_classifier_head_needs_classification_format(files):
 def test_zero_section_without_backend_runs_on_deepspeed(files, tmp_path):
     """A DeepSpeed config with zero_optimization and a lift section without "backend" runs on
     DeepSpeed (one process, no launcher) and the log says why."""
-    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "gradient_clipping": 1.0,
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "lift": {"include_head": True}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 2},
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "lift": {"include_head": True},
+    }
     (files / "zero_no_backend.json").write_text(json.dumps(cfg))
-    proc = run(["--ds_config", str(files / "zero_no_backend.json"), "--max_steps", "5", "--output_dir", str(tmp_path / "out")], files,
-               flags=["--no_final_model"])
+    proc = run(
+        ["--ds_config", str(files / "zero_no_backend.json"), "--max_steps", "5", "--output_dir", str(tmp_path / "out")],
+        files,
+        flags=["--no_final_model"],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "backend deepspeed, chosen by the config's zero_optimization section" in proc.stderr
     assert "backend=deepspeed" in proc.stderr and "saved checkpoint" in proc.stderr
@@ -121,9 +161,27 @@ def test_a_baseline_run_single_process(files, tmp_path, monkeypatch, capsys, bas
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     out = tmp_path / baseline
-    code = main(["--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--format", "classification", "--ds_config",
-                 str(files / "ok.json"), "--baseline", baseline, "--max_steps", "2", "--seq_len", "32", "--output_dir", str(out),
-                 "--no_checkpoint"])
+    code = main(
+        [
+            "--model",
+            str(files / "model"),
+            "--data",
+            str(files / "train.jsonl"),
+            "--format",
+            "classification",
+            "--ds_config",
+            str(files / "ok.json"),
+            "--baseline",
+            baseline,
+            "--max_steps",
+            "2",
+            "--seq_len",
+            "32",
+            "--output_dir",
+            str(out),
+            "--no_checkpoint",
+        ]
+    )
     assert code == 0, capsys.readouterr().err[-3000:]
     assert json.loads((out / "result.json").read_text())["method"] == baseline
     start = dict(AutoModelForCausalLM.from_pretrained(files / "model").named_parameters())
@@ -133,7 +191,9 @@ def test_a_baseline_run_single_process(files, tmp_path, monkeypatch, capsys, bas
     if baseline == "full":
         assert changed == set(start)
     else:
-        assert changed and all(n.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in changed), changed
+        assert changed and all(n.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in changed), (
+            changed
+        )
 
 
 def test_the_comparison_study_spells_each_method_with_its_flag():
@@ -143,4 +203,6 @@ def test_the_comparison_study_spells_each_method_with_its_flag():
 
     for label, flags in METHOD_FLAGS.items():
         args = build_parser().parse_args(flags)
-        assert (args.baseline, args.method) == ((label, None) if label in ("full", "lora") else (None, label.split("-")[0])), label
+        assert (args.baseline, args.method) == (
+            (label, None) if label in ("full", "lora") else (None, label.split("-")[0])
+        ), label

@@ -26,14 +26,33 @@ def test_defaults():
 
 def test_all_problems_reported_at_once_with_paths():
     with pytest.raises(ConfigError) as e:
-        parse_lift_section({
-            "schedule": "sideways", "policy": 3, "total_steps": 0, "layer_range": [5, 2],
-            "include_head": "yes", "seed": "x", "optimizer_state": "keep", "backend": "jax",
-            "always_trainable": [1], "layer_rnage": [1, 2],
-        })
+        parse_lift_section(
+            {
+                "schedule": "sideways",
+                "policy": 3,
+                "total_steps": 0,
+                "layer_range": [5, 2],
+                "include_head": "yes",
+                "seed": "x",
+                "optimizer_state": "keep",
+                "backend": "jax",
+                "always_trainable": [1],
+                "layer_rnage": [1, 2],
+            }
+        )
     probs = e.value.problems
-    for path in ["lift.schedule", "lift.policy", "lift.total_steps", "lift.layer_range", "lift.include_head",
-                 "lift.seed", "lift.optimizer_state", "lift.backend", "lift.always_trainable", "lift.layer_rnage"]:
+    for path in [
+        "lift.schedule",
+        "lift.policy",
+        "lift.total_steps",
+        "lift.layer_range",
+        "lift.include_head",
+        "lift.seed",
+        "lift.optimizer_state",
+        "lift.backend",
+        "lift.always_trainable",
+        "lift.layer_rnage",
+    ]:
         assert any(p.startswith(path + ":") for p in probs), (path, probs)
     assert len(probs) == 10
     assert "'sideways'" in str(e.value) and "front2end" in str(e.value)
@@ -44,14 +63,21 @@ def test_layer_range_and_patterns_parsed():
     assert c.layer_range == (6, 8) and c.always_trainable == ("score",) and c.total_steps is None
 
 
-@pytest.mark.parametrize("cfg,world,expect", [
-    ({}, 1, (1, 1, 1)),
-    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 2, (4, 2, 16)),
-    ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4}, 2, (4, 2, 16)),
-    ({"train_batch_size": 16, "gradient_accumulation_steps": 2}, 2, (4, 2, 16)),
-    ({"train_batch_size": 8}, 2, (4, 1, 8)),
-    ({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": "auto"}, 2, (2, 1, 4)),
-])
+@pytest.mark.parametrize(
+    "cfg,world,expect",
+    [
+        ({}, 1, (1, 1, 1)),
+        ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 2, (4, 2, 16)),
+        ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4}, 2, (4, 2, 16)),
+        ({"train_batch_size": 16, "gradient_accumulation_steps": 2}, 2, (4, 2, 16)),
+        ({"train_batch_size": 8}, 2, (4, 1, 8)),
+        (
+            {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": "auto"},
+            2,
+            (2, 1, 4),
+        ),
+    ],
+)
 def test_batch_sizes_resolve(cfg, world, expect):
     t = resolve_training(cfg, world)
     assert (t.micro_batch_size, t.gradient_accumulation_steps, t.train_batch_size) == expect
@@ -59,7 +85,9 @@ def test_batch_sizes_resolve(cfg, world, expect):
 
 def test_batch_sizes_that_do_not_multiply_out():
     with pytest.raises(ConfigError, match="train_batch_size: 10 != .* = 16"):
-        resolve_training({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 2)
+        resolve_training(
+            {"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 2
+        )
     with pytest.raises(ConfigError, match="multiple of 8"):
         resolve_training({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4}, 2)
 
@@ -99,31 +127,47 @@ def test_lift_and_top_level_problems_together():
 
 
 def test_import_is_light():
-    code = ("import sys, lift_ds; import lift_ds.config, lift_ds.schedule; "
-            "print('torch' in sys.modules, 'deepspeed' in sys.modules)")
+    code = (
+        "import sys, lift_ds; import lift_ds.config, lift_ds.schedule; "
+        "print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
     # the class swaps are importable from the top level, as the
     # README's one-line swap writes them; transformers loads then
-    code = ("import sys, lift_ds; print('transformers' in sys.modules); from lift_ds import LiftTrainer, LiftSFTTrainer; "
-            "import lift_ds.integrations.transformers as t; "
-            "print(LiftTrainer is t.LiftTrainer, LiftSFTTrainer is t.LiftSFTTrainer)")
+    code = (
+        "import sys, lift_ds; print('transformers' in sys.modules); from lift_ds import LiftTrainer, LiftSFTTrainer; "
+        "import lift_ds.integrations.transformers as t; "
+        "print(LiftTrainer is t.LiftTrainer, LiftSFTTrainer is t.LiftSFTTrainer)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True"]
 
 
 def test_fsdp_rejects_what_it_cannot_honour():
     with pytest.raises(ConfigError) as e:
-        parse_config({
-            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "fp16": {"enabled": True},
-            "fsdp": {"cpu_ofload": True, "reshard_after_forward": "yes"}, "lift": {"backend": "fsdp"},
-        })
+        parse_config(
+            {
+                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                "fp16": {"enabled": True},
+                "fsdp": {"cpu_ofload": True, "reshard_after_forward": "yes"},
+                "lift": {"backend": "fsdp"},
+            }
+        )
     text = str(e.value)
-    for needle in ["zero_optimization.stage: 2", "zero_optimization.offload_*", "fp16.enabled", "fsdp.cpu_ofload: unknown key", "fsdp.reshard_after_forward: must be true or false"]:
+    for needle in [
+        "zero_optimization.stage: 2",
+        "zero_optimization.offload_*",
+        "fp16.enabled",
+        "fsdp.cpu_ofload: unknown key",
+        "fsdp.reshard_after_forward: must be true or false",
+    ]:
         assert needle in text, needle
     with pytest.raises(ConfigError, match="fsdp: this section only applies"):
         parse_config({"fsdp": {"cpu_offload": True}, "lift": {"backend": "deepspeed"}})
-    lift, _, _ = parse_config({"zero_optimization": {"stage": 0}, "fsdp": {"cpu_offload": True}, "lift": {"backend": "fsdp"}})
+    lift, _, _ = parse_config(
+        {"zero_optimization": {"stage": 0}, "fsdp": {"cpu_offload": True}, "lift": {"backend": "fsdp"}}
+    )
     assert lift.backend == "fsdp"
 
 
@@ -144,18 +188,26 @@ def test_deepspeed_top_level_keys_are_the_installed_deepspeeds():
 def test_deepspeeds_own_models_validate_the_sections_it_reads():
     from lift_ds.backends import ds_config_keys as compat
 
-    problems = compat.section_problems({"zero_optimization": {"stage": 2, "overlap_com": True, "reduce_bucket_size": "big"},
-                                        "fp16": {"enabled": True, "loss_scale": -1}}, ("zero_optimization", "bf16", "fp16"))
+    problems = compat.section_problems(
+        {
+            "zero_optimization": {"stage": 2, "overlap_com": True, "reduce_bucket_size": "big"},
+            "fp16": {"enabled": True, "loss_scale": -1},
+        },
+        ("zero_optimization", "bf16", "fp16"),
+    )
     text = "\n".join(problems)
-    assert "zero_optimization.overlap_com: unknown key (did you mean \"overlap_comm\"?)" in text
+    assert 'zero_optimization.overlap_com: unknown key (did you mean "overlap_comm"?)' in text
     assert "zero_optimization.reduce_bucket_size: Input should be a valid integer" in text and "fp16.loss_scale" in text
 
 
 def test_one_resolved_backend_field():
     """``lift.backend`` is the resolved backend; what ``auto`` followed is the reason, and the merged config
     (log, checkpoints) names the backend that runs."""
-    for raw, backend, reason in [({}, "torch", "one process"), ({"zero_optimization": {"stage": 2}}, "deepspeed", "zero_optimization section"),
-                                 ({"lift": {"backend": "torch"}}, "torch", "lift.backend")]:
+    for raw, backend, reason in [
+        ({}, "torch", "one process"),
+        ({"zero_optimization": {"stage": 2}}, "deepspeed", "zero_optimization section"),
+        ({"lift": {"backend": "torch"}}, "torch", "lift.backend"),
+    ]:
         run = load_run_config(raw)
         assert run.lift.backend == run.backend == backend and reason in run.backend_reason
         assert run.to_dict()["lift"]["backend"] == backend
@@ -166,10 +218,21 @@ def test_one_resolved_backend_field():
 def test_replace_checks_what_the_section_checks():
     base = parse_lift_section({"layer_range": [2, 3], "total_steps": 8})
     changed = base.replace(total_steps=5, always_trainable=["score"], layer_range=[1, 2])
-    assert (changed.total_steps, changed.always_trainable, changed.layer_range, changed.schedule) == (5, ("score",), (1, 2), "front2end")
+    assert (changed.total_steps, changed.always_trainable, changed.layer_range, changed.schedule) == (
+        5,
+        ("score",),
+        (1, 2),
+        "front2end",
+    )
     assert base.total_steps == 8 and base.replace() == base
-    for changes in [{"schedule": "sideways"}, {"total_steps": 0}, {"layer_range": [3, 1]}, {"always_trainable": [3]},
-                    {"method": "lisa", "schedule": "end2front"}, {"method": "badam", "optimizer_state": "offload"}]:
+    for changes in [
+        {"schedule": "sideways"},
+        {"total_steps": 0},
+        {"layer_range": [3, 1]},
+        {"always_trainable": [3]},
+        {"method": "lisa", "schedule": "end2front"},
+        {"method": "badam", "optimizer_state": "offload"},
+    ]:
         with pytest.raises(ConfigError) as replaced:
             base.replace(**changes)
         with pytest.raises(ConfigError) as parsed:
@@ -187,14 +250,23 @@ def test_backends_check_the_typed_lift_section():
     from lift_ds.config import TrainingConfig
 
     t = TrainingConfig(optimizer={"type": "AdamW", "params": {"lr": 1e-3}})
-    for lift, needle in [(LiftConfig(frozen_weights="int8"), "lift.frozen_weights: 'int8'"), (LiftConfig(stream_frozen=True), "lift.stream_frozen: true")]:
-        _, problems = get_backend_class("fsdp").check_config(lift, t, {}, 2)  # the raw config has no lift section at all
+    for lift, needle in [
+        (LiftConfig(frozen_weights="int8"), "lift.frozen_weights: 'int8'"),
+        (LiftConfig(stream_frozen=True), "lift.stream_frozen: true"),
+    ]:
+        _, problems = get_backend_class("fsdp").check_config(
+            lift, t, {}, 2
+        )  # the raw config has no lift section at all
         assert any(p.startswith(f"{needle}: FSDP2 shards") for p in problems), problems
         _, problems = get_backend_class("deepspeed").check_config(lift, t, {"zero_optimization": {"stage": 3}}, 2)
         assert any(p.startswith(f"{needle} needs the frozen layers whole") for p in problems), problems
         options, problems = get_backend_class("deepspeed").check_config(lift, t, {"zero_optimization": {"stage": 2}}, 2)
         assert problems == [] and options.zero_stage == 2
-    _, problems = get_backend_class("deepspeed").check_config(LiftConfig(), t, {"zero_optimization": {"stage": 3}}, 2, "lora")
+    _, problems = get_backend_class("deepspeed").check_config(
+        LiftConfig(), t, {"zero_optimization": {"stage": 3}}, 2, "lora"
+    )
     assert any(p.startswith("--baseline lora: use a ZeRO-1/2 config") for p in problems)
     run = load_run_config({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
-    assert run.backend_options is not None and run.backend_options.zero_stage == 2  # always there where a backend is built
+    assert (
+        run.backend_options is not None and run.backend_options.zero_stage == 2
+    )  # always there where a backend is built

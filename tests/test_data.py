@@ -21,12 +21,15 @@ def write(path, lines):
     return path
 
 
-@pytest.mark.parametrize("content,needle", [
-    (['{"text": "a", "label": "positive"}', '{"text": "b", "label": "positive"'], ":2: invalid JSON"),
-    (['{"text": "a", "label": "positive"}', '', '["not", "an object"]'], ":3: expected a JSON object"),
-    (['{"txt": "a", "label": "positive"}'], ":1: missing field 'text' or 'sentence'"),
-    (['{"text": 5, "label": "positive"}'], ":1: field 'text' must be str"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (['{"text": "a", "label": "positive"}', '{"text": "b", "label": "positive"'], ":2: invalid JSON"),
+        (['{"text": "a", "label": "positive"}', "", '["not", "an object"]'], ":3: expected a JSON object"),
+        (['{"txt": "a", "label": "positive"}'], ":1: missing field 'text' or 'sentence'"),
+        (['{"text": 5, "label": "positive"}'], ":1: field 'text' must be str"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, content, needle):
     p = write(tmp_path / "d.jsonl", content)
     with pytest.raises(DataError) as e:
@@ -50,7 +53,9 @@ def test_empty_missing_and_non_utf8(tmp_path):
 
 def test_label_not_in_label_set(tmp_path):
     p = write(tmp_path / "d.jsonl", ['{"text": "a", "label": "positive"}', '{"text": "b", "label": "neutral"}'])
-    with pytest.raises(DataError, match=r"d.jsonl:2: label 'neutral' is not in the label set \['negative', 'positive'\]"):
+    with pytest.raises(
+        DataError, match=r"d.jsonl:2: label 'neutral' is not in the label set \['negative', 'positive'\]"
+    ):
         load_examples(p, "classification", ["negative", "positive"])
 
 
@@ -75,12 +80,20 @@ def test_classification_masks_prompt(tmp_path, tok):
 
 
 def test_truncation_counted_or_refused(tmp_path, tok):
-    p = write(tmp_path / "pr.jsonl", [json.dumps({"prompt": "great acting " * 30, "response": "yes"}), json.dumps({"prompt": "hi", "response": "ok"})])
+    p = write(
+        tmp_path / "pr.jsonl",
+        [
+            json.dumps({"prompt": "great acting " * 30, "response": "yes"}),
+            json.dumps({"prompt": "hi", "response": "ok"}),
+        ],
+    )
     exs, _ = load_examples(p, "prompt_response")
     data = tokenize(exs, tok, "prompt_response", 16)
     assert data.truncated == 1 and max(len(x) for x in data.input_ids) <= 16
     assert tok.decode([t for t in data.labels[0] if t != IGNORE_INDEX]).startswith("yes")
-    with pytest.raises(DataError, match=r"pr.jsonl:1: \d+ tokens > --seq_len 16; raise --seq_len, or drop --no_truncate"):
+    with pytest.raises(
+        DataError, match=r"pr.jsonl:1: \d+ tokens > --seq_len 16; raise --seq_len, or drop --no_truncate"
+    ):
         tokenize(exs, tok, "prompt_response", 16, truncate=False)
 
 
@@ -95,10 +108,13 @@ def test_text_packing(tmp_path, tok):
 
 
 def test_multiple_choice_both_styles(tmp_path):
-    p = write(tmp_path / "mc.jsonl", [
-        json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": 1}),
-        json.dumps({"input": "sky?", "target_scores": {"green": 0, "blue": 1}}),
-    ])
+    p = write(
+        tmp_path / "mc.jsonl",
+        [
+            json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": 1}),
+            json.dumps({"input": "sky?", "target_scores": {"green": 0, "blue": 1}}),
+        ],
+    )
     exs, _ = load_examples(p, "multiple_choice")
     assert [e.answer for e in exs] == [1, 1] and exs[1].choices == [" green", " blue"]
     bad = write(tmp_path / "bad.jsonl", [json.dumps({"question": "q", "choices": ["a"], "answer": 3})])
@@ -145,11 +161,23 @@ def test_sentencepiece_tokenizer_model_directory(tmp_path):
     from lift_ds.recipe import load_tokenizer as _load_tokenizer
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(["a wonderful and moving film", "a dull and tedious mess", "great acting", "the plot makes no sense"] * 50))
+    corpus.write_text(
+        "\n".join(
+            ["a wonderful and moving film", "a dull and tedious mess", "great acting", "the plot makes no sense"] * 50
+        )
+    )
     d = tmp_path / "sp"
     d.mkdir()
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=30, model_type="unigram",
-                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(d / "tokenizer"),
+        vocab_size=30,
+        model_type="unigram",
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+    )
     tok = _load_tokenizer(str(d))
     ids = tok("a wonderful film", add_special_tokens=False)["input_ids"]
     assert ids and tok.decode(ids).strip() == "a wonderful film"

@@ -21,7 +21,9 @@ LIFT = {"total_steps": 8, "layer_range": [2, 4], "include_head": True}
 def make(model=None, opt=None, sched=None, lift=None, **top):
     model = model or tiny_llama()
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0, **top, "lift": {**LIFT, **(lift or {})}}
-    return lift_ds.initialize(model=model, config=cfg, optimizer=opt or (lambda ps: torch.optim.SGD(ps, lr=0.1)), lr_scheduler=sched)
+    return lift_ds.initialize(
+        model=model, config=cfg, optimizer=opt or (lambda ps: torch.optim.SGD(ps, lr=0.1)), lr_scheduler=sched
+    )
 
 
 def train(engine, batches, metric=None):
@@ -60,8 +62,9 @@ def test_a_plan_resolved_before_the_weights_is_used_as_is():
     as is (it does not resolve it again) and refuses one made for another length or with fixed_trainable."""
     from transformers import LlamaForCausalLM
 
-    from helpers import tiny_llama_config
     from lift_ds.run_config import load_run_config
+
+    from helpers import tiny_llama_config
 
     with torch.device("meta"):
         meta = LlamaForCausalLM(tiny_llama_config())
@@ -79,7 +82,11 @@ def test_a_plan_resolved_before_the_weights_is_used_as_is():
 def test_deepspeed_members_and_what_cannot_mean_the_same():
     engine, *_ = make(gradient_accumulation_steps=2)
     assert (engine.global_rank, engine.local_rank, engine.world_size, engine.dp_world_size) == (0, 0, 1, 1)
-    assert engine.get_batch_info() == (8, 4, 2) and engine.zero_optimization_stage() == 0 and not engine.zero_optimization()
+    assert (
+        engine.get_batch_info() == (8, 4, 2)
+        and engine.zero_optimization_stage() == 0
+        and not engine.zero_optimization()
+    )
     assert not engine.bfloat16_enabled() and not engine.fp16_enabled() and engine.gradient_clipping() == 0.0
     b = lm_batches(1)[0]
     assert not engine.is_gradient_accumulation_boundary()
@@ -91,8 +98,17 @@ def test_deepspeed_members_and_what_cannot_mean_the_same():
         engine.backward(engine(**b).loss)
         engine.step()
     assert engine.global_steps == 1 and engine.global_samples == 8 and engine.micro_steps == 2
-    assert engine.get_global_grad_norm() > 0 and engine.was_step_applied() and engine.get_lr() == [0.1] and engine.get_mom() == [0]
-    assert engine.tput_timer.micro_step_count == 2 and engine.tput_timer.global_step_count == 1 and not engine.monitor.enabled
+    assert (
+        engine.get_global_grad_norm() > 0
+        and engine.was_step_applied()
+        and engine.get_lr() == [0.1]
+        and engine.get_mom() == [0]
+    )
+    assert (
+        engine.tput_timer.micro_step_count == 2
+        and engine.tput_timer.global_step_count == 1
+        and not engine.monitor.enabled
+    )
     for name, why in NOT_UNDER_LIFT.items():
         assert name == "compile" or not hasattr(engine, name)  # nn.Module's compile is overridden: calling it says why
         with pytest.raises(NotUnderLiftError, match=why[:30].replace("(", r"\(")):
@@ -121,7 +137,9 @@ def test_no_sync_gradient_checkpointing_and_16bit_save(tmp_path):
     assert engine.zero_gather_16bit_weights_on_model_save()
     assert engine.save_16bit_model(tmp_path, "model.bin", exclude_frozen_parameters=True)
     saved = torch.load(tmp_path / "model.bin", weights_only=True)
-    assert not any(n.startswith(("model.embed_tokens.", "model.layers.0.")) for n in saved) and "lm_head.weight" in saved
+    assert (
+        not any(n.startswith(("model.embed_tokens.", "model.layers.0.")) for n in saved) and "lm_head.weight" in saved
+    )
     for n, t in saved.items():
         assert torch.equal(t, dict(model.named_parameters())[n])
     assert not torch.equal(saved["model.layers.1.mlp.up_proj.weight"], start["model.layers.1.mlp.up_proj.weight"])
@@ -146,11 +164,17 @@ def plain_lift_loop(model, data, lam) -> None:
     blocks = [f"model.layers.{i}." for i in (1, 2, 3)] + ["HEAD"]
     for k, b in enumerate(data):
         prefix = blocks[k // 2]
-        names = [n for n, _ in model.named_parameters() if (n.startswith(prefix) if prefix != "HEAD" else n in ("model.norm.weight", "lm_head.weight"))]
+        names = [
+            n
+            for n, _ in model.named_parameters()
+            if (n.startswith(prefix) if prefix != "HEAD" else n in ("model.norm.weight", "lm_head.weight"))
+        ]
         if k % 2 == 0:
             named = dict(model.named_parameters())
-            groups = [{"params": [named[n] for n in names if "norm" not in n], "weight_decay": 0.1, "lr": 1e-2},
-                      {"params": [named[n] for n in names if "norm" in n], "weight_decay": 0.0, "lr": 3e-2}]
+            groups = [
+                {"params": [named[n] for n in names if "norm" not in n], "weight_decay": 0.1, "lr": 1e-2},
+                {"params": [named[n] for n in names if "norm" in n], "weight_decay": 0.0, "lr": 3e-2},
+            ]
             opt = torch.optim.AdamW([g for g in groups if g["params"]], eps=1e-3)
             base = [g["lr"] for g in opt.param_groups]
         for p in model.parameters():
@@ -180,7 +204,10 @@ def test_built_optimizer_keeps_each_parameters_group_and_built_scheduler_one_cur
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
     # the layers' phases: 7 decayed tensors at lr, 2 norms undecayed
     # at their own lr; the head: lm_head and the final norm
-    assert seen[0] == [(1e-2, 0.1, 7), (3e-2, 0.0, 2)] and seen[3] == [pytest.approx((1e-2 / 4, 0.1, 7)), pytest.approx((3e-2 / 4, 0.0, 2))]
+    assert seen[0] == [(1e-2, 0.1, 7), (3e-2, 0.0, 2)] and seen[3] == [
+        pytest.approx((1e-2 / 4, 0.1, 7)),
+        pytest.approx((3e-2 / 4, 0.0, 2)),
+    ]
     assert seen[6] == [pytest.approx((1e-2 / 7, 0.1, 1)), pytest.approx((3e-2 / 7, 0.0, 1))]
     # the scheduler's own attributes
     assert lr.get_last_lr() == pytest.approx([1e-2 / 9, 3e-2 / 9]) and lr.last_epoch == 8
@@ -190,7 +217,9 @@ def test_built_optimizer_keeps_each_parameters_group_and_built_scheduler_one_cur
 def test_an_optimizer_over_other_parameters_is_refused():
     model = tiny_llama()
     partial = torch.optim.SGD([p for n, p in model.named_parameters() if "layers.2" not in n], lr=0.1)
-    with pytest.raises(ConfigError, match=r"9 parameters LIFT trains are in none of the optimizer's parameter groups \(model.layers.2"):
+    with pytest.raises(
+        ConfigError, match=r"9 parameters LIFT trains are in none of the optimizer's parameter groups \(model.layers.2"
+    ):
         make(model, opt=partial)
 
 
@@ -220,7 +249,9 @@ def test_built_schedulers_drive_one_curve_across_phases(kind):
     if kind == "deepspeed_warmup":
         from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
-        makers[kind] = lambda o: WarmupDecayLR(o, total_num_steps=8, warmup_min_lr=0.0, warmup_max_lr=0.1, warmup_num_steps=3)
+        makers[kind] = lambda o: WarmupDecayLR(
+            o, total_num_steps=8, warmup_min_lr=0.0, warmup_max_lr=0.1, warmup_num_steps=3
+        )
     metric = (lambda k: 1.0 if k % 3 else 2.0) if kind == "plateau" else None  # worse every third step: the lr halves
     model = tiny_llama()
     user = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -242,27 +273,47 @@ def test_config_built_in_code_takes_lift_section_from_deepspeed_config_flag_and_
 
     def args_for(section):
         (tmp_path / "lift.json").write_text(__import__("json").dumps(section))
-        return deepspeed.add_config_arguments(argparse.ArgumentParser()).parse_args(["--deepspeed_config", str(tmp_path / "lift.json")])
+        return deepspeed.add_config_arguments(argparse.ArgumentParser()).parse_args(
+            ["--deepspeed_config", str(tmp_path / "lift.json")]
+        )
 
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0}
     lift = {k: v for k, v in LIFT.items() if k != "total_steps"}
     model = tiny_llama()
     user = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = get_scheduler("cosine", optimizer=user, num_warmup_steps=1, num_training_steps=6)
-    engine, *_ = lift_ds.initialize(model=model, optimizer=user, args=args_for({"lift": lift}), config=cfg, lr_scheduler=sched)
-    assert engine.plan.total_steps == 6 and [b.name for b in engine.plan.candidates] == ["model.layers.1", "model.layers.2", "model.layers.3", "head"]
+    engine, *_ = lift_ds.initialize(
+        model=model, optimizer=user, args=args_for({"lift": lift}), config=cfg, lr_scheduler=sched
+    )
+    assert engine.plan.total_steps == 6 and [b.name for b in engine.plan.candidates] == [
+        "model.layers.1",
+        "model.layers.2",
+        "model.layers.3",
+        "head",
+    ]
     seen = [s[0][0] for s in train(engine, lm_batches(6))]
-    assert seen == pytest.approx(plain_lrs(lambda o: get_scheduler("cosine", optimizer=o, num_warmup_steps=1, num_training_steps=6), 6))
+    assert seen == pytest.approx(
+        plain_lrs(lambda o: get_scheduler("cosine", optimizer=o, num_warmup_steps=1, num_training_steps=6), 6)
+    )
     engine.close()
-    with pytest.raises(ConfigError, match=r"holds nothing but a \"lift\" section \(this one has keys \['zero_optimization'\]\)"):
-        lift_ds.initialize(model=tiny_llama(), args=args_for({"lift": lift, "zero_optimization": {"stage": 2}}), config=cfg)
+    with pytest.raises(
+        ConfigError, match=r"holds nothing but a \"lift\" section \(this one has keys \['zero_optimization'\]\)"
+    ):
+        lift_ds.initialize(
+            model=tiny_llama(), args=args_for({"lift": lift, "zero_optimization": {"stage": 2}}), config=cfg
+        )
     with pytest.raises(ConfigError, match=r"lift: given both in config="):
         lift_ds.initialize(model=tiny_llama(), args=args_for({"lift": lift}), config={**cfg, "lift": LIFT})
     model = tiny_llama()
     user = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match=r"lift.total_steps: required .*\(get_scheduler\(..., num_training_steps=N\)"):
-        lift_ds.initialize(model=model, optimizer=user, args=args_for({"lift": lift}), config=cfg,
-                           lr_scheduler=torch.optim.lr_scheduler.LambdaLR(user, lambda s: 1.0))
+        lift_ds.initialize(
+            model=model,
+            optimizer=user,
+            args=args_for({"lift": lift}),
+            config=cfg,
+            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(user, lambda s: 1.0),
+        )
 
 
 def test_client_optimizer_with_offload_is_judged_as_deepspeed_judges_it():
@@ -271,11 +322,17 @@ def test_client_optimizer_with_offload_is_judged_as_deepspeed_judges_it():
     zero_force_ds_cpu_optimizer false. DeepSpeed-Chat passes DeepSpeedCPUAdam with --offload."""
     from lift_ds.backends.deepspeed import DeepSpeedBackend
 
-    cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "lift": LIFT}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        "lift": LIFT,
+    }
     lift_ds.load_run_config(cfg)  # no optimizer section: nothing to refuse yet
     model = tiny_llama()
     for opt in (torch.optim.AdamW(model.parameters(), lr=1e-3), lambda ps: torch.optim.AdamW(ps, lr=1e-3)):
-        with pytest.raises(ConfigError, match=r"optimizer: AdamW given with zero_optimization.offload_optimizer; .*DeepSpeedCPUAdam"):
+        with pytest.raises(
+            ConfigError, match=r"optimizer: AdamW given with zero_optimization.offload_optimizer; .*DeepSpeedCPUAdam"
+        ):
             lift_ds.initialize(model=model, optimizer=opt, config=cfg)
     assert DeepSpeedBackend.client_optimizer_problems(cfg, "DeepSpeedCPUAdam") == []
     assert DeepSpeedBackend.client_optimizer_problems({**cfg, "zero_force_ds_cpu_optimizer": False}, "AdamW") == []
@@ -290,7 +347,9 @@ def test_resume_with_a_built_scheduler(tmp_path):
     def fresh():
         model = tiny_llama()
         user = torch.optim.AdamW(groups_of(model, 0.1, 3e-2), lr=1e-2, eps=1e-3)
-        return make(model, opt=user, sched=get_scheduler("linear", optimizer=user, num_warmup_steps=2, num_training_steps=8))[0]
+        return make(
+            model, opt=user, sched=get_scheduler("linear", optimizer=user, num_warmup_steps=2, num_training_steps=8)
+        )[0]
 
     data = lm_batches(8)
     ref = fresh()
@@ -314,12 +373,28 @@ def trainer(tmp_path, lift_config, **args):
 
     from lift_ds.integrations.transformers import LiftTrainer
 
-    rows = [{"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()} for b in lm_batches(16, batch=1)]
+    rows = [
+        {"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()} for b in lm_batches(16, batch=1)
+    ]
     collate = lambda rs: {k: torch.tensor([r[k] for r in rs]) for k in rs[0]}  # noqa: E731
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=8, report_to=[], use_cpu=True, disable_tqdm=True,
-                save_strategy="no", learning_rate=1e-2, weight_decay=0.1)
-    return LiftTrainer(model=tiny_llama(), args=TrainingArguments(**{**base, **args}), train_dataset=rows, data_collator=collate,
-                       lift_config=lift_config)
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=8,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        learning_rate=1e-2,
+        weight_decay=0.1,
+    )
+    return LiftTrainer(
+        model=tiny_llama(),
+        args=TrainingArguments(**{**base, **args}),
+        train_dataset=rows,
+        data_collator=collate,
+        lift_config=lift_config,
+    )
 
 
 def test_absent_precision_follows_the_training_arguments(tmp_path):
@@ -330,7 +405,9 @@ def test_absent_precision_follows_the_training_arguments(tmp_path):
     assert trainer_config(t, cfg, 8)["bf16"] == {"enabled": True}
     # DeepSpeed's older name
     assert trainer_config(t, {**cfg, "bfloat16": {"enabled": True}}, 8)["bf16"] == {"enabled": True}
-    with pytest.raises(ConfigError, match="bf16.enabled: False in the DeepSpeed config, but TrainingArguments says True"):
+    with pytest.raises(
+        ConfigError, match="bf16.enabled: False in the DeepSpeed config, but TrainingArguments says True"
+    ):
         trainer_config(t, {**cfg, "bf16": {"enabled": False}}, 8)
 
 
@@ -340,14 +417,19 @@ def test_trainer_no_decay_groups_on_every_optimizer_path(tmp_path, path):
     DeepSpeed config's "optimizer" section, or optimizers=(a built optimizer, a built scheduler)."""
     import os
 
-    cfg = {"train_micro_batch_size_per_gpu": "auto", "lift": {"backend": "torch", "layer_range": [2, 4], "include_head": True}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "lift": {"backend": "torch", "layer_range": [2, 4], "include_head": True},
+    }
     if path == "config_optimizer":
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}
     t = trainer(tmp_path, cfg)
     if path == "optimizers":
         decay = set(t.get_decay_parameter_names(t.model))
-        groups = [{"params": [p for n, p in t.model.named_parameters() if n in decay], "weight_decay": 0.1},
-                  {"params": [p for n, p in t.model.named_parameters() if n not in decay], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for n, p in t.model.named_parameters() if n in decay], "weight_decay": 0.1},
+            {"params": [p for n, p in t.model.named_parameters() if n not in decay], "weight_decay": 0.0},
+        ]
         t.optimizer = torch.optim.AdamW(groups, lr=1e-2)
         t.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda s: 1 - s / 8)
     trace = tmp_path / "trace.jsonl"
@@ -376,15 +458,26 @@ def test_a_peft_model_with_frozen_base_weights_is_refused_up_front(tmp_path):
     from lift_ds.integrations.transformers import LiftTrainer
 
     def adapted():
-        return peft.get_peft_model(tiny_llama(layers=2), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        return peft.get_peft_model(
+            tiny_llama(layers=2), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        )
 
     with pytest.raises(ConfigError) as info:
         make(model=adapted())
     text = str(info.value)
     assert "model: a PEFT model (PeftModel" in text and "frozen base weights (e.g. base_model.model." in text
     assert "pass the base model (no peft_config)" in text
-    rows = [{"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()} for b in lm_batches(4, batch=1)]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, report_to=[], use_cpu=True, disable_tqdm=True)
+    rows = [
+        {"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()} for b in lm_batches(4, batch=1)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     with pytest.raises(ConfigError, match="model: a PEFT model"):
         LiftTrainer(model=adapted(), args=args, train_dataset=rows, lift_config={"lift": {"total_steps": 4}})
     engine, *_ = make(model=tiny_llama(layers=2), lift={"layer_range": [1, 2]})  # the base model: LIFT as usual

@@ -14,7 +14,12 @@ from helpers import lm_batches, per_block_adam_reference, snapshot, tiny_llama
 
 def make(model=None, lift=None, opt=None, sched=None, **top):
     model = model or tiny_llama()
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0, **top, "lift": {"total_steps": 8, **(lift or {})}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 0.0,
+        **top,
+        "lift": {"total_steps": 8, **(lift or {})},
+    }
     opt = opt or (lambda ps: torch.optim.AdamW(ps, lr=1e-2))
     engine, optimizer, _, lr = lift_ds.initialize(model=model, config=cfg, optimizer=opt, lr_scheduler=sched)
     return engine, optimizer, lr
@@ -31,7 +36,9 @@ def train(engine, batches):
 
 
 def test_only_active_block_changes_each_step():
-    engine, _, _ = make(lift={"total_steps": 12, "include_embedding": True, "include_head": True, "always_trainable": ["model.norm"]})
+    engine, _, _ = make(
+        lift={"total_steps": 12, "include_embedding": True, "include_head": True, "always_trainable": ["model.norm"]}
+    )
     model = engine.module
     for b in lm_batches(12):
         block = engine.candidates[engine.active_block_index]
@@ -84,7 +91,11 @@ def test_loss_goes_down_over_a_run():
 
 def test_truncated_backward_grads_and_hooks():
     model = tiny_llama(layers=4)
-    engine, _, _ = make(model=model, lift={"total_steps": 4, "layer_range": [3, 3], "include_head": True}, opt=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    engine, _, _ = make(
+        model=model,
+        lift={"total_steps": 4, "layer_range": [3, 3], "include_head": True},
+        opt=lambda ps: torch.optim.SGD(ps, lr=0.1),
+    )
     fired = {}
     layers = model.model.layers
     mods = {"embed": model.model.embed_tokens, **{f"layer{i}": layers[i] for i in range(4)}}
@@ -119,7 +130,9 @@ def test_truncated_backward_with_gradient_checkpointing():
     model = tiny_llama(layers=4)
     enable_gradient_checkpointing(model)
     model.train()
-    engine, _, _ = make(model=model, lift={"total_steps": 4, "layer_range": [2, 3]}, opt=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    engine, _, _ = make(
+        model=model, lift={"total_steps": 4, "layer_range": [2, 3]}, opt=lambda ps: torch.optim.SGD(ps, lr=0.1)
+    )
     calls = {}
     for i in (0, 1):
         count_forward_calls(model.model.layers[i].mlp, calls, i)
@@ -163,8 +176,12 @@ def test_lr_schedule_runs_across_phases():
 
 def test_deepspeed_scheduler_section():
     engine, optimizer, _ = make(
-        lift={"total_steps": 6}, opt=lambda ps: torch.optim.SGD(ps, lr=0.1),
-        scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.1, "warmup_num_steps": 4, "warmup_type": "linear"}},
+        lift={"total_steps": 6},
+        opt=lambda ps: torch.optim.SGD(ps, lr=0.1),
+        scheduler={
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.1, "warmup_num_steps": 4, "warmup_type": "linear"},
+        },
     )
     seen = []
     for b in lm_batches(6):
@@ -181,7 +198,9 @@ def test_gradient_clipping_on_and_off():
     def update(clip):
         model = tiny_llama()
         start = snapshot(model)
-        engine, _, _ = make(model=model, lift={"total_steps": 2}, opt=lambda ps: torch.optim.SGD(ps, lr=1.0), gradient_clipping=clip)
+        engine, _, _ = make(
+            model=model, lift={"total_steps": 2}, opt=lambda ps: torch.optim.SGD(ps, lr=1.0), gradient_clipping=clip
+        )
         names = engine.trainable_param_names()
         engine.backward(engine(**b).loss)
         engine.step()
@@ -235,7 +254,9 @@ def test_optimizer_state_offload_keeps_each_blocks_state():
     model2 = copy.deepcopy(ref_model)
     e2, _, _ = make(model=tiny_llama(layers=3), lift={"total_steps": 9, "policy": "cyclic"}, opt=opt)
     train(e2, data)
-    assert not torch.allclose(e2.module.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight, atol=1e-6)
+    assert not torch.allclose(
+        e2.module.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight, atol=1e-6
+    )
     del model2
 
 
@@ -245,15 +266,29 @@ def test_initialize_errors():
         lift_ds.initialize(model=model, config={"lift": {}}, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
     with pytest.raises(ConfigError, match="optimizer: none given"):
         lift_ds.initialize(model=model, config={"lift": {"total_steps": 4}})
-    with pytest.raises(ConfigError, match="lr_scheduler: must be a callable optimizer -> scheduler, or a scheduler built on an optimizer"):
-        lift_ds.initialize(model=model, config={"lift": {"total_steps": 4}}, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), lr_scheduler=0.5)
+    with pytest.raises(
+        ConfigError,
+        match="lr_scheduler: must be a callable optimizer -> scheduler, or a scheduler built on an optimizer",
+    ):
+        lift_ds.initialize(
+            model=model,
+            config={"lift": {"total_steps": 4}},
+            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+            lr_scheduler=0.5,
+        )
     stranger = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ConfigError, match="the SGD you passed holds none of the model's parameters"):
         lift_ds.initialize(model=model, config={"lift": {"total_steps": 4}}, optimizer=stranger)
     with pytest.raises(ConfigError, match="optimizer.type: 'Lamb'"):
-        lift_ds.initialize(model=model, config={"optimizer": {"type": "Lamb", "params": {}}, "lift": {"total_steps": 4}})
+        lift_ds.initialize(
+            model=model, config={"optimizer": {"type": "Lamb", "params": {}}, "lift": {"total_steps": 4}}
+        )
     with pytest.raises(ConfigError, match="always_trainable"):
-        lift_ds.initialize(model=model, config={"lift": {"total_steps": 4, "always_trainable": ["nothing"]}}, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+        lift_ds.initialize(
+            model=model,
+            config={"lift": {"total_steps": 4, "always_trainable": ["nothing"]}},
+            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+        )
 
 
 def test_config_optimizer_section_and_optimizer_instance():
@@ -270,7 +305,12 @@ def test_config_optimizer_section_and_optimizer_instance():
 
 def test_dataloader_from_training_data():
     ds = [{"input_ids": torch.arange(8), "labels": torch.arange(8)} for _ in range(10)]
-    _, _, loader, _ = lift_ds.initialize(model=tiny_llama(), config={"train_micro_batch_size_per_gpu": 3, "lift": {"total_steps": 4}}, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), training_data=ds)
+    _, _, loader, _ = lift_ds.initialize(
+        model=tiny_llama(),
+        config={"train_micro_batch_size_per_gpu": 3, "lift": {"total_steps": 4}},
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+        training_data=ds,
+    )
     sizes = [b["input_ids"].shape for b in loader]
     assert sizes == [torch.Size([3, 8])] * 3
 

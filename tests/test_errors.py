@@ -19,16 +19,33 @@ from lift_ds import errors, train
 REPO = Path(__file__).resolve().parents[1]
 #: the contract: each class's exit status from launch/train.py (None: not mapped, it propagates)
 EXIT_CODES = {
-    "ConfigError": 2, "ResumeError": 2, "BlockFindingError": 2, "DataError": 2,
-    "DivergenceError": 3, "PhaseOutOfMemoryError": 3, "CheckpointError": 3,
-    "CheckpointFileError": None, "TensorFileError": None, "AssetError": None, "NotUnderLiftError": None,
+    "ConfigError": 2,
+    "ResumeError": 2,
+    "BlockFindingError": 2,
+    "DataError": 2,
+    "DivergenceError": 3,
+    "PhaseOutOfMemoryError": 3,
+    "CheckpointError": 3,
+    "CheckpointFileError": None,
+    "TensorFileError": None,
+    "AssetError": None,
+    "NotUnderLiftError": None,
 }
-CLASSES = {n: c for n, c in vars(errors).items()
-           if inspect.isclass(c) and issubclass(c, errors.LiftError) and n != "LiftError"}
+CLASSES = {
+    n: c for n, c in vars(errors).items() if inspect.isclass(c) and issubclass(c, errors.LiftError) and n != "LiftError"
+}
 #: the builtin error each was before it moved to lift_ds.errors (callers still catch it as one)
-BUILTIN_BASES = {"ConfigError": ValueError, "DataError": ValueError, "CheckpointFileError": ValueError,
-                 "TensorFileError": ValueError, "CheckpointError": OSError, "NotUnderLiftError": AttributeError,
-                 "DivergenceError": RuntimeError, "PhaseOutOfMemoryError": RuntimeError, "AssetError": RuntimeError}
+BUILTIN_BASES = {
+    "ConfigError": ValueError,
+    "DataError": ValueError,
+    "CheckpointFileError": ValueError,
+    "TensorFileError": ValueError,
+    "CheckpointError": OSError,
+    "NotUnderLiftError": AttributeError,
+    "DivergenceError": RuntimeError,
+    "PhaseOutOfMemoryError": RuntimeError,
+    "AssetError": RuntimeError,
+}
 
 
 def _instance(cls: type) -> errors.LiftError:

@@ -13,8 +13,12 @@ from lift_ds.train import main
 
 from helpers import make_model_dir, write_sentiment
 
-CFG = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-       "lift": {"backend": "torch"}}
+CFG = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_clipping": 1.0,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+    "lift": {"backend": "torch"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,28 @@ def _offline(monkeypatch):
 
 
 def run(d, out, *extra, capsys=None, model=None):
-    argv = ["--model", str(model or d / "model"), "--data", str(d / "train.jsonl"), "--format", "classification", "--ds_config", str(d / "cfg.json"),
-            "--max_steps", "6", "--save_every", "3", "--seq_len", "32", "--eval_batch_size", "4", "--output_dir", str(out), "--no_final_model", *extra]
+    argv = [
+        "--model",
+        str(model or d / "model"),
+        "--data",
+        str(d / "train.jsonl"),
+        "--format",
+        "classification",
+        "--ds_config",
+        str(d / "cfg.json"),
+        "--max_steps",
+        "6",
+        "--save_every",
+        "3",
+        "--seq_len",
+        "32",
+        "--eval_batch_size",
+        "4",
+        "--output_dir",
+        str(out),
+        "--no_final_model",
+        *extra,
+    ]
     code = main(argv)
     return code, capsys.readouterr().err if capsys is not None else ""
 
@@ -57,7 +81,9 @@ def test_one_output_directory_across_runs(d, tmp_path, capsys, caplog):
     caplog.clear()
 
     code, err = run(d, out, capsys=capsys)
-    assert code == 2 and "is not empty (checkpoints, metrics.jsonl" in err and "--resume" in err and "Traceback" not in err
+    assert (
+        code == 2 and "is not empty (checkpoints, metrics.jsonl" in err and "--resume" in err and "Traceback" not in err
+    )
 
     (out / "checkpoints" / "global_step_backup").mkdir()
     code, err = run(d, out, "--resume", capsys=capsys)
@@ -83,7 +109,10 @@ def test_one_output_directory_across_runs(d, tmp_path, capsys, caplog):
     code, err = run(d, out, "--overwrite_output_dir", "--max_steps", "4", "--save_every", "0", capsys=capsys)
     assert code == 0, err[-3000:]
     assert "--overwrite_output_dir: removed checkpoints, metrics.jsonl" in caplog.text
-    assert steps(out) == [1, 2, 3, 4] and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["global_step4", "latest"]
+    assert steps(out) == [1, 2, 3, 4] and sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "global_step4",
+        "latest",
+    ]
 
 
 def test_another_lr_on_resume_is_applied(d, tmp_path, capsys, caplog):
@@ -109,10 +138,24 @@ def test_a_hub_id_found_in_the_local_cache(d, tmp_path, monkeypatch, capsys):
     (cache / "hub" / "models--lift-ds-test--tiny" / "refs").mkdir(parents=True)
     (cache / "hub" / "models--lift-ds-test--tiny" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setenv("HF_HOME", str(cache))
-    code, err = run(d, tmp_path / "hub", "--max_steps", "2", "--save_every", "0", "--no_checkpoint", capsys=capsys, model="lift-ds-test/tiny")
+    code, err = run(
+        d,
+        tmp_path / "hub",
+        "--max_steps",
+        "2",
+        "--save_every",
+        "0",
+        "--no_checkpoint",
+        capsys=capsys,
+        model="lift-ds-test/tiny",
+    )
     assert code == 0, err[-3000:]
     code, err = run(d, tmp_path / "hub2", capsys=capsys, model="lift-ds-test/absent")
-    assert code == 2 and "'lift-ds-test/absent' is not a local directory" in err and "only the local cache was searched" in err
+    assert (
+        code == 2
+        and "'lift-ds-test/absent' is not a local directory" in err
+        and "only the local cache was searched" in err
+    )
 
 
 def test_a_run_that_does_not_fit_in_memory_is_refused_before_loading(d, tmp_path, monkeypatch, capsys):
@@ -125,8 +168,15 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_before_loading(d, tmp_path
     big = tmp_path / "llama7b"
     big.mkdir()
     cfg = json.loads((d / "model" / "config.json").read_text())
-    cfg.update(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-               head_dim=128)
+    cfg.update(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        head_dim=128,
+    )
     (big / "config.json").write_text(json.dumps(cfg))
     for f in (d / "model").iterdir():
         if "token" in f.name or f.name == "special_tokens_map.json":
@@ -138,22 +188,58 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_before_loading(d, tmp_path
         raise AssertionError("the 7B model was being built: the memory check did not refuse it")
 
     monkeypatch.setattr(lift_ds.quant_load, "build_quantized_model", never)
-    code, err = run(d, tmp_path / "big", "--random_init", "--frozen_weights", "nf4", "--max_steps", "40", capsys=capsys, model=big)
+    code, err = run(
+        d, tmp_path / "big", "--random_init", "--frozen_weights", "nf4", "--max_steps", "40", capsys=capsys, model=big
+    )
     assert code == 2, err[-3000:]
-    assert "memory: the estimated peak host memory is 3" in err and "GiB (1 rank(s) on this node" in err and "Q-LIFT block store in memory 2" in err
-    assert "more than this machine's 24.0 GiB (physical memory)" in err and "--block_store disk" in err and "--skip_memory_check" in err
+    assert (
+        "memory: the estimated peak host memory is 3" in err
+        and "GiB (1 rank(s) on this node" in err
+        and "Q-LIFT block store in memory 2" in err
+    )
+    assert (
+        "more than this machine's 24.0 GiB (physical memory)" in err
+        and "--block_store disk" in err
+        and "--skip_memory_check" in err
+    )
     from lift_ds.memory import model_shape
 
     shape = model_shape(str(big))
-    args = dict(method="lift", ranks=1, local_ranks=1, zero=0, precision="fp32", offload=False, micro_batch=2, seq_len=32, lora_r=8,
-                checkpointing=False, frozen="nf4", on_gpu=False)
+    args = dict(
+        method="lift",
+        ranks=1,
+        local_ranks=1,
+        zero=0,
+        precision="fp32",
+        offload=False,
+        micro_batch=2,
+        seq_len=32,
+        lora_r=8,
+        checkpointing=False,
+        frozen="nf4",
+        on_gpu=False,
+    )
     assert preflight.host_estimate(shape, store="memory", **args)[0] > 30 * 2**30
     # measured: 7.85 GiB (docs/qlift/llama2_7b_nf4.json)
     assert 6 * 2**30 < preflight.host_estimate(shape, store="disk", **args)[0] < 9 * 2**30
     monkeypatch.setattr(preflight, "machine_memory", lambda: (1024, "cgroup memory limit"))
     code, err = run(d, tmp_path / "small", capsys=capsys)
-    assert code == 2 and "more than this machine's 0.0 GiB (cgroup memory limit)" in err and "model as loaded (fp32)" in err
-    code, err = run(d, tmp_path / "small2", "--skip_memory_check", "--max_steps", "2", "--save_every", "0", "--no_checkpoint", capsys=capsys)
+    assert (
+        code == 2
+        and "more than this machine's 0.0 GiB (cgroup memory limit)" in err
+        and "model as loaded (fp32)" in err
+    )
+    code, err = run(
+        d,
+        tmp_path / "small2",
+        "--skip_memory_check",
+        "--max_steps",
+        "2",
+        "--save_every",
+        "0",
+        "--no_checkpoint",
+        capsys=capsys,
+    )
     assert code == 0, err[-3000:]
 
 
@@ -166,7 +252,13 @@ def test_a_run_too_large_for_the_gpu_is_refused_before_loading(d, tmp_path, monk
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=1024, name="tiny GPU"))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=1024, name="tiny GPU")
+    )
     code, err = run(d, tmp_path / "gpu", capsys=capsys)
-    assert code == 2 and "memory: the estimated peak device memory per rank is" in err and "more than the GPU's 0.0 GiB" in err
+    assert (
+        code == 2
+        and "memory: the estimated peak device memory per rank is" in err
+        and "more than the GPU's 0.0 GiB" in err
+    )
     assert "ZeRO-3 or optimizer offload" in err and "Traceback" not in err

@@ -31,7 +31,8 @@ def test_configuration_table_is_the_declarations():
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     assert "\n".join(lines[start:end]) == settings_table(), (
         "regenerate the table in docs/configuration.md: "
-        "python -c 'from lift_ds.config import settings_table; print(settings_table())'")
+        "python -c 'from lift_ds.config import settings_table; print(settings_table())'"
+    )
 
 
 #: the README is the front door: what it is, install, the two commands, the drop-in surfaces, launching, links
@@ -86,7 +87,9 @@ def broken_links(pages: list[Path], root: Path = REPO) -> list[str]:
 
 def test_readme_is_a_front_door_and_every_doc_is_linked():
     readme = REPO / "README.md"
-    assert len(readme.read_text().splitlines()) < README_MAX_LINES, "README.md is the front door: move reference text to docs/"
+    assert len(readme.read_text().splitlines()) < README_MAX_LINES, (
+        "README.md is the front door: move reference text to docs/"
+    )
     linked = {(readme.parent / t.partition("#")[0]).resolve() for line in _prose(readme) for t in _LINK.findall(line)}
     unlinked = [p.name for p in sorted((REPO / "docs").glob("*.md")) if p.resolve() not in linked]
     assert not unlinked, f"docs pages the README does not link to: {unlinked}"
@@ -97,8 +100,10 @@ def test_every_relative_link_in_the_docs_resolves(tmp_path):
     # the check itself: a page with a broken file link and a broken anchor, beside good ones
     (tmp_path / "b.md").write_text("# A heading: with `code` / slashes\n")
     page = tmp_path / "a.md"
-    page.write_text("[ok](b.md) [ok](b.md#a-heading-with-code--slashes) [ok](#top) [web](https://example.org/x)\n"
-                    "# Top\n[gone](missing.md) [bad](b.md#nowhere)\n```\n[in code](ignored.md)\n```\n")
+    page.write_text(
+        "[ok](b.md) [ok](b.md#a-heading-with-code--slashes) [ok](#top) [web](https://example.org/x)\n"
+        "# Top\n[gone](missing.md) [bad](b.md#nowhere)\n```\n[in code](ignored.md)\n```\n"
+    )
     found = [b.split(": ", 1)[1] for b in broken_links([page], root=tmp_path)]
     assert found == ["missing.md (no such file)", "b.md#nowhere (no such heading)"], found
 
@@ -117,8 +122,11 @@ def test_every_declared_key_is_validated_and_has_its_flag(name):
 def test_a_new_key_needs_one_declaration(monkeypatch):
     """Declare one more field: it is validated, gets a flag that overrides it, and a README row."""
     extended = dataclasses.make_dataclass(
-        "LiftConfig", [("warmup_phases", int, setting(0, "phases before the first switch (an example key)", kind="int", minimum=0))],
-        bases=(LiftConfig,), frozen=True)
+        "LiftConfig",
+        [("warmup_phases", int, setting(0, "phases before the first switch (an example key)", kind="int", minimum=0))],
+        bases=(LiftConfig,),
+        frozen=True,
+    )
     monkeypatch.setattr(config, "LiftConfig", extended)
     assert parse_lift_section({"warmup_phases": 2}).warmup_phases == 2
     with pytest.raises(ConfigError, match=r"lift\.warmup_phases: must be an integer >= 0, got -1"):
@@ -164,9 +172,14 @@ def test_only_backends_import_deepspeed_or_test_a_backend_name():
 BACKEND_ONLY_NAMES = {"init_process_group", "to_local", "full_tensor", "_nn"}
 
 
+#: lines per module, as ruff formats them: the formatter spreads the same code over 1.2-1.5x the lines the
+#: hand-packed 120-column style used (memory.py: 404 -> 575), so the old 420 became 600
+MAX_MODULE_LINES = 600
+
+
 def test_modules_stay_small():
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in _python_files()}
-    assert max(sizes.values()) <= 420, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+    assert max(sizes.values()) <= MAX_MODULE_LINES, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
 
 
 # --------------------------------------------------------------------------- the import graph
@@ -206,7 +219,7 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:  # from . import x / from ..config import y
-                    base = ".".join(package[:len(package) - node.level + 1] + [base]).strip(".")
+                    base = ".".join(package[: len(package) - node.level + 1] + [base]).strip(".")
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             else:
                 continue

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 import lift_ds
 from lift_ds.errors import ConfigError
-from lift_ds.loss import SUPPORTED_MODEL_TYPES, install_loss, installed_loss, linear_cross_entropy_sum, remove_loss, unsupported_reason
+from lift_ds.loss import (
+    SUPPORTED_MODEL_TYPES,
+    install_loss,
+    installed_loss,
+    linear_cross_entropy_sum,
+    remove_loss,
+    unsupported_reason,
+)
 
 from helpers import lm_batches, tiny_llama
 
@@ -75,13 +82,36 @@ def _tiny(kind: str, tie: bool):
 
     if kind == "llama":
         return tiny_llama(layers=3, vocab=97, tie=tie)
-    names = {"mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma", "phi3": "Phi3", "olmo2": "Olmo2",
-             "smollm3": "SmolLM3", "starcoder2": "Starcoder2"}
-    cfg_cls, model_cls = getattr(transformers, f"{names[kind]}Config", None), getattr(transformers, f"{names[kind]}ForCausalLM", None)
+    names = {
+        "mistral": "Mistral",
+        "qwen2": "Qwen2",
+        "qwen3": "Qwen3",
+        "gemma": "Gemma",
+        "phi3": "Phi3",
+        "olmo2": "Olmo2",
+        "smollm3": "SmolLM3",
+        "starcoder2": "Starcoder2",
+    }
+    cfg_cls, model_cls = (
+        getattr(transformers, f"{names[kind]}Config", None),
+        getattr(transformers, f"{names[kind]}ForCausalLM", None),
+    )
     if cfg_cls is None or model_cls is None:
         return None
-    cfg = cfg_cls(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=8, max_position_embeddings=64, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = cfg_cls(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     return model_cls(cfg)
 
@@ -108,7 +138,10 @@ def _assert_equal_losses(model, ids, labels, **kw):
     got_out, got = _run(model, ids, labels, **kw)
     remove_loss(model)
     assert got_out.logits is None and want_out.logits is not None
-    assert abs(got_out.loss.item() - want_out.loss.item()) <= 1e-6 * abs(want_out.loss.item()), (got_out.loss, want_out.loss)
+    assert abs(got_out.loss.item() - want_out.loss.item()) <= 1e-6 * abs(want_out.loss.item()), (
+        got_out.loss,
+        want_out.loss,
+    )
     assert sorted(got) == sorted(want) and want
     for n in want:
         err = (got[n] - want[n]).abs().max() / want[n].abs().max().clamp(min=1e-12)
@@ -170,7 +203,11 @@ def test_head_runs_once_as_a_module_and_other_calls_keep_the_models_forward():
     assert "forward" not in model.lm_head.__dict__  # the swapped forward is put back
     with torch.no_grad():
         ref = model(input_ids=ids, labels=ids)
-    assert ref.logits is not None and ref.logits.shape == (2, 10, 97) and torch.allclose(ref.loss, out.loss.detach(), rtol=1e-6)
+    assert (
+        ref.logits is not None
+        and ref.logits.shape == (2, 10, 97)
+        and torch.allclose(ref.loss, out.loss.detach(), rtol=1e-6)
+    )
     assert model(input_ids=ids).logits.shape == (2, 10, 97)
     assert model(ids, None, None, None, None, ids).logits is None  # positional labels
     assert model(input_ids=ids, logits_to_keep=1).logits.shape == (2, 1, 97)
@@ -180,7 +217,9 @@ def test_head_runs_once_as_a_module_and_other_calls_keep_the_models_forward():
 
 def test_peft_lora_model():
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_llama(layers=2, vocab=97), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model = peft.get_peft_model(
+        tiny_llama(layers=2, vocab=97), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
     for n, p in model.named_parameters():  # LoRA's B starts at zero: move it so every gradient is exercised
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
@@ -215,8 +254,18 @@ def test_a_lift_run_is_the_same_with_either_loss(precision):
     finals = {}
     for mode in ("model", "chunked"):
         model = tiny_llama(layers=3, vocab=97, tie=True)
-        cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
-               "lift": {"backend": "torch", "total_steps": 8, "include_embedding": True, "include_head": True, "policy": "cyclic", "loss": mode}}
+        cfg = {
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_clipping": 0.0,
+            "lift": {
+                "backend": "torch",
+                "total_steps": 8,
+                "include_embedding": True,
+                "include_head": True,
+                "policy": "cyclic",
+                "loss": mode,
+            },
+        }
         if precision == "bf16":
             cfg["bf16"] = {"enabled": True}
         engine, *_ = lift_ds.initialize(model=model, config=cfg, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5))
@@ -231,7 +280,7 @@ def test_a_lift_run_is_the_same_with_either_loss(precision):
         moved, size = (want - start[n]).abs().max().item(), want.abs().max().item()
         assert moved > 0 or precision == "bf16", n  # (bf16: an update below half an ulp of 1.0 leaves a norm weight)
         # fp32: a few ulps of the weight and 1e-4 of how far it moved; bf16: four ulps of its largest element
-        tol = 1e-6 * size + 1e-4 * moved if precision == "fp32" else 2 ** -6 * size
+        tol = 1e-6 * size + 1e-4 * moved if precision == "fp32" else 2**-6 * size
         assert (finals["chunked"][n] - want).abs().max() <= tol, n
 
 
@@ -243,8 +292,11 @@ def test_default_is_auto_and_model_keeps_logits():
     b = lm_batches(1, batch=2, seq=8, vocab=97)[0]
     assert engine(**b).logits is None
     engine.close()
-    engine, *_ = lift_ds.initialize(model=model, config=copy.deepcopy({**cfg, "lift": {**cfg["lift"], "loss": "model"}}),
-                                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    engine, *_ = lift_ds.initialize(
+        model=model,
+        config=copy.deepcopy({**cfg, "lift": {**cfg["lift"], "loss": "model"}}),
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+    )
     assert installed_loss(model) is None and engine(**b).logits is not None
     engine.close()
 
@@ -280,9 +332,10 @@ def _old_eval(model, data, examples, tok):
 def test_evaluation_scores_only_the_positions_it_needs(tmp_path, keep):
     """Loss and choice log-likelihoods equal those from every position's logits; the forward is asked
     for the scored positions only (``logits_to_keep``), or (a forward without it) sliced after."""
-    from helpers import make_model_dir, write_sentiment
     from lift_ds.evaluate import choice_accuracy, eval_loss
     from lift_ds.recipe import load_task_data, load_tokenizer
+
+    from helpers import make_model_dir, write_sentiment
 
     make_model_dir(tmp_path / "m")
     write_sentiment(tmp_path / "d.jsonl", 10)
@@ -296,9 +349,15 @@ def test_evaluation_scores_only_the_positions_it_needs(tmp_path, keep):
     def forward(**kw):
         asked.append((kw.get("logits_to_keep"), kw["input_ids"].shape[1]))
         return model(**kw)
+
     fwd = model if keep else forward
-    hook = model.register_forward_pre_hook(lambda m, a, kw: asked.append((kw.get("logits_to_keep"), kw["input_ids"].shape[1])),
-                                           with_kwargs=True) if keep else None
+    hook = (
+        model.register_forward_pre_hook(
+            lambda m, a, kw: asked.append((kw.get("logits_to_keep"), kw["input_ids"].shape[1])), with_kwargs=True
+        )
+        if keep
+        else None
+    )
     got_loss = eval_loss(fwd, task.held, 4, 0, 1, tok.pad_token_id)["eval_loss"]
     lls: list = []
     choice_accuracy(fwd, task.held_examples, tok, 64, 4, 0, 1, loglikelihoods=lls)
@@ -321,17 +380,37 @@ def test_lift_trainer_trains_through_the_chunked_loss(tmp_path):
 
     from lift_ds.integrations.transformers import LiftTrainer
 
-    rows = [{"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()} for b in lm_batches(16, batch=1, prompt=6)]
+    rows = [
+        {"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()}
+        for b in lm_batches(16, batch=1, prompt=6)
+    ]
     finals = {}
     for mode in ("model", "chunked"):
         model = tiny_llama(tie=True)
         calls = []
         model.lm_head.register_forward_pre_hook(lambda m, a: calls.append(len(a)))  # noqa: B023 (the hook fires in this iteration)
-        args = TrainingArguments(output_dir=str(tmp_path / mode), per_device_train_batch_size=2, max_steps=6, report_to=[], use_cpu=True,
-                                 disable_tqdm=True, learning_rate=1e-2, save_strategy="no", adam_epsilon=1e-3)
-        trainer = LiftTrainer(model=model, args=args, train_dataset=rows, data_collator=lambda r: {k: torch.tensor([x[k] for x in r]) for k in r[0]},
-                              lift_config={"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                                           "lift": {"backend": "torch", "include_head": True, "loss": mode}})
+        args = TrainingArguments(
+            output_dir=str(tmp_path / mode),
+            per_device_train_batch_size=2,
+            max_steps=6,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            learning_rate=1e-2,
+            save_strategy="no",
+            adam_epsilon=1e-3,
+        )
+        trainer = LiftTrainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            data_collator=lambda r: {k: torch.tensor([x[k] for x in r]) for k in r[0]},
+            lift_config={
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "lift": {"backend": "torch", "include_head": True, "loss": mode},
+            },
+        )
         trainer.train()
         assert calls == [2 if mode == "chunked" else 1] * 6
         finals[mode] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -353,6 +432,7 @@ def test_a_forward_installed_before_is_kept_and_restored():
     def theirs(self, *a, fused_lm_head=False, **kw):
         seen.append(fused_lm_head)
         return own(*a, **kw)
+
     model.forward = types.MethodType(theirs, model)
     before = model.forward
     install_loss(model, "chunked")

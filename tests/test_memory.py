@@ -46,8 +46,14 @@ def test_deepspeed_formulas_for_full_fine_tuning(smol):
     P = smol.total
     largest = max(smol.layer_sizes + [smol.embedding, smol.head])
     for nodes, per_node in ((1, 2), (2, 8)):
-        assert memory.deepspeed_full_estimate(smol, per_node, nodes, 2, False) == estimate_zero2_model_states_mem_needs(P, per_node, nodes, cpu_offload=False)[1]
-        assert memory.deepspeed_full_estimate(smol, per_node, nodes, 3, False) == estimate_zero3_model_states_mem_needs(P, largest, per_node, nodes, cpu_offload=False)[1]
+        assert (
+            memory.deepspeed_full_estimate(smol, per_node, nodes, 2, False)
+            == estimate_zero2_model_states_mem_needs(P, per_node, nodes, cpu_offload=False)[1]
+        )
+        assert (
+            memory.deepspeed_full_estimate(smol, per_node, nodes, 3, False)
+            == estimate_zero3_model_states_mem_needs(P, largest, per_node, nodes, cpu_offload=False)[1]
+        )
 
 
 def test_seven_b_full_fine_tuning_needs_about_112_gb():
@@ -105,17 +111,25 @@ def test_quantized_frozen_weights_arithmetic():
 def test_one_gpu_table(capsys):
     assert memory.main(["--one_gpu"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == ("| method | llama-2-7b | llama-3-8b | llama-2-70b | llama-3-70b | fits 80 GiB | fits 48 GiB | fits 24 GiB "
-                                   "| fits 12 GiB |")
+    assert out.splitlines()[0] == (
+        "| method | llama-2-7b | llama-3-8b | llama-2-70b | llama-3-70b | fits 80 GiB | fits 48 GiB | fits 24 GiB "
+        "| fits 12 GiB |"
+    )
     nf4 = next(line for line in out.splitlines() if line.startswith("| LIFT-NF4 |"))
-    assert nf4.endswith("| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, "
-                        "llama-3-8b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b |")
+    assert nf4.endswith(
+        "| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, "
+        "llama-3-8b | llama-2-7b, llama-3-8b | llama-2-7b, llama-3-8b |"
+    )
     streamed = next(line for line in out.splitlines() if line.startswith("| LIFT-NF4 streamed, AdamW8bit |"))
-    assert streamed.endswith("| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, llama-3-8b, llama-2-70b |")
+    assert streamed.endswith(
+        "| llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b | llama-2-7b, llama-3-8b, llama-2-70b |"
+    )
     assert "| full fine-tuning |" in out and out.count("none") >= 4
     docs = Path(__file__).resolve().parents[1] / "docs"
     for page in ("hardware.md", "streaming.md"):  # the pages that show the table show this one
-        assert out.strip() in (docs / page).read_text(), f"docs/{page}: paste the output of python -m lift_ds.memory --one_gpu"
+        assert out.strip() in (docs / page).read_text(), (
+            f"docs/{page}: paste the output of python -m lift_ds.memory --one_gpu"
+        )
 
 
 def test_streamed_arithmetic():
@@ -129,12 +143,16 @@ def test_streamed_arithmetic():
     assert e.params == (s.total - s.layer_linear) * 2 + per_layer * 2 + 3 * per_layer * 4.127 / 8
     assert e.grads == 2 * t and e.optimizer == t * (2 + 8 / 256)
     full = memory.estimate(s, "lift", 1, 0, stream_frozen=True)
-    assert full.params == (s.total - s.layer_linear) * 2 + per_layer * 2 + 3 * per_layer * 2 and full.optimizer == 12 * t
+    assert (
+        full.params == (s.total - s.layer_linear) * 2 + per_layer * 2 + 3 * per_layer * 2 and full.optimizer == 12 * t
+    )
     deeper = memory.model_shape("llama-2-13b")
-    assert memory.estimate(deeper, "lift", 1, 0, frozen_weights="nf4", stream_frozen=True).params < 0.2 * memory.estimate(deeper, "lift", 1, 0).params
+    assert (
+        memory.estimate(deeper, "lift", 1, 0, frozen_weights="nf4", stream_frozen=True).params
+        < 0.2 * memory.estimate(deeper, "lift", 1, 0).params
+    )
     with pytest.raises(ValueError, match="stream_frozen: LIFT below ZeRO-3 only"):
         memory.estimate(s, "lora", 1, 0, stream_frozen=True)
-
 
 
 def test_logits_with_the_chunked_loss_and_the_models_own(capsys):
@@ -152,4 +170,7 @@ def test_logits_with_the_chunked_loss_and_the_models_own(capsys):
     a, b = (memory.estimate(s, "lift", 1, 0, loss=loss) for loss in ("model", "chunked"))
     assert a.activations - b.activations == own - chunked and a.model_states == b.model_states
     assert memory.main(["--model", "llama-3-8b", "--ranks", "1", "--zero", "0", "--seq_len", "2048"]) == 0
-    assert "0.08 GiB with lift.loss chunked, 1.47 GiB with the model's own loss (lift.loss model): 1.39 GiB less" in capsys.readouterr().out
+    assert (
+        "0.08 GiB with lift.loss chunked, 1.47 GiB with the model's own loss (lift.loss model): 1.39 GiB less"
+        in capsys.readouterr().out
+    )

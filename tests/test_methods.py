@@ -46,7 +46,9 @@ def test_every_badam_switch_is_a_phase_even_on_the_same_block():
 
 def test_lisa_draws_gamma_distinct_layers_per_period():
     sets = lisa_sets(8, 50, 5, 3, seed=2)
-    assert len(sets) == 10 and all(len(set(s)) == 3 and list(s) == sorted(s) and 0 <= min(s) and max(s) < 8 for s in sets)
+    assert len(sets) == 10 and all(
+        len(set(s)) == 3 and list(s) == sorted(s) and 0 <= min(s) and max(s) < 8 for s in sets
+    )
     counts = Counter(i for s in lisa_sets(8, 4000, 5, 3, seed=2) for i in s)
     assert min(counts.values()) > 0.8 * max(counts.values()), counts  # uniform over the layers
     units, steps = method_plan("lisa", 8, 12, switch_every=5, lisa_layers=3, seed=2)
@@ -66,22 +68,28 @@ def test_fingerprint_sees_units_and_keeps_lift_digests():
 # --------------------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("lift, needle", [
-    ({"switch_every": 5}, "lift.switch_every: applies to method badam or lisa, not lift"),
-    ({"lisa_layers": 2}, "lift.lisa_layers: applies to method badam or lisa, not lift"),
-    ({"method": "badam", "policy": "cyclic"}, "lift.policy: 'cyclic' is LIFT's"),
-    ({"method": "lisa", "optimizer_state": "offload"}, "lift.optimizer_state: 'offload' keeps a block's state"),
-    ({"method": "lisa", "include_head": True}, "lift.include_head: method lisa trains the embedding and the head"),
-    ({"method": "lisa", "schedule": "end2front"}, "lift.schedule: 'end2front' orders LIFT / BAdam blocks"),
-    ({"method": "badam", "lisa_layers": 2}, "lift.lisa_layers: applies to method lisa, not badam"),
-    ({"method": "lisa", "lisa_layers": 5}, "lift.lisa_layers: 5 is more than the 4 candidate layers"),
-    ({"method": "hift"}, "lift.method: got 'hift'; allowed: lift, badam, lisa"),
-    ({"method": "badam", "switch_every": 0}, "lift.switch_every: must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "lift, needle",
+    [
+        ({"switch_every": 5}, "lift.switch_every: applies to method badam or lisa, not lift"),
+        ({"lisa_layers": 2}, "lift.lisa_layers: applies to method badam or lisa, not lift"),
+        ({"method": "badam", "policy": "cyclic"}, "lift.policy: 'cyclic' is LIFT's"),
+        ({"method": "lisa", "optimizer_state": "offload"}, "lift.optimizer_state: 'offload' keeps a block's state"),
+        ({"method": "lisa", "include_head": True}, "lift.include_head: method lisa trains the embedding and the head"),
+        ({"method": "lisa", "schedule": "end2front"}, "lift.schedule: 'end2front' orders LIFT / BAdam blocks"),
+        ({"method": "badam", "lisa_layers": 2}, "lift.lisa_layers: applies to method lisa, not badam"),
+        ({"method": "lisa", "lisa_layers": 5}, "lift.lisa_layers: 5 is more than the 4 candidate layers"),
+        ({"method": "hift"}, "lift.method: got 'hift'; allowed: lift, badam, lisa"),
+        ({"method": "badam", "switch_every": 0}, "lift.switch_every: must be an integer >= 1"),
+    ],
+)
 def test_contradicting_keys_are_errors(lift, needle):
     with pytest.raises(ConfigError) as info:
-        lift_ds.initialize(model=tiny_llama(), config={"train_micro_batch_size_per_gpu": 2, "lift": {"total_steps": 8, **lift}},
-                           optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+        lift_ds.initialize(
+            model=tiny_llama(),
+            config={"train_micro_batch_size_per_gpu": 2, "lift": {"total_steps": 8, **lift}},
+            optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+        )
     assert needle in str(info.value), str(info.value)
 
 
@@ -90,12 +98,21 @@ def test_contradicting_keys_are_errors(lift, needle):
 
 def _run_lift_ds(lift: dict, steps: int, batches: list) -> tuple[dict, list]:
     model = tiny_llama()
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0, "lift": {"backend": "torch", "total_steps": steps, **lift}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 0.0,
+        "lift": {"backend": "torch", "total_steps": steps, **lift},
+    }
     engine, _, _, _ = lift_ds.initialize(model=model, config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, **ADAMW))
     seen = []
     for b in batches[:steps]:
-        seen.append((engine.active_block, sorted(n for n, p in model.named_parameters() if p.requires_grad),
-                     optimizer_state_elements(engine.optimizer)))
+        seen.append(
+            (
+                engine.active_block,
+                sorted(n for n, p in model.named_parameters() if p.requires_grad),
+                optimizer_state_elements(engine.optimizer),
+            )
+        )
         engine.backward(engine(**b).loss)
         engine.step()
     engine.close()
@@ -108,18 +125,28 @@ def _run_block_optimizer(mode: str, every: int, steps: int, batches: list, embed
     model = tiny_llama()
     base = torch.optim.AdamW(model.parameters(), **ADAMW)
     with contextlib.redirect_stdout(io.StringIO()):  # BAdam prints every switch
-        opt = BlockOptimizer(base, list(model.named_parameters()), switch_block_every=every, switch_mode=mode,
-                             include_embedding=embedding, include_lm_head=head, verbose=0)
+        opt = BlockOptimizer(
+            base,
+            list(model.named_parameters()),
+            switch_block_every=every,
+            switch_mode=mode,
+            include_embedding=embedding,
+            include_lm_head=head,
+            verbose=0,
+        )
         for b in batches[:steps]:
             model(**b).loss.backward()
             opt.step()
     return snapshot(model)
 
 
-@pytest.mark.parametrize("mode, schedule, embedding, head", [
-    ("descending", "end2front", True, True),
-    ("ascending", "front2end", False, False),
-])
+@pytest.mark.parametrize(
+    "mode, schedule, embedding, head",
+    [
+        ("descending", "end2front", True, True),
+        ("ascending", "front2end", False, False),
+    ],
+)
 def test_badam_equals_block_optimizer(mode, schedule, embedding, head):
     """BAdam 1.4's BlockOptimizer (same model, data, order, K, AdamW) and --method badam: the same
     weights within 1e-3 of the largest move; parameters outside BAdam's blocks never move."""
@@ -127,25 +154,42 @@ def test_badam_equals_block_optimizer(mode, schedule, embedding, head):
     batches, steps, every = lm_batches(14, batch=4), 14, 3
     start = snapshot(tiny_llama())
     ref = _run_block_optimizer(mode, every, steps, batches, embedding, head)
-    ours, seen = _run_lift_ds({"method": "badam", "switch_every": every, "schedule": schedule, "include_embedding": embedding,
-                               "include_head": head}, steps, batches)
+    ours, seen = _run_lift_ds(
+        {
+            "method": "badam",
+            "switch_every": every,
+            "schedule": schedule,
+            "include_embedding": embedding,
+            "include_head": head,
+        },
+        steps,
+        batches,
+    )
     move = max((ref[n] - start[n]).abs().max().item() for n in ref)
     err = max((ours[n] - ref[n]).abs().max().item() for n in ref)
     assert move > 1e-2 and err <= 1e-3 * move, (err, move)
-    assert [s[0] for s in seen][: every + 1] == [seen[0][0]] * (every - 1) + [seen[every - 1][0]] * 2  # K-1 steps, then K
+    assert [s[0] for s in seen][: every + 1] == [seen[0][0]] * (every - 1) + [
+        seen[every - 1][0]
+    ] * 2  # K-1 steps, then K
     if not head:  # BAdam without its lm_head block trains neither the final norm nor lm_head
-        assert torch.equal(ours["lm_head.weight"], start["lm_head.weight"]) and torch.equal(ours["model.norm.weight"], start["model.norm.weight"])
+        assert torch.equal(ours["lm_head.weight"], start["lm_head.weight"]) and torch.equal(
+            ours["model.norm.weight"], start["model.norm.weight"]
+        )
 
 
 def test_badam_clears_adam_state_at_every_switch():
-    _, seen = _run_lift_ds({"method": "badam", "switch_every": 2, "schedule": "random", "seed": 3}, 9, lm_batches(9, batch=4))
+    _, seen = _run_lift_ds(
+        {"method": "badam", "switch_every": 2, "schedule": "random", "seed": 3}, 9, lm_batches(9, batch=4)
+    )
     # steps 0 | 1 2 | 3 4 | 5 6 | 7 8: a fresh optimizer (no state) at the first step of each
     assert [s[2] == 0 for s in seen] == [True, True, False, True, False, True, False, True, False], seen
 
 
 def test_lisa_trains_embedding_head_and_the_drawn_layers():
     steps, every = 9, 3
-    ours, seen = _run_lift_ds({"method": "lisa", "switch_every": every, "lisa_layers": 2, "seed": 7}, steps, lm_batches(steps, batch=4))
+    ours, seen = _run_lift_ds(
+        {"method": "lisa", "switch_every": every, "lisa_layers": 2, "seed": 7}, steps, lm_batches(steps, batch=4)
+    )
     sets = lisa_sets(4, steps, every, 2, seed=7)
     always = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     start = snapshot(tiny_llama())

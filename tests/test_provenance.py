@@ -14,9 +14,21 @@ from lift_ds import provenance as prov
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 #: scripts that write the data files behind docs/ figures: each writes them through lift_ds.provenance
-WRITERS = ["launch/benchmark.py", "launch/profile_step.py", "launch/bench_stream.py", "launch/bench_phase_switch.py", "launch/bench_7b.py", "launch/bench_qlift.py", "launch/bench_qlift_7b.py",
-           "launch/gpu_bench.py", "lift_ds/train.py", "lift_ds/analysis/common.py", "lift_ds/analysis/compare.py",
-           "lift_ds/analysis/curves.py", "lift_ds/analysis/cli.py"]
+WRITERS = [
+    "launch/benchmark.py",
+    "launch/profile_step.py",
+    "launch/bench_stream.py",
+    "launch/bench_phase_switch.py",
+    "launch/bench_7b.py",
+    "launch/bench_qlift.py",
+    "launch/bench_qlift_7b.py",
+    "launch/gpu_bench.py",
+    "lift_ds/train.py",
+    "lift_ds/analysis/common.py",
+    "lift_ds/analysis/compare.py",
+    "lift_ds/analysis/curves.py",
+    "lift_ds/analysis/cli.py",
+]
 
 
 def test_provenance_names_machine_date_commit_and_versions():
@@ -57,17 +69,27 @@ def test_data_writers_record_provenance(script):
 
 
 def _data_files() -> list[Path]:
-    return sorted(p for p in DOCS.rglob("*") if p.is_file() and p.suffix in (".json", ".csv") and not p.name.endswith(".provenance.json"))
+    return sorted(
+        p
+        for p in DOCS.rglob("*")
+        if p.is_file() and p.suffix in (".json", ".csv") and not p.name.endswith(".provenance.json")
+    )
 
 
 @pytest.mark.parametrize("path", _data_files(), ids=lambda p: str(p.relative_to(DOCS)))
 def test_every_committed_data_file_records_machine_date_and_commit(path):
-    record = json.loads(path.read_text()) if path.suffix == ".json" else json.loads(path.with_name(path.name + ".provenance.json").read_text())
+    record = (
+        json.loads(path.read_text())
+        if path.suffix == ".json"
+        else json.loads(path.with_name(path.name + ".provenance.json").read_text())
+    )
     p = record["provenance"]
     assert p["date"] and p["commit"] and p["machine"]["cpu"]["model"], path
     if "recorded_after_the_fact" not in p:  # measured with provenance: the CPU's flags are known
         assert isinstance(p["machine"]["cpu"]["flags"], list), path
-    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    shallow = subprocess.run(
+        ["git", "rev-parse", "--is-shallow-repository"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     if shallow == "false":  # a full clone holds every commit a data file names
         known = subprocess.run(["git", "cat-file", "-e", f"{p['commit']}^{{commit}}"], cwd=REPO, capture_output=True)
         assert known.returncode == 0, f"{path}: commit {p['commit']} is not in this repository"
@@ -75,5 +97,7 @@ def test_every_committed_data_file_records_machine_date_and_commit(path):
 
 def test_remeasure_refuses_before_it_runs_anything():
     for args, needle in ((["--tiny"], "give it a scratch --out DIR"), (["nonsense"], "unknown step nonsense")):
-        proc = subprocess.run(["bash", "scripts/remeasure.sh", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["bash", "scripts/remeasure.sh", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)

@@ -11,7 +11,9 @@ from torch import nn
 
 from lift_ds import qkernels as K
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao (lift_ds[quant]) not installed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None, reason="torchao (lift_ds[quant]) not installed"
+)
 
 
 def torchao_quantized(w, mode):
@@ -73,7 +75,9 @@ def test_nf4_over_every_bf16_value_and_every_midpoint(dtype):
     them (where a nearest-value rule decides a tie): the same codes as torchao's."""
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     every = every[torch.isfinite(every)]
-    every = every[: every.numel() // 256 * 256][torch.randperm(every.numel() // 256 * 256, generator=torch.Generator().manual_seed(0))]
+    every = every[: every.numel() // 256 * 256][
+        torch.randperm(every.numel() // 256 * 256, generator=torch.Generator().manual_seed(0))
+    ]
     nf4 = torch.tensor(K.NF4_VALUES)
     block = torch.cat([torch.tensor([1.0]), (nf4[1:] + nf4[:-1]) / 2, nf4, torch.zeros(64 - 32)])
     for w in (every.view(-1, 256), block.repeat(64, 1).view(-1, 128)):
@@ -139,9 +143,14 @@ def test_no_full_size_temporary(small_chunks):
 
         def step():
             K.frozen_linear(x, Source(q), None).sum().backward()  # noqa: B023 (called at once)
+
         assert _largest_allocation(step) <= full / 8, mode
     # the scratch buffers stay a chunk (or NF4's narrowest column block: 64 columns)
-    assert max(b.numel() * b.element_size() for b in K._local.pool.values()) <= 4 * max(K.CHUNK, 64 * w.shape[0]) < full / 2
+    assert (
+        max(b.numel() * b.element_size() for b in K._local.pool.values())
+        <= 4 * max(K.CHUNK, 64 * w.shape[0])
+        < full / 2
+    )
 
 
 def test_autograd_keeps_no_weight():

@@ -11,20 +11,25 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import lift_ds
 from lift_ds.errors import ConfigError
-from lift_ds.run_config import load_run_config
 from lift_ds.quant import QuantizedFrozenLinear, quantize_weight, tensor_bytes
+from lift_ds.run_config import load_run_config
 
 from helpers import lm_batches, snapshot, tiny_llama
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao (lift_ds[quant]) not installed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None, reason="torchao (lift_ds[quant]) not installed"
+)
 
 LAYERS = [f"model.layers.{i}" for i in range(4)]
 
 
 def make(mode="nf4", steps=8, model=None, **lift):
     model = model or tiny_llama(layers=4, hidden=64)
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
-           "lift": {"total_steps": steps, "frozen_weights": mode, **lift}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 0.0,
+        "lift": {"total_steps": steps, "frozen_weights": mode, **lift},
+    }
     engine, _, _, _ = lift_ds.initialize(model=model, config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2))
     return engine
 
@@ -34,8 +39,10 @@ class StepRecorder:
 
     def __init__(self, model):
         self.model, self.pre, self.post = model, [], []
-        self.handles = [register_optimizer_step_pre_hook(lambda o, a, k: self.pre.append(self._values(o))),
-                        register_optimizer_step_post_hook(lambda o, a, k: self.post.append(self._values(o)))]
+        self.handles = [
+            register_optimizer_step_pre_hook(lambda o, a, k: self.pre.append(self._values(o))),
+            register_optimizer_step_post_hook(lambda o, a, k: self.post.append(self._values(o))),
+        ]
 
     def _values(self, opt):
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -86,8 +93,11 @@ def test_frozen_layers_are_quantized_and_the_active_one_is_not(mode):
 def test_census_of_quantized_bytes(mode, bound):
     engine = make(mode)
     counts = engine.quant.bytes()
-    assert counts["bf16_bytes"] == 2 * sum(p.numel() for n, p in tiny_llama(layers=4, hidden=64).named_parameters()
-                                           if "proj" in n and not n.startswith(engine.active_block + "."))
+    assert counts["bf16_bytes"] == 2 * sum(
+        p.numel()
+        for n, p in tiny_llama(layers=4, hidden=64).named_parameters()
+        if "proj" in n and not n.startswith(engine.active_block + ".")
+    )
     assert counts["quantized_bytes"] <= bound * counts["bf16_bytes"], counts
     # the count is of the tensors themselves
     w = torch.randn(128, 64)
@@ -174,13 +184,16 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(got[n], want[n]), n
 
 
-@pytest.mark.parametrize("top, lift, method, needle", [
-    ({"zero_optimization": {"stage": 3}}, {"backend": "deepspeed"}, "lift", "ZeRO-3 partitions them"),
-    ({"fsdp": {}}, {"backend": "fsdp"}, "lift", "FSDP2 shards every layer"),
-    ({}, {}, "full", "--baseline full"),
-    ({}, {"block_store_dir": "/tmp/x"}, "lift", "lift.block_store_dir: set, but lift.block_store is 'memory'"),
-    ({}, {"block_store": "tape"}, "lift", "lift.block_store: got 'tape'; allowed: memory, disk"),
-])
+@pytest.mark.parametrize(
+    "top, lift, method, needle",
+    [
+        ({"zero_optimization": {"stage": 3}}, {"backend": "deepspeed"}, "lift", "ZeRO-3 partitions them"),
+        ({"fsdp": {}}, {"backend": "fsdp"}, "lift", "FSDP2 shards every layer"),
+        ({}, {}, "full", "--baseline full"),
+        ({}, {"block_store_dir": "/tmp/x"}, "lift", "lift.block_store_dir: set, but lift.block_store is 'memory'"),
+        ({}, {"block_store": "tape"}, "lift", "lift.block_store: got 'tape'; allowed: memory, disk"),
+    ],
+)
 def test_invalid_combinations_are_config_errors(top, lift, method, needle):
     cfg = {**top, "lift": {"total_steps": 4, "frozen_weights": "nf4", **lift}}
     with pytest.raises(ConfigError) as info:
@@ -199,8 +212,13 @@ def test_unknown_mode_and_missing_torchao_are_config_errors(monkeypatch):
 
 def test_nf4_weight_of_unsupported_size_is_a_clear_error():
     model = tiny_llama(layers=4, hidden=24)  # k_proj 12 x 24 = 288 elements: not a multiple of NF4's block of 64
-    with pytest.raises(ConfigError, match=(r"nf4 needs weights whose size is a multiple of 64; "
-                                           r"model.layers.\d.self_attn.k_proj.weight has shape \[12, 24\]")):
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"nf4 needs weights whose size is a multiple of 64; "
+            r"model.layers.\d.self_attn.k_proj.weight has shape \[12, 24\]"
+        ),
+    ):
         make("nf4", model=model)
 
 
@@ -211,9 +229,10 @@ def test_layer_by_layer_build_equals_loading_then_quantizing(tmp_path, tie):
     loaded model, and a LIFT run on it equals a run on the loaded model (the engine adopts its store)."""
     from transformers import AutoModelForCausalLM
 
-    from helpers import make_model_dir
     from lift_ds.quant import BlockStore
     from lift_ds.quant_load import build_quantized_model
+
+    from helpers import make_model_dir
 
     d = make_model_dir(tmp_path / "m", hidden=64, tie=tie)
     loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
@@ -227,7 +246,9 @@ def test_layer_by_layer_build_equals_loading_then_quantizing(tmp_path, tie):
     for n, t in {**live, **stored}.items():
         assert torch.equal(t, want[n]), n
     q = built.model.layers[2].mlp.up_proj.qweight
-    assert torch.equal(q.get_original_weight(), quantize_weight(want["model.layers.2.mlp.up_proj.weight"], "nf4").get_original_weight())
+    assert torch.equal(
+        q.get_original_weight(), quantize_weight(want["model.layers.2.mlp.up_proj.weight"], "nf4").get_original_weight()
+    )
     if tie:
         assert built.lm_head.weight is built.model.embed_tokens.weight
     a, b = make("nf4", model=loaded, policy="cyclic"), make("nf4", model=built, policy="cyclic")
@@ -241,12 +262,15 @@ def test_layer_by_layer_build_equals_loading_then_quantizing(tmp_path, tie):
 def test_layer_by_layer_random_init_has_the_models_init(tmp_path):
     from lift_ds.quant import BlockStore
     from lift_ds.quant_load import build_quantized_model
+
     from helpers import tiny_llama_config
 
     cfg = tiny_llama_config(layers=4, hidden=64)
     built = build_quantized_model("unused", "int8", BlockStore("memory"), random_init=True, config=cfg)
     w = built.lift_block_store.get("model.layers.1")["model.layers.1.mlp.up_proj.weight"]
-    assert abs(w.std().item() - cfg.initializer_range) < 0.002 and built.model.layers[1].input_layernorm.weight.eq(1).all()
+    assert (
+        abs(w.std().item() - cfg.initializer_range) < 0.002 and built.model.layers[1].input_layernorm.weight.eq(1).all()
+    )
     assert built.model.rotary_emb.inv_freq.is_meta is False
     out = built(input_ids=torch.randint(0, 128, (2, 8)), labels=torch.randint(0, 128, (2, 8)))
     assert torch.isfinite(out.loss)
@@ -273,7 +297,9 @@ def test_quantized_layers_survive_a_replaced_functional_linear(monkeypatch, mode
     real = torch.nn.functional.linear
 
     def replaced(x, w, b=None):
-        assert type(w) in (torch.Tensor, torch.nn.Parameter), f"a quantized weight went through the replaced linear: {type(w).__name__}"
+        assert type(w) in (torch.Tensor, torch.nn.Parameter), (
+            f"a quantized weight went through the replaced linear: {type(w).__name__}"
+        )
         return real(x, w, b)
 
     monkeypatch.setattr(torch.nn.functional, "linear", replaced)

@@ -16,8 +16,15 @@ from helpers import lm_batches, snapshot, tiny_llama
 
 
 def make(lift=None, opt=None, **top):
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0, **top, "lift": {"total_steps": 8, **(lift or {})}}
-    engine, _, _, _ = lift_ds.initialize(model=tiny_llama(), config=cfg, optimizer=opt or (lambda ps: torch.optim.AdamW(ps, lr=1e-2)))
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 0.0,
+        **top,
+        "lift": {"total_steps": 8, **(lift or {})},
+    }
+    engine, _, _, _ = lift_ds.initialize(
+        model=tiny_llama(), config=cfg, optimizer=opt or (lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    )
     return engine
 
 
@@ -80,7 +87,11 @@ def test_consecutive_skips_stop_the_run_with_a_clear_message():
     with pytest.raises(DivergenceError) as info:
         one_step(engine, batches[4], nan=True)
     msg = str(info.value)
-    assert "3 optimizer steps in a row (steps 3..5" in msg and "max_consecutive_skipped_steps" in msg and "learning rate" in msg
+    assert (
+        "3 optimizer steps in a row (steps 3..5" in msg
+        and "max_consecutive_skipped_steps" in msg
+        and "learning rate" in msg
+    )
     assert all(torch.equal(p, good[n]) for n, p in engine.module.named_parameters())
 
 
@@ -124,7 +135,9 @@ def _assert_previous_intact(tmp_path):
     assert fresh.global_step == 2
 
 
-@pytest.mark.parametrize("code,text", [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")])
+@pytest.mark.parametrize(
+    "code,text", [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")]
+)
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, code, text):
     engine = _trained_with_checkpoint(tmp_path)
     real = torch.save
@@ -139,7 +152,12 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, code, tex
         engine.save_checkpoint(tmp_path)
     monkeypatch.setattr(torch, "save", real)
     msg = str(info.value)
-    assert text in msg and "global_step4" in msg and "global_step2 is untouched and still the newest" in msg and "--resume" in msg
+    assert (
+        text in msg
+        and "global_step4" in msg
+        and "global_step2 is untouched and still the newest" in msg
+        and "--resume" in msg
+    )
     _assert_previous_intact(tmp_path)
 
 
@@ -203,8 +221,12 @@ def test_out_of_memory_at_phase_rebuild_names_block_and_estimate(monkeypatch):
 def test_cpu_allocator_failure_is_recognised():
     from lift_ds.engine import is_out_of_memory
 
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: "
-                                         "can't allocate memory: you tried to allocate 1 bytes"))
+    assert is_out_of_memory(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: "
+            "can't allocate memory: you tried to allocate 1 bytes"
+        )
+    )
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 

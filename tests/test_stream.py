@@ -17,7 +17,9 @@ from lift_ds.stream import CAPACITY, StreamedFrozenLinear
 
 from helpers import lm_batches, make_model_dir, snapshot, tiny_llama, tiny_llama_config
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao (lift_ds[quant]) not installed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None, reason="torchao (lift_ds[quant]) not installed"
+)
 
 
 def make(model, steps=8, **lift):
@@ -28,7 +30,7 @@ def make(model, steps=8, **lift):
 
 def run(engine, n=None):
     losses = []
-    for b in lm_batches(engine.plan.total_steps, vocab=128, seed=1)[engine.global_step:n]:
+    for b in lm_batches(engine.plan.total_steps, vocab=128, seed=1)[engine.global_step : n]:
         loss = engine(**b).loss
         engine.backward(loss)
         engine.step()
@@ -46,7 +48,10 @@ def test_streamed_run_equals_resident_run(mode, checkpointing):
     frozen layers' arithmetic is the same; only where their weights live changes), with activation
     checkpointing's recomputation too; the layers really were streamed and read ahead."""
     kw = dict(steps=10, policy="cyclic", frozen_weights=mode, gradient_checkpointing=checkpointing)
-    resident, streamed = make(tiny_llama(layers=5, hidden=64), **kw), make(tiny_llama(layers=5, hidden=64), stream_frozen=True, **kw)
+    resident, streamed = (
+        make(tiny_llama(layers=5, hidden=64), **kw),
+        make(tiny_llama(layers=5, hidden=64), stream_frozen=True, **kw),
+    )
     assert run(resident) == run(streamed)
     a, b = weights(resident), weights(streamed)
     assert sorted(a) == sorted(b) and len(a) == sum(1 for _ in tiny_llama(layers=5, hidden=64).parameters())
@@ -77,11 +82,15 @@ def test_at_most_capacity_layers_in_memory_whatever_the_depth(layers):
     served from memory, none during an optimizer step, and the buffers (reused from layer to layer)
     and their bytes do not grow with depth; each frozen layer is read at most twice per step
     (forward and backward)."""
-    engine = make(tiny_llama(layers=layers, hidden=64), steps=4, layer_range=[1, 1], frozen_weights="nf4", stream_frozen=True)
+    engine = make(
+        tiny_llama(layers=layers, hidden=64), steps=4, layer_range=[1, 1], frozen_weights="nf4", stream_frozen=True
+    )
     streamer = engine.quant.streamer
     streamer.trace = []
     during_step = []
-    handle = register_optimizer_step_pre_hook(lambda *a: during_step.append(len(streamer.materialised()) + len(streamer._pool)))
+    handle = register_optimizer_step_pre_hook(
+        lambda *a: during_step.append(len(streamer.materialised()) + len(streamer._pool))
+    )
     try:
         run(engine)
     finally:
@@ -103,13 +112,15 @@ def _recorder(model):
     def hook(opt, args, kwargs):
         names = {id(p): n for n, p in model.named_parameters()}
         last.update({names[id(p)]: p.detach().clone() for g in opt.param_groups for p in g["params"] if id(p) in names})
+
     return last, register_optimizer_step_post_hook(hook)
 
 
 def _exported(engine, path):
+    import json
+
     from lift_ds.export import save_hf_checkpoint
     from lift_ds.tensorfile import read_file
-    import json
 
     save_hf_checkpoint(engine, path)
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
@@ -130,14 +141,24 @@ def test_origin_backed_store_writes_only_trained_layers_and_exports_exactly(tmp_
     d = make_model_dir(tmp_path / "m", layers=4, hidden=64)
 
     def build(store_dir, backed=True):
-        return build_quantized_model(str(d), "nf4", BlockStore("disk", store_dir), random_init=source == "random_init", seed=3,
-                                     streamer=make_streamer(None), origin_backed=backed)
+        return build_quantized_model(
+            str(d),
+            "nf4",
+            BlockStore("disk", store_dir),
+            random_init=source == "random_init",
+            seed=3,
+            streamer=make_streamer(None),
+            origin_backed=backed,
+        )
 
     model = build(tmp_path / "store")
     # what the run starts from: the checkpoint, or the values a build that writes every layer drew
     start = build(tmp_path / "written", backed=False).lift_block_store
-    origin = (snapshot(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)) if source == "checkpoint"
-              else {n: t for b in (f"model.layers.{i}" for i in range(4)) for n, t in start.get(b).items()})
+    origin = (
+        snapshot(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32))
+        if source == "checkpoint"
+        else {n: t for b in (f"model.layers.{i}" for i in range(4)) for n, t in start.get(b).items()}
+    )
     assert list((tmp_path / "store").iterdir()) == []
     last, handle = _recorder(model)
     try:
@@ -196,8 +217,14 @@ def test_a_layer_built_streamed_trains_its_linear_weights(tmp_path):
     from lift_ds.quant_load import build_quantized_model
     from lift_ds.store import BlockStore
 
-    model = build_quantized_model("unused", "full", BlockStore("memory"), random_init=True, config=tiny_llama_config(layers=3, hidden=64),
-                                  streamer=make_streamer(None))
+    model = build_quantized_model(
+        "unused",
+        "full",
+        BlockStore("memory"),
+        random_init=True,
+        config=tiny_llama_config(layers=3, hidden=64),
+        streamer=make_streamer(None),
+    )
     before = model.lift_block_store.get("model.layers.0")["model.layers.0.mlp.up_proj.weight"].clone()
     engine = make(model, steps=2, layer_range=[1, 1], stream_frozen=True)
     assert "model.layers.0.mlp.up_proj.weight" in engine.trainable_param_names()
@@ -205,14 +232,28 @@ def test_a_layer_built_streamed_trains_its_linear_weights(tmp_path):
     assert not torch.equal(dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"], before)
 
 
-@pytest.mark.parametrize("top, lift, method, needle", [
-    ({"zero_optimization": {"stage": 3}}, {"backend": "deepspeed"}, "lift", "lift.stream_frozen: true needs the frozen layers whole"),
-    ({"fsdp": {}}, {"backend": "fsdp"}, "lift", "lift.stream_frozen: true: FSDP2 shards every layer"),
-    ({}, {}, "full", "lift.stream_frozen: true streams LIFT's frozen layers; --baseline full"),
-    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW8bit", "params": {"lr": 1e-3}}}, {"backend": "deepspeed"}, "lift",
-     ("optimizer.type: 'AdamW8bit' updates 16-bit weights "
-      "without fp32 masters, which only the torch backend runs")),
-])
+@pytest.mark.parametrize(
+    "top, lift, method, needle",
+    [
+        (
+            {"zero_optimization": {"stage": 3}},
+            {"backend": "deepspeed"},
+            "lift",
+            "lift.stream_frozen: true needs the frozen layers whole",
+        ),
+        ({"fsdp": {}}, {"backend": "fsdp"}, "lift", "lift.stream_frozen: true: FSDP2 shards every layer"),
+        ({}, {}, "full", "lift.stream_frozen: true streams LIFT's frozen layers; --baseline full"),
+        (
+            {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW8bit", "params": {"lr": 1e-3}}},
+            {"backend": "deepspeed"},
+            "lift",
+            (
+                "optimizer.type: 'AdamW8bit' updates 16-bit weights "
+                "without fp32 masters, which only the torch backend runs"
+            ),
+        ),
+    ],
+)
 def test_refused_combinations_are_config_errors(top, lift, method, needle):
     cfg = {**top, "lift": {"total_steps": 4, "stream_frozen": True, **lift}}
     with pytest.raises(ConfigError) as info:
@@ -226,9 +267,13 @@ def test_adamw8bit_trains_bf16_weights_without_fp32_masters():
     the bf16 weights itself (stochastic rounding, no fp32 master, bf16 gradients); its moments take
     about a quarter of AdamW's fp32 moments; the loss on a repeated batch falls."""
     model = tiny_llama(layers=2, hidden=64)
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "bf16": {"enabled": True},
-           "optimizer": {"type": "AdamW8bit", "params": {"lr": 3e-3, "weight_decay": 0.0}},
-           "lift": {"total_steps": 6, "layer_range": [2, 2], "frozen_weights": "nf4", "stream_frozen": True}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW8bit", "params": {"lr": 3e-3, "weight_decay": 0.0}},
+        "lift": {"total_steps": 6, "layer_range": [2, 2], "frozen_weights": "nf4", "stream_frozen": True},
+    }
     engine, _, _, _ = lift_ds.initialize(model=model, config=cfg)
     assert type(engine.optimizer).__name__ == "AdamW8bit" and engine.optimizer.bf16_stochastic_round
     params = engine.backend.active_params()
@@ -243,5 +288,9 @@ def test_adamw8bit_trains_bf16_weights_without_fp32_masters():
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
     big = [p for p in params if p.numel() >= 4096]
-    state = sum(t.codes.numel() + t.scale.numel() * 4 for p in big for t in (engine.optimizer.state[p]["exp_avg"], engine.optimizer.state[p]["exp_avg_sq"]))
+    state = sum(
+        t.codes.numel() + t.scale.numel() * 4
+        for p in big
+        for t in (engine.optimizer.state[p]["exp_avg"], engine.optimizer.state[p]["exp_avg_sq"])
+    )
     assert state < 0.27 * sum(8 * p.numel() for p in big)

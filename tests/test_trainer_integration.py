@@ -14,7 +14,9 @@ CFG = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 
 
 
 def data():
-    return [{"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()} for b in lm_batches(16, batch=1)]
+    return [
+        {"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()} for b in lm_batches(16, batch=1)
+    ]
 
 
 def collate(rows):
@@ -26,16 +28,35 @@ def build(tmp_path, lift_config=CFG, trainer_kwargs=None, **args):
 
     from lift_ds.integrations.transformers import LiftTrainer
 
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=8, report_to=[], use_cpu=True, disable_tqdm=True)
-    return LiftTrainer(model=tiny_llama(), args=TrainingArguments(**{**base, **args}), train_dataset=data(), data_collator=collate,
-                       lift_config=lift_config, **(trainer_kwargs or {}))
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=8,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return LiftTrainer(
+        model=tiny_llama(),
+        args=TrainingArguments(**{**base, **args}),
+        train_dataset=data(),
+        data_collator=collate,
+        lift_config=lift_config,
+        **(trainer_kwargs or {}),
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    ({"optim": "adafactor"}, "TrainingArguments.optim: 'adafactor' is not built per LIFT phase"),
-    ({"torch_compile": True}, "TrainingArguments.torch_compile: not supported with LIFT"),
-    ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"}, "TrainingArguments.load_best_model_at_end"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        ({"optim": "adafactor"}, "TrainingArguments.optim: 'adafactor' is not built per LIFT phase"),
+        ({"torch_compile": True}, "TrainingArguments.torch_compile: not supported with LIFT"),
+        (
+            {"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"},
+            "TrainingArguments.load_best_model_at_end",
+        ),
+    ],
+)
 def test_unsupported_trainer_features_fail_at_construction(tmp_path, args, needle):
     with pytest.raises(ConfigError) as info:
         build(tmp_path, trainer_kwargs={"eval_dataset": data()[:2]}, **args)
@@ -55,32 +76,70 @@ def test_evaluation_is_trainers_own_loop(tmp_path):
     and after training the loss has fallen. TrainOutput carries train_loss."""
     from transformers import Trainer, TrainingArguments
 
-    kw = {"eval_dataset": data()[:6], "compute_metrics": _accuracy, "preprocess_logits_for_metrics": lambda logits, labels: logits.argmax(-1)}
+    kw = {
+        "eval_dataset": data()[:6],
+        "compute_metrics": _accuracy,
+        "preprocess_logits_for_metrics": lambda logits, labels: logits.argmax(-1),
+    }
     lift = build(tmp_path / "lift", learning_rate=1e-2, trainer_kwargs=kw)
     before = lift.evaluate()
-    plain = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "plain"), per_device_eval_batch_size=8, report_to=[],
-                                                                use_cpu=True, disable_tqdm=True), data_collator=collate, **kw)
+    plain = Trainer(
+        model=tiny_llama(),
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "plain"),
+            per_device_eval_batch_size=8,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        ),
+        data_collator=collate,
+        **kw,
+    )
     want = plain.evaluate()
-    assert before["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6) and before["eval_accuracy"] == want["eval_accuracy"]
+    assert (
+        before["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
+        and before["eval_accuracy"] == want["eval_accuracy"]
+    )
     out = lift.train()
     assert out.metrics["train_loss"] == pytest.approx(out.training_loss) and out.training_loss > 0
     after = lift.evaluate()
     assert after["eval_loss"] < before["eval_loss"] - 0.03 and "eval_accuracy" in after
 
 
-@pytest.mark.parametrize("args,needle", [
-    ({"lr_scheduler_type": "reduce_lr_on_plateau", "eval_strategy": "steps"}, "TrainingArguments.lr_scheduler_type: 'reduce_lr_on_plateau' needs"),
-    ({"optim_args": "foreach=False"}, "TrainingArguments.optim_args: 'foreach=False' is not supported with LIFT"),
-    ({"save_strategy": "best", "metric_for_best_model": "eval_loss", "eval_strategy": "steps"}, "TrainingArguments.save_strategy: 'best' is not supported"),
-    ({"per_device_eval_batch_size": 0}, "TrainingArguments.per_device_eval_batch_size: must be an integer >= 1, got 0"),
-    ({"weight_decay": float("nan")}, "TrainingArguments.weight_decay: must be a finite number >= 0, got nan"),
-    ({"eval_on_start": True, "eval_strategy": "steps"}, "TrainingArguments.eval_on_start: True is not supported with LIFT"),
-    ({"save_only_model": True}, "TrainingArguments.save_only_model: True is not supported with LIFT"),
-    ({"ignore_data_skip": True}, "TrainingArguments.ignore_data_skip: True is not supported with LIFT"),
-    ({"push_to_hub": True, "hub_model_id": "x/y"}, "TrainingArguments.push_to_hub: True is not supported with LIFT"),
-    ({"bf16_full_eval": True}, "TrainingArguments.bf16_full_eval: True is not supported"),
-    ({"max_steps": -1, "num_train_epochs": 0}, "TrainingArguments.num_train_epochs: must be a number > 0 when max_steps is not set, got 0"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            {"lr_scheduler_type": "reduce_lr_on_plateau", "eval_strategy": "steps"},
+            "TrainingArguments.lr_scheduler_type: 'reduce_lr_on_plateau' needs",
+        ),
+        ({"optim_args": "foreach=False"}, "TrainingArguments.optim_args: 'foreach=False' is not supported with LIFT"),
+        (
+            {"save_strategy": "best", "metric_for_best_model": "eval_loss", "eval_strategy": "steps"},
+            "TrainingArguments.save_strategy: 'best' is not supported",
+        ),
+        (
+            {"per_device_eval_batch_size": 0},
+            "TrainingArguments.per_device_eval_batch_size: must be an integer >= 1, got 0",
+        ),
+        ({"weight_decay": float("nan")}, "TrainingArguments.weight_decay: must be a finite number >= 0, got nan"),
+        (
+            {"eval_on_start": True, "eval_strategy": "steps"},
+            "TrainingArguments.eval_on_start: True is not supported with LIFT",
+        ),
+        ({"save_only_model": True}, "TrainingArguments.save_only_model: True is not supported with LIFT"),
+        ({"ignore_data_skip": True}, "TrainingArguments.ignore_data_skip: True is not supported with LIFT"),
+        (
+            {"push_to_hub": True, "hub_model_id": "x/y"},
+            "TrainingArguments.push_to_hub: True is not supported with LIFT",
+        ),
+        ({"bf16_full_eval": True}, "TrainingArguments.bf16_full_eval: True is not supported"),
+        (
+            {"max_steps": -1, "num_train_epochs": 0},
+            "TrainingArguments.num_train_epochs: must be a number > 0 when max_steps is not set, got 0",
+        ),
+    ],
+)
 def test_arguments_lift_cannot_honour_fail_at_construction(tmp_path, args, needle):
     with pytest.raises(ConfigError) as info:
         build(tmp_path, trainer_kwargs={"eval_dataset": data()[:2]}, **args)
@@ -93,7 +152,14 @@ def test_fractional_steps_are_fractions_of_the_run_and_a_missing_checkpoint_is_n
     path that does not exist is a ResumeError naming it."""
     from lift_ds.errors import ResumeError
 
-    trainer = build(tmp_path, logging_steps=0.25, save_steps=0.5, eval_strategy="steps", eval_steps=0.5, trainer_kwargs={"eval_dataset": data()[:2]})
+    trainer = build(
+        tmp_path,
+        logging_steps=0.25,
+        save_steps=0.5,
+        eval_strategy="steps",
+        eval_steps=0.5,
+        trainer_kwargs={"eval_dataset": data()[:2]},
+    )
     trainer.train()
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [2, 4, 6, 8]
     assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [4, 8]
@@ -109,10 +175,12 @@ def test_fractional_steps_are_fractions_of_the_run_and_a_missing_checkpoint_is_n
 
 
 def test_a_config_without_lift_section_or_any_config(tmp_path):
-    with pytest.raises(ConfigError, match="TrainingArguments.deepspeed: a DeepSpeed JSON with a \"lift\" section is required"):
+    with pytest.raises(
+        ConfigError, match='TrainingArguments.deepspeed: a DeepSpeed JSON with a "lift" section is required'
+    ):
         build(tmp_path, lift_config=None)
     trainer = build(tmp_path, lift_config={"train_micro_batch_size_per_gpu": "auto"})
-    with pytest.raises(ConfigError, match="the config has no \"lift\" section"):
+    with pytest.raises(ConfigError, match='the config has no "lift" section'):
         trainer.train()
 
 
@@ -128,8 +196,15 @@ def test_explicit_values_must_agree_with_training_arguments(tmp_path):
 
 def test_one_process_run_logs_evaluates_saves_and_resumes(tmp_path):
     """The torch backend, one process: logging, evaluation loss, checkpoints and an exact resume."""
-    trainer = build(tmp_path, logging_steps=2, save_steps=4, eval_strategy="steps", eval_steps=4, learning_rate=1e-2,
-                    trainer_kwargs={"eval_dataset": data()[:4]})
+    trainer = build(
+        tmp_path,
+        logging_steps=2,
+        save_steps=4,
+        eval_strategy="steps",
+        eval_steps=4,
+        learning_rate=1e-2,
+        trainer_kwargs={"eval_dataset": data()[:4]},
+    )
     out = trainer.train()
     assert out.global_step == 8 and [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [4, 8]
     assert (tmp_path / "checkpoint-4").is_dir() and (tmp_path / "checkpoint-8").is_dir()
@@ -176,10 +251,20 @@ def test_badam_and_lisa_presets_through_the_trainer(tmp_path, method):
 
     class Probe(TrainerCallback):
         def on_step_begin(self, args, state, control, optimizer=None, **kw):
-            seen.append(({id(p) for g in optimizer.param_groups for p in g["params"] if p.numel() > 1}, len(optimizer.state)))
+            seen.append(
+                ({id(p) for g in optimizer.param_groups for p in g["params"] if p.numel() > 1}, len(optimizer.state))
+            )
 
-    lift = {"backend": "torch", "method": method, "switch_every": 3, "seed": 4, **({"lisa_layers": 2} if method == "lisa" else {})}
-    trainer = build(tmp_path, lift_config={**CFG, "lift": lift}, learning_rate=1e-2, trainer_kwargs={"callbacks": [Probe()]})
+    lift = {
+        "backend": "torch",
+        "method": method,
+        "switch_every": 3,
+        "seed": 4,
+        **({"lisa_layers": 2} if method == "lisa" else {}),
+    }
+    trainer = build(
+        tmp_path, lift_config={**CFG, "lift": lift}, learning_rate=1e-2, trainer_kwargs={"callbacks": [Probe()]}
+    )
     ids = {id(p): n for n, p in trainer.model.named_parameters()}
     trainer.train()
 

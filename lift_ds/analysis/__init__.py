@@ -14,5 +14,20 @@ from .common import Setup, Task, parse_task, run_once
 from .contribution import candidates, contribution, recommend_range
 from .curves import curves, read_curve
 
-__all__ = ["Setup", "Task", "ablation", "build_parser", "candidates", "contribution", "curves", "main", "markdown_table",
-           "named_range", "parse_task", "read_curve", "recommend_range", "run_once", "settings"]
+__all__ = [
+    "Setup",
+    "Task",
+    "ablation",
+    "build_parser",
+    "candidates",
+    "contribution",
+    "curves",
+    "main",
+    "markdown_table",
+    "named_range",
+    "parse_task",
+    "read_curve",
+    "recommend_range",
+    "run_once",
+    "settings",
+]

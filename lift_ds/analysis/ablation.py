@@ -33,7 +33,9 @@ def named_range(name: str, num_layers: int) -> tuple[str, list[int] | None]:
     return f"[{a}, {b}]", [a, b]
 
 
-def settings(num_layers: int, ranges: list[str], schedules: list[str], policies: list[str], grid: str) -> list[tuple[str, dict]]:
+def settings(
+    num_layers: int, ranges: list[str], schedules: list[str], policies: list[str], grid: str
+) -> list[tuple[str, dict]]:
     """(row label, lift section) for each LIFT row of the table."""
     from ..schedule import POLICIES, SCHEDULES
 
@@ -51,7 +53,11 @@ def settings(num_layers: int, ranges: list[str], schedules: list[str], policies:
         combos = [(r, s, p) for r in named for s in schedules for p in policies]
     else:  # one factor at a time around the paper's default: all layers, front2end, grouped
         base_r, base_s, base_p = named_range("all", num_layers), "front2end", "grouped"
-        combos = [(r, base_s, base_p) for r in named] + [(base_r, s, base_p) for s in schedules] + [(base_r, base_s, p) for p in policies]
+        combos = (
+            [(r, base_s, base_p) for r in named]
+            + [(base_r, s, base_p) for s in schedules]
+            + [(base_r, base_s, p) for p in policies]
+        )
     rows, seen = [], set()
     for (label, lr), s, p in combos:
         key = (label, s, p)
@@ -62,7 +68,9 @@ def settings(num_layers: int, ranges: list[str], schedules: list[str], policies:
     return rows
 
 
-def ablation(setup: Setup, tasks: list[Task], seeds: list[int], rows: list[tuple[str, dict]], out: Path, full_ft: bool = True) -> dict:
+def ablation(
+    setup: Setup, tasks: list[Task], seeds: list[int], rows: list[tuple[str, dict]], out: Path, full_ft: bool = True
+) -> dict:
     table: list[dict] = []
     settings_to_run = ([("FT-Full", None)] if full_ft else []) + rows
     for label, lift in settings_to_run:
@@ -75,7 +83,9 @@ def ablation(setup: Setup, tasks: list[Task], seeds: list[int], rows: list[tuple
                 r = mean_over_seeds(setup, task, seeds, lift=lift)
             row[task.name] = r["score"]
             row[f"{task.name}_std"] = r["score_std"]
-            print(f"[ablation] {task.name} {label}: {r['score']:.4f} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"[ablation] {task.name} {label}: {r['score']:.4f} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True
+            )
         row["average"] = statistics.mean(row[t.name] for t in tasks)
         table.append(row)
     names = [t.name for t in tasks]

@@ -43,8 +43,12 @@ def parse_task(spec: str) -> Task:
         raise ConfigError([f"--task: {name!r} is not a task name (letters, digits, _ - .; it names files under --out)"])
     parts = rest.split(":") if eq else []
     if not eq or len(parts) not in (2, 3) or parts[0] not in FORMATS:
-        raise ConfigError([f"--task: {spec!r} is not a task; give sentiment, trec, bigbench:<task> or NAME=FORMAT:TRAIN[:EVAL] "
-                           f"with FORMAT one of {', '.join(FORMATS)}"])
+        raise ConfigError(
+            [
+                f"--task: {spec!r} is not a task; give sentiment, trec, bigbench:<task> or NAME=FORMAT:TRAIN[:EVAL] "
+                f"with FORMAT one of {', '.join(FORMATS)}"
+            ]
+        )
     for path in parts[1:]:
         if not Path(path).is_file():
             raise ConfigError([f"--task {name}: file {path!r} does not exist"])
@@ -78,16 +82,30 @@ class Setup:
 
         key = ("data", task.name)
         if key not in self._cache:
-            self._cache[key] = load_task_data(task.train, task.eval, task.fmt, self.tokenizer(), self.seq_len, labels=task.labels,
-                                              classifier_head=self.classifier_head, eval_limit=self.eval_limit)
+            self._cache[key] = load_task_data(
+                task.train,
+                task.eval,
+                task.fmt,
+                self.tokenizer(),
+                self.seq_len,
+                labels=task.labels,
+                classifier_head=self.classifier_head,
+                eval_limit=self.eval_limit,
+            )
         return self._cache[key]
 
     def model_for(self, task: Task, seed: int, meta: bool = False) -> Any:
         """The model for a task (a new classification head is seeded: every block starts from the same head)."""
         from ..recipe import build_model
 
-        return build_model(self.model, num_labels=self.data(task).num_labels, pad_id=self.tokenizer().pad_token_id,
-                           random_init=self.random_init, seed=seed, meta=meta)
+        return build_model(
+            self.model,
+            num_labels=self.data(task).num_labels,
+            pad_id=self.tokenizer().pad_token_id,
+            random_init=self.random_init,
+            seed=seed,
+            meta=meta,
+        )
 
 
 def score_of(metrics: dict[str, float]) -> float:
@@ -95,7 +113,9 @@ def score_of(metrics: dict[str, float]) -> float:
     return metrics.get("eval_accuracy", -metrics.get("eval_loss", float("nan")))
 
 
-def run_once(setup: Setup, task: Task, seed: int, trainable: list[str] | None = None, lift: dict | None = None) -> dict[str, float]:
+def run_once(
+    setup: Setup, task: Task, seed: int, trainable: list[str] | None = None, lift: dict | None = None
+) -> dict[str, float]:
     """Fine-tune (``trainable`` parameter names for the whole run, or LIFT with ``lift``) and score."""
     import torch
 
@@ -105,9 +125,12 @@ def run_once(setup: Setup, task: Task, seed: int, trainable: list[str] | None = 
 
     data = setup.data(task)
     model = setup.model_for(task, seed)
-    cfg = {"train_micro_batch_size_per_gpu": setup.micro_batch, "gradient_clipping": 1.0,
-           "optimizer": {"type": "AdamW", "params": {"lr": setup.lr, "weight_decay": 0.0}},
-           "lift": {"backend": "torch", "total_steps": setup.steps, "seed": seed, **(lift or {})}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": setup.micro_batch,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": setup.lr, "weight_decay": 0.0}},
+        "lift": {"backend": "torch", "total_steps": setup.steps, "seed": seed, **(lift or {})},
+    }
     if data.num_labels is not None and trainable is None:
         cfg["lift"]["always_trainable"] = head_module_names(model)
     t0 = time.perf_counter()

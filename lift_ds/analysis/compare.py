@@ -40,18 +40,30 @@ METHOD_FLAGS: dict[str, list[str]] = {
 }
 #: the default learning-rate grid per method (full fine-tuning lower, LoRA higher, as usually tuned)
 DEFAULT_LRS: dict[str, tuple[float, ...]] = {
-    "lift": (3e-5, 1e-4, 3e-4), "lift-random": (3e-5, 1e-4, 3e-4), "badam": (3e-5, 1e-4, 3e-4), "lisa": (3e-5, 1e-4, 3e-4),
-    "full": (1e-5, 3e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3),
+    "lift": (3e-5, 1e-4, 3e-4),
+    "lift-random": (3e-5, 1e-4, 3e-4),
+    "badam": (3e-5, 1e-4, 3e-4),
+    "lisa": (3e-5, 1e-4, 3e-4),
+    "full": (1e-5, 3e-5, 1e-4),
+    "lora": (1e-4, 3e-4, 1e-3),
 }
 
 
 def run_config(micro_batch: int) -> dict[str, Any]:
     """The launcher config of every run: one process, torch backend, AdamW, warm-up then linear decay."""
     return {
-        "train_micro_batch_size_per_gpu": micro_batch, "gradient_clipping": 1.0,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": "auto", "warmup_num_steps": "auto",
-                                                          "total_num_steps": "auto"}},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": "auto",
+                "warmup_num_steps": "auto",
+                "total_num_steps": "auto",
+            },
+        },
         "lift": {"backend": "torch", "total_steps": "auto"},
     }
 
@@ -69,7 +81,9 @@ def split_validation(task: Task, val_items: int, out: Path) -> tuple[Path, Path]
     return train, val
 
 
-def launch_run(model: str, task: Task, train: Path, val: Path, method: str, lr: float, seed: int, args: Any, run_dir: Path) -> dict:
+def launch_run(
+    model: str, task: Task, train: Path, val: Path, method: str, lr: float, seed: int, args: Any, run_dir: Path
+) -> dict:
     """One run through launch/train.py, then its test score; ``run_dir/result.json`` (read back if there)."""
     done = run_dir / "result.json"
     if done.is_file():
@@ -79,25 +93,59 @@ def launch_run(model: str, task: Task, train: Path, val: Path, method: str, lr: 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_dir / "config.json"
     cfg.write_text(json.dumps(run_config(args.micro_batch), indent=1))
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--ds_config", str(cfg), "--model", model, "--data", str(train),
-           "--eval_data", str(val), "--format", task.fmt, *METHOD_FLAGS[method], "--lr", repr(lr), "--max_steps", str(args.steps),
-           "--seed", str(seed), "--seq_len", str(args.seq_len), "--micro_batch_size", str(args.micro_batch),
-           # the tuning seed's runs give the validation curves; the other seeds only their final validation score
-           "--eval_every", str(args.eval_every if seed == args.tune_seed else args.steps), "--output_dir", str(run_dir / "out"),
-           "--no_checkpoint"]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "train.py"),
+        "--ds_config",
+        str(cfg),
+        "--model",
+        model,
+        "--data",
+        str(train),
+        "--eval_data",
+        str(val),
+        "--format",
+        task.fmt,
+        *METHOD_FLAGS[method],
+        "--lr",
+        repr(lr),
+        "--max_steps",
+        str(args.steps),
+        "--seed",
+        str(seed),
+        "--seq_len",
+        str(args.seq_len),
+        "--micro_batch_size",
+        str(args.micro_batch),
+        # the tuning seed's runs give the validation curves; the other seeds only their final validation score
+        "--eval_every",
+        str(args.eval_every if seed == args.tune_seed else args.steps),
+        "--output_dir",
+        str(run_dir / "out"),
+        "--no_checkpoint",
+    ]
     if method in ("badam", "lisa") and args.switch_every:
         cmd += ["--switch_every", str(args.switch_every)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
-        raise RuntimeError(f"{task.name}/{method}/lr{lr}/seed{seed}: launch/train.py exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{task.name}/{method}/lr{lr}/seed{seed}: launch/train.py exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+        )
     records = [json.loads(ln) for ln in (run_dir / "out" / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     evals = [r for r in records if "eval_loss" in r or "eval_accuracy" in r]
     final = run_dir / "out" / "final"
     test = Task(task.name, task.fmt, str(train), task.eval, task.labels)
-    result = {"task": task.name, "method": method, "lr": lr, "seed": seed, "seconds": time.perf_counter() - t0,
-              "val": score_of(evals[-1]), "val_curve": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}} for r in evals],
-              "test": test_score(final, test, args)}
+    result = {
+        "task": task.name,
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+        "val": score_of(evals[-1]),
+        "val_curve": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}} for r in evals],
+        "test": test_score(final, test, args),
+    }
     if getattr(args, "lm_eval", False) and seed == args.tune_seed:  # the model a best rate is picked from
         from .lmeval import agreement
 
@@ -121,7 +169,9 @@ def test_score(final: Path, task: Task, args: Any) -> dict[str, float]:
     from ..recipe import build_model, held_out_metrics, load_task_data, load_tokenizer
 
     tok = load_tokenizer(str(final))
-    data = load_task_data(task.train, task.eval, task.fmt, tok, args.seq_len, labels=task.labels, eval_limit=args.test_limit)
+    data = load_task_data(
+        task.train, task.eval, task.fmt, tok, args.seq_len, labels=task.labels, eval_limit=args.test_limit
+    )
     model = build_model(str(final), pad_id=tok.pad_token_id)
     model.eval()
     with torch.no_grad():
@@ -140,23 +190,47 @@ def summarize(results: list[dict], methods: list[str], tasks: list[str], tune_se
             val = {r["lr"]: r["val"] for r in runs if r["seed"] == tune_seed}
             best = best_rate(val)
             tests = [r["test"]["score"] for r in runs if r["lr"] == best]
-            table[t][m] = {"val_by_lr": {repr(k): v for k, v in sorted(val.items())}, "best_lr": best, "seeds": len(tests),
-                           "test_mean": statistics.mean(tests), "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
-                           "seconds_per_run": statistics.mean(r["seconds"] for r in runs)}
+            table[t][m] = {
+                "val_by_lr": {repr(k): v for k, v in sorted(val.items())},
+                "best_lr": best,
+                "seeds": len(tests),
+                "test_mean": statistics.mean(tests),
+                "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                "seconds_per_run": statistics.mean(r["seconds"] for r in runs),
+            }
     return table
 
 
 def markdown(table: dict[str, Any], methods: list[str], tasks: list[str]) -> str:
-    head = "| method | " + " | ".join(f"{t} (test, mean ± std)" for t in tasks) + " | " + " | ".join(f"{t} best lr" for t in tasks) + " |"
+    head = (
+        "| method | "
+        + " | ".join(f"{t} (test, mean ± std)" for t in tasks)
+        + " | "
+        + " | ".join(f"{t} best lr" for t in tasks)
+        + " |"
+    )
     rows = [head, "|" + "---|" * (1 + 2 * len(tasks))]
     for m in methods:
-        cells = [f"{table[t][m]['test_mean']:.3f} ± {table[t][m]['test_std']:.3f} (n={table[t][m]['seeds']}, "
-                 f"{len(table[t][m]['val_by_lr'])}/{table[t][m]['rates_in_grid']} rates)" for t in tasks]
-        rows.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(f"{table[t][m]['best_lr']:g}" for t in tasks) + " |")
+        cells = [
+            f"{table[t][m]['test_mean']:.3f} ± {table[t][m]['test_std']:.3f} (n={table[t][m]['seeds']}, "
+            f"{len(table[t][m]['val_by_lr'])}/{table[t][m]['rates_in_grid']} rates)"
+            for t in tasks
+        ]
+        rows.append(
+            f"| {m} | " + " | ".join(cells) + " | " + " | ".join(f"{table[t][m]['best_lr']:g}" for t in tasks) + " |"
+        )
     return "\n".join(rows)
 
 
-def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, list[float]], seeds: list[int], args: Any, out: Path) -> dict:
+def compare(
+    model: str,
+    tasks: list[Task],
+    methods: list[str],
+    lrs: dict[str, list[float]],
+    seeds: list[int],
+    args: Any,
+    out: Path,
+) -> dict:
     """Run the whole grid (finished runs are read back), then write compare.json / .csv / .md and a
     validation-curve PNG per task (each method at its best learning rate, seed ``seeds[0]``)."""
     from .curves import plot_series
@@ -170,8 +244,13 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
         if getattr(args, "report_only", False) and not (run_dir / "result.json").is_file():
             return None
         r = launch_run(model, task, *splits[task.name], m, lr, s, args, run_dir)
-        print((f"{task.name} {m} lr={lr:g} seed={s}: "
-               f"val {r['val']:.4f} test {r['test']['score']:.4f} ({r['seconds']:.0f} s)"), flush=True)
+        print(
+            (
+                f"{task.name} {m} lr={lr:g} seed={s}: "
+                f"val {r['val']:.4f} test {r['test']['score']:.4f} ({r['seconds']:.0f} s)"
+            ),
+            flush=True,
+        )
         results.append(r)
         return r
 
@@ -198,14 +277,40 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
     for t in names:
         for m in methods:
             table[t][m]["rates_in_grid"] = len(lrs[m])
-            table[t][m]["complete"] = len(table[t][m]["val_by_lr"]) == len(lrs[m]) and table[t][m]["seeds"] == len(seeds)
-    rows = [{"task": t, "method": m, "best_lr": table[t][m]["best_lr"], "test_mean": table[t][m]["test_mean"],
-             "test_std": table[t][m]["test_std"], "seeds": table[t][m]["seeds"], "complete": table[t][m]["complete"],
-             "val_by_lr": json.dumps(table[t][m]["val_by_lr"])} for t in names for m in methods]
-    result = {"model": model, "steps": args.steps, "seeds": seeds, "lrs": lrs, "val_items": args.val_items, "table": table, "runs": results}
+            table[t][m]["complete"] = len(table[t][m]["val_by_lr"]) == len(lrs[m]) and table[t][m]["seeds"] == len(
+                seeds
+            )
+    rows = [
+        {
+            "task": t,
+            "method": m,
+            "best_lr": table[t][m]["best_lr"],
+            "test_mean": table[t][m]["test_mean"],
+            "test_std": table[t][m]["test_std"],
+            "seeds": table[t][m]["seeds"],
+            "complete": table[t][m]["complete"],
+            "val_by_lr": json.dumps(table[t][m]["val_by_lr"]),
+        }
+        for t in names
+        for m in methods
+    ]
+    result = {
+        "model": model,
+        "steps": args.steps,
+        "seeds": seeds,
+        "lrs": lrs,
+        "val_items": args.val_items,
+        "table": table,
+        "runs": results,
+    }
     if getattr(args, "lm_eval", False):
-        result["lm_eval"] = [{"method": m, "lr": table[t][m]["best_lr"], **r["lm_eval"]} for t in names for m in methods
-                             for r in results if r["task"] == t and r["method"] == m and r["lr"] == table[t][m]["best_lr"] and "lm_eval" in r]
+        result["lm_eval"] = [
+            {"method": m, "lr": table[t][m]["best_lr"], **r["lm_eval"]}
+            for t in names
+            for m in methods
+            for r in results
+            if r["task"] == t and r["method"] == m and r["lr"] == table[t][m]["best_lr"] and "lm_eval" in r
+        ]
     write_tables(out, "compare", result, rows)
     (out / "compare.md").write_text(markdown(table, methods, names) + "\n")
     sidecar(out / "compare.md")
@@ -213,8 +318,17 @@ def compare(model: str, tasks: list[Task], methods: list[str], lrs: dict[str, li
         series = []
         for m in methods:
             best = table[t][m]["best_lr"]
-            run = next(r for r in results if r["task"] == t and r["method"] == m and r["lr"] == best and r["seed"] == seeds[0])
+            run = next(
+                r for r in results if r["task"] == t and r["method"] == m and r["lr"] == best and r["seed"] == seeds[0]
+            )
             key = "eval_loss" if all("eval_loss" in p for p in run["val_curve"]) else "eval_accuracy"
-            series.append((f"{m} (lr {best:g})", [p["step"] for p in run["val_curve"]], [p[key] for p in run["val_curve"]]))
-        plot_series(series, out / f"curves_{t}.png", f"{t}: validation {key.split('_')[1]}, each method at its best lr (seed {seeds[0]})", key)
+            series.append(
+                (f"{m} (lr {best:g})", [p["step"] for p in run["val_curve"]], [p[key] for p in run["val_curve"]])
+            )
+        plot_series(
+            series,
+            out / f"curves_{t}.png",
+            f"{t}: validation {key.split('_')[1]}, each method at its best lr (seed {seeds[0]})",
+            key,
+        )
     return result

@@ -51,10 +51,22 @@ def recommend_range(rows: list[dict], tasks: list[str], window: int) -> tuple[li
     means = [statistics.mean(per_layer[k]) for k in layers]
     window = max(1, min(window, len(layers)))
     best = max(range(len(layers) - window + 1), key=lambda i: sum(means[i : i + window]))
-    return [layers[best], layers[best + window - 1]], statistics.mean(means[best : best + window]), statistics.mean(means)
+    return (
+        [layers[best], layers[best + window - 1]],
+        statistics.mean(means[best : best + window]),
+        statistics.mean(means),
+    )
 
 
-def contribution(setup: Setup, tasks: list[Task], seeds: list[int], sublayers: bool, window: int, out: Path, only: list[str] | None = None) -> dict:
+def contribution(
+    setup: Setup,
+    tasks: list[Task],
+    seeds: list[int],
+    sublayers: bool,
+    window: int,
+    out: Path,
+    only: list[str] | None = None,
+) -> dict:
     model = setup.model_for(tasks[0], seeds[0], meta=True)  # names only
     cands = candidates(model, sublayers)
     if only:
@@ -68,16 +80,36 @@ def contribution(setup: Setup, tasks: list[Task], seeds: list[int], sublayers: b
         for row, (name, params, _) in zip(rows, cands):
             r = mean_over_seeds(setup, task, seeds, trainable=list(dict.fromkeys(params + head)))
             row[f"score_{task.name}"] = r["score"]
-            print(f"[contribution] {task.name} {name}: score {r['score']:.4f} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"[contribution] {task.name} {name}: score {r['score']:.4f} ({r['seconds']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         avg = statistics.mean(r[f"score_{task.name}"] for r in rows)
         for row in rows:
             row[f"rel_{task.name}"] = row[f"score_{task.name}"] / avg if avg else float("nan")
     names = [t.name for t in tasks]
-    rec, rec_mean, all_mean = recommend_range(rows, names, window) if any(r["layer"] for r in rows) else ([], float("nan"), float("nan"))
-    result = {"tasks": names, "seeds": seeds, "steps": setup.steps, "lr": setup.lr, "model": setup.model, "rows": rows,
-              "recommended_layer_range": rec, "recommended_mean_relative": rec_mean, "all_layers_mean_relative": all_mean}
+    rec, rec_mean, all_mean = (
+        recommend_range(rows, names, window) if any(r["layer"] for r in rows) else ([], float("nan"), float("nan"))
+    )
+    result = {
+        "tasks": names,
+        "seeds": seeds,
+        "steps": setup.steps,
+        "lr": setup.lr,
+        "model": setup.model,
+        "rows": rows,
+        "recommended_layer_range": rec,
+        "recommended_mean_relative": rec_mean,
+        "all_layers_mean_relative": all_mean,
+    }
     write_tables(out, "contribution", result, rows)
-    heatmap(rows, names, out / "contribution.png", f"relative contribution ({Path(setup.model).name}, {setup.steps} steps, {len(seeds)} seed(s))")
+    heatmap(
+        rows,
+        names,
+        out / "contribution.png",
+        f"relative contribution ({Path(setup.model).name}, {setup.steps} steps, {len(seeds)} seed(s))",
+    )
     return result
 
 

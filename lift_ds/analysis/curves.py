@@ -28,14 +28,26 @@ def run_summary(path: Path) -> dict:
 
     records = list(read_jsonl(path))
     steps = [r for r in records if "loss" in r and "step_s" in r]
-    evaluations = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records if any(k.startswith("eval_") for k in r)]
-    summary: dict = {"metrics": str(path), "evaluations": evaluations,
-                     "steps": len(steps), "median_step_s": statistics.median(r["step_s"] for r in steps) if steps else None,
-                     "sum_step_s": sum(r["step_s"] for r in steps)}
+    evaluations = [
+        {k: v for k, v in r.items() if not k.startswith("_")} for r in records if any(k.startswith("eval_") for k in r)
+    ]
+    summary: dict = {
+        "metrics": str(path),
+        "evaluations": evaluations,
+        "steps": len(steps),
+        "median_step_s": statistics.median(r["step_s"] for r in steps) if steps else None,
+        "sum_step_s": sum(r["step_s"] for r in steps),
+    }
     result = path.with_name("result.json")
     if result.is_file():
         r = json.loads(result.read_text())
-        summary.update({k: r[k] for k in ("train_loop_seconds", "phase_switch_seconds", "before", "after", "world_size", "backend") if k in r})
+        summary.update(
+            {
+                k: r[k]
+                for k in ("train_loop_seconds", "phase_switch_seconds", "before", "after", "world_size", "backend")
+                if k in r
+            }
+        )
     return summary
 
 
@@ -46,7 +58,10 @@ def curves(runs: list[tuple[str, Path]], metric: str, out: Path, title: str) -> 
 
     data = {label: read_curve(path, metric) for label, path in runs}
     plot_series([(label, [s for s, _ in pts], [v for _, v in pts]) for label, pts in data.items()], out, title, metric)
-    write_json(out.with_suffix(".json"), {"metric": metric, "title": title, "runs": {label: run_summary(path) for label, path in runs}})
+    write_json(
+        out.with_suffix(".json"),
+        {"metric": metric, "title": title, "runs": {label: run_summary(path) for label, path in runs}},
+    )
     return data
 
 

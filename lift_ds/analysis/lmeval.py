@@ -31,14 +31,25 @@ def write_task(task: Task, labels: list[str] | None, examples: list[Any], out: P
     name = f"lift_ds_{task.name}".replace("-", "_").replace(":", "_")
     out.mkdir(parents=True, exist_ok=True)
     if task.fmt == "classification":
-        data, text, choices, target = Path(task.eval).resolve(), "Review: {{text.strip()}}\nSentiment:", json.dumps(labels), "{{label}}"
+        data, text, choices, target = (
+            Path(task.eval).resolve(),
+            "Review: {{text.strip()}}\nSentiment:",
+            json.dumps(labels),
+            "{{label}}",
+        )
     elif task.fmt == "multiple_choice":
         data = (out / f"{name}.jsonl").resolve()
-        data.write_text("".join(json.dumps({"query": e.prompt, "choices": [c.strip() for c in e.choices], "gold": e.answer}) + "\n"
-                                for e in examples))
+        data.write_text(
+            "".join(
+                json.dumps({"query": e.prompt, "choices": [c.strip() for c in e.choices], "gold": e.answer}) + "\n"
+                for e in examples
+            )
+        )
         text, choices, target = "{{query}}", '"{{choices}}"', "{{gold}}"
     else:
-        raise ConfigError([f"--task {task.name}: lm-eval scores classification and multiple_choice tasks, not {task.fmt}"])
+        raise ConfigError(
+            [f"--task {task.name}: lm-eval scores classification and multiple_choice tasks, not {task.fmt}"]
+        )
     (out / f"{name}.yaml").write_text(
         f"task: {name}\n"
         f"dataset_path: json\n"
@@ -48,7 +59,7 @@ def write_task(task: Task, labels: list[str] | None, examples: list[Any], out: P
         f"doc_to_text: {json.dumps(text)}\n"
         f"doc_to_choice: {choices}\n"
         f"doc_to_target: {json.dumps(target)}\n"
-        f"target_delimiter: \" \"\n"
+        f'target_delimiter: " "\n'
         f"metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return name
@@ -79,13 +90,28 @@ def agreement(model_dir: str, task: Task, seq_len: int, limit: int, out: Path, b
     name = write_task(task, data.labels, examples, out)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu")
-    res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=str(out)), limit=limit or None,
-                                  log_samples=True, num_fewshot=0)
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[name],
+        task_manager=TaskManager(include_path=str(out)),
+        limit=limit or None,
+        log_samples=True,
+        num_fewshot=0,
+    )
     samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])
     theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
     pick = lambda ll: max(range(len(ll)), key=ll.__getitem__)  # noqa: E731
     differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if pick(a) != pick(b)]
     gap = max((abs(x - y) for a, b in zip(ours, theirs) for x, y in zip(a, b)), default=float("nan"))
-    return {"task": task.name, "model": model_dir, "items": len(examples), "lm_eval_items": len(samples), "lift_ds_accuracy": acc,
-            "lm_eval_accuracy": res["results"][name]["acc,none"], "items_choosing_differently": len(differ), "differing_items": differ[:20],
-            "max_loglikelihood_gap": gap, "lm_eval_version": lm_eval.__version__}
+    return {
+        "task": task.name,
+        "model": model_dir,
+        "items": len(examples),
+        "lm_eval_items": len(samples),
+        "lift_ds_accuracy": acc,
+        "lm_eval_accuracy": res["results"][name]["acc,none"],
+        "items_choosing_differently": len(differ),
+        "differing_items": differ[:20],
+        "max_loglikelihood_gap": gap,
+        "lm_eval_version": lm_eval.__version__,
+    }

@@ -9,7 +9,8 @@ group starts. Every workaround of a DeepSpeed private detail lives in :mod:`.com
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Backend
@@ -23,7 +24,7 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def get_backend_class(name: str) -> "type[Backend]":
+def get_backend_class(name: str) -> type[Backend]:
     """The backend class registered under ``name`` (imported on first use)."""
     if name not in REGISTRY:
         from ..errors import ConfigError
@@ -46,16 +47,26 @@ def choose_backend(requested: str, raw: Mapping[str, Any], world_size: int) -> t
         return requested, "lift.backend", []
     has_zero, has_fsdp = raw.get("zero_optimization") is not None, raw.get("fsdp") is not None
     if has_zero and has_fsdp:
-        return "deepspeed", "", ["lift.backend: \"auto\" cannot choose: the config has both a zero_optimization section "
-                                 "(DeepSpeed) and an fsdp section (FSDP2); set lift.backend to \"deepspeed\" or \"fsdp\" "
-                                 "and remove the other section"]
+        return (
+            "deepspeed",
+            "",
+            [
+                'lift.backend: "auto" cannot choose: the config has both a zero_optimization section '
+                '(DeepSpeed) and an fsdp section (FSDP2); set lift.backend to "deepspeed" or "fsdp" '
+                "and remove the other section"
+            ],
+        )
     if has_zero:
-        return "deepspeed", "the config's zero_optimization section (lift.backend \"auto\")", []
+        return "deepspeed", 'the config\'s zero_optimization section (lift.backend "auto")', []
     if has_fsdp:
-        return "fsdp", "the config's fsdp section (lift.backend \"auto\")", []
+        return "fsdp", 'the config\'s fsdp section (lift.backend "auto")', []
     if world_size > 1:
-        return "deepspeed", f"{world_size} ranks and no zero_optimization or fsdp section (lift.backend \"auto\": DeepSpeed, ZeRO-0)", []
-    return "torch", "one process and no zero_optimization or fsdp section (lift.backend \"auto\")", []
+        return (
+            "deepspeed",
+            f'{world_size} ranks and no zero_optimization or fsdp section (lift.backend "auto": DeepSpeed, ZeRO-0)',
+            [],
+        )
+    return "torch", 'one process and no zero_optimization or fsdp section (lift.backend "auto")', []
 
 
 def shards_parameters(backend: str, raw: Mapping[str, Any]) -> bool:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,14 @@ from ..optim_checks import probe_optimizer
 from . import ds_config_keys, hardware
 from .engine_members import EngineMembers
 from .lr_schedules import config_lr, scheduler_problems
-from .state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE, load_torch_optimizer_full_state, placed_like, torch_optimizer_full_state
+from .state import (
+    OPTIMIZER_FILE,
+    OPTIMIZER_FORMAT,
+    WEIGHTS_FILE,
+    load_torch_optimizer_full_state,
+    placed_like,
+    torch_optimizer_full_state,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..run_config import RunConfig
@@ -45,7 +53,7 @@ class BackendContext:
     """
 
     model: nn.Module
-    config: "RunConfig"
+    config: RunConfig
     optimizer_factory: OptimizerFactory | None = None
     passthrough: Mapping[str, Any] = field(default_factory=dict)
     param_groups: Callable[[list[nn.Parameter]], list[dict[str, Any]]] | None = None
@@ -77,12 +85,14 @@ class Backend(EngineMembers, ABC):
     # ----------------------------------------------------------------- configuration
 
     @classmethod
-    def check_config(cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int,
-                     baseline: str = "lift") -> tuple[Any, list[str]]:
+    def check_config(
+        cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int, baseline: str = "lift"
+    ) -> tuple[Any, list[str]]:
         """``(typed backend options, problems)`` for a config this backend would run; no process group.
 
         The base checks what every backend gives one meaning: the precision on this hardware, ``optimizer`` (as
-        torch.optim), ``scheduler``; subclasses add their own keys (``raw``: the whole config; ``baseline``: lift/full/lora).
+        torch.optim), ``scheduler``; subclasses add their own keys (``raw``: the whole config; ``baseline``:
+        lift/full/lora).
         """
         problems = hardware.precision_problems(cls.name, training.precision)
         problems += ds_config_keys.section_problems(raw, ("bf16", "fp16"))  # e.g. a misspelled "enable": silently fp32
@@ -111,8 +121,12 @@ class Backend(EngineMembers, ABC):
     @staticmethod
     def foreign_section_problems(raw: Mapping[str, Any], name: str, sections: Mapping[str, str]) -> list[str]:
         """A backend-specific section the backend ``name`` cannot honour, e.g. ``fsdp`` under DeepSpeed."""
-        return [f"{key}: this section only applies to lift.backend \"{owner}\" (the backend is \"{name}\"); remove it or set "
-                f"lift.backend to \"{owner}\"" for key, owner in sections.items() if raw.get(key) is not None]
+        return [
+            f'{key}: this section only applies to lift.backend "{owner}" (the backend is "{name}"); remove it or set '
+            f'lift.backend to "{owner}"'
+            for key, owner in sections.items()
+            if raw.get(key) is not None
+        ]
 
     def memory_layout(self) -> tuple[int, bool]:
         """``(zero_stage, optimizer_offloaded)`` for :func:`lift_ds.memory.state_bytes` (FSDP: stage 3)."""
@@ -239,7 +253,11 @@ class Backend(EngineMembers, ABC):
         stash is as portable as a checkpoint and each rank holds about 1/world of it."""
         full = self.full_optimizer_state()
         names = list(full["master"])
-        owned = {n: {"master": full["master"][n], **full["state"].get(n, {})} for i, n in enumerate(names) if i % self.world_size == self.rank}
+        owned = {
+            n: {"master": full["master"][n], **full["state"].get(n, {})}
+            for i, n in enumerate(names)
+            if i % self.world_size == self.rank
+        }
         shapes = {n: tuple(full["master"][n].shape) for n in names}
         return {"step": full["step"], "keys": full["keys"], "names": names, "shapes": shapes, "owned": owned}
 
@@ -251,7 +269,11 @@ class Backend(EngineMembers, ABC):
             owner = i % self.world_size
             tensors = []
             for key in ["master", *stash["keys"]]:
-                t = stash["owned"][n][key] if owner == self.rank else torch.empty(stash["shapes"][n], dtype=torch.float32)
+                t = (
+                    stash["owned"][n][key]
+                    if owner == self.rank
+                    else torch.empty(stash["shapes"][n], dtype=torch.float32)
+                )
                 tensors.append(self.broadcast(t, owner))
             full["master"][n] = tensors[0]
             full["state"][n] = dict(zip(stash["keys"], tensors[1:]))
@@ -310,7 +332,7 @@ class TorchOptimizerBackend(Backend):
         super().__init__(ctx)
         if self.optimizer_factory is None:
             if self.training.optimizer is None:
-                raise ConfigError(["optimizer: none given; pass optimizer= a callable or add an \"optimizer\" section"])
+                raise ConfigError(['optimizer: none given; pass optimizer= a callable or add an "optimizer" section'])
             self.optimizer_factory = optimizer_factory_from_section(self.training.optimizer)
         self._optimizer: torch.optim.Optimizer | None = None
         self._params: list[nn.Parameter] = []
@@ -330,9 +352,15 @@ class TorchOptimizerBackend(Backend):
             p.grad = None
         # an optimizer that updates 16-bit weights itself (AdamW8bit with stochastic rounding) gets them directly
         own = getattr(self.optimizer_factory, "updates_16bit_weights", False)
-        self._masters = [nn.Parameter(p.detach().float().clone()) for p in params] if self._half() and not own else params
+        self._masters = (
+            [nn.Parameter(p.detach().float().clone()) for p in params] if self._half() and not own else params
+        )
         master_of = {id(p): m for p, m in zip(params, self._masters)}
-        groups = [{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in self.param_groups(params)] if self.param_groups else None
+        groups = (
+            [{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in self.param_groups(params)]
+            if self.param_groups
+            else None
+        )
         self._optimizer = self.optimizer_factory(groups if groups is not None else self._masters)
 
     def teardown(self) -> None:
@@ -381,8 +409,13 @@ class TorchOptimizerBackend(Backend):
         from safetensors.torch import save_file
 
         named = dict(self.model.named_parameters())
-        values = {n: (named[n].full_tensor() if hasattr(named[n], "full_tensor") else named[n]).detach().to("cpu", copy=True).contiguous()
-                  for n in param_names}
+        values = {
+            n: (named[n].full_tensor() if hasattr(named[n], "full_tensor") else named[n])
+            .detach()
+            .to("cpu", copy=True)
+            .contiguous()
+            for n in param_names
+        }
         if self.rank == 0:
             save_file(values, str(path / WEIGHTS_FILE))
 
@@ -394,7 +427,9 @@ class TorchOptimizerBackend(Backend):
             names = [n for n in f.keys() if n not in skip]
             for n in names:
                 p, value = named[n], placed_like(f.get_tensor(n), named[n])
-                (p.to_local() if hasattr(p, "to_local") else p).copy_(value.to_local() if hasattr(value, "to_local") else value)
+                (p.to_local() if hasattr(p, "to_local") else p).copy_(
+                    value.to_local() if hasattr(value, "to_local") else value
+                )
         return names
 
     def full_optimizer_state(self) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,8 +64,13 @@ def check_version() -> bool:
         import deepspeed
 
         _warned = True
-        logger.warning("deepspeed %s is outside the versions lift_ds's workarounds were verified on (%d.%d <= v < %d.%d); "
-                       "run tests/distributed/test_compat.py against it", deepspeed.__version__, *VERIFIED[0], *VERIFIED[1])
+        logger.warning(
+            "deepspeed %s is outside the versions lift_ds's workarounds were verified on (%d.%d <= v < %d.%d); "
+            "run tests/distributed/test_compat.py against it",
+            deepspeed.__version__,
+            *VERIFIED[0],
+            *VERIFIED[1],
+        )
     return ok
 
 
@@ -242,8 +248,13 @@ def materialize_zero_state(opt: Any, keys: list[str], step: float | None) -> Non
                 group["step"] = int(step)
             else:
                 old = st.get("step")
-                st["step"] = int(step) if isinstance(old, int) else torch.tensor(float(step), dtype=torch.float32,
-                                                                                  device=old.device if torch.is_tensor(old) else "cpu")
+                st["step"] = (
+                    int(step)
+                    if isinstance(old, int)
+                    else torch.tensor(
+                        float(step), dtype=torch.float32, device=old.device if torch.is_tensor(old) else "cpu"
+                    )
+                )
     if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16 optimizer: link the new state
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
@@ -316,13 +327,47 @@ def _plain(v: Any) -> Any:
 
 
 #: DeepSpeedEngine attributes set in ``__init__`` (not on the class) that loops read
-ENGINE_INSTANCE_ATTRIBUTES = frozenset({
-    "global_rank", "local_rank", "world_size", "dp_world_size", "mp_world_size", "global_steps", "global_samples", "micro_steps",
-    "skipped_steps", "tput_timer", "monitor", "lr_scheduler", "optimizer", "basic_optimizer", "client_optimizer", "client_lr_scheduler",
-    "training_dataloader", "module", "mpu", "losses", "timers", "device", "config", "gradient_average", "warn_unscaled_loss",
-    "data_parallel_group", "seq_data_parallel_group", "sequence_parallel_size", "pipeline_parallelism", "dist_backend",
-    "checkpoint_engine", "flops_profiler", "summary_events", "param_names", "has_moe_layers", "num_experts", "inside_no_sync_ctxt",
-})
+ENGINE_INSTANCE_ATTRIBUTES = frozenset(
+    {
+        "global_rank",
+        "local_rank",
+        "world_size",
+        "dp_world_size",
+        "mp_world_size",
+        "global_steps",
+        "global_samples",
+        "micro_steps",
+        "skipped_steps",
+        "tput_timer",
+        "monitor",
+        "lr_scheduler",
+        "optimizer",
+        "basic_optimizer",
+        "client_optimizer",
+        "client_lr_scheduler",
+        "training_dataloader",
+        "module",
+        "mpu",
+        "losses",
+        "timers",
+        "device",
+        "config",
+        "gradient_average",
+        "warn_unscaled_loss",
+        "data_parallel_group",
+        "seq_data_parallel_group",
+        "sequence_parallel_size",
+        "pipeline_parallelism",
+        "dist_backend",
+        "checkpoint_engine",
+        "flops_profiler",
+        "summary_events",
+        "param_names",
+        "has_moe_layers",
+        "num_experts",
+        "inside_no_sync_ctxt",
+    }
+)
 #: top-level config sections that make a DeepSpeedEngine open monitor writers
 MONITOR_SECTIONS = ("tensorboard", "wandb", "csv_monitor", "comet")
 

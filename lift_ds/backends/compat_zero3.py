@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 #: the keyword arguments of ``DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload`` that are per engine, not settings
 _PER_ENGINE_OFFLOAD_ARGS = ("module", "timers", "ds_config", "mpu")

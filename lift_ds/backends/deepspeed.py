@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,8 +50,9 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
     @classmethod
-    def check_config(cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int,
-                     baseline: str = "lift") -> tuple[Any, list[str]]:
+    def check_config(
+        cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int, baseline: str = "lift"
+    ) -> tuple[Any, list[str]]:
         _, problems = super().check_config(lift, training, raw, world_size, baseline)
         problems += cls.foreign_section_problems(raw, cls.name, {"fsdp": "fsdp"})
         zero = raw.get("zero_optimization")
@@ -60,14 +62,23 @@ class DeepSpeedBackend(Backend):
             problems += zero_problems
             # the rest of the section as DeepSpeed's own model reads it (it
             # would refuse it after the process group started)
-            reported = tuple(p.split(":", 1)[0] for p in zero_problems) + (("zero_optimization",) if not isinstance(zero, Mapping) else ())
+            reported = tuple(p.split(":", 1)[0] for p in zero_problems) + (
+                ("zero_optimization",) if not isinstance(zero, Mapping) else ()
+            )
             problems += ds_config_keys.section_problems(raw, ("zero_optimization",), reported)
             if not zero_problems:
-                options = DeepSpeedOptions(int(zero.get("stage", 0)), ds_config_keys.offloaded(zero, "offload_optimizer"), ds_config_keys.offloaded(zero, "offload_param"))
+                options = DeepSpeedOptions(
+                    int(zero.get("stage", 0)),
+                    ds_config_keys.offloaded(zero, "offload_optimizer"),
+                    ds_config_keys.offloaded(zero, "offload_param"),
+                )
         frozen = lift.frozen_layers_setting()
         if frozen and options.zero_stage == 3:
-            problems.append(f"{frozen} needs the frozen layers whole on every rank, and ZeRO-3 partitions them; use "
-                            "zero_optimization.stage 1 or 2 (e.g. ds_configs/zero2.json), or frozen_weights \"full\" (not streamed) with ZeRO-3")
+            problems.append(
+                f"{frozen} needs the frozen layers whole on every rank, and ZeRO-3 partitions them; use "
+                "zero_optimization.stage 1 or 2 (e.g. ds_configs/zero2.json), "
+                'or frozen_weights "full" (not streamed) with ZeRO-3'
+            )
         if baseline == "lora" and options.zero_stage == 3:
             problems.append("--baseline lora: use a ZeRO-1/2 config (ZeRO-3 with peft adapters is not supported here)")
         return options, problems
@@ -104,9 +115,14 @@ class DeepSpeedBackend(Backend):
             factory = self.optimizer_factory = choice.factory
             extra = choice.config
             logger.info("%s", choice.message)
-        self.ds_config = {**self.deepspeed_config(dict(cfg.raw), self.training, client_optimizer=factory is not None), **extra}
+        self.ds_config = {
+            **self.deepspeed_config(dict(cfg.raw), self.training, client_optimizer=factory is not None),
+            **extra,
+        }
         if self.ds_config.get("optimizer") is None and factory is None:
-            raise ConfigError(["optimizer: none given; pass optimizer= a callable params -> Optimizer, or add an \"optimizer\" section"])
+            raise ConfigError(
+                ['optimizer: none given; pass optimizer= a callable params -> Optimizer, or add an "optimizer" section']
+            )
         self.zero_stage = options.zero_stage
         self._offload = options.offload_optimizer
         if cpu:
@@ -124,7 +140,11 @@ class DeepSpeedBackend(Backend):
         #: fp16: the dynamic loss scaler's state, carried from one phase's optimizer to the next (each
         #: new ZeRO optimizer would start again at 2^initial_scale_power and skip steps to come down)
         self._loss_scaler: dict[str, Any] | None = None
-        self._monitor = compat.run_monitor(dict(cfg.raw)) if any(isinstance(cfg.raw.get(k), Mapping) for k in compat.MONITOR_SECTIONS) else None
+        self._monitor = (
+            compat.run_monitor(dict(cfg.raw))
+            if any(isinstance(cfg.raw.get(k), Mapping) for k in compat.MONITOR_SECTIONS)
+            else None
+        )
 
     def memory_layout(self) -> tuple[int, bool]:
         return self.zero_stage, self._offload
@@ -141,8 +161,10 @@ class DeepSpeedBackend(Backend):
 
     def no_sync(self) -> Any:
         if self.zero_stage >= 2:  # DeepSpeed asserts the same
-            raise NotUnderLiftError("no_sync: incompatible with the gradient partitioning "
-                                    f"of ZeRO stage {self.zero_stage} (as in DeepSpeed)")
+            raise NotUnderLiftError(
+                "no_sync: incompatible with the gradient partitioning "
+                f"of ZeRO stage {self.zero_stage} (as in DeepSpeed)"
+            )
         return self._engine.no_sync() if self._engine is not None else contextlib.nullcontext()
 
     def monitor(self) -> Any:
@@ -150,7 +172,9 @@ class DeepSpeedBackend(Backend):
 
     def gathers_16bit_on_save(self) -> bool:
         zero = self.ds_config.get("zero_optimization") or {}
-        return self.zero_stage < 3 or bool(zero.get("stage3_gather_16bit_weights_on_model_save", zero.get("stage3_gather_fp16_weights_on_model_save")))
+        return self.zero_stage < 3 or bool(
+            zero.get("stage3_gather_16bit_weights_on_model_save", zero.get("stage3_gather_fp16_weights_on_model_save"))
+        )
 
     @classmethod
     def planned_memory_layout(cls, options: Any) -> tuple[int, bool]:
@@ -217,8 +241,12 @@ class DeepSpeedBackend(Backend):
         z3 = self.zero_stage == 3
         with compat.skip_model_broadcast(skip), compat.cheap_zero3_build(z3), self._offload_keeper.building(z3):
             engine, _, _, _ = self._ds.initialize(
-                model=self.model, model_parameters=inputs, optimizer=opt, config=self.phase_config(params),
-                mpu=self.mpu, dist_init_required=False,
+                model=self.model,
+                model_parameters=inputs,
+                optimizer=opt,
+                config=self.phase_config(params),
+                mpu=self.mpu,
+                dist_init_required=False,
             )
         if self._loss_scaler is not None:
             compat.set_loss_scaler_state(engine.optimizer, self._loss_scaler)

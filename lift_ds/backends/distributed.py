@@ -5,7 +5,8 @@ tensor, and the layout a checkpoint records."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -39,8 +40,13 @@ def init_process_group(backend: str) -> None:
         from torch.distributed.constants import default_pg_timeout
 
         world = int(os.environ["WORLD_SIZE"])
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                              timeout=default_pg_timeout)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=False,
+            timeout=default_pg_timeout,
+        )
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         prefixed = dist.PrefixStore(f"/lift_ds/attempt_{attempt}", store)
         dist.init_process_group(backend, store=prefixed, rank=int(os.environ["RANK"]), world_size=world)
@@ -53,13 +59,13 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def checkpoint_layout(backend: "Backend") -> dict[str, Any]:
+def checkpoint_layout(backend: Backend) -> dict[str, Any]:
     """How ``backend`` lays the run out, recorded in a checkpoint's metadata as ``layout``: its ZeRO
     stage (FSDP2 counts as 3, the torch backend as 0). A resume logs a change and never refuses one."""
     return {"zero_stage": backend.memory_layout()[0]}
 
 
-def layout_changes(backend: "Backend", meta: Mapping[str, Any]) -> list[str]:
+def layout_changes(backend: Backend, meta: Mapping[str, Any]) -> list[str]:
     """``key old -> new`` for each entry of :func:`checkpoint_layout` that differs from the layout a
     checkpoint's metadata records (``layout``; a checkpoint from before it has a top-level ``zero_stage``)."""
     saved = meta.get("layout")

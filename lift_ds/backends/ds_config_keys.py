@@ -7,8 +7,8 @@ key list is checked against the installed DeepSpeed by tests/test_config.py.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
+from collections.abc import Mapping
+from typing import Any
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 #: optimizer types DeepSpeed can run offloaded (DeepSpeedCPUAdam, DeepSpeedCPUAdagrad, DeepSpeedCPULion)
@@ -18,16 +18,66 @@ OFFLOADABLE_OPTIMIZERS = ("adam", "adamw", "adagrad", "lion")
 #: tests/distributed/test_compat.py checks every key the installed DeepSpeed reads is listed). Used to
 #: suggest the key a misspelled one meant (:func:`lift_ds.config_scan.misspelled_top_level`).
 DEEPSPEED_TOP_LEVEL_KEYS = (
-    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint", "comet", "comms_logger",
-    "communication_data_type", "compile", "compression_training", "csv_monitor", "curriculum_learning", "data_efficiency",
-    "data_types", "dataloader_drop_last", "datastates_ckpt", "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue",
-    "elasticity", "expert_parallel", "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op",
-    "gradient_clipping", "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level", "managed_gradient_accumulation",
-    "memory_breakdown", "nebula", "optimizer", "pipeline", "prescale_gradients", "progressive_layer_drop", "quantize_training",
-    "scheduler", "seq_parallel_communication_data_type", "sparse_attention", "sparse_gradients", "steps_per_print", "tensor_parallel",
-    "tensorboard", "timers", "torch_autocast", "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism",
-    "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "zero_optimization",
+    "activation_checkpointing",
+    "aio",
+    "amp",
+    "autotuning",
+    "bf16",
+    "bfloat16",
+    "checkpoint",
+    "comet",
+    "comms_logger",
+    "communication_data_type",
+    "compile",
+    "compression_training",
+    "csv_monitor",
+    "curriculum_learning",
+    "data_efficiency",
+    "data_types",
+    "dataloader_drop_last",
+    "datastates_ckpt",
+    "disable_allgather",
+    "disable_python_gc",
+    "dump_state",
+    "eigenvalue",
+    "elasticity",
+    "expert_parallel",
+    "flops_profiler",
+    "fp16",
+    "gradient_accumulation_steps",
+    "gradient_allreduce_op",
+    "gradient_clipping",
+    "gradient_predivide_factor",
+    "graph_harvesting",
+    "hybrid_engine",
+    "log_level",
+    "managed_gradient_accumulation",
+    "memory_breakdown",
+    "nebula",
+    "optimizer",
+    "pipeline",
+    "prescale_gradients",
+    "progressive_layer_drop",
+    "quantize_training",
+    "scheduler",
+    "seq_parallel_communication_data_type",
+    "sparse_attention",
+    "sparse_gradients",
+    "steps_per_print",
+    "tensor_parallel",
+    "tensorboard",
+    "timers",
+    "torch_autocast",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "use_data_before_expert_parallelism",
+    "vocabulary_size",
+    "wall_clock_breakdown",
+    "wandb",
+    "weight_quantization",
+    "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer",
+    "zero_optimization",
 )
 
 
@@ -88,15 +138,21 @@ def section_problems(raw: Any, sections: tuple[str, ...], reported: tuple[str, .
                 if any(path == r or path.startswith(r + ".") for r in reported):
                     continue
                 got = err.get("input")
-                hint = (" (\"auto\" sizes are filled in by Hugging Face's own DeepSpeed integration, "
-                        "which lift_ds does not use; give a number)") if got == "auto" else ""
+                hint = (
+                    (
+                        ' ("auto" sizes are filled in by Hugging Face\'s own DeepSpeed integration, '
+                        "which lift_ds does not use; give a number)"
+                    )
+                    if got == "auto"
+                    else ""
+                )
                 what = err["msg"]
                 if err["type"] == "extra_forbidden":
                     import difflib
 
                     fields = [a for n, f in models[key].model_fields.items() for a in (n, f.alias) if a]
                     close = difflib.get_close_matches(str(err["loc"][-1]), fields, n=1, cutoff=0.75)
-                    what = "unknown key" + (f" (did you mean \"{close[0]}\"?)" if close else "")
+                    what = "unknown key" + (f' (did you mean "{close[0]}"?)' if close else "")
                 problems.append(f"{path}: {what}, got {got!r}{hint} (DeepSpeed's {models[key].__name__})")
         except (TypeError, ValueError, AssertionError) as e:  # a validator that raises outside pydantic
             problems.append(f"{key}: {e} (DeepSpeed's {models[key].__name__})")
@@ -107,7 +163,7 @@ def zero_problems(zero: Any, raw: Mapping[str, Any]) -> list[str]:
     """The ``zero_optimization`` keys DeepSpeed would only reject after its process group started
     (or silently mis-handle)."""
     if not isinstance(zero, Mapping):
-        return [f"zero_optimization: must be an object like {{\"stage\": 2}}, got {zero!r}"]
+        return [f'zero_optimization: must be an object like {{"stage": 2}}, got {zero!r}']
     problems = []
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
@@ -117,7 +173,7 @@ def zero_problems(zero: Any, raw: Mapping[str, Any]) -> list[str]:
         if sec is None:
             continue
         if not isinstance(sec, Mapping):
-            problems.append(f"zero_optimization.{key}: must be an object like {{\"device\": \"cpu\"}}, got {sec!r}")
+            problems.append(f'zero_optimization.{key}: must be an object like {{"device": "cpu"}}, got {sec!r}')
             continue
         dev = sec.get("device", "none") or "none"
         if dev not in OFFLOAD_DEVICES:
@@ -126,10 +182,14 @@ def zero_problems(zero: Any, raw: Mapping[str, Any]) -> list[str]:
         if dev == "none":
             continue
         if dev == "nvme" and not sec.get("nvme_path"):
-            problems.append(f"zero_optimization.{key}.nvme_path: required with device \"nvme\" (a directory on a local NVMe drive)")
+            problems.append(
+                f'zero_optimization.{key}.nvme_path: required with device "nvme" (a directory on a local NVMe drive)'
+            )
         if key == "offload_param" and stage != 3:
-            problems.append("zero_optimization.offload_param: only ZeRO stage 3 offloads "
-                            f"parameters (stage is {stage!r}); use offload_optimizer, or stage 3")
+            problems.append(
+                "zero_optimization.offload_param: only ZeRO stage 3 offloads "
+                f"parameters (stage is {stage!r}); use offload_optimizer, or stage 3"
+            )
         if key == "offload_optimizer":
             if stage not in (1, 2, 3):
                 problems.append(f"zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3 (stage is {stage!r})")
@@ -160,11 +220,17 @@ def client_offload_problems(raw: Mapping[str, Any], optimizer_class: str) -> lis
     ``deepspeed.initialize`` (after its process group started): one of its CPU ops, or
     ``zero_force_ds_cpu_optimizer: false``."""
     zero = raw.get("zero_optimization")
-    if not isinstance(zero, Mapping) or not offloaded(zero, "offload_optimizer") or optimizer_class in CPU_OP_OPTIMIZERS:
+    if (
+        not isinstance(zero, Mapping)
+        or not offloaded(zero, "offload_optimizer")
+        or optimizer_class in CPU_OP_OPTIMIZERS
+    ):
         return []
     if raw.get("zero_force_ds_cpu_optimizer", True) is False:
         return []
-    return [f"optimizer: {optimizer_class} given with zero_optimization.offload_optimizer; "
-            "DeepSpeed runs a client optimizer over "
-            f"offloaded partitions only when it is one of {', '.join(CPU_OP_OPTIMIZERS)} (deepspeed.ops), or with "
-            "\"zero_force_ds_cpu_optimizer\": false (then it steps on the CPU partitions as given)"]
+    return [
+        f"optimizer: {optimizer_class} given with zero_optimization.offload_optimizer; "
+        "DeepSpeed runs a client optimizer over "
+        f"offloaded partitions only when it is one of {', '.join(CPU_OP_OPTIMIZERS)} (deepspeed.ops), or with "
+        '"zero_force_ds_cpu_optimizer": false (then it steps on the CPU partitions as given)'
+    ]

@@ -5,8 +5,9 @@ whether a consolidated 16-bit save happens. Defaults for every backend; ``deepsp
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import NotUnderLiftError
 from . import compat
@@ -24,11 +25,14 @@ def phase_engine_member(current: Any, name: str) -> Any:
     if engine is None:
         return MISSING
     if callable(getattr(type(engine), name, None)):
+
         def member(*args: Any, **kwargs: Any) -> Any:
             return getattr(current(), name)(*args, **kwargs)
 
         member.__name__ = name
-        member.__doc__ = f"DeepSpeedEngine.{name} of the current LIFT phase's engine (the active block).\n\n" + (getattr(type(engine), name).__doc__ or "")
+        member.__doc__ = f"DeepSpeedEngine.{name} of the current LIFT phase's engine (the active block).\n\n" + (
+            getattr(type(engine), name).__doc__ or ""
+        )
         return member
     return getattr(engine, name)
 
@@ -46,8 +50,10 @@ class EngineMembers:
     def library_member_problem(self, name: str) -> str | None:
         """Why ``name`` is unavailable, when it is a DeepSpeedEngine member this backend has no engine for."""
         if compat.is_deepspeed_engine_member(name):
-            return (f"a DeepSpeedEngine member, and this run's backend is {self.name!r}, which builds no DeepSpeed engine "
-                    "(lift.backend \"deepspeed\" has one per phase)")
+            return (
+                f"a DeepSpeedEngine member, and this run's backend is {self.name!r}, which builds no DeepSpeed engine "
+                '(lift.backend "deepspeed" has one per phase)'
+            )
         return None
 
     def no_sync(self) -> AbstractContextManager[None]:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -46,17 +47,24 @@ def _fsdp_problems(raw: Mapping[str, Any], training: TrainingConfig) -> list[str
     zero = raw.get("zero_optimization") or {}
     if isinstance(zero, Mapping) and zero.get("stage", 0) not in (0, None):
         problems.append(
-            f"zero_optimization.stage: {zero.get('stage')} is a DeepSpeed ZeRO stage; backend \"fsdp\" always shards "
+            f'zero_optimization.stage: {zero.get("stage")} is a DeepSpeed ZeRO stage; backend "fsdp" always shards '
             "parameters, gradients and optimizer state (like ZeRO-3). "
-            "Remove zero_optimization or use backend \"deepspeed\""
+            'Remove zero_optimization or use backend "deepspeed"'
         )
-    offloaded = [k for k in ("offload_optimizer", "offload_param") if isinstance(zero, Mapping) and zero.get(k)
-                 and (not isinstance(zero[k], Mapping) or (zero[k].get("device") or "none") != "none")]
+    offloaded = [
+        k
+        for k in ("offload_optimizer", "offload_param")
+        if isinstance(zero, Mapping)
+        and zero.get(k)
+        and (not isinstance(zero[k], Mapping) or (zero[k].get("device") or "none") != "none")
+    ]
     if offloaded:  # {"device": "none"} (DeepSpeed-Chat's default) offloads nothing
-        problems.append("zero_optimization.offload_*: DeepSpeed offload does not apply "
-                        "to backend \"fsdp\"; use \"fsdp\": {\"cpu_offload\": true}")
+        problems.append(
+            "zero_optimization.offload_*: DeepSpeed offload does not apply "
+            'to backend "fsdp"; use "fsdp": {"cpu_offload": true}'
+        )
     if training.precision == "fp16":
-        problems.append("fp16.enabled: backend \"fsdp\" has no loss scaler here; use bf16")
+        problems.append('fp16.enabled: backend "fsdp" has no loss scaler here; use bf16')
     sec = raw.get("fsdp", {})
     if not isinstance(sec, Mapping):
         return problems + [f"fsdp: must be an object, got {sec!r}"]
@@ -69,21 +77,25 @@ def _fsdp_problems(raw: Mapping[str, Any], training: TrainingConfig) -> list[str
             problems.append(f"fsdp.{k}: must be true or false, got {v!r}")
     return problems
 
+
 class FSDPBackend(TorchOptimizerBackend):
     """FSDP2 with per-layer units and a per-phase optimizer (see module docstring)."""
 
     name = "fsdp"
 
     @classmethod
-    def check_config(cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int,
-                     baseline: str = "lift") -> tuple[Any, list[str]]:
+    def check_config(
+        cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int, baseline: str = "lift"
+    ) -> tuple[Any, list[str]]:
         _, problems = super().check_config(lift, training, raw, world_size, baseline)
         fsdp_problems = _fsdp_problems(raw, training)
         frozen = lift.frozen_layers_setting()
         if frozen:
-            problems.append(f"{frozen}: FSDP2 shards every layer once at the start, and Q-LIFT swaps a layer's "
-                            "linear modules at each phase; use backend \"deepspeed\" with ZeRO-1/2, \"torch\" on one process, or "
-                            "frozen_weights \"full\" (not streamed)")
+            problems.append(
+                f"{frozen}: FSDP2 shards every layer once at the start, and Q-LIFT swaps a layer's "
+                'linear modules at each phase; use backend "deepspeed" with ZeRO-1/2, "torch" on one process, or '
+                'frozen_weights "full" (not streamed)'
+            )
         sec = raw.get("fsdp") or {}
         options = FSDPOptions(**{k: v for k, v in sec.items() if k in FSDP_KEYS}) if not fsdp_problems else None
         return options, problems + fsdp_problems
@@ -105,9 +117,15 @@ class FSDPBackend(TorchOptimizerBackend):
         if cuda:
             torch.cuda.set_device(self.device)
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if training.precision == "bf16" else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if training.precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         offload = CPUOffloadPolicy(pin_memory=cuda) if opts.cpu_offload else OffloadPolicy()
-        kw = dict(mesh=self.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=opts.reshard_after_forward)
+        kw = dict(
+            mesh=self.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=opts.reshard_after_forward
+        )
         model.to(self.device if not opts.cpu_offload else torch.device("cpu"))
         _, stack = find_layer_stack(model)
         for layer in stack:
@@ -156,4 +174,7 @@ class FSDPBackend(TorchOptimizerBackend):
         return self.device
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}
+        return {
+            n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True)
+            for n, p in self.model.named_parameters()
+        }

@@ -54,8 +54,10 @@ def deepspeed_supports(dtype: str) -> tuple[bool, str]:
     elif name == "cuda":
         import torch
 
-        fact += (f" ({torch.cuda.get_device_name()}, compute capability "
-                 f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
+        fact += (
+            f" ({torch.cuda.get_device_name()}, compute capability "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability()))})"
+        )
     return ok, fact
 
 
@@ -96,7 +98,10 @@ def precision_problems(backend: str, precision: str) -> list[str]:
         return []
     other = "bf16" if precision == "fp16" else "fp16"
     alt_ok, _ = supports(backend, other) if backend == "deepspeed" or other == "bf16" else (False, "")
-    instead = f"set \"{precision}\": {{\"enabled\": false}} to train in fp32" + (
-        f", or use \"{other}\": {{\"enabled\": true}}, which this machine supports" if alt_ok else "")
-    return [f"{precision}.enabled: true, but this machine cannot train in {precision}: "
-            f"{fact}. {instead[0].upper()}{instead[1:]}"]
+    instead = f'set "{precision}": {{"enabled": false}} to train in fp32' + (
+        f', or use "{other}": {{"enabled": true}}, which this machine supports' if alt_ok else ""
+    )
+    return [
+        f"{precision}.enabled: true, but this machine cannot train in {precision}: "
+        f"{fact}. {instead[0].upper()}{instead[1:]}"
+    ]

@@ -9,12 +9,15 @@ the same thing on the torch reference, FSDP2 and DeepSpeed.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..errors import ConfigError
 
 
-def scheduler_problems(section: Mapping[str, Any], total_steps: int | None = None, base_lr: float | None = None) -> list[str]:
+def scheduler_problems(
+    section: Mapping[str, Any], total_steps: int | None = None, base_lr: float | None = None
+) -> list[str]:
     """The scheduler type and parameter names, then the schedule itself: built once on a dummy
     optimizer (DeepSpeed's own argument checks) and evaluated over the run's ``total_steps`` when
     known, so a schedule that errors, gives a negative or non-finite rate, or ends before the run
@@ -27,25 +30,43 @@ def scheduler_problems(section: Mapping[str, Any], total_steps: int | None = Non
         return [f"scheduler.type: {kind!r} unknown; allowed: {', '.join(lr_schedules.VALID_LR_SCHEDULES)}"]
     allowed = set(inspect.signature(getattr(lr_schedules, kind).__init__).parameters) - {"self", "optimizer"}
     params = dict(section.get("params", {}))
-    problems = [f"scheduler.params.{k}: not a parameter of {kind}; allowed: {', '.join(sorted(allowed))}" for k in sorted(set(params) - allowed)]
+    problems = [
+        f"scheduler.params.{k}: not a parameter of {kind}; allowed: {', '.join(sorted(allowed))}"
+        for k in sorted(set(params) - allowed)
+    ]
     for k, v in params.items():
-        if k.endswith(("_steps", "_size", "_iteration")) and v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+        if (
+            k.endswith(("_steps", "_size", "_iteration"))
+            and v != "auto"
+            and (not isinstance(v, int) or isinstance(v, bool) or v < 0)
+        ):
             problems.append(f"scheduler.params.{k}: must be an integer >= 0, got {v!r}")
-        elif k.endswith("_lr") and v != "auto" and not isinstance(v, list) and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+        elif (
+            k.endswith("_lr")
+            and v != "auto"
+            and not isinstance(v, list)
+            and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0)
+        ):
             problems.append(f"scheduler.params.{k}: must be a number >= 0, got {v!r}")
     if "warmup_type" in params and params["warmup_type"] not in ("log", "linear"):
-        problems.append(f"scheduler.params.warmup_type: got {params['warmup_type']!r}; "
-                        "allowed: log, linear (DeepSpeed would use log silently)")
+        problems.append(
+            f"scheduler.params.warmup_type: got {params['warmup_type']!r}; "
+            "allowed: log, linear (DeepSpeed would use log silently)"
+        )
     total = params.get("total_num_steps")
     if isinstance(total, int) and not isinstance(total, bool):
         warm = params.get("warmup_num_steps")
         if total < 1:
-            problems.append(f"scheduler.params.total_num_steps: must be >= 1, got {total} (\"auto\": the run's total steps)")
+            problems.append(
+                f'scheduler.params.total_num_steps: must be >= 1, got {total} ("auto": the run\'s total steps)'
+            )
         elif total_steps is not None and total < total_steps:
-            problems.append(f"scheduler.params.total_num_steps: {total} is below the "
-                            f"run's {total_steps} optimizer steps (lift.total_steps): "
-                            "the learning rate would sit at its end value for steps "
-                            f"{total + 1}..{total_steps}; set it to {total_steps} or \"auto\"")
+            problems.append(
+                f"scheduler.params.total_num_steps: {total} is below the "
+                f"run's {total_steps} optimizer steps (lift.total_steps): "
+                "the learning rate would sit at its end value for steps "
+                f'{total + 1}..{total_steps}; set it to {total_steps} or "auto"'
+            )
         elif isinstance(warm, int) and not isinstance(warm, bool) and warm > total:
             problems.append(f"scheduler.params.warmup_num_steps: {warm} is more than total_num_steps {total}")
     if problems:
@@ -71,8 +92,10 @@ def _probe(kind: str, params: dict[str, Any], total_steps: int | None, base_lr: 
             sched.step(k)
             lr = float(opt.param_groups[0]["lr"])
             if not math.isfinite(lr) or lr < 0:
-                return [f"scheduler.params: {kind} gives a learning rate of "
-                        f"{lr} at step {k + 1}; it must be a finite number >= 0"]
+                return [
+                    f"scheduler.params: {kind} gives a learning rate of "
+                    f"{lr} at step {k + 1}; it must be a finite number >= 0"
+                ]
     except (TypeError, ValueError, ZeroDivisionError, AssertionError, KeyError, IndexError, ConfigError) as e:
         key = next((k for k in sorted(params, key=len, reverse=True) if k in str(e)), None)
         return [f"scheduler.params{'.' + key if key else ''}: {kind} refuses it: {e}"]
@@ -101,7 +124,7 @@ def _fill_auto(params: dict[str, Any], base_lr: float, total_steps: int | None) 
         elif key == "warmup_num_steps" and total_steps is not None:
             filled[key] = max(1, round(0.03 * total_steps))
         else:
-            raise ConfigError([f"scheduler.params.{key}: \"auto\" cannot be derived here; give a number"])
+            raise ConfigError([f'scheduler.params.{key}: "auto" cannot be derived here; give a number'])
     return filled
 
 

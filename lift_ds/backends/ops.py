@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 ADAM_TYPES = ("adam", "adamw")
 
@@ -80,8 +81,10 @@ def choose_optimizer(section: Mapping[str, Any] | None, device: str, offload: bo
         if status == "prebuilt" or (status == "buildable" and op == "cpu_adam"):
             return OptimizerChoice(None, f"the config's {section.get('type')} runs as DeepSpeed's {op} ({why})")
         if status == "buildable":
-            why = ("DeepSpeed's fused_adam is not pre-built, "
-                   "and lift_ds does not compile it: torch's fused AdamW needs no build")
+            why = (
+                "DeepSpeed's fused_adam is not pre-built, "
+                "and lift_ds does not compile it: torch's fused AdamW needs no build"
+            )
     else:
         why = "no op to compile on a CPU accelerator"
     fused = device == "cuda" and not offload

@@ -9,7 +9,8 @@ ranks of ZeRO-3 therefore loads into 1 rank of the torch backend, 4 ranks of FSD
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,11 +52,15 @@ def placed_like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(p, DTensor):
-        return distribute_tensor(full.to(p.device_mesh.device_type, p.dtype, non_blocking=full.is_pinned()), p.device_mesh, p.placements)
+        return distribute_tensor(
+            full.to(p.device_mesh.device_type, p.dtype, non_blocking=full.is_pinned()), p.device_mesh, p.placements
+        )
     return full.to(p.device, p.dtype, non_blocking=full.is_pinned())
 
 
-def torch_optimizer_full_state(optimizer: torch.optim.Optimizer, names: list[str], params: list[nn.Parameter]) -> dict[str, Any]:
+def torch_optimizer_full_state(
+    optimizer: torch.optim.Optimizer, names: list[str], params: list[nn.Parameter]
+) -> dict[str, Any]:
     """:meth:`Backend.full_optimizer_state` of a ``torch.optim`` optimizer over the parameters
     themselves (their values are the fp32 master); DTensor shards are gathered."""
     out: dict[str, Any] = {"step": None, "keys": [], "state": {}, "master": {}}
@@ -72,19 +77,25 @@ def torch_optimizer_full_state(optimizer: torch.optim.Optimizer, names: list[str
     return out
 
 
-def load_torch_optimizer_full_state(optimizer: torch.optim.Optimizer, names: list[str], params: list[nn.Parameter], state: dict[str, Any]) -> None:
+def load_torch_optimizer_full_state(
+    optimizer: torch.optim.Optimizer, names: list[str], params: list[nn.Parameter], state: dict[str, Any]
+) -> None:
     """The inverse of :func:`torch_optimizer_full_state` (a fresh optimizer takes the state as its own)."""
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     with torch.no_grad():
         for n, p in zip(names, params):
             master = placed_like(state["master"][n], p)
-            (p.to_local() if hasattr(p, "to_local") else p).copy_(master.to_local() if hasattr(master, "to_local") else master)
+            (p.to_local() if hasattr(p, "to_local") else p).copy_(
+                master.to_local() if hasattr(master, "to_local") else master
+            )
             tensors = state["state"].get(n, {})
             if not tensors:
                 continue
             new_buffer = getattr(optimizer, "_new_buffer", None)  # torchao's low-bit optimizers: their own state type
             if new_buffer is not None:
-                st: dict[str, Any] = {k: new_buffer(p, k == "exp_avg").copy_(v.to(p.device)) for k, v in tensors.items()}
+                st: dict[str, Any] = {
+                    k: new_buffer(p, k == "exp_avg").copy_(v.to(p.device)) for k, v in tensors.items()
+                }
             else:
                 st = {k: placed_like(v, p) for k, v in tensors.items()}
             if state["step"] is not None:

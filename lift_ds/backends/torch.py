@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -18,21 +19,33 @@ class TorchBackend(TorchOptimizerBackend):
     runs_16bit_optimizers = True
 
     @classmethod
-    def check_config(cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int,
-                     baseline: str = "lift") -> tuple[Any, list[str]]:
+    def check_config(
+        cls, lift: LiftConfig, training: TrainingConfig, raw: Mapping[str, Any], world_size: int, baseline: str = "lift"
+    ) -> tuple[Any, list[str]]:
         _, problems = super().check_config(lift, training, raw, world_size, baseline)
         if world_size > 1:
-            problems.append(f"lift.backend: \"torch\" is single-process but WORLD_SIZE={world_size}; "
-                            "use backend \"deepspeed\" (or \"fsdp\") under a multi-rank launcher")
+            problems.append(
+                f'lift.backend: "torch" is single-process but WORLD_SIZE={world_size}; '
+                'use backend "deepspeed" (or "fsdp") under a multi-rank launcher'
+            )
         if training.precision == "fp16":
-            problems.append("fp16.enabled: the torch reference backend has no loss scaler; use bf16 or backend \"deepspeed\"")
+            problems.append(
+                'fp16.enabled: the torch reference backend has no loss scaler; use bf16 or backend "deepspeed"'
+            )
         zero = raw.get("zero_optimization")
         if zero is not None:
             z = zero if isinstance(zero, Mapping) else {}
-            if not isinstance(zero, Mapping) or z.get("stage", 0) not in (0, None) or z.get("offload_optimizer") or z.get("offload_param"):
-                problems.append(f"zero_optimization: {zero!r} is DeepSpeed ZeRO, "
-                                "which the single-process torch backend cannot honour; "
-                                "set lift.backend to \"deepspeed\" (or \"auto\"), or remove the section")
+            if (
+                not isinstance(zero, Mapping)
+                or z.get("stage", 0) not in (0, None)
+                or z.get("offload_optimizer")
+                or z.get("offload_param")
+            ):
+                problems.append(
+                    f"zero_optimization: {zero!r} is DeepSpeed ZeRO, "
+                    "which the single-process torch backend cannot honour; "
+                    'set lift.backend to "deepspeed" (or "auto"), or remove the section'
+                )
         problems += cls.foreign_section_problems(raw, cls.name, {"fsdp": "fsdp"})
         return None, problems
 

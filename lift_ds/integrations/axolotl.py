@@ -69,9 +69,15 @@ def lift_trainer_class(cfg: Any, base: type | None = None) -> type:
     base = base or axolotl_trainer_class(cfg)
     if issubclass(base, LiftTrainerMixin):
         return base
-    return type(f"Lift{base.__name__}", (_AxolotlLift, LiftTrainerMixin, base),
-                {"_lift_source": lift_config(cfg), "__module__": __name__,
-                 "__doc__": f"axolotl's ``{base.__name__}`` training through lift_ds's engine (LiftPlugin)."})
+    return type(
+        f"Lift{base.__name__}",
+        (_AxolotlLift, LiftTrainerMixin, base),
+        {
+            "_lift_source": lift_config(cfg),
+            "__module__": __name__,
+            "__doc__": f"axolotl's ``{base.__name__}`` training through lift_ds's engine (LiftPlugin).",
+        },
+    )
 
 
 class _LiftPluginHooks:
@@ -84,8 +90,11 @@ class _LiftPluginHooks:
         # the first hook after axolotl's normalize_config: on a host without an accelerator, axolotl
         # 0.19 still maps each rank's model to accelerator index LOCAL_RANK ({"": 0}), which
         # transformers cannot load; keep it on the CPU (no effect where a GPU is found)
-        if cfg.get("device") == "cpu" and isinstance(cfg.get("device_map"), dict) and \
-                any(isinstance(v, int) and not isinstance(v, bool) for v in cfg["device_map"].values()):
+        if (
+            cfg.get("device") == "cpu"
+            and isinstance(cfg.get("device_map"), dict)
+            and any(isinstance(v, int) and not isinstance(v, bool) for v in cfg["device_map"].values())
+        ):
             cfg["device_map"] = {"": "cpu"}
         return None  # axolotl loads the datasets
 
@@ -98,20 +107,34 @@ class _LiftPluginHooks:
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         if not isinstance(trainer, LiftTrainerMixin):
-            raise ConfigError([f"plugins: another plugin chose the trainer class ({type(trainer).__name__}) before {PLUGIN_NAME}; "
-                               "list LiftPlugin first, or remove the other plugin"], source="axolotl config")
-        logger.info("LIFT: %s trains through lift_ds (method %s)", type(trainer).__name__,
-                    (trainer.lift_config_source.get("lift") or {}).get("method", "lift"))
+            raise ConfigError(
+                [
+                    f"plugins: another plugin chose the trainer class ({type(trainer).__name__}) before {PLUGIN_NAME}; "
+                    "list LiftPlugin first, or remove the other plugin"
+                ],
+                source="axolotl config",
+            )
+        logger.info(
+            "LIFT: %s trains through lift_ds (method %s)",
+            type(trainer).__name__,
+            (trainer.lift_config_source.get("lift") or {}).get("method", "lift"),
+        )
 
 
 def _build_plugin() -> type:
     from axolotl.integrations.base import BasePlugin
 
-    return type("LiftPlugin", (_LiftPluginHooks, BasePlugin), {
-        "__module__": __name__,
-        "__doc__": ("axolotl plugin: the trainer axolotl builds runs through lift_ds's engine (LIFT, "
-                    "BAdam or LISA; see the module docstring)."),
-    })
+    return type(
+        "LiftPlugin",
+        (_LiftPluginHooks, BasePlugin),
+        {
+            "__module__": __name__,
+            "__doc__": (
+                "axolotl plugin: the trainer axolotl builds runs through lift_ds's engine (LIFT, "
+                "BAdam or LISA; see the module docstring)."
+            ),
+        },
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -119,7 +142,9 @@ def __getattr__(name: str) -> Any:
         try:
             cls = _build_plugin()
         except ImportError as e:
-            raise ImportError(f"lift_ds.integrations.axolotl.LiftPlugin needs axolotl installed ({e}); see docs/axolotl.md") from e
+            raise ImportError(
+                f"lift_ds.integrations.axolotl.LiftPlugin needs axolotl installed ({e}); see docs/axolotl.md"
+            ) from e
         globals()["LiftPlugin"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

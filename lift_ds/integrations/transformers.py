@@ -47,8 +47,18 @@ import torch
 from ..errors import ConfigError
 from ..run_config import load_run_config
 from ..utils import get_logger, get_world_size
-from .trainer_args import (OPTIMS, SampleStream, absolute_steps, decay_groups, optimizer_factory, scheduler_factory, trainer_config,
-                           trainer_fingerprint, unhonoured_arguments, unsupported_features)
+from .trainer_args import (
+    OPTIMS,
+    SampleStream,
+    absolute_steps,
+    decay_groups,
+    optimizer_factory,
+    scheduler_factory,
+    trainer_config,
+    trainer_fingerprint,
+    unhonoured_arguments,
+    unsupported_features,
+)
 
 __all__ = ["LiftTrainer", "LiftTrainerMixin", "SampleStream", "OPTIMS"]
 
@@ -85,16 +95,24 @@ class LiftTrainerMixin:
 
     def __init__(self, *args: Any, lift_config: Any = None, **kwargs: Any) -> None:
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        early = unhonoured_arguments(training_args) if training_args is not None and hasattr(training_args, "save_strategy") else []
+        early = (
+            unhonoured_arguments(training_args)
+            if training_args is not None and hasattr(training_args, "save_strategy")
+            else []
+        )
         if early:  # before Trainer.__init__, which would act on some of them (push_to_hub contacts the hub)
             raise ConfigError(early, source="LiftTrainer")
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.lift_config_source = lift_config if lift_config is not None else self.args.deepspeed
         problems = unsupported_features(self)
         if self.lift_config_source is None:
-            problems.append("TrainingArguments.deepspeed: a DeepSpeed JSON with a \"lift\" section is required (or pass lift_config=)")
+            problems.append(
+                'TrainingArguments.deepspeed: a DeepSpeed JSON with a "lift" section is required (or pass lift_config=)'
+            )
         if self.train_dataset is not None and self.args.max_steps <= 0 and not hasattr(self.train_dataset, "__len__"):
-            problems.append("TrainingArguments.max_steps: required for a dataset without a length (LIFT plans its steps up front)")
+            problems.append(
+                "TrainingArguments.max_steps: required for a dataset without a length (LIFT plans its steps up front)"
+            )
         if problems:
             raise ConfigError(problems, source="LiftTrainer")
         self.lift_engine: Any = None
@@ -115,14 +133,23 @@ class LiftTrainerMixin:
         world = get_world_size()
         total = self._lift_total_steps(world)
         raw = trainer_config(self, self.lift_config_source, total)
-        config = load_run_config(raw, world_size=world,
-                                 source=str(self.lift_config_source) if not isinstance(self.lift_config_source, dict) else "lift_config")
+        config = load_run_config(
+            raw,
+            world_size=world,
+            source=str(self.lift_config_source) if not isinstance(self.lift_config_source, dict) else "lift_config",
+        )
         if getattr(self.args, "activation_checkpointing", False) or getattr(self.args, "gradient_checkpointing", False):
             from ..blocks import enable_gradient_checkpointing
 
-            given = getattr(self.args, "activation_checkpointing_kwargs", None) or getattr(self.args, "gradient_checkpointing_kwargs", None) or {}
+            given = (
+                getattr(self.args, "activation_checkpointing_kwargs", None)
+                or getattr(self.args, "gradient_checkpointing_kwargs", None)
+                or {}
+            )
             # non-reentrant, without transformers' input-grad hook: truncated backward is kept
-            enable_gradient_checkpointing(self.model, **{k: v for k, v in given.items() if k in ("preserve_rng_state", "determinism_check")})
+            enable_gradient_checkpointing(
+                self.model, **{k: v for k, v in given.items() if k in ("preserve_rng_state", "determinism_check")}
+            )
         # Trainer's no-decay group for biases and norms holds on every path (the config's optimizer section included)
         groups = None
         if self.optimizer is not None:  # optimizers=(optimizer, scheduler): built ones, kept group by group
@@ -131,10 +158,19 @@ class LiftTrainerMixin:
             optimizer, groups = None, decay_groups(self, None)
         else:
             optimizer, groups = optimizer_factory(self), decay_groups(self, self.args.weight_decay)
-        schedule = self.lr_scheduler if self.lr_scheduler is not None else \
-            None if config.training.scheduler is not None else scheduler_factory(self, total)
-        engine, _, _, _ = lift_ds.initialize(model=self.model, config=config, optimizer=optimizer, lr_scheduler=schedule, param_groups=groups)
-        engine.run_fingerprint.update(trainer_fingerprint(self, self.args.data_seed if self.args.data_seed is not None else self.args.seed))
+        schedule = (
+            self.lr_scheduler
+            if self.lr_scheduler is not None
+            else None
+            if config.training.scheduler is not None
+            else scheduler_factory(self, total)
+        )
+        engine, _, _, _ = lift_ds.initialize(
+            model=self.model, config=config, optimizer=optimizer, lr_scheduler=schedule, param_groups=groups
+        )
+        engine.run_fingerprint.update(
+            trainer_fingerprint(self, self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        )
         return engine
 
     def _lift_stream(self, engine: Any) -> SampleStream:
@@ -146,8 +182,15 @@ class LiftTrainerMixin:
         else:
             collate = self._get_collator_with_removed_columns(collate, description="training")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return SampleStream(dataset, collate, engine.train_micro_batch_size_per_gpu(), engine.rank, engine.world_size,
-                            engine.gradient_accumulation_steps(), seed)
+        return SampleStream(
+            dataset,
+            collate,
+            engine.train_micro_batch_size_per_gpu(),
+            engine.rank,
+            engine.world_size,
+            engine.gradient_accumulation_steps(),
+            seed,
+        )
 
     # ----------------------------------------------------------------- training
 
@@ -158,7 +201,13 @@ class LiftTrainerMixin:
             self.deepspeed = self.lift_engine  # Trainer's evaluation then builds no DeepSpeed engine of its own
         return self.lift_engine
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, ignore_keys_for_eval: Any = None, **kwargs: Any) -> Any:
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         """Train with LIFT; arguments as ``Trainer.train``. Returns a ``TrainOutput`` whose metrics hold
         ``train_loss`` (the mean logged loss of the steps this call ran), ``train_runtime``,
         ``train_samples_per_second``, ``train_steps_per_second``, ``total_flos`` and ``epoch``."""
@@ -176,9 +225,15 @@ class LiftTrainerMixin:
         log_every, save_every = absolute_steps(a.logging_steps, total), absolute_steps(a.save_steps, total)
         eval_every = absolute_steps(a.eval_steps, total) if a.eval_steps is not None else log_every
         logging = getattr(a.logging_strategy, "value", a.logging_strategy)
-        self.state = TrainerState(max_steps=total, logging_steps=log_every, eval_steps=eval_every, save_steps=save_every,
-                                  train_batch_size=a.per_device_train_batch_size,
-                                  is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero())
+        self.state = TrainerState(
+            max_steps=total,
+            logging_steps=log_every,
+            eval_steps=eval_every,
+            save_steps=save_every,
+            train_batch_size=a.per_device_train_batch_size,
+            is_local_process_zero=self.is_local_process_zero(),
+            is_world_process_zero=self.is_world_process_zero(),
+        )
         if resume_from_checkpoint:
             self._lift_resume(resume_from_checkpoint)
         self.is_in_train = True
@@ -204,9 +259,19 @@ class LiftTrainerMixin:
             logged_loss, logged_steps, total_loss = logged_loss + step_loss, logged_steps + 1, total_loss + step_loss
             self.state.global_step, self.state.epoch = engine.global_step, engine.samples_seen / n
             self.control = handler.on_step_end(a, self.state, self.control)
-            if (self._lift_due(logging, log_every, engine, stream) or (logging != "no" and (engine.done or (a.logging_first_step and engine.global_step == 1)))):
-                self.log({"loss": logged_loss / logged_steps, "learning_rate": engine.get_lr()[0],
-                          "grad_norm": float(engine.last_grad_norm or 0.0), "lift_phase": float(engine.cursor.phase.index + 1 if not engine.done else len(engine.plan.phases))})
+            if self._lift_due(logging, log_every, engine, stream) or (
+                logging != "no" and (engine.done or (a.logging_first_step and engine.global_step == 1))
+            ):
+                self.log(
+                    {
+                        "loss": logged_loss / logged_steps,
+                        "learning_rate": engine.get_lr()[0],
+                        "grad_norm": float(engine.last_grad_norm or 0.0),
+                        "lift_phase": float(
+                            engine.cursor.phase.index + 1 if not engine.done else len(engine.plan.phases)
+                        ),
+                    }
+                )
                 logged_loss, logged_steps = 0.0, 0
             if self._lift_due(a.eval_strategy, eval_every, engine, stream) and self.eval_dataset is not None:
                 self.evaluate(ignore_keys=ignore_keys_for_eval)
@@ -216,8 +281,14 @@ class LiftTrainerMixin:
                 break
         steps = engine.global_step - start_step
         metrics = speed_metrics("train", t0, num_samples=steps * stream.global_batch, num_steps=steps)
-        metrics.update({"total_flos": float(self.state.total_flos), "train_loss": total_loss / max(steps, 1),
-                        "lift_phase_switch_seconds": engine.phase_switch_seconds, "lift_skipped_steps": float(engine.skipped_steps)})
+        metrics.update(
+            {
+                "total_flos": float(self.state.total_flos),
+                "train_loss": total_loss / max(steps, 1),
+                "lift_phase_switch_seconds": engine.phase_switch_seconds,
+                "lift_skipped_steps": float(engine.skipped_steps),
+            }
+        )
         self.is_in_train = False
         self.log(metrics)
         self.control = handler.on_train_end(a, self.state, self.control)
@@ -229,7 +300,9 @@ class LiftTrainerMixin:
         if kind == "steps":
             return bool(every) and engine.global_step % every == 0
         if kind == "epoch":  # the step that completed an epoch
-            return (engine.samples_seen // stream.samples_per_epoch) > ((engine.samples_seen - stream.global_batch) // stream.samples_per_epoch)
+            return (engine.samples_seen // stream.samples_per_epoch) > (
+                (engine.samples_seen - stream.global_batch) // stream.samples_per_epoch
+            )
         return False
 
     # ----------------------------------------------------------------- evaluation
@@ -240,13 +313,17 @@ class LiftTrainerMixin:
             return _ModelView(self.lift_engine)
         return super()._wrap_model(model, training, dataloader)  # type: ignore[misc]
 
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         """Trainer's own evaluation (``compute_metrics``, ``preprocess_logits_for_metrics``, the eval
         dataloader split over ranks and gathered), its forward passes through the LIFT engine; collective."""
         engine = self._lift_engine()
         training = engine.training
         try:
-            return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)  # type: ignore[misc]
+            return super().evaluate(
+                eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+            )  # type: ignore[misc]
         finally:
             engine.train(training)
 
@@ -275,8 +352,12 @@ class LiftTrainerMixin:
                 self.state.save_to_json(str(tmp / "trainer_state.json"))
                 torch.save(self.args, tmp / "training_args.bin")
 
-        path = self.lift_engine.save_checkpoint(out, tag=f"{CHECKPOINT_PREFIX}{self.state.global_step}", extra_files=trainer_files,
-                                                client_state={"trainer_state": json.loads(json.dumps(dataclasses.asdict(self.state), default=str))})
+        path = self.lift_engine.save_checkpoint(
+            out,
+            tag=f"{CHECKPOINT_PREFIX}{self.state.global_step}",
+            extra_files=trainer_files,
+            client_state={"trainer_state": json.loads(json.dumps(dataclasses.asdict(self.state), default=str))},
+        )
         # save_total_limit: the newest checkpoints stay, and always the one just written (``latest``)
         self.lift_engine.checkpointer.rotate(out, CHECKPOINT_PREFIX, self.args.save_total_limit)
         self.control = self.callback_handler.on_save(self.args, self.state, self.control)
@@ -288,14 +369,21 @@ class LiftTrainerMixin:
         if resume_from_checkpoint is True:  # the newest complete one (latest, or the newest that verifies)
             path, client = self.lift_engine.load_checkpoint(self.args.output_dir)
             if path is None:
-                raise ResumeError(("resume_from_checkpoint=True: no valid checkpoint "
-                                   f"found in output directory ({self.args.output_dir})"),
-                                  Path(self.args.output_dir))
+                raise ResumeError(
+                    (
+                        "resume_from_checkpoint=True: no valid checkpoint "
+                        f"found in output directory ({self.args.output_dir})"
+                    ),
+                    Path(self.args.output_dir),
+                )
         else:
             path = Path(str(resume_from_checkpoint))
             if not path.is_dir():
-                raise ResumeError(f"resume_from_checkpoint: {str(path)!r} is not a checkpoint directory (it does not exist); give "
-                                  f"output_dir/{CHECKPOINT_PREFIX}N or True for the newest", path)
+                raise ResumeError(
+                    f"resume_from_checkpoint: {str(path)!r} is not a checkpoint directory (it does not exist); give "
+                    f"output_dir/{CHECKPOINT_PREFIX}N or True for the newest",
+                    path,
+                )
             _, client = self.lift_engine.load_checkpoint(path.parent, tag=path.name)
         if "trainer_state" in client:
             saved = client["trainer_state"]
@@ -338,7 +426,11 @@ def __getattr__(name: str) -> Any:
     if name == "LiftSFTTrainer":  # trl is optional: built on first use
         from trl import SFTTrainer
 
-        cls = type("LiftSFTTrainer", (LiftTrainerMixin, SFTTrainer), {"__doc__": "TRL's ``SFTTrainer`` with LIFT (see the module docstring)."})
+        cls = type(
+            "LiftSFTTrainer",
+            (LiftTrainerMixin, SFTTrainer),
+            {"__doc__": "TRL's ``SFTTrainer`` with LIFT (see the module docstring)."},
+        )
         globals()["LiftSFTTrainer"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,9 @@ class _Probe(TrainerCallback):
         engine = self.trainer.lift_engine
         names = sorted(n for n, p in engine.module.named_parameters() if p.requires_grad)
         self.records["state_numel"].append(engine.backend.optimizer_state_numel())
-        self.records["trainable_numel"].append(sum(engine.backend.numel(p) for p in engine.module.parameters() if p.requires_grad))
+        self.records["trainable_numel"].append(
+            sum(engine.backend.numel(p) for p in engine.module.parameters() if p.requires_grad)
+        )
         self.records["trainable"].append(names)
         self.records["steps"].append(state.global_step)
 
@@ -38,11 +40,16 @@ class _Probe(TrainerCallback):
         engine = self.trainer.lift_engine
         out = Path(os.environ["LIFT_PROBE_OUT"])
         out.mkdir(parents=True, exist_ok=True)
-        self.records.update(global_step=state.global_step, rank=engine.rank, world=engine.world_size,
-                            trainer_class=[c.__name__ for c in type(self.trainer).__mro__],
-                            total_numel=sum(engine.backend.numel(p) for p in engine.module.parameters()),
-                            method=engine.lift.method, plan_steps=list(engine.plan.steps),
-                            planned=[sorted(engine.trainable_param_names(u)) for u in range(len(engine.plan.units))])
+        self.records.update(
+            global_step=state.global_step,
+            rank=engine.rank,
+            world=engine.world_size,
+            trainer_class=[c.__name__ for c in type(self.trainer).__mro__],
+            total_numel=sum(engine.backend.numel(p) for p in engine.module.parameters()),
+            method=engine.lift.method,
+            plan_steps=list(engine.plan.steps),
+            planned=[sorted(engine.trainable_param_names(u)) for u in range(len(engine.plan.units))],
+        )
         (out / f"rank{engine.rank}.json").write_text(json.dumps(self.records))
 
 

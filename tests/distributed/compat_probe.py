@@ -27,7 +27,12 @@ def config(stage: int) -> dict:
     zero = {"stage": stage, "reduce_bucket_size": 12345}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0, "zero_optimization": zero, "zero_allow_untested_optimizer": True}
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_clipping": 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+    }
 
 
 def build(stage: int, model=None):
@@ -39,7 +44,9 @@ def build(stage: int, model=None):
         p.requires_grad_(False)
     for p in layer:
         p.requires_grad_(True)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=layer, optimizer=torch.optim.AdamW(layer, lr=1e-2), config=config(stage))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=layer, optimizer=torch.optim.AdamW(layer, lr=1e-2), config=config(stage)
+    )
     return model, layer, engine
 
 
@@ -81,13 +88,19 @@ def main() -> None:
     train_step(engine)
     inner = compat.innermost_optimizer(engine.optimizer)
     facts["innermost_is_torch_optimizer"] = isinstance(inner, torch.optim.Optimizer)
-    facts["innermost_state_numel"] = sum(v.numel() for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    facts["innermost_state_numel"] = sum(
+        v.numel() for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
+    )
     facts["layer_numel"] = sum(p.numel() for p in layer)
     facts["reduce_bucket_size"] = compat.zero_reduce_bucket_size(engine)
     inner = compat.innermost_optimizer(engine.optimizer)
     hooks = {name: getattr(engine, name, None) for name in compat._ENGINE_HOOKS}
-    facts["engine_hook_attributes_are_handles"] = all(isinstance(h, torch.utils.hooks.RemovableHandle) for h in hooks.values())
-    state_ref = weakref.ref(next(v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0))
+    facts["engine_hook_attributes_are_handles"] = all(
+        isinstance(h, torch.utils.hooks.RemovableHandle) for h in hooks.values()
+    )
+    state_ref = weakref.ref(
+        next(v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    )
     engine.destroy()
     registered = set(model._forward_pre_hooks) | set(model._forward_hooks)
     facts["destroy_leaves_forward_hooks"] = all(h is not None and h.id in registered for h in hooks.values())
@@ -111,10 +124,14 @@ def main() -> None:
     facts["zero3_local_numel"] = p.numel()
     facts["zero3_expected_numel"] = int(p.ds_shape.numel()) if hasattr(p, "ds_shape") else -1
     facts["zero3_backref_on_params"] = any(hasattr(q, "_z3_optimizer") for q in model.parameters())
-    facts["zero3_module_functions_cached"] = sum(1 for m in model.modules() if any(a in m.__dict__ for a in compat._ZERO3_MODULE_FUNCTIONS))
+    facts["zero3_module_functions_cached"] = sum(
+        1 for m in model.modules() if any(a in m.__dict__ for a in compat._ZERO3_MODULE_FUNCTIONS)
+    )
     compat.release_engine(engine, model)
     facts["zero3_backref_after_release"] = any(hasattr(q, "_z3_optimizer") for q in model.parameters())
-    facts["zero3_module_functions_after_release"] = sum(1 for m in model.modules() if any(a in m.__dict__ for a in compat._ZERO3_MODULE_FUNCTIONS))
+    facts["zero3_module_functions_after_release"] = sum(
+        1 for m in model.modules() if any(a in m.__dict__ for a in compat._ZERO3_MODULE_FUNCTIONS)
+    )
     for stage in (2, 3):
         facts.update(state_round_trip(stage))
     facts.update(zero3_offload_kept())
@@ -125,9 +142,10 @@ def main() -> None:
 def zero3_offload_kept() -> dict:
     """A ZeRO-3 LIFT run over 4 phases through lift_ds: how many model-wide DeepSpeedZeRoOffload were
     built, the module hooks per phase, and what is left after close()."""
-    import lift_ds
     from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    import lift_ds
 
     built = []
     original = DeepSpeedZeRoOffload.__init__
@@ -135,10 +153,14 @@ def zero3_offload_kept() -> dict:
     def counting(self, *a, **k):
         built.append(1)
         original(self, *a, **k)
+
     DeepSpeedZeRoOffload.__init__ = counting
     try:
         model = tiny_llama()
-        cfg = {**config(3), "lift": {"backend": "deepspeed", "total_steps": 4, "layer_range": [1, 4], "policy": "cyclic"}}
+        cfg = {
+            **config(3),
+            "lift": {"backend": "deepspeed", "total_steps": 4, "layer_range": [1, 4], "policy": "cyclic"},
+        }
         engine, *_ = lift_ds.initialize(model=model, config=cfg, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
         hooks = []
         for b in lm_batches(4, batch=2):
@@ -151,9 +173,14 @@ def zero3_offload_kept() -> dict:
         engine.close()
     finally:
         DeepSpeedZeRoOffload.__init__ = original
-    return {"z3_offloads_built": len(built), "z3_offload_reused": reused, "z3_phases": engine.phase_switches, "z3_hooks_per_step": hooks,
-            "z3_hooks_after_close": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()),
-            "z3_all_partitioned_after_close": all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in model.parameters())}
+    return {
+        "z3_offloads_built": len(built),
+        "z3_offload_reused": reused,
+        "z3_phases": engine.phase_switches,
+        "z3_hooks_per_step": hooks,
+        "z3_hooks_after_close": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()),
+        "z3_all_partitioned_after_close": all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in model.parameters()),
+    }
 
 
 def state_round_trip(stage: int) -> dict:
@@ -176,8 +203,12 @@ def state_round_trip(stage: int) -> dict:
         a.step()
         del loss
     step, keys = compat.zero_step_and_keys(a.backend.optimizer)
-    out = {f"z{stage}_fresh_state": list(fresh), f"z{stage}_step": step, f"z{stage}_keys": keys,
-           f"z{stage}_has_fp32_master": compat.has_fp32_master(a.backend.active_params())}
+    out = {
+        f"z{stage}_fresh_state": list(fresh),
+        f"z{stage}_step": step,
+        f"z{stage}_keys": keys,
+        f"z{stage}_has_fp32_master": compat.has_fp32_master(a.backend.active_params()),
+    }
     with tempfile.TemporaryDirectory() as d:
         a.save_checkpoint(d)
         b_engine, *_ = lift_ds.initialize(model=tiny_llama(), config=cfg, optimizer=opt)

@@ -33,8 +33,15 @@ def _rank(argv: list[str], rank: int, nproc: int, attempt: int, port: int, log: 
     """The child: one rank of one attempt (never returns)."""
     code = 1
     try:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port), TORCHELASTIC_RESTART_COUNT=str(attempt))
+        os.environ.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            TORCHELASTIC_RESTART_COUNT=str(attempt),
+        )
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -96,7 +103,9 @@ def run(argv: list[str], attempts: int, nproc: int, log_dir: Path) -> dict:
         if all(c == 0 for c in codes.values()):
             break
     end = os.times()  # CPU time of every rank of every attempt (the wall time on a loaded machine says little)
-    out["rank_cpu_seconds"] = round(end.children_user + end.children_system - start.children_user - start.children_system, 1)
+    out["rank_cpu_seconds"] = round(
+        end.children_user + end.children_system - start.children_user - start.children_system, 1
+    )
     return out
 
 

@@ -60,7 +60,7 @@ class ScenarioResults(Mapping):
         self._results.pop(name, None)
         self._errors[name] = because
 
-    def update(self, other: "ScenarioResults") -> None:
+    def update(self, other: ScenarioResults) -> None:
         """Take in another job's scenarios (theirs win on a name clash)."""
         for name in other:
             self._results.pop(name, None)
@@ -72,7 +72,9 @@ class ScenarioResults(Mapping):
                 self._errors[name] = f"[job {other.job}] {err}"
 
 
-def torchrun(scenarios: dict, tmp: Path, name: str = "run", timeout: int = 900, nproc: int = WORLD, expect_results: bool = True) -> ScenarioResults:
+def torchrun(
+    scenarios: dict, tmp: Path, name: str = "run", timeout: int = 900, nproc: int = WORLD, expect_results: bool = True
+) -> ScenarioResults:
     """Run ``scenarios`` in one ``torchrun`` job of ``nproc`` ranks; results per scenario.
 
     The worker writes each scenario's result as it finishes (and each rank its own errors), so a
@@ -88,7 +90,16 @@ def torchrun(scenarios: dict, tmp: Path, name: str = "run", timeout: int = 900, 
     out = tmp / f"{name}.results"
     spec.write_text(json.dumps(scenarios))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER), str(spec), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        str(spec),
+        str(out),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
         code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
@@ -136,15 +147,27 @@ def reference(sc: dict, world: int = WORLD, start_state: dict | None = None) -> 
     cfg.pop("train_batch_size", None)
     for key in ("bf16", "fp16"):
         cfg.pop(key, None)
-    model = tiny_llama(layers=sc.get("layers", 4), hidden=sc.get("hidden", 32), vocab=sc.get("vocab", 128), seed=sc.get("seed", 0), tie=sc.get("tie", False))
+    model = tiny_llama(
+        layers=sc.get("layers", 4),
+        hidden=sc.get("hidden", 32),
+        vocab=sc.get("vocab", 128),
+        seed=sc.get("seed", 0),
+        tie=sc.get("tie", False),
+    )
     if start_state is not None:
         model.load_state_dict(start_state, strict=False)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = None if sc["optimizer"] == "config" else OPTIMIZERS[sc["optimizer"]]
     engine, _, _, _ = lift_ds.initialize(model=model, config=cfg, optimizer=opt)
     gas = cfg.get("gradient_accumulation_steps", 1)
-    data = lm_batches(sc["steps"] * gas, batch=mb * world, seq=sc.get("seq", 16), vocab=sc.get("vocab", 128), seed=sc.get("data_seed", 1),
-                      prompt=sc.get("prompt", 0))
+    data = lm_batches(
+        sc["steps"] * gas,
+        batch=mb * world,
+        seq=sc.get("seq", 16),
+        vocab=sc.get("vocab", 128),
+        seed=sc.get("data_seed", 1),
+        prompt=sc.get("prompt", 0),
+    )
     for b in data:
         loss = engine(**b).loss
         if engine.global_step + 1 in sc.get("nan_steps", ()):
@@ -167,7 +190,12 @@ def max_rel_error(final: dict, ref: dict, start: dict) -> tuple[float, float]:
 def assert_same_state(got: dict, want: dict) -> None:
     """Two full optimizer states (lift_ds.backends.state form) are equal: step, keys, every tensor."""
     assert got is not None and want is not None, (got is None, want is None)
-    assert got["step"] == want["step"] and got["keys"] == want["keys"], (got["step"], want["step"], got["keys"], want["keys"])
+    assert got["step"] == want["step"] and got["keys"] == want["keys"], (
+        got["step"],
+        want["step"],
+        got["keys"],
+        want["keys"],
+    )
     assert sorted(got["master"]) == sorted(want["master"]) and want["master"]
     for n in want["master"]:
         assert torch.equal(got["master"][n], want["master"][n]), n

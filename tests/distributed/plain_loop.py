@@ -36,7 +36,9 @@ def block_order(blocks: list[tuple[str, ...]], total_steps: int, schedule: str, 
     return steps
 
 
-def plain_lift(order: list[tuple[str, ...]], optimizer, clip: float, batches: list[dict], **model_kw) -> tuple[dict, dict]:
+def plain_lift(
+    order: list[tuple[str, ...]], optimizer, clip: float, batches: list[dict], **model_kw
+) -> tuple[dict, dict]:
     """Train a fresh ``tiny_llama(**model_kw)`` step by step through ``order``; returns (start, final)."""
     model = tiny_llama(**model_kw)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -69,7 +71,17 @@ def plain_reference(sc: dict, world: int, optimizers: dict) -> tuple[dict, dict]
     blocks = [(layer_block(i),) for i in (2, 3, 4)] + [HEAD]
     order = block_order(blocks, lift["total_steps"], lift.get("schedule", "front2end"), lift.get("policy", "grouped"))
     rows = cfg["train_micro_batch_size_per_gpu"] * world
-    batches = lm_batches(sc["steps"], batch=rows, seq=sc.get("seq", 16), vocab=sc.get("vocab", 128), seed=sc.get("data_seed", 1))
+    batches = lm_batches(
+        sc["steps"], batch=rows, seq=sc.get("seq", 16), vocab=sc.get("vocab", 128), seed=sc.get("data_seed", 1)
+    )
     clip = cfg.get("gradient_clipping", 1.0)
-    return plain_lift([tuple(b) for b in order], optimizers[sc["optimizer"]], clip, batches,
-                      layers=sc.get("layers", 4), hidden=sc.get("hidden", 32), vocab=sc.get("vocab", 128), seed=sc.get("seed", 0))
+    return plain_lift(
+        [tuple(b) for b in order],
+        optimizers[sc["optimizer"]],
+        clip,
+        batches,
+        layers=sc.get("layers", 4),
+        hidden=sc.get("hidden", 32),
+        vocab=sc.get("vocab", 128),
+        seed=sc.get("seed", 0),
+    )

@@ -26,9 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import NEGATIVE, POSITIVE, lm_batches, make_model_dir
-
 from .launch import REPO
+from helpers import NEGATIVE, POSITIVE, lm_batches, make_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -57,42 +56,151 @@ def write_files(d: Path) -> None:
         (d / "sft-data" / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
     # run_clm: ZeRO-3 with Trainer's --gradient_checkpointing; sft.py:
     # ZeRO-2 with no bf16 key (SFTConfig's bf16 default then holds)
-    (d / "clm_zero3.json").write_text(json.dumps({**AUTO, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                                                  "lift": {"backend": "deepspeed", **LIFT}}))
-    (d / "sft_zero2.json").write_text(json.dumps({**AUTO, "zero_optimization": {"stage": 2}, "lift": {"backend": "deepspeed", **LIFT}}))
+    (d / "clm_zero3.json").write_text(
+        json.dumps(
+            {
+                **AUTO,
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                "lift": {"backend": "deepspeed", **LIFT},
+            }
+        )
+    )
+    (d / "sft_zero2.json").write_text(
+        json.dumps({**AUTO, "zero_optimization": {"stage": 2}, "lift": {"backend": "deepspeed", **LIFT}})
+    )
 
 
 def dschat(d: Path, name: str, *extra: str, lift: dict | None = None) -> dict:
     # DeepSpeed-Chat builds its DeepSpeed config in code: the "lift" section (no total_steps: the built schedule's
     # num_training_steps) goes in a file given to DeepSpeed's --deepspeed_config flag
     (d / f"{name}.lift.json").write_text(json.dumps({"lift": {**LIFT, **(lift or {})}}))
-    argv = ["--data_path", str(d / "tokens.jsonl"), "--model_name_or_path", str(d / "model"), "--weight_decay", "0.1", "--learning_rate", "1e-2",
-            "--num_warmup_steps", "2", "--deepspeed_config", str(d / f"{name}.lift.json"), "--record", str(d / f"{name}.pt"), *extra]
+    argv = [
+        "--data_path",
+        str(d / "tokens.jsonl"),
+        "--model_name_or_path",
+        str(d / "model"),
+        "--weight_decay",
+        "0.1",
+        "--learning_rate",
+        "1e-2",
+        "--num_warmup_steps",
+        "2",
+        "--deepspeed_config",
+        str(d / f"{name}.lift.json"),
+        "--record",
+        str(d / f"{name}.pt"),
+        *extra,
+    ]
     return {"script": str(DSCHAT), "argv": argv, "env": {"LIFT_DS_TRACE": str(d / f"{name}.trace")}}
 
 
 def clm(d: Path, name: str, *extra: str, env: dict | None = None) -> dict:
-    argv = ["--model_name_or_path", str(d / "model"), "--train_file", str(d / "train.txt"), "--validation_file", str(d / "validation.txt"),
-            "--block_size", "16", "--do_train", "--do_eval", "--output_dir", str(d / name), "--deepspeed", str(d / "clm_zero3.json"),
-            "--gradient_checkpointing", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4", "--max_steps", "8",
-            "--learning_rate", "3e-2", "--weight_decay", "0.1", "--save_steps", str(SAVE_EVERY), "--logging_steps", "1", "--report_to", "none",
-            "--use_cpu", "--seed", "0", "--disable_tqdm", "true", *extra]
+    argv = [
+        "--model_name_or_path",
+        str(d / "model"),
+        "--train_file",
+        str(d / "train.txt"),
+        "--validation_file",
+        str(d / "validation.txt"),
+        "--block_size",
+        "16",
+        "--do_train",
+        "--do_eval",
+        "--output_dir",
+        str(d / name),
+        "--deepspeed",
+        str(d / "clm_zero3.json"),
+        "--gradient_checkpointing",
+        "--per_device_train_batch_size",
+        "2",
+        "--per_device_eval_batch_size",
+        "4",
+        "--max_steps",
+        "8",
+        "--learning_rate",
+        "3e-2",
+        "--weight_decay",
+        "0.1",
+        "--save_steps",
+        str(SAVE_EVERY),
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--seed",
+        "0",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
     return {"script": str(CLM), "argv": argv, "env": {"LIFT_DS_TRACE": str(d / f"{name}.trace"), **(env or {})}}
 
 
 def sft(d: Path, name: str, *extra: str, env: dict | None = None) -> dict:
-    argv = ["--model_name_or_path", str(d / "model"), "--dataset_name", str(d / "sft-data"), "--deepspeed", str(d / "sft_zero2.json"),
-            "--output_dir", str(d / name), "--max_steps", "8", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
-            "--learning_rate", "3e-2", "--weight_decay", "0.1", "--logging_steps", "1", "--save_steps", str(SAVE_EVERY), "--eval_strategy", "steps",
-            "--eval_steps", "4", "--max_length", "32", "--report_to", "none", "--use_cpu", "--seed", "0", "--disable_tqdm", "true", *extra]
+    argv = [
+        "--model_name_or_path",
+        str(d / "model"),
+        "--dataset_name",
+        str(d / "sft-data"),
+        "--deepspeed",
+        str(d / "sft_zero2.json"),
+        "--output_dir",
+        str(d / name),
+        "--max_steps",
+        "8",
+        "--per_device_train_batch_size",
+        "2",
+        "--per_device_eval_batch_size",
+        "4",
+        "--learning_rate",
+        "3e-2",
+        "--weight_decay",
+        "0.1",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        str(SAVE_EVERY),
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "4",
+        "--max_length",
+        "32",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--seed",
+        "0",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
     return {"script": str(SFT), "argv": argv, "env": {"LIFT_DS_TRACE": str(d / f"{name}.trace"), **(env or {})}}
 
 
 def launch(d: Path, name: str, runs: dict) -> tuple[int, str]:
     (d / f"{name}.runs.json").write_text(json.dumps(runs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_DATASETS_CACHE": str(d / "hf-datasets"), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CLIENTS / "run_many.py"), str(d / f"{name}.runs.json")]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_DATASETS_CACHE": str(d / "hf-datasets"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(CLIENTS / "run_many.py"),
+        str(d / f"{name}.runs.json"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=REPO)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -107,21 +215,51 @@ def d(tmp_path_factory):
             "z3": dschat(d, "z3", "--zero_stage", "3"),
             "z3gc": dschat(d, "z3gc", "--zero_stage", "3", "--gradient_checkpointing"),
             "z3gc_offload": dschat(d, "z3gc_offload", "--zero_stage", "3", "--gradient_checkpointing", "--offload"),
-            "z3gc_stop": dschat(d, "z3gc_stop", "--zero_stage", "3", "--gradient_checkpointing", "--stop_after", str(KILL), "--save_dir", str(d / "ds-ckpt")),
-            "z3gc_resume": dschat(d, "z3gc_resume", "--zero_stage", "3", "--gradient_checkpointing", "--resume_dir", str(d / "ds-ckpt")),
+            "z3gc_stop": dschat(
+                d,
+                "z3gc_stop",
+                "--zero_stage",
+                "3",
+                "--gradient_checkpointing",
+                "--stop_after",
+                str(KILL),
+                "--save_dir",
+                str(d / "ds-ckpt"),
+            ),
+            "z3gc_resume": dschat(
+                d, "z3gc_resume", "--zero_stage", "3", "--gradient_checkpointing", "--resume_dir", str(d / "ds-ckpt")
+            ),
             "z2": dschat(d, "z2", "--zero_stage", "2"),
             "z2gc": dschat(d, "z2gc", "--zero_stage", "2", "--gradient_checkpointing"),
             "z1gc": dschat(d, "z1gc", "--zero_stage", "1", "--gradient_checkpointing"),
             "fsdpgc": dschat(d, "fsdpgc", "--zero_stage", "0", "--gradient_checkpointing", lift={"backend": "fsdp"}),
-            "z2bf16": dschat(d, "z2bf16", "--zero_stage", "2", "--dtype", "bf16", "--output_dir", str(d / "dschat-out"),
-                             "--csv_monitor", str(d / "monitor")),
+            "z2bf16": dschat(
+                d,
+                "z2bf16",
+                "--zero_stage",
+                "2",
+                "--dtype",
+                "bf16",
+                "--output_dir",
+                str(d / "dschat-out"),
+                "--csv_monitor",
+                str(d / "monitor"),
+            ),
             "clm": clm(d, "clm"),
             "clm_killed": clm(d, "clm_killed", env=kill),
         },
-        "two": {"clm_resumed": clm(d, "clm_killed", "--resume_from_checkpoint", str(d / "clm_killed" / f"checkpoint-{SAVE_EVERY}")),
-                "sft": sft(d, "sft")},
+        "two": {
+            "clm_resumed": clm(
+                d, "clm_killed", "--resume_from_checkpoint", str(d / "clm_killed" / f"checkpoint-{SAVE_EVERY}")
+            ),
+            "sft": sft(d, "sft"),
+        },
         "three": {"sft_killed": sft(d, "sft_killed", env=kill)},
-        "four": {"sft_resumed": sft(d, "sft_killed", "--resume_from_checkpoint", str(d / "sft_killed" / f"checkpoint-{SAVE_EVERY}"))},
+        "four": {
+            "sft_resumed": sft(
+                d, "sft_killed", "--resume_from_checkpoint", str(d / "sft_killed" / f"checkpoint-{SAVE_EVERY}")
+            )
+        },
     }
     for name, runs in launches.items():
         LAUNCHED[name] = launch(d, name, runs)
@@ -131,7 +269,9 @@ def d(tmp_path_factory):
 def _launch_ok(d: Path, name: str, killed: bool = False) -> None:
     """The launch ran every run; a killed one ended by LIFT_DS_FAULTS' SIGKILL in its last run, not by an error."""
     code, out = LAUNCHED[name]
-    fine = not re.search(r"\[rank\d+\]: Traceback", out) and ((code != 0 and "exitcode: -9" in out) if killed else code == 0)
+    fine = not re.search(r"\[rank\d+\]: Traceback", out) and (
+        (code != 0 and "exitcode: -9" in out) if killed else code == 0
+    )
     assert fine, f"launch {name}: exit {code}\n{out[-8000:]}"
 
 
@@ -165,7 +305,9 @@ def assert_only_planned_blocks_moved(start: dict, final: dict, dtype: torch.dtyp
         block = ".".join(n.split(".")[:3]) if n.startswith("model.layers.") else "head"
         moved_blocks[block] = moved_blocks.get(block, False) or not same
         assert not same or dtype != torch.float32, (n, "did not move")
-    assert moved_blocks == {b: True for b in ("model.layers.1", "model.layers.2", "model.layers.3", "head")}, moved_blocks
+    assert moved_blocks == {b: True for b in ("model.layers.1", "model.layers.2", "model.layers.3", "head")}, (
+        moved_blocks
+    )
 
 
 def assert_close_to(got: dict, want: dict, start: dict, rel: float) -> None:
@@ -180,7 +322,10 @@ def assert_weight_decay_per_group(trace: Path, weight_decay: float, blocks: int 
     assert len({p["block"] for p in phases}) == blocks, [p["block"] for p in phases]
     for p in phases:
         seen = {n: g["weight_decay"] for g in p["groups"] for n in g["params"]}
-        assert seen and all(wd == (0.0 if n.endswith(NO_DECAY) else weight_decay) for n, wd in seen.items()), (p["block"], seen)
+        assert seen and all(wd == (0.0 if n.endswith(NO_DECAY) else weight_decay) for n, wd in seen.items()), (
+            p["block"],
+            seen,
+        )
         assert any(wd == 0.0 for wd in seen.values()) and any(wd == weight_decay for wd in seen.values()), p
 
 
@@ -230,10 +375,18 @@ def test_dschat_parameter_groups_schedule_and_engine_members(d):
     assert_only_planned_blocks_moved(r["start"], r["final"], dtype=torch.bfloat16)
     # DeepSpeed's own groups (ZeRO-2's bit16_groups), as the phase's engine holds them
     for step, groups in enumerate(r["groups"]):
-        assert groups and all(wd == (0.0 if n.endswith(NO_DECAY) else 0.1) for n, (wd, _) in groups.items()), (step, groups)
+        assert groups and all(wd == (0.0 if n.endswith(NO_DECAY) else 0.1) for n, (wd, _) in groups.items()), (
+            step,
+            groups,
+        )
     assert_weight_decay_per_group(d / "z2bf16.trace", 0.1)
-    plain = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": 0.1},
-                               {"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": 0.0}], lr=1e-2)
+    plain = torch.optim.AdamW(
+        [
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": 0.1},
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+    )
     sched = get_scheduler("cosine", optimizer=plain, num_warmup_steps=2, num_training_steps=16)
     want = []
     for _ in range(16):
@@ -248,9 +401,13 @@ def test_dschat_parameter_groups_schedule_and_engine_members(d):
     # the engine's monitor: one for the run, its x axis the run's
     # samples (each phase's DeepSpeed engine would restart at 0)
     rows = [line.split(",") for line in (d / "monitor" / "step1" / "Train_Samples_lr.csv").read_text().splitlines()[1:]]
-    assert [int(s) for s, _ in rows] == [4 * k for k in range(1, 17)] and [float(v) for _, v in rows] == pytest.approx([w[0] for w in want])
+    assert [int(s) for s, _ in rows] == [4 * k for k in range(1, 17)] and [float(v) for _, v in rows] == pytest.approx(
+        [w[0] for w in want]
+    )
     saved = torch.load(d / "dschat-out" / "pytorch_model.bin", weights_only=True)
-    assert torch.equal(saved["model.layers.1.mlp.up_proj.weight"].float(), r["final"]["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(
+        saved["model.layers.1.mlp.up_proj.weight"].float(), r["final"]["model.layers.1.mlp.up_proj.weight"]
+    )
     assert json.loads((d / "dschat-out" / "config.json").read_text())["num_hidden_layers"] == 4
 
 

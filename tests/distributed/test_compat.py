@@ -26,8 +26,16 @@ pytestmark = pytest.mark.slow
 def facts(tmp_path_factory):
     out = tmp_path_factory.mktemp("compat") / "facts.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           str(REPO / "tests" / "distributed" / "compat_probe.py"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        str(REPO / "tests" / "distributed" / "compat_probe.py"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert out.is_file(), proc.stderr[-5000:]
     return json.loads(out.read_text())
@@ -40,7 +48,9 @@ def test_installed_version_is_verified(facts):
 def test_release_engine_destroy_leaves_hooks_that_release_removes(facts):
     """engine.destroy() leaves module_forward_pre/post_hook registered (a leak of every old engine);
     release_engine removes them and frees the optimizer state by reference counting."""
-    assert facts["engine_hook_attributes_are_handles"], "DeepSpeed renamed its forward hook attributes: release_engine misses them"
+    assert facts["engine_hook_attributes_are_handles"], (
+        "DeepSpeed renamed its forward hook attributes: release_engine misses them"
+    )
     assert facts["destroy_leaves_forward_hooks"], "destroy() now removes its hooks: release_engine's removal can go"
     assert facts["hooks_after_release"] == 0
     assert facts["release_frees_optimizer_state_without_gc"], "the engine's state now needs gc.collect() to be freed"
@@ -68,8 +78,9 @@ def test_release_engine_removes_zero3_module_backward_functions(facts):
     from deepspeed.runtime.zero import parameter_offload
 
     src = inspect.getsource(parameter_offload)
-    assert 'if "pre_bwd_fn" not in module.__dict__' in src and 'if "post_bwd_fn" not in module.__dict__' in src, \
+    assert 'if "pre_bwd_fn" not in module.__dict__' in src and 'if "post_bwd_fn" not in module.__dict__' in src, (
         "ZeRO-3 no longer reuses a module's cached backward Functions: release_engine's removal can go"
+    )
     assert facts["zero3_module_functions_cached"] > 0
     assert facts["zero3_module_functions_after_release"] == 0
 
@@ -96,7 +107,9 @@ def test_cheap_zero3_build_details():
     with compat.cheap_zero3_build(True):
         assert all(m.gc.collect() == 0 for m in compat.zero3_gc_holders())
         assert repr(torch.nn.Parameter(torch.zeros(2, 3))) == "Parameter(shape=(2, 3), dtype=torch.float32)"
-    assert torch.nn.Parameter.__repr__ is before and all(m.gc.collect is not None and m.gc.collect() >= 0 for m in compat.zero3_gc_holders())
+    assert torch.nn.Parameter.__repr__ is before and all(
+        m.gc.collect is not None and m.gc.collect() >= 0 for m in compat.zero3_gc_holders()
+    )
 
 
 def test_disable_shm_comm_op():
@@ -179,5 +192,9 @@ def test_zero3_offload_keeper_details():
     assert "self.parameter_offload = self.initialize_ds_offload(\n            module=module," in init
     assert "self.parameter_offload.destroy()" in inspect.getsource(DeepSpeedZeroOptimizer_Stage3.destroy)
     assert "_remove_module_hooks" in inspect.getsource(DeepSpeedZeRoOffload.destroy)
-    assert callable(PartitionedParameterCoordinator._invalidate_trace) and callable(PartitionedParameterCoordinator.is_invalid_trace)
-    assert set(compat_zero3._PER_ENGINE_OFFLOAD_ARGS) <= set(inspect.signature(DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload).parameters)
+    assert callable(PartitionedParameterCoordinator._invalidate_trace) and callable(
+        PartitionedParameterCoordinator.is_invalid_trace
+    )
+    assert set(compat_zero3._PER_ENGINE_OFFLOAD_ARGS) <= set(
+        inspect.signature(DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload).parameters
+    )

@@ -25,16 +25,26 @@ REPO = Path(__file__).resolve().parents[2]
 # eps 1e-3: with Adam's default 1e-8 a fresh moment estimate turns float noise (a different reduction
 # order, e.g. ZeRO-3 after ZeRO-2) into sign-sized steps; the layout tests compare across such changes
 CONFIGS = {
-    "zero2": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2},
-              "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0, "eps": 1e-3}},
-              "lift": {"backend": "deepspeed", "include_head": True}},
-    "fsdp": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
-             "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0, "eps": 1e-3}},
-             "lift": {"backend": "fsdp", "include_head": True}},
+    "zero2": {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 2},
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0, "eps": 1e-3}},
+        "lift": {"backend": "deepspeed", "include_head": True},
+    },
+    "fsdp": {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0, "eps": 1e-3}},
+        "lift": {"backend": "fsdp", "include_head": True},
+    },
 }
 CONFIGS["zero3"] = {**CONFIGS["zero2"], "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 # every step a new phase and every block's Adam state stashed between its phases: the stash must resume anywhere too
-CONFIGS["zero2_offload_cyclic"] = {**CONFIGS["zero2"], "lift": {**CONFIGS["zero2"]["lift"], "policy": "cyclic", "optimizer_state": "offload"}}
+CONFIGS["zero2_offload_cyclic"] = {
+    **CONFIGS["zero2"],
+    "lift": {**CONFIGS["zero2"]["lift"], "policy": "cyclic", "optimizer_state": "offload"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +57,40 @@ def files(tmp_path_factory):
     return d
 
 
-def launch(files: Path, config: str, out: Path, *extra: str, faults: str = "", restarts: int = 0, nproc: int = 2) -> subprocess.CompletedProcess:
+def launch(
+    files: Path, config: str, out: Path, *extra: str, faults: str = "", restarts: int = 0, nproc: int = 2
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LIFT_DS_FAULTS": faults}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "--max-restarts", str(restarts),
-           "launch/train.py", "--ds_config", str(files / f"{config}.json"), "--model", str(files / "model"),
-           "--data", str(files / "train.jsonl"), "--format", "classification", "--max_steps", "16", "--save_every", "4",
-           "--keep_checkpoints", "3", "--seq_len", "32", "--output_dir", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "--max-restarts",
+        str(restarts),
+        "launch/train.py",
+        "--ds_config",
+        str(files / f"{config}.json"),
+        "--model",
+        str(files / "model"),
+        "--data",
+        str(files / "train.jsonl"),
+        "--format",
+        "classification",
+        "--max_steps",
+        "16",
+        "--save_every",
+        "4",
+        "--keep_checkpoints",
+        "3",
+        "--seq_len",
+        "32",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
 
 
@@ -83,14 +121,17 @@ def uninterrupted(files, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("config,fault,resumes_from", [
-    # zero2 mid-phase, rank 1 only (kill@6:1): test_torchrun_elastic_restart_resumes_by_itself, whose
-    # restart resumes that kill from global_step4 against the same uninterrupted weights
-    ("zero2", "kill@7", "global_step4"),          # right after the switch from block 2 to block 3
-    ("zero2", "save_midway@8:0", "global_step4"),  # during the write of checkpoint 8
-    ("fsdp", "kill@10:0", "global_step8"),         # FSDP2, right after a switch
-    ("zero3", "kill@6:1", "global_step4"),         # ZeRO-3 mid-phase, rank 1 only
-])
+@pytest.mark.parametrize(
+    "config,fault,resumes_from",
+    [
+        # zero2 mid-phase, rank 1 only (kill@6:1): test_torchrun_elastic_restart_resumes_by_itself, whose
+        # restart resumes that kill from global_step4 against the same uninterrupted weights
+        ("zero2", "kill@7", "global_step4"),  # right after the switch from block 2 to block 3
+        ("zero2", "save_midway@8:0", "global_step4"),  # during the write of checkpoint 8
+        ("fsdp", "kill@10:0", "global_step8"),  # FSDP2, right after a switch
+        ("zero3", "kill@6:1", "global_step4"),  # ZeRO-3 mid-phase, rank 1 only
+    ],
+)
 def test_sigkill_then_resume_equals_uninterrupted(files, tmp_path, uninterrupted, config, fault, resumes_from):
     out = tmp_path / "run"
     proc = launch(files, config, out, faults=fault)
@@ -102,11 +143,13 @@ def test_sigkill_then_resume_equals_uninterrupted(files, tmp_path, uninterrupted
         assert not (ckpts / "global_step8").exists()
     proc = launch(files, config, out, "--resume")
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert f"resumed from {ckpts / resumes_from} at step {resumes_from[len('global_step'):]}" in proc.stderr
+    assert f"resumed from {ckpts / resumes_from} at step {resumes_from[len('global_step') :]}" in proc.stderr
     assert not list(ckpts.glob(".*.partial"))
     # the resumed run trained only the steps after the checkpoint
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert steps[-(16 - int(resumes_from[len("global_step"):])):] == list(range(int(resumes_from[len("global_step"):]) + 1, 17)), steps
+    assert steps[-(16 - int(resumes_from[len("global_step") :])) :] == list(
+        range(int(resumes_from[len("global_step") :]) + 1, 17)
+    ), steps
     assert_same(final_weights(out), uninterrupted[config])
 
 
@@ -116,13 +159,16 @@ def initial_weights(files: Path) -> dict[str, torch.Tensor]:
     return load_file(files / "model" / "model.safetensors")
 
 
-@pytest.mark.parametrize("first,then,nproc,extra", [
-    # 2 ranks -> 1 rank, 2x accumulation
-    ("zero2_offload_cyclic", "zero2_offload_cyclic", 1, ["--gradient_accumulation_steps", "2"]),
-    ("zero2", "zero3", 2, []),   # ZeRO-2 -> ZeRO-3
-    ("zero2", "fsdp", 2, []),    # DeepSpeed -> FSDP2
-    ("fsdp", "zero2", 2, []),    # FSDP2 -> DeepSpeed
-])
+@pytest.mark.parametrize(
+    "first,then,nproc,extra",
+    [
+        # 2 ranks -> 1 rank, 2x accumulation
+        ("zero2_offload_cyclic", "zero2_offload_cyclic", 1, ["--gradient_accumulation_steps", "2"]),
+        ("zero2", "zero3", 2, []),  # ZeRO-2 -> ZeRO-3
+        ("zero2", "fsdp", 2, []),  # DeepSpeed -> FSDP2
+        ("fsdp", "zero2", 2, []),  # FSDP2 -> DeepSpeed
+    ],
+)
 def test_resume_on_another_layout(files, tmp_path, uninterrupted, first, then, nproc, extra):
     """Resume the uninterrupted run's mid-phase checkpoint (step 8; block 3 trains steps 8-10, or every
     step is a phase with its block's state stashed) on another number of ranks or another backend,
@@ -188,7 +234,14 @@ def kill_plan() -> list[tuple[int, int, int]]:
     """``(save step, rank, n)`` for one attempt each, in an order every attempt reaches: a kill before
     the manifest leaves the save to be done again (the same step can host the next kill), one after it
     leaves that checkpoint complete (the next kill is at a later save)."""
-    plan = [(2, r, n) for r, n in PRE_MANIFEST] + [(2, 0, 7), (4, 0, 8), (6, 0, 9), (8, 0, 10), (10, 0, 11), (12, 0, 12)]
+    plan = [(2, r, n) for r, n in PRE_MANIFEST] + [
+        (2, 0, 7),
+        (4, 0, 8),
+        (6, 0, 9),
+        (8, 0, 10),
+        (10, 0, 11),
+        (12, 0, 12),
+    ]
     return plan + [(14, r, n) for r, n in PRE_MANIFEST] + [(14, 0, 7), (16, 0, 10)]
 
 
@@ -203,10 +256,34 @@ def test_sigkill_at_every_file_operation_of_a_save_resumes_exactly(files, tmp_pa
     faults = ",".join(f"save_op@{s}.{n}:{r}#{a}" for a, (s, r, n) in enumerate(plan))
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LIFT_DS_FAULTS": faults}
-    cmd = [sys.executable, "tests/distributed/fork_restarts.py", "--attempts", str(len(plan) + 1), "--log", str(tmp_path / "logs"), "--",
-           "--ds_config", str(files / f"{config}.json"), "--model", str(files / "model"), "--data", str(files / "train.jsonl"),
-           "--format", "classification", "--max_steps", "16", "--save_every", "2", "--keep_checkpoints", "2", "--seq_len", "32",
-           "--output_dir", str(out), "--resume"]
+    cmd = [
+        sys.executable,
+        "tests/distributed/fork_restarts.py",
+        "--attempts",
+        str(len(plan) + 1),
+        "--log",
+        str(tmp_path / "logs"),
+        "--",
+        "--ds_config",
+        str(files / f"{config}.json"),
+        "--model",
+        str(files / "model"),
+        "--data",
+        str(files / "train.jsonl"),
+        "--format",
+        "classification",
+        "--max_steps",
+        "16",
+        "--save_every",
+        "2",
+        "--keep_checkpoints",
+        "2",
+        "--seq_len",
+        "32",
+        "--output_dir",
+        str(out),
+        "--resume",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -221,18 +298,24 @@ def test_sigkill_at_every_file_operation_of_a_save_resumes_exactly(files, tmp_pa
         # after the manifest (rank 0's 7th operation) the save at s is complete
         step = s if r == 0 and n >= 7 else s - 2
         log = (tmp_path / "logs" / f"attempt{a + 1}.rank0.log").read_text()
-        want = f"resumed from {out / 'checkpoints' / f'global_step{step}'} at step {step}" if step else "no checkpoint in"
+        want = (
+            f"resumed from {out / 'checkpoints' / f'global_step{step}'} at step {step}" if step else "no checkpoint in"
+        )
         assert want in log, (a + 1, (s, r, n), want)
     assert_same(final_weights(out), uninterrupted[config])
     ckpts = out / "checkpoints"
-    assert (ckpts / "latest").read_text() == "global_step16" and not [p for p in ckpts.iterdir() if p.name.startswith(".")]
+    assert (ckpts / "latest").read_text() == "global_step16" and not [
+        p for p in ckpts.iterdir() if p.name.startswith(".")
+    ]
     from lift_ds import checkpoint_io
 
-    kept = sorted((p for p in ckpts.iterdir() if p.is_dir()), key=lambda p: int(p.name[len("global_step"):]))
+    kept = sorted((p for p in ckpts.iterdir() if p.is_dir()), key=lambda p: int(p.name[len("global_step") :]))
     # older ones stay when the kill cut the save's rotation short
     assert [p.name for p in kept[-2:]] == ["global_step14", "global_step16"]
     assert all(checkpoint_io.verify(p) is None for p in kept), [(p.name, checkpoint_io.verify(p)) for p in kept]
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(1, 17)), steps
-    print(f"{config}: {len(plan)} kill points, attempt seconds {result['seconds']}, "
-          f"CPU seconds of all ranks {result['rank_cpu_seconds']}")
+    print(
+        f"{config}: {len(plan)} kill points, attempt seconds {result['seconds']}, "
+        f"CPU seconds of all ranks {result['rank_cpu_seconds']}"
+    )

@@ -43,34 +43,60 @@ def matrix() -> dict:
         opt = ("adamw", "sgd")[(pi + (stage if si else 0)) % 2]
         clip = CLIP if opt == "sgd" else 0.0
         scenarios[f"z{stage}-{schedule}-{policy}-{opt}"] = {
-            "config": ds_config(stage, {"total_steps": 8, "schedule": schedule, "policy": policy, "seed": 11}, gradient_clipping=clip),
-            "optimizer": opt, "steps": 8,
+            "config": ds_config(
+                stage, {"total_steps": 8, "schedule": schedule, "policy": policy, "seed": 11}, gradient_clipping=clip
+            ),
+            "optimizer": opt,
+            "steps": 8,
         }
     for stage in STAGES:
         scenarios[f"z{stage}-noclip-sgd"] = {
-            "config": ds_config(stage, {"total_steps": 8, "policy": "cyclic"}), "optimizer": "sgd", "steps": 8,
+            "config": ds_config(stage, {"total_steps": 8, "policy": "cyclic"}),
+            "optimizer": "sgd",
+            "steps": 8,
         }
         scenarios[f"z{stage}-default-clip"] = {
             "config": {k: v for k, v in ds_config(stage, {"total_steps": 8}).items() if k != "gradient_clipping"},
-            "optimizer": "sgd", "steps": 8,
+            "optimizer": "sgd",
+            "steps": 8,
         }
         # a NaN loss on rank 1 only at step 4 (mid-phase, AdamW state present): every rank skips it
         scenarios[f"z{stage}-nan"] = {
-            "config": ds_config(stage, {"total_steps": 8}), "optimizer": "adamw", "steps": 8, "nan_steps": [4], "nan_ranks": [1],
+            "config": ds_config(stage, {"total_steps": 8}),
+            "optimizer": "adamw",
+            "steps": 8,
+            "nan_steps": [4],
+            "nan_ranks": [1],
         }
         # the BAdam and LISA presets: each equal to its own single-process run
         scenarios[f"z{stage}-badam"] = {
-            "config": ds_config(stage, {"total_steps": 10, "method": "badam", "switch_every": 3, "schedule": "end2front"}),
-            "optimizer": "adamw", "steps": 10,
+            "config": ds_config(
+                stage, {"total_steps": 10, "method": "badam", "switch_every": 3, "schedule": "end2front"}
+            ),
+            "optimizer": "adamw",
+            "steps": 10,
         }
         scenarios[f"z{stage}-lisa"] = {
-            "config": ds_config(stage, {"total_steps": 9, "method": "lisa", "switch_every": 3, "lisa_layers": 2, "seed": 5,
-                                        "layer_range": None, "include_head": False}),
-            "optimizer": "adamw", "steps": 9, "track_names": True,
+            "config": ds_config(
+                stage,
+                {
+                    "total_steps": 9,
+                    "method": "lisa",
+                    "switch_every": 3,
+                    "lisa_layers": 2,
+                    "seed": 5,
+                    "layer_range": None,
+                    "include_head": False,
+                },
+            ),
+            "optimizer": "adamw",
+            "steps": 9,
+            "track_names": True,
         }
         scenarios[f"z{stage}-gas"] = {
             "config": ds_config(stage, {"total_steps": 6, "schedule": "end2front"}, gradient_accumulation_steps=2),
-            "optimizer": "adamw", "steps": 6,
+            "optimizer": "adamw",
+            "steps": 6,
         }
     return scenarios
 
@@ -122,7 +148,9 @@ def test_nan_loss_on_one_rank_skips_the_step_everywhere(results, stage):
     _, res = results
     assert res[f"z{stage}-nan"]["skipped_steps"] == 1
     clean = res[f"z{stage}-front2end-grouped-adamw"]["final"]
-    assert any(not torch.equal(clean[n], t) for n, t in res[f"z{stage}-nan"]["final"].items()), "the skip changed nothing"
+    assert any(not torch.equal(clean[n], t) for n, t in res[f"z{stage}-nan"]["final"].items()), (
+        "the skip changed nothing"
+    )
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -18,9 +18,8 @@ import lift_ds
 from lift_ds.backends import hardware
 from lift_ds.errors import ConfigError
 
-from helpers import tiny_llama
-
 from .launch import REPO, assert_same_state, max_rel_error, reference, torchrun
+from helpers import tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +28,19 @@ def cfg(stage: int, lift: dict, **top) -> dict:
     zero = {"stage": stage}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0, "zero_optimization": zero, **top,
-            "lift": {"backend": "deepspeed", **lift}}
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_clipping": 0.0,
+        "zero_optimization": zero,
+        **top,
+        "lift": {"backend": "deepspeed", **lift},
+    }
 
 
-SCHED = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": "auto", "warmup_num_steps": 3, "total_num_steps": "auto"}}
+SCHED = {
+    "type": "WarmupDecayLR",
+    "params": {"warmup_min_lr": 0.0, "warmup_max_lr": "auto", "warmup_num_steps": 3, "total_num_steps": "auto"},
+}
 CONFIG_FILES = ["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
 
 
@@ -42,41 +49,82 @@ def all_features(save_dir: Path) -> dict:
     for stage in (2, 3):
         sc[f"leak-z{stage}"] = {
             "config": cfg(stage, {"total_steps": 24, "policy": "cyclic", "layer_range": [1, 4]}),
-            "optimizer": "adamw", "steps": 24, "hidden": 128, "vocab": 512, "track": True,
+            "optimizer": "adamw",
+            "steps": 24,
+            "hidden": 128,
+            "vocab": 512,
+            "track": True,
         }
         # bf16: the engine shell can outlive its phase in a reference cycle; it must hold no tensor
         sc[f"leak-z{stage}-bf16"] = {
-            "config": cfg(stage, {"total_steps": 12, "policy": "cyclic", "layer_range": [1, 4]}, bf16={"enabled": True}),
-            "optimizer": "adamw", "steps": 12, "hidden": 128, "vocab": 512, "track": True,
+            "config": cfg(
+                stage, {"total_steps": 12, "policy": "cyclic", "layer_range": [1, 4]}, bf16={"enabled": True}
+            ),
+            "optimizer": "adamw",
+            "steps": 12,
+            "hidden": 128,
+            "vocab": 512,
+            "track": True,
         }
         sc[f"full-z{stage}"] = {
             "config": cfg(stage, {"total_steps": 12, "include_head": True}, scheduler=SCHED, gradient_clipping=1.0),
-            "optimizer": "adamw", "steps": 12, "export_dir": str(save_dir.parent / f"hf-z{stage}"),
+            "optimizer": "adamw",
+            "steps": 12,
+            "export_dir": str(save_dir.parent / f"hf-z{stage}"),
         }
     for stage in (1, 2, 3):
         sc[f"offload-state-z{stage}"] = {
-            "config": cfg(stage, {"total_steps": 12, "policy": "cyclic", "optimizer_state": "offload", "layer_range": [2, 4]}),
-            "optimizer": "adamw", "steps": 12,
+            "config": cfg(
+                stage, {"total_steps": 12, "policy": "cyclic", "optimizer_state": "offload", "layer_range": [2, 4]}
+            ),
+            "optimizer": "adamw",
+            "steps": 12,
         }
     # truncated backward under ZeRO-3: cyclic over layers 2-4, hooks on every layer
-    sc["backward-z3"] = {"config": cfg(3, {"total_steps": 6, "policy": "cyclic", "layer_range": [2, 4]}), "optimizer": "sgd", "steps": 6,
-                         "track_backward": True}
-    sc["zinit-z3"] = {"config": cfg(3, {"total_steps": 8, "schedule": "random", "seed": 2}), "optimizer": "sgd", "steps": 8, "zero_init": True, "report_start": True}
+    sc["backward-z3"] = {
+        "config": cfg(3, {"total_steps": 6, "policy": "cyclic", "layer_range": [2, 4]}),
+        "optimizer": "sgd",
+        "steps": 6,
+        "track_backward": True,
+    }
+    sc["zinit-z3"] = {
+        "config": cfg(3, {"total_steps": 8, "schedule": "random", "seed": 2}),
+        "optimizer": "sgd",
+        "steps": 8,
+        "zero_init": True,
+        "report_start": True,
+    }
     # loss-reduction runs: the last layer and the head, 8 steps each
     fast = {"total_steps": 16, "layer_range": [4, 4], "include_head": True}
     sc["bf16-z2"] = {"config": cfg(2, fast, bf16={"enabled": True}), "optimizer": "adamw", "steps": 16}
     sc["bf16-z3"] = {"config": cfg(3, fast, bf16={"enabled": True}), "optimizer": "adamw", "steps": 16}
-    sc["fp16-z2"] = {"config": cfg(2, fast, fp16={"enabled": True, "initial_scale_power": 8}), "optimizer": "adamw", "steps": 16}
+    sc["fp16-z2"] = {
+        "config": cfg(2, fast, fp16={"enabled": True, "initial_scale_power": 8}),
+        "optimizer": "adamw",
+        "steps": 16,
+    }
     # Q-LIFT: frozen layers quantized (torchao), the active one from the block store. NF4: cyclic, every
     # layer active three times, offload stash. int8: one layer (int8's rounding steps are fine enough that
     # the 2-rank gradient average's float noise flips a rounding when a trained layer is quantized again,
     # and a later phase then sees another forward: 3% of the move was measured over 12 cyclic steps)
-    sc["qlift-nf4-z2"] = {"config": cfg(2, {"total_steps": 12, "policy": "cyclic", "frozen_weights": "nf4", "optimizer_state": "offload"}),
-                          "optimizer": "adamw", "steps": 12}
-    sc["qlift-int8-z1"] = {"config": cfg(1, {"total_steps": 6, "layer_range": [3, 3], "frozen_weights": "int8"}), "optimizer": "adamw", "steps": 6}
+    sc["qlift-nf4-z2"] = {
+        "config": cfg(
+            2, {"total_steps": 12, "policy": "cyclic", "frozen_weights": "nf4", "optimizer_state": "offload"}
+        ),
+        "optimizer": "adamw",
+        "steps": 12,
+    }
+    sc["qlift-int8-z1"] = {
+        "config": cfg(1, {"total_steps": 6, "layer_range": [3, 3], "frozen_weights": "int8"}),
+        "optimizer": "adamw",
+        "steps": 6,
+    }
     # streamed frozen layers (lift.stream_frozen): each rank reads its own layer files
-    sc["stream-nf4-z2"] = {"config": cfg(2, {"total_steps": 8, "policy": "cyclic", "frozen_weights": "nf4", "stream_frozen": True}),
-                           "optimizer": "adamw", "steps": 8}
+    sc["stream-nf4-z2"] = {
+        "config": cfg(2, {"total_steps": 8, "policy": "cyclic", "frozen_weights": "nf4", "stream_frozen": True}),
+        "optimizer": "adamw",
+        "steps": 8,
+    }
     for name in CONFIG_FILES:
         c = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
         c["lift"].update(total_steps=16, layer_range=[4, 4], include_head=True)
@@ -93,7 +141,6 @@ def all_features(save_dir: Path) -> dict:
 def features(save_dir: Path) -> dict:
     """The scenarios this machine can run (the others are checked by :func:`result_or_refusal`)."""
     return {k: v for k, v in all_features(save_dir).items() if runnable(v)}
-
 
 
 def precision(sc: dict) -> str:
@@ -118,7 +165,9 @@ def result_or_refusal(request, name: str) -> dict | None:
     with pytest.raises(ConfigError) as info:
         lift_ds.initialize(model=tiny_llama(), config=sc["config"], optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2))
     msg = str(info.value)
-    assert f"{dtype}.enabled: true, but this machine cannot train in {dtype}" in msg and fact in msg and "fp32" in msg, msg
+    assert (
+        f"{dtype}.enabled: true, but this machine cannot train in {dtype}" in msg and fact in msg and "fp32" in msg
+    ), msg
     assert not dist.is_initialized()
     return None
 
@@ -129,13 +178,21 @@ def partial(save_dir: Path) -> dict:
         "partial-z2": {**f["full-z2"], "save_at": 5, "save_dir": str(save_dir / "z2"), "export_dir": None},
         "partial-q": {**f["qlift-nf4-z2"], "save_at": 5, "save_dir": str(save_dir / "q")},
         # dies (os._exit, no clean-up) right after the checkpoint, mid-phase (3 steps per phase): last
-        "partial-z3": {**f["full-z3"], "save_at": 5, "save_dir": str(save_dir / "z3"), "die_after_save": True, "export_dir": None},
+        "partial-z3": {
+            **f["full-z3"],
+            "save_at": 5,
+            "save_dir": str(save_dir / "z3"),
+            "die_after_save": True,
+            "export_dir": None,
+        },
     }
 
 
 def resume(save_dir: Path) -> dict:
     f = features(save_dir)
-    out = {f"resume-z{s}": {**f[f"full-z{s}"], "resume_from": str(save_dir / f"z{s}"), "export_dir": None} for s in (2, 3)}
+    out = {
+        f"resume-z{s}": {**f[f"full-z{s}"], "resume_from": str(save_dir / f"z{s}"), "export_dir": None} for s in (2, 3)
+    }
     out["resume-q"] = {**f["qlift-nf4-z2"], "resume_from": str(save_dir / "q")}
     return out
 
@@ -187,7 +244,9 @@ def test_no_leak_over_many_phases(request, runs, stage):
     per_phase = 12 * min(out["trainable_numel"]) / 2 / 2**20
     growth = statistics.mean(rss[-4:]) - statistics.mean(rss[4:8])
     # over 16 phases, leaking one block's state per phase would add 16 x per_phase MB (~14 MB)
-    assert growth < 8 * per_phase, f"RSS grew {growth:.1f} MB from phase 5-8 to 21-24 (one block's state: {per_phase:.2f} MB): {rss}"
+    assert growth < 8 * per_phase, (
+        f"RSS grew {growth:.1f} MB from phase 5-8 to 21-24 (one block's state: {per_phase:.2f} MB): {rss}"
+    )
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -204,8 +263,14 @@ def test_kill_and_resume_equals_uninterrupted(runs, stage):
     assert (save / f"z{stage}" / "latest").read_text() == "global_step5"
     out = res[f"resume-z{stage}"]
     # the resumed run continued from the checkpoint: step 5 of 12, 7 steps run, the saved optimizer state
-    assert out["resumed_from"] == str(save / f"z{stage}" / "global_step5") and out["resumed_at"] == 5 and out["steps_run"] == 7
-    assert_same_state(out["loaded_state"], torch.load(save / f"z{stage}" / "probe_saved_state.pt", weights_only=False)["state"])
+    assert (
+        out["resumed_from"] == str(save / f"z{stage}" / "global_step5")
+        and out["resumed_at"] == 5
+        and out["steps_run"] == 7
+    )
+    assert_same_state(
+        out["loaded_state"], torch.load(save / f"z{stage}" / "probe_saved_state.pt", weights_only=False)["state"]
+    )
     full, resumed = res[f"full-z{stage}"]["final"], out["final"]
     for n in full:
         assert torch.equal(full[n], resumed[n]), (n, (full[n] - resumed[n]).abs().max().item())
@@ -285,7 +350,11 @@ def test_quantized_kill_and_resume_equals_uninterrupted(runs):
     """Q-LIFT resumed mid-run (step 5 of 12) from a checkpoint holding the block store's trained layers."""
     _, res, save = runs
     out = res["resume-q"]
-    assert out["resumed_at"] == 5 and out["steps_run"] == 7 and (save / "q" / "global_step5" / "block_store.safetensors").is_file()
+    assert (
+        out["resumed_at"] == 5
+        and out["steps_run"] == 7
+        and (save / "q" / "global_step5" / "block_store.safetensors").is_file()
+    )
     full, resumed = res["qlift-nf4-z2"]["final"], out["final"]
     assert sorted(full) == sorted(resumed)
     for n in full:

@@ -63,12 +63,27 @@ def free_port() -> int:
 
 
 def run(tmp: Path, mode: str, stage: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-c", JOB, str(tmp / "ckpt"), mode, str(stage)], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", JOB, str(tmp / "ckpt"), mode, str(stage)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SCALES "))
-    out = json.loads(line[len("SCALES "):])
+    out = json.loads(line[len("SCALES ") :])
     return {"scales": {int(k): v for k, v in out["scales"].items()}, "skipped": out["skipped"]}
 
 

@@ -18,8 +18,12 @@ pytestmark = pytest.mark.slow
 
 
 def cfg(lift: dict, **top) -> dict:
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0, **top,
-            "lift": {"backend": "fsdp", "layer_range": [2, 4], "include_head": True, **lift}}
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_clipping": 0.0,
+        **top,
+        "lift": {"backend": "fsdp", "layer_range": [2, 4], "include_head": True, **lift},
+    }
 
 
 def scenarios(save: Path) -> dict:
@@ -27,28 +31,84 @@ def scenarios(save: Path) -> dict:
     for schedule, policy, opt in itertools.product(SCHEDULES, POLICIES, ("sgd", "adamw")):
         # SGD with a clip that clips: clipping is compared with the reference in every schedule x policy
         clip = 0.05 if opt == "sgd" else 0.0
-        sc[f"{schedule}-{policy}-{opt}"] = {"config": cfg({"total_steps": 8, "schedule": schedule, "policy": policy, "seed": 11}, gradient_clipping=clip),
-                                            "optimizer": opt, "steps": 8, "track_grads": True}
-    sc["backward"] = {"config": cfg({"total_steps": 6, "policy": "cyclic"}), "optimizer": "sgd", "steps": 6, "track_backward": True}
+        sc[f"{schedule}-{policy}-{opt}"] = {
+            "config": cfg(
+                {"total_steps": 8, "schedule": schedule, "policy": policy, "seed": 11}, gradient_clipping=clip
+            ),
+            "optimizer": opt,
+            "steps": 8,
+            "track_grads": True,
+        }
+    sc["backward"] = {
+        "config": cfg({"total_steps": 6, "policy": "cyclic"}),
+        "optimizer": "sgd",
+        "steps": 6,
+        "track_backward": True,
+    }
     sc["noclip"] = {"config": cfg({"total_steps": 8, "policy": "cyclic"}), "optimizer": "sgd", "steps": 8}
-    sc["gas"] = {"config": cfg({"total_steps": 6, "schedule": "end2front"}, gradient_accumulation_steps=2), "optimizer": "adamw", "steps": 6}
-    sc["nan"] = {"config": cfg({"total_steps": 8}), "optimizer": "adamw", "steps": 8, "nan_steps": [4], "nan_ranks": [1]}
-    sc["offload-state"] = {"config": cfg({"total_steps": 12, "policy": "cyclic", "optimizer_state": "offload"}), "optimizer": "adamw", "steps": 12}
-    sc["leak"] = {"config": cfg({"total_steps": 24, "policy": "cyclic", "layer_range": [1, 4]}), "optimizer": "adamw", "steps": 24,
-                  # big enough that one block's state (>= 1 MB per rank) stands above the allocator's noise in RSS (~3 MB seen)
-                  "hidden": 256, "vocab": 1024, "track": True}
+    sc["gas"] = {
+        "config": cfg({"total_steps": 6, "schedule": "end2front"}, gradient_accumulation_steps=2),
+        "optimizer": "adamw",
+        "steps": 6,
+    }
+    sc["nan"] = {
+        "config": cfg({"total_steps": 8}),
+        "optimizer": "adamw",
+        "steps": 8,
+        "nan_steps": [4],
+        "nan_ranks": [1],
+    }
+    sc["offload-state"] = {
+        "config": cfg({"total_steps": 12, "policy": "cyclic", "optimizer_state": "offload"}),
+        "optimizer": "adamw",
+        "steps": 12,
+    }
+    sc["leak"] = {
+        "config": cfg({"total_steps": 24, "policy": "cyclic", "layer_range": [1, 4]}),
+        "optimizer": "adamw",
+        "steps": 24,
+        # big enough that one block's state (>= 1 MB per rank) stands above the allocator's noise in RSS (~3 MB seen)
+        "hidden": 256,
+        "vocab": 1024,
+        "track": True,
+    }
     # the BAdam and LISA presets, each equal to its single-process run
-    sc["badam"] = {"config": cfg({"total_steps": 10, "method": "badam", "switch_every": 3, "schedule": "random", "seed": 2}),
-                   "optimizer": "adamw", "steps": 10}
-    sc["lisa"] = {"config": cfg({"total_steps": 9, "method": "lisa", "switch_every": 3, "lisa_layers": 2, "seed": 5, "layer_range": None,
-                                 "include_head": False}), "optimizer": "adamw", "steps": 9}
+    sc["badam"] = {
+        "config": cfg({"total_steps": 10, "method": "badam", "switch_every": 3, "schedule": "random", "seed": 2}),
+        "optimizer": "adamw",
+        "steps": 10,
+    }
+    sc["lisa"] = {
+        "config": cfg(
+            {
+                "total_steps": 9,
+                "method": "lisa",
+                "switch_every": 3,
+                "lisa_layers": 2,
+                "seed": 5,
+                "layer_range": None,
+                "include_head": False,
+            }
+        ),
+        "optimizer": "adamw",
+        "steps": 9,
+    }
     fast = {"total_steps": 16, "layer_range": [4, 4], "include_head": True}
     # bf16 across many switches (FSDP2 caches gradient dtypes at lazy init): cyclic over 3 blocks, 16 phases
-    sc["bf16"] = {"config": cfg({"total_steps": 24, "policy": "cyclic", "layer_range": [3, 4], "include_head": True}, bf16={"enabled": True}),
-                  "optimizer": "adamw", "steps": 24}
+    sc["bf16"] = {
+        "config": cfg(
+            {"total_steps": 24, "policy": "cyclic", "layer_range": [3, 4], "include_head": True}, bf16={"enabled": True}
+        ),
+        "optimizer": "adamw",
+        "steps": 24,
+    }
     sc["cpu-offload"] = {"config": cfg(fast, fsdp={"cpu_offload": True}), "optimizer": "adamw", "steps": 16}
-    sc["full"] = {"config": cfg({"total_steps": 12}, gradient_clipping=1.0), "optimizer": "adamw", "steps": 12,
-                  "export_dir": str(save.parent / "hf-fsdp")}
+    sc["full"] = {
+        "config": cfg({"total_steps": 12}, gradient_clipping=1.0),
+        "optimizer": "adamw",
+        "steps": 12,
+        "export_dir": str(save.parent / "hf-fsdp"),
+    }
     return sc
 
 
@@ -58,7 +118,9 @@ def runs(tmp_path_factory):
     save = tmp / "ckpt"
     sc = scenarios(save)
     res = torchrun(sc, tmp, "fsdp")
-    partial = {"partial": {**sc["full"], "save_at": 5, "save_dir": str(save), "die_after_save": True, "export_dir": None}}
+    partial = {
+        "partial": {**sc["full"], "save_at": 5, "save_dir": str(save), "die_after_save": True, "export_dir": None}
+    }
     saved = torchrun(partial, tmp, "partial", expect_results=False)
     resumed = torchrun({"resume": {**sc["full"], "resume_from": str(save), "export_dir": None}}, tmp, "resume")
     if saved.error("partial"):
@@ -67,7 +129,15 @@ def runs(tmp_path_factory):
     return sc, res, save
 
 
-MATRIX = [f"{s}-{p}-{o}" for s, p, o in itertools.product(SCHEDULES, POLICIES, ("sgd", "adamw"))] + ["noclip", "gas", "offload-state", "full", "nan", "badam", "lisa"]
+MATRIX = [f"{s}-{p}-{o}" for s, p, o in itertools.product(SCHEDULES, POLICIES, ("sgd", "adamw"))] + [
+    "noclip",
+    "gas",
+    "offload-state",
+    "full",
+    "nan",
+    "badam",
+    "lisa",
+]
 
 
 @pytest.mark.parametrize("name", MATRIX)
@@ -84,7 +154,9 @@ def test_matches_single_process_reference(runs, name):
                 assert torch.equal(final[n], start[n]), f"{n} is frozen but changed"
 
 
-@pytest.mark.parametrize("name", [f"{s}-{p}-{o}" for s, p, o in itertools.product(("front2end", "end2front"), POLICIES, ("sgd", "adamw"))])
+@pytest.mark.parametrize(
+    "name", [f"{s}-{p}-{o}" for s, p, o in itertools.product(("front2end", "end2front"), POLICIES, ("sgd", "adamw"))]
+)
 def test_matches_a_plain_loop_that_shares_no_engine_code(runs, name):
     """Against a loop written in the test (tests/distributed/plain_loop.py), not lift_ds's torch backend."""
     sc, res, _ = runs

@@ -42,7 +42,9 @@ def test_gpu_mode_budget_leaves_a_600_s_call_60_s():
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(SCRIPT), str(out), "--cpu-smoke"], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out), "--cpu-smoke"], capture_output=True, text=True, timeout=900, env=env, cwd=REPO
+    )
     return out, proc
 
 
@@ -66,12 +68,16 @@ def test_cpu_smoke_has_a_row_per_method_with_the_environment(smoke):
     assert bench["mode"] == "cpu-smoke" and bench["complete"] and bench["budget_s"] <= 540
     env = bench["environment"]
     assert env["date"] and env["commit"] and env["machine"]["cpu"]["model"] and "avx512" in env["machine"]["cpu"]
-    assert env["versions"]["torch"] and env["versions"]["deepspeed"] and env["versions"]["torchao"] and "torch_cuda" in env
+    assert (
+        env["versions"]["torch"] and env["versions"]["deepspeed"] and env["versions"]["torchao"] and "torch_cuda" in env
+    )
     rows = bench["rows"]
     assert set(rows) == {r.name for r in gpu_bench.ROWS} and REQUIRED_ROWS <= set(rows)
     for name, r in rows.items():
         assert r["status"] == "ok", (name, r)
-        assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["step_peak_rss_gib"] > 0 and r["build_peak_rss_gib"] > 0, (name, r)
+        assert (
+            r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["step_peak_rss_gib"] > 0 and r["build_peak_rss_gib"] > 0
+        ), (name, r)
         assert r["step_peak_reset"], (name, "the build's peak was not separated from the steps'")
         assert r["built_dtypes"] == ["torch.bfloat16"], (name, "the model was not built in bf16", r["built_dtypes"])
         assert r["what"] and r["last_loss"] == r["last_loss"], name

@@ -25,10 +25,39 @@ def launch(launcher: str, config: str, files: Path, out: Path, *extra: str) -> s
     if launcher == "deepspeed":
         cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "launch/train.py"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/train.py"]
-    cmd += ["--ds_config", config, "--model", str(files / "model"), "--data", str(files / "train.jsonl"),
-            "--eval_data", str(files / "eval.jsonl"), "--format", "classification", "--max_steps", "16",
-            "--save_every", "8", "--lr", "0.01", "--include_head", "--seq_len", "32", "--output_dir", str(out), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "launch/train.py",
+        ]
+    cmd += [
+        "--ds_config",
+        config,
+        "--model",
+        str(files / "model"),
+        "--data",
+        str(files / "train.jsonl"),
+        "--eval_data",
+        str(files / "eval.jsonl"),
+        "--format",
+        "classification",
+        "--max_steps",
+        "16",
+        "--save_every",
+        "8",
+        "--lr",
+        "0.01",
+        "--include_head",
+        "--seq_len",
+        "32",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -54,9 +83,14 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("launcher,config", [
-    ("deepspeed", "ds_configs/zero2.json"), ("torchrun", "ds_configs/zero3.json"), ("torchrun", "ds_configs/fsdp.json"),
-])
+@pytest.mark.parametrize(
+    "launcher,config",
+    [
+        ("deepspeed", "ds_configs/zero2.json"),
+        ("torchrun", "ds_configs/zero3.json"),
+        ("torchrun", "ds_configs/fsdp.json"),
+    ],
+)
 def test_train_resume_and_export(files, tmp_path, launcher, config):
     from safetensors.torch import load_file
 
@@ -85,12 +119,36 @@ def test_train_resume_and_export(files, tmp_path, launcher, config):
         assert torch.equal(final[n], again[n]), n
     if launcher == "deepspeed":
         # one rank instead of two halves the global batch: refused with exit 2 (--allow_batch_change accepts it)
-        cmd = [sys.executable, "launch/train.py", "--ds_config", config, "--model", str(files / "model"), "--data", str(files / "train.jsonl"),
-               "--format", "classification", "--max_steps", "16", "--lr", "0.01", "--include_head", "--seq_len", "32",
-               "--output_dir", str(out), "--resume"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+        cmd = [
+            sys.executable,
+            "launch/train.py",
+            "--ds_config",
+            config,
+            "--model",
+            str(files / "model"),
+            "--data",
+            str(files / "train.jsonl"),
+            "--format",
+            "classification",
+            "--max_steps",
+            "16",
+            "--lr",
+            "0.01",
+            "--include_head",
+            "--seq_len",
+            "32",
+            "--output_dir",
+            str(out),
+            "--resume",
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO
+        )
         assert proc.returncode == 2, proc.stderr[-3000:]
-        assert "the global batch changes from 8 to 4 samples per optimizer step" in proc.stderr and "--allow_batch_change" in proc.stderr
+        assert (
+            "the global batch changes from 8 to 4 samples per optimizer step" in proc.stderr
+            and "--allow_batch_change" in proc.stderr
+        )
         assert "Traceback" not in proc.stderr
 
 
@@ -123,15 +181,33 @@ def test_quantized_frozen_layers_through_the_launcher(files, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "q"
-    proc = launch("torchrun", "ds_configs/zero2.json", files, out, "--frozen_weights", "nf4", "--block_store", "disk",
-                  "--block_store_dir", str(tmp_path / "store"), "--layer_range", "2,3")
+    proc = launch(
+        "torchrun",
+        "ds_configs/zero2.json",
+        files,
+        out,
+        "--frozen_weights",
+        "nf4",
+        "--block_store",
+        "disk",
+        "--block_store_dir",
+        str(tmp_path / "store"),
+        "--layer_range",
+        "2,3",
+    )
     assert "built LlamaForCausalLM layer by layer: 4 layers in nf4" in proc.stdout + proc.stderr
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["rank0", "rank1"]
     # backed by its origin (the checkpoint's shards), the store writes only the layers that trained (issue 29)
-    assert sorted(p.name for p in (tmp_path / "store" / "rank0").glob("*.safetensors")) == ["model.layers.1.safetensors", "model.layers.2.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "store" / "rank0").glob("*.safetensors")) == [
+        "model.layers.1.safetensors",
+        "model.layers.2.safetensors",
+    ]
     losses = train_losses(out)
     assert len(losses) == 16 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
-    start = {n: p.detach().to(torch.bfloat16) for n, p in AutoModelForCausalLM.from_pretrained(files / "model").named_parameters()}
+    start = {
+        n: p.detach().to(torch.bfloat16)
+        for n, p in AutoModelForCausalLM.from_pretrained(files / "model").named_parameters()
+    }
     final = {n: t.to(torch.bfloat16) for n, t in final_weights(out).items()}
     assert sorted(final) == sorted(start)
     for n in start:

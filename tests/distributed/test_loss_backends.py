@@ -13,10 +13,20 @@ pytestmark = pytest.mark.slow
 
 
 def _config(backend: str, loss: str) -> dict:
-    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0,
-           # embedding (tied to the head), two layers and the head, one step each: every kind of block
-           "lift": {"backend": "deepspeed" if backend.startswith("z") else backend, "total_steps": 8, "policy": "cyclic", "layer_range": [3, 4],
-                    "include_embedding": True, "include_head": True, "loss": loss}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_clipping": 0.0,
+        # embedding (tied to the head), two layers and the head, one step each: every kind of block
+        "lift": {
+            "backend": "deepspeed" if backend.startswith("z") else backend,
+            "total_steps": 8,
+            "policy": "cyclic",
+            "layer_range": [3, 4],
+            "include_embedding": True,
+            "include_head": True,
+            "loss": loss,
+        },
+    }
     if backend.startswith("z"):
         # ZeRO-3: every weight partitioned
         cfg["zero_optimization"] = {"stage": int(backend[1]), "stage3_param_persistence_threshold": 0}
@@ -26,7 +36,13 @@ def _config(backend: str, loss: str) -> dict:
 def scenarios() -> dict:
     out = {}
     for backend in ("z1", "z2", "z3", "fsdp"):
-        out[f"{backend}-chunked"] = {"config": _config(backend, "chunked"), "optimizer": "sgd", "steps": 8, "tie": True, "prompt": 5}
+        out[f"{backend}-chunked"] = {
+            "config": _config(backend, "chunked"),
+            "optimizer": "sgd",
+            "steps": 8,
+            "tie": True,
+            "prompt": 5,
+        }
     out["z3-model"] = {**out["z3-chunked"], "config": _config("z3", "model")}
     out["z3-chunked-untied"] = {**out["z3-chunked"], "tie": False}
     return out

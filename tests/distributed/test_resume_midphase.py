@@ -32,11 +32,26 @@ REPO = Path(__file__).resolve().parents[2]
 DROPOUT = 0.1
 ADAMW = {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0, "eps": 1e-3}}
 CONFIGS = {
-    "zero2": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "optimizer": ADAMW,
-              "lift": {"backend": "deepspeed", "include_head": True}},
-    "zero3": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "optimizer": ADAMW,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "lift": {"backend": "deepspeed", "include_head": True}},
-    "fsdp": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "optimizer": ADAMW, "lift": {"backend": "fsdp", "include_head": True}},
+    "zero2": {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 2},
+        "optimizer": ADAMW,
+        "lift": {"backend": "deepspeed", "include_head": True},
+    },
+    "zero3": {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 1.0,
+        "optimizer": ADAMW,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "lift": {"backend": "deepspeed", "include_head": True},
+    },
+    "fsdp": {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 1.0,
+        "optimizer": ADAMW,
+        "lift": {"backend": "fsdp", "include_head": True},
+    },
 }
 
 
@@ -51,12 +66,40 @@ def files(tmp_path_factory):
     return d
 
 
-def launch(files: Path, config: str, out: Path, *extra: str, faults: str = "", restarts: int = 0) -> subprocess.CompletedProcess:
+def launch(
+    files: Path, config: str, out: Path, *extra: str, faults: str = "", restarts: int = 0
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LIFT_DS_FAULTS": faults}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", str(restarts),
-           "launch/train.py", "--ds_config", str(files / f"{config}.json"), "--model", str(files / "model"),
-           "--data", str(files / "train.jsonl"), "--format", "classification", "--max_steps", "16", "--save_every", "3",
-           "--keep_checkpoints", "0", "--seq_len", "32", "--output_dir", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        str(restarts),
+        "launch/train.py",
+        "--ds_config",
+        str(files / f"{config}.json"),
+        "--model",
+        str(files / "model"),
+        "--data",
+        str(files / "train.jsonl"),
+        "--format",
+        "classification",
+        "--max_steps",
+        "16",
+        "--save_every",
+        "3",
+        "--keep_checkpoints",
+        "0",
+        "--seq_len",
+        "32",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
 
 
@@ -66,11 +109,14 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
 
 
-@pytest.mark.parametrize("config,fault", [
-    ("zero2", "kill@7"),     # every rank killed
-    ("zero3", "kill@7:1"),   # rank 1 only: rank 0 is left inside a collective until torchrun stops it
-    ("fsdp", "kill@7:0"),
-])
+@pytest.mark.parametrize(
+    "config,fault",
+    [
+        ("zero2", "kill@7"),  # every rank killed
+        ("zero3", "kill@7:1"),  # rank 1 only: rank 0 is left inside a collective until torchrun stops it
+        ("fsdp", "kill@7:0"),
+    ],
+)
 def test_sigkill_mid_phase_then_resume_is_bit_for_bit(files, tmp_path, config, fault):
     clean = tmp_path / "clean"
     proc = launch(files, config, clean)
@@ -94,15 +140,18 @@ def test_sigkill_mid_phase_then_resume_is_bit_for_bit(files, tmp_path, config, f
     want, got = final_weights(clean), final_weights(out)
     assert want.keys() == got.keys()
     differ = [n for n in want if not torch.equal(want[n], got[n])]
-    assert not differ, (f"{len(differ)} tensors differ, e.g. {differ[:3]}: "
-                        f"max |diff| {max((want[n] - got[n]).abs().max().item() for n in differ):.3g}")
+    assert not differ, (
+        f"{len(differ)} tensors differ, e.g. {differ[:3]}: "
+        f"max |diff| {max((want[n] - got[n]).abs().max().item() for n in differ):.3g}"
+    )
 
 
 def test_lift_trainer_sigkill_mid_phase_then_resume_is_bit_for_bit(tmp_path):
     """LiftTrainer (ZeRO-3, 2 ranks, attention dropout): 4 blocks x 3 steps; checkpoint-4 is block 2
     after one of its three steps, the kill comes after step 5; train(resume_from_checkpoint=True)
     ends with the uninterrupted run's weights, bit for bit."""
-    from .test_trainer import CONFIGS as TRAINER_CONFIGS, run
+    from .test_trainer import CONFIGS as TRAINER_CONFIGS
+    from .test_trainer import run
 
     spec = {"config": TRAINER_CONFIGS["zero3"], "max_steps": 12, "save_steps": 4, "attention_dropout": DROPOUT}
     code, clean, err = run(tmp_path, "clean", {**spec, "output_dir": str(tmp_path / "clean")})

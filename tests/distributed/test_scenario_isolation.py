@@ -20,7 +20,7 @@ from .launch import REPO
 
 pytestmark = pytest.mark.slow
 
-MODULE = textwrap.dedent('''
+MODULE = textwrap.dedent("""
     import pytest
     from distributed.launch import torchrun
 
@@ -49,7 +49,7 @@ MODULE = textwrap.dedent('''
 
     def test_after(res):
         assert len(res["after"]["losses"]) == 4
-''')
+""")
 
 
 def test_a_failing_scenario_fails_only_its_own_tests(tmp_path):
@@ -58,17 +58,37 @@ def test_a_failing_scenario_fails_only_its_own_tests(tmp_path):
     (tmp_path / "test_shared_job.py").write_text(MODULE)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
     report = tmp_path / "report.xml"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", str(tmp_path / "test_shared_job.py")],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            str(tmp_path / "test_shared_job.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert report.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     outcome = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         bad = case.find("failure")
-        assert case.find("error") is None, f"{case.get('name')}: an error (a shared fixture failed?), not a failure of its own"
+        assert case.find("error") is None, (
+            f"{case.get('name')}: an error (a shared fixture failed?), not a failure of its own"
+        )
         outcome[case.get("name")] = "passed" if bad is None else (bad.get("message", "") + (bad.text or ""))
     assert outcome["test_good"] == "passed", outcome["test_good"]
     assert set(outcome) == {"test_good", "test_bad", "test_crash", "test_after"}, outcome
-    assert "scenario 'bad' failed" in outcome["test_bad"] and 'lift.backend: "torch" is single-process' in outcome["test_bad"]
+    assert (
+        "scenario 'bad' failed" in outcome["test_bad"]
+        and 'lift.backend: "torch" is single-process' in outcome["test_bad"]
+    )
     assert "scenario 'crash' produced no result: the job ended (exit" in outcome["test_crash"]
     assert "scenario 'after' produced no result" in outcome["test_after"]
     assert re.search(r"\b3 failed, 1 passed\b", proc.stdout), proc.stdout[-3000:]

@@ -22,7 +22,11 @@ LIFT = {"layer_range": [2, 4], "include_head": True}  # 4 blocks, 2 steps each o
 AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 CONFIGS = {
     "zero2": {**AUTO, "zero_optimization": {"stage": 2}, "lift": {"backend": "deepspeed", **LIFT}},
-    "zero3": {**AUTO, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "lift": {"backend": "deepspeed", **LIFT}},
+    "zero3": {
+        **AUTO,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "lift": {"backend": "deepspeed", **LIFT},
+    },
     "fsdp": {**AUTO, "fsdp": {}, "lift": {"backend": "fsdp", **LIFT}},
 }
 
@@ -31,7 +35,16 @@ def run(tmp: Path, name: str, spec: dict) -> tuple[int, dict | None, str]:
     (tmp / f"{name}.json").write_text(json.dumps(spec))
     out = tmp / f"{name}.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(WORKER), str(tmp / f"{name}.json"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        str(WORKER),
+        str(tmp / f"{name}.json"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     return proc.returncode, torch.load(out, weights_only=False) if out.is_file() else None, proc.stderr[-5000:]
 
@@ -41,8 +54,16 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trainer")
     res = {}
     for name, cfg in CONFIGS.items():
-        code, out, err = run(tmp, name, {"config": cfg, "output_dir": str(tmp / name), "max_steps": 8,
-                                         "save_model": str(tmp / f"{name}-model") if name == "zero3" else None})
+        code, out, err = run(
+            tmp,
+            name,
+            {
+                "config": cfg,
+                "output_dir": str(tmp / name),
+                "max_steps": 8,
+                "save_model": str(tmp / f"{name}-model") if name == "zero3" else None,
+            },
+        )
         res[name] = out if code == 0 else err
     spec = {"config": CONFIGS["zero2"], "output_dir": str(tmp / "killed"), "max_steps": 8, "save_steps": 4}
     code, _, err = run(tmp, "kill", {**spec, "kill_at": 6})
@@ -72,10 +93,17 @@ def reference() -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = tiny_llama()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = {"train_micro_batch_size_per_gpu": 2 * WORLD, "gradient_clipping": 0.0, "lift": {"backend": "torch", "total_steps": 8, "seed": 0, **LIFT}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2 * WORLD,
+        "gradient_clipping": 0.0,
+        "lift": {"backend": "torch", "total_steps": 8, "seed": 0, **LIFT},
+    }
     engine, *_ = lift_ds.initialize(
-        model=model, config=cfg, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-3, weight_decay=0.0),
-        lr_scheduler=lambda opt: get_scheduler("linear", optimizer=opt, num_warmup_steps=2, num_training_steps=8))
+        model=model,
+        config=cfg,
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-3, weight_decay=0.0),
+        lr_scheduler=lambda opt: get_scheduler("linear", optimizer=opt, num_warmup_steps=2, num_training_steps=8),
+    )
     stream = SampleStream(tw.dataset(), tw.collate, 2 * WORLD, 0, 1, 1, seed=0)
     while not engine.done:
         loss = engine(**stream.batch_at(engine.samples_seen, 0)).loss
@@ -133,8 +161,21 @@ def test_save_model_loads_with_from_pretrained(runs):
 # ran by hand: docs/drop-in.md); left out to keep CI short
 LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-    "accelerate": [str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed", "--num_processes", "2", "--num_machines", "1",
-                   "--zero_stage", "2", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    "accelerate": [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--use_deepspeed",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--zero_stage",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
 }
 
 
@@ -148,7 +189,15 @@ def test_trl_example_on_smollm2(tmp_path, launcher):
     out = tmp_path / "sft"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     steps = "8" if launcher == "torchrun" else "4"
-    cmd = LAUNCHERS[launcher] + ["examples/trl_sft.py", "--max_steps", steps, "--layer_range", "27,30", "--output_dir", str(out)]
+    cmd = LAUNCHERS[launcher] + [
+        "examples/trl_sft.py",
+        "--max_steps",
+        steps,
+        "--layer_range",
+        "27,30",
+        "--output_dir",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     history = json.loads((out / "log_history.json").read_text())

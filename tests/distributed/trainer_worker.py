@@ -24,9 +24,22 @@ import torch._dynamo  # noqa: E402,F401
 from helpers import lm_batches, tiny_llama  # noqa: E402
 
 SEQ, N = 16, 64
-TRAINING = dict(per_device_train_batch_size=2, learning_rate=1e-2, adam_epsilon=1e-3, weight_decay=0.0, max_grad_norm=0.0,
-                lr_scheduler_type="linear", warmup_steps=2, logging_steps=1, seed=0, report_to=[], use_cpu=True, save_strategy="steps",
-                eval_strategy="no", disable_tqdm=True)
+TRAINING = dict(
+    per_device_train_batch_size=2,
+    learning_rate=1e-2,
+    adam_epsilon=1e-3,
+    weight_decay=0.0,
+    max_grad_norm=0.0,
+    lr_scheduler_type="linear",
+    warmup_steps=2,
+    logging_steps=1,
+    seed=0,
+    report_to=[],
+    use_cpu=True,
+    save_strategy="steps",
+    eval_strategy="no",
+    disable_tqdm=True,
+)
 
 
 def dataset() -> list[dict]:
@@ -65,9 +78,17 @@ def main() -> None:
             if logs and "loss" in logs:
                 records["losses"].append(logs["loss"])
 
-    args = TrainingArguments(output_dir=spec["output_dir"], max_steps=spec["max_steps"], save_steps=spec.get("save_steps", 10**6), **TRAINING)
-    trainer = LiftTrainer(model=tiny_llama(attention_dropout=spec.get("attention_dropout", 0.0)), args=args, train_dataset=dataset(), data_collator=collate, lift_config=spec["config"],
-                          callbacks=[Census()])
+    args = TrainingArguments(
+        output_dir=spec["output_dir"], max_steps=spec["max_steps"], save_steps=spec.get("save_steps", 10**6), **TRAINING
+    )
+    trainer = LiftTrainer(
+        model=tiny_llama(attention_dropout=spec.get("attention_dropout", 0.0)),
+        args=args,
+        train_dataset=dataset(),
+        data_collator=collate,
+        lift_config=spec["config"],
+        callbacks=[Census()],
+    )
     out = trainer.train(resume_from_checkpoint=True if spec.get("resume") else None)
     records["global_step"] = out.global_step
     records["resumed_at"] = trainer.lift_engine.global_step - len(records["losses"])

@@ -24,9 +24,9 @@ import torch  # noqa: E402
 import torch._dynamo  # noqa: E402,F401  (must precede deepspeed.zero.Init)
 import transformers  # noqa: E402,F401
 
-from helpers import lm_batches, tiny_llama  # noqa: E402
-
 from lift_ds.memory import live_tensor_bytes  # noqa: E402
+
+from helpers import lm_batches, tiny_llama  # noqa: E402
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5),
@@ -60,8 +60,10 @@ def live_optimizers() -> int:
     """Optimizers holding real parameters (LIFT's LR proxy holds one 1-element dummy; DeepSpeed may
     hold empty ones; a released one's emptied shell holds none). No collection is forced."""
     return sum(
-        1 for o in gc.get_objects()
-        if isinstance(o, torch.optim.Optimizer) and any(p.numel() > 1 for g in getattr(o, "param_groups", []) for p in g["params"])
+        1
+        for o in gc.get_objects()
+        if isinstance(o, torch.optim.Optimizer)
+        and any(p.numel() > 1 for g in getattr(o, "param_groups", []) for p in g["params"])
     )
 
 
@@ -73,7 +75,10 @@ def layer_modules(model):
 
 def hook_count(model) -> int:
     return sum(
-        len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", {}))
+        len(m._forward_pre_hooks)
+        + len(m._forward_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
         for m in model.modules()
     )
 
@@ -81,14 +86,26 @@ def hook_count(model) -> int:
 def global_batches(sc, world):
     mb = sc["config"].get("train_micro_batch_size_per_gpu", 2)
     gas = sc["config"].get("gradient_accumulation_steps", 1)
-    return lm_batches(sc["steps"] * gas, batch=mb * world, seq=sc.get("seq", 16), vocab=sc.get("vocab", 128), seed=sc.get("data_seed", 1),
-                      prompt=sc.get("prompt", 0))
+    return lm_batches(
+        sc["steps"] * gas,
+        batch=mb * world,
+        seq=sc.get("seq", 16),
+        vocab=sc.get("vocab", 128),
+        seed=sc.get("data_seed", 1),
+        prompt=sc.get("prompt", 0),
+    )
 
 
 def build_model(sc, ds_config):
     import deepspeed
 
-    kw = dict(layers=sc.get("layers", 4), hidden=sc.get("hidden", 32), vocab=sc.get("vocab", 128), seed=sc.get("seed", 0), tie=sc.get("tie", False))
+    kw = dict(
+        layers=sc.get("layers", 4),
+        hidden=sc.get("hidden", 32),
+        vocab=sc.get("vocab", 128),
+        seed=sc.get("seed", 0),
+        tie=sc.get("tie", False),
+    )
     if sc.get("zero_init"):
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             return tiny_llama(**kw)
@@ -108,7 +125,15 @@ def run(sc, rank, world):
     assert engine.backend.name == sc["config"]["lift"]["backend"]
     mb = sc["config"].get("train_micro_batch_size_per_gpu", 2)
     data = global_batches(sc, world)
-    out: dict = {"losses": [], "state_numel": [], "phase_blocks": [], "trainable_numel": [], "engines": [], "hooks": [], "rss": []}
+    out: dict = {
+        "losses": [],
+        "state_numel": [],
+        "phase_blocks": [],
+        "trainable_numel": [],
+        "engines": [],
+        "hooks": [],
+        "rss": [],
+    }
     if sc.get("resume_from"):
         path, _ = engine.load_checkpoint(sc["resume_from"])
         # evidence that the checkpoint was loaded: where the run continues and the state it got
@@ -139,12 +164,22 @@ def run(sc, rank, world):
         if was_boundary:
             # state exists after the first step of a phase; count what this rank holds now (before step)
             out["state_numel"].append(engine.backend.optimizer_state_numel())
-            out["trainable_numel"].append(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters() if p.requires_grad))
+            out["trainable_numel"].append(
+                sum(
+                    p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                    for p in engine.module.parameters()
+                    if p.requires_grad
+                )
+            )
             if sc.get("track_names"):
-                out.setdefault("trainable_names", []).append(sorted(n for n, p in engine.module.named_parameters() if p.requires_grad))
+                out.setdefault("trainable_names", []).append(
+                    sorted(n for n, p in engine.module.named_parameters() if p.requires_grad)
+                )
             if sc.get("track_grads"):
                 # FSDP: gradients exist for the active block only (checked before the step clears them)
-                out.setdefault("grad_names", []).append(sorted(n for n, p in engine.module.named_parameters() if p.grad is not None))
+                out.setdefault("grad_names", []).append(
+                    sorted(n for n, p in engine.module.named_parameters() if p.grad is not None)
+                )
             out["phase_blocks"].append(block)
         if was_boundary and sc.get("track_backward"):
             out.setdefault("backward_fired", []).append((block, sorted(set(fired))))

@@ -24,8 +24,12 @@ ADAMW = {"type": "AdamW", "params": {"lr": 1e-2, "eps": 1e-3}}
 
 def run(backend: str, precision: str = "fp32", steps: int = 8, factory: bool = True, lift: dict | None = None):
     """Train a tiny LLaMA; ``factory`` False: the config's AdamW section builds the optimizer."""
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0, "optimizer": ADAMW,
-           "lift": {"backend": backend, "total_steps": steps, "layer_range": [3, 4], "include_head": True, **(lift or {})}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 0.0,
+        "optimizer": ADAMW,
+        "lift": {"backend": backend, "total_steps": steps, "layer_range": [3, 4], "include_head": True, **(lift or {})},
+    }
     if backend == "deepspeed":
         cfg["zero_optimization"] = {"stage": 2}
     if precision == "bf16":
@@ -90,8 +94,11 @@ def test_offload_stash_round_trip_on_the_device():
     model = tiny_llama(hidden=64, layers=3)
     ref_model = copy.deepcopy(model).to(DEVICE)
     opt = lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=1e-3)  # noqa: E731
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
-           "lift": {"backend": "torch", "total_steps": 9, "policy": "cyclic", "optimizer_state": "offload"}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 0.0,
+        "lift": {"backend": "torch", "total_steps": 9, "policy": "cyclic", "optimizer_state": "offload"},
+    }
     engine, *_ = lift_ds.initialize(model=model, config=cfg, optimizer=opt)
     data = lm_batches(9, seq=32)
     for b in data:

@@ -32,14 +32,13 @@ import os
 import sys
 import time
 
+import deepspeed
 import torch
 import torch._dynamo  # noqa: F401  (before any deepspeed.zero.Init)
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
-
-import deepspeed
 from deepspeed.accelerator import get_accelerator
 from deepspeed.ops.adam import DeepSpeedCPUAdam
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 from transformers import AutoConfig, AutoModelForCausalLM, SchedulerType, default_data_collator, get_scheduler
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
@@ -86,17 +85,32 @@ def train_ds_config(args, world_size: int) -> dict:
         "train_batch_size": args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps,
         "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
         "steps_per_print": 10,
-        "zero_optimization": {"stage": args.zero_stage, "overlap_comm": False, "offload_param": {"device": device},
-                              "offload_optimizer": {"device": device}, "stage3_param_persistence_threshold": 0,
-                              "stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 3e7,
-                              "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": {
+            "stage": args.zero_stage,
+            "overlap_comm": False,
+            "offload_param": {"device": device},
+            "offload_optimizer": {"device": device},
+            "stage3_param_persistence_threshold": 0,
+            "stage3_max_live_parameters": 3e7,
+            "stage3_prefetch_bucket_size": 3e7,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
         "gradient_clipping": 1.0,
         "prescale_gradients": False,
         "wall_clock_breakdown": False,
-        "hybrid_engine": {"enabled": False, "max_out_tokens": 512, "inference_tp_size": 1, "release_inference_cache": False,
-                          "pin_parameters": True, "tp_gather_partition_size": 8},
-        "tensorboard": {"enabled": args.enable_tensorboard, "output_path": f"{args.tensorboard_path}/ds_tensorboard_logs/",
-                        "job_name": "step1_model_tensorboard"},
+        "hybrid_engine": {
+            "enabled": False,
+            "max_out_tokens": 512,
+            "inference_tp_size": 1,
+            "release_inference_cache": False,
+            "pin_parameters": True,
+            "tp_gather_partition_size": 8,
+        },
+        "tensorboard": {
+            "enabled": args.enable_tensorboard,
+            "output_path": f"{args.tensorboard_path}/ds_tensorboard_logs/",
+            "job_name": "step1_model_tensorboard",
+        },
     }
     if args.dtype == "bf16":
         config["bfloat16"] = {"enabled": True}
@@ -123,10 +137,20 @@ class TokenDataset(Dataset):
 def grouped_parameters(model, weight_decay: float) -> list[dict]:
     """Weight decay for all but biases and norms, as get_optimizer_grouped_parameters does."""
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not any(nd in n.lower() for nd in NO_DECAY) and p.requires_grad],
-         "weight_decay": weight_decay},
-        {"params": [p for n, p in model.named_parameters() if any(nd in n.lower() for nd in NO_DECAY) and p.requires_grad],
-         "weight_decay": 0.0},
+        {
+            "params": [
+                p
+                for n, p in model.named_parameters()
+                if not any(nd in n.lower() for nd in NO_DECAY) and p.requires_grad
+            ],
+            "weight_decay": weight_decay,
+        },
+        {
+            "params": [
+                p for n, p in model.named_parameters() if any(nd in n.lower() for nd in NO_DECAY) and p.requires_grad
+            ],
+            "weight_decay": 0.0,
+        },
     ]
     return [g for g in groups if g["params"]]
 
@@ -164,8 +188,11 @@ def print_throughput(hf_model, args, seconds: float, rank: int) -> None:
     numel = sum(p.ds_numel if hasattr(p, "ds_tensor") else p.numel() for p in hf_model.parameters())
     cfg = hf_model.config
     factor = 4 if args.gradient_checkpointing else 3
-    flops = 24 * factor * args.per_device_train_batch_size * cfg.num_hidden_layers * cfg.hidden_size ** 2
-    print(f"Model Parameters: {numel / 1e9:.6f} B, Latency: {seconds:.3f}s, TFLOPs: {flops / seconds / 1e12:.6f}", flush=True)
+    flops = 24 * factor * args.per_device_train_batch_size * cfg.num_hidden_layers * cfg.hidden_size**2
+    print(
+        f"Model Parameters: {numel / 1e9:.6f} B, Latency: {seconds:.3f}s, TFLOPs: {flops / seconds / 1e12:.6f}",
+        flush=True,
+    )
 
 
 def phase_groups(engine) -> dict:
@@ -178,7 +205,7 @@ def phase_groups(engine) -> dict:
     owners = getattr(opt, "bit16_groups", None) or getattr(opt, "fp16_groups", None)
     out = {}
     for i, g in enumerate(opt.param_groups):
-        for p in (owners[i] if owners is not None else g["params"]):
+        for p in owners[i] if owners is not None else g["params"]:
             if id(p) in names:
                 out[names[id(p)]] = (g["weight_decay"], g["lr"])
     return out
@@ -198,7 +225,9 @@ def main(argv=None) -> int:
     torch.distributed.barrier()
 
     dschf = HfDeepSpeedConfig(ds_config) if args.zero_stage == 3 else None  # noqa: F841  (from_pretrained builds under zero.Init)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=AutoConfig.from_pretrained(args.model_name_or_path))
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, config=AutoConfig.from_pretrained(args.model_name_or_path)
+    )
     model.config.use_cache = False
     start = full_weights(model) if args.record else None
 
@@ -207,9 +236,18 @@ def main(argv=None) -> int:
     train_dataset = torch.utils.data.Subset(dataset, range(n_eval, len(dataset)))
     eval_dataset = torch.utils.data.Subset(dataset, range(n_eval))
     train_sampler = DistributedSampler(train_dataset, seed=args.seed)
-    train_dataloader = DataLoader(train_dataset, collate_fn=default_data_collator, sampler=train_sampler, batch_size=args.per_device_train_batch_size)
-    eval_dataloader = DataLoader(eval_dataset, collate_fn=default_data_collator, sampler=DistributedSampler(eval_dataset, shuffle=False),
-                                 batch_size=args.per_device_eval_batch_size)
+    train_dataloader = DataLoader(
+        train_dataset,
+        collate_fn=default_data_collator,
+        sampler=train_sampler,
+        batch_size=args.per_device_train_batch_size,
+    )
+    eval_dataloader = DataLoader(
+        eval_dataset,
+        collate_fn=default_data_collator,
+        sampler=DistributedSampler(eval_dataset, shuffle=False),
+        batch_size=args.per_device_eval_batch_size,
+    )
 
     def evaluation(model, eval_dataloader):
         model.eval()
@@ -224,11 +262,21 @@ def main(argv=None) -> int:
     AdamOptimizer = DeepSpeedCPUAdam if args.offload else torch.optim.AdamW
     optimizer = AdamOptimizer(grouped_parameters(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95))
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    lr_scheduler = get_scheduler(name=args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
-                                 num_training_steps=args.num_train_epochs * num_update_steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        name=args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=args.num_train_epochs * num_update_steps_per_epoch,
+    )
 
     model, optimizer, _, lr_scheduler = lift_ds.initialize(  # was: deepspeed.initialize
-        model=model, optimizer=optimizer, args=args, config=ds_config, lr_scheduler=lr_scheduler, dist_init_required=True)
+        model=model,
+        optimizer=optimizer,
+        args=args,
+        config=ds_config,
+        lr_scheduler=lr_scheduler,
+        dist_init_required=True,
+    )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if args.resume_dir:
@@ -286,7 +334,10 @@ def fuse_lora(model):
 def save_hf_format(model, output_dir: str) -> None:
     model_to_save = model.module if hasattr(model, "module") else model
     os.makedirs(output_dir, exist_ok=True)
-    torch.save({k: v for k, v in model_to_save.state_dict().items() if "lora" not in k}, os.path.join(output_dir, "pytorch_model.bin"))
+    torch.save(
+        {k: v for k, v in model_to_save.state_dict().items() if "lora" not in k},
+        os.path.join(output_dir, "pytorch_model.bin"),
+    )
     model_to_save.config.to_json_file(os.path.join(output_dir, "config.json"))
 
 
@@ -306,8 +357,14 @@ def finish(args, model, start, record) -> int:
     if args.record:
         final = full_weights(model.module)
         if args.global_rank == 0:
-            record.update(start=start, final=final, global_steps=model.global_steps, world_size=model.world_size,
-                          samples_per_sec=model.tput_timer.avg_samples_per_sec(), epochs=model.tput_timer.epoch_count)
+            record.update(
+                start=start,
+                final=final,
+                global_steps=model.global_steps,
+                world_size=model.world_size,
+                samples_per_sec=model.tput_timer.avg_samples_per_sec(),
+                epochs=model.tput_timer.epoch_count,
+            )
             torch.save(record, args.record)
     model.destroy()
     return 0

@@ -22,7 +22,15 @@ from itertools import chain
 
 import torch._dynamo  # noqa: F401  (before any deepspeed.zero.Init)
 from datasets import load_dataset
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments, default_data_collator, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 
 from lift_ds.integrations.transformers import LiftTrainer  # was: from transformers import Trainer
 

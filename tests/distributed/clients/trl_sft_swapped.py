@@ -21,7 +21,9 @@ from lift_ds.integrations.transformers import LiftSFTTrainer
 def main(argv=None) -> int:
     trl.SFTTrainer = LiftSFTTrainer  # the swap: sft.main imports SFTTrainer from trl when it runs
     parser = sft.make_parser()
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(args=argv, fail_with_unknown_args=False)
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(
+        args=argv, fail_with_unknown_args=False
+    )
     sft.main(script_args, training_args, model_args, dataset_args)
     return 0
 
