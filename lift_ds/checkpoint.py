@@ -49,7 +49,7 @@ import torch
 from . import checkpoint_io as cio
 from . import faults
 from .backends.distributed import checkpoint_layout
-from .backends.state import OPTIMIZER_FILE, OPTIMIZER_FORMAT, WEIGHTS_FILE
+from .backends.state import WEIGHTS_FILE
 from .checkpoint_io import FORMAT, LATEST, STATE_FILE, is_tag
 from .errors import CheckpointError, ConfigError, ResumeError
 from .utils import get_logger, rng_state, set_rng_state
@@ -362,4 +362,4 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-__all__ = ["Checkpointer", "OPTIMIZER_FILE", "OPTIMIZER_FORMAT"]
+__all__ = ["Checkpointer"]

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .qkernels import NF4_BLOCK, frozen_linear, nf4_scaler_block, quantize_weight  # noqa: F401  (re-exported)
+from .qkernels import NF4_BLOCK, frozen_linear, quantize_weight
 from .store import BlockStore
 from .stream import LayerStreamer, StreamedFrozenLinear
 from .utils import get_logger, get_rank, get_world_size
