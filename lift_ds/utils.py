@@ -14,8 +14,9 @@ def get_rank() -> int:
 
 
 def get_world_size() -> int:
-    """The number of ranks the launcher started (``WORLD_SIZE``; 1 when not launched): read here only, by the
-    entry points that build a run configuration; everything after them takes ``RunConfig.world_size``."""
+    """The number of ranks the launcher started (``WORLD_SIZE``; 1 when not launched): the one reader of the
+    variable. The entry points call it to build a run configuration and hand ``RunConfig.world_size`` on; only
+    the per-rank block-store directory (``quant.rank_dir``), built where no configuration is at hand, asks again."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
