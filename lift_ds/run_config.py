@@ -46,7 +46,14 @@ class RunConfig:
         return self.lift.backend
 
     def with_lift(self, **changes: Any) -> RunConfig:
-        """A copy with ``lift`` keys changed (validated again), e.g. ``total_steps`` from ``--max_steps``."""
+        """A copy with ``lift`` keys changed (validated again), e.g. ``total_steps`` from ``--max_steps``.
+
+        Not ``backend``: it is resolved and checked once, with its options, by :func:`load_run_config`.
+        """
+        if changes.get("backend", self.lift.backend) != self.lift.backend:
+            raise ValueError(
+                "with_lift(backend=...): the backend is resolved once, by load_run_config; load the config again"
+            )
         try:
             lift = self.lift.replace(**changes)
         except ConfigError as e:

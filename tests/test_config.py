@@ -270,3 +270,15 @@ def test_backends_check_the_typed_lift_section():
     assert (
         run.backend_options is not None and run.backend_options.zero_stage == 2
     )  # always there where a backend is built
+
+
+def test_with_lift_refuses_another_backend():
+    """The backend and its options are resolved together, once: a copy with another backend would carry the
+    first one's options (the backends no longer re-check), so with_lift refuses it."""
+    from lift_ds.run_config import load_run_config
+
+    run = load_run_config({"train_micro_batch_size_per_gpu": 1, "lift": {"total_steps": 4, "backend": "torch"}})
+    assert run.with_lift(total_steps=8).lift.total_steps == 8
+    assert run.with_lift(backend="torch").backend == "torch"
+    with pytest.raises(ValueError, match="resolved once"):
+        run.with_lift(backend="deepspeed")
