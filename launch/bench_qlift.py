@@ -1,7 +1,7 @@
 """Q-LIFT on the quickstart's task, side by side: frozen weights full / int8 / nf4, one process.
 
     python launch/bench_qlift.py --out docs/qlift/quickstart_qlift.json [--max_steps 150] \
-        [--modes full,int8,nf4] [--interleave]
+        [--modes full,int8,nf4,nf4_cached] [--interleave] [--cache_mb 4096]
 
 Each mode runs the quickstart (SmolLM2-135M-Instruct, movie-review sentiment, ds_configs/quickstart_cpu.json:
 AdamW 1e-4, WarmupDecayLR, clipping 1.0, front2end, grouped) on the single-process torch backend with the
@@ -42,7 +42,12 @@ def start_mode(mode: str, args, tok, data, model_dir: str) -> tuple:
     cfg = json.loads((REPO / "ds_configs" / "quickstart_cpu.json").read_text())
     cfg.pop("zero_optimization")
     cfg["train_micro_batch_size_per_gpu"] = 16  # the quickstart's global batch: 8 per rank x 2 ranks
-    cfg["lift"].update(backend="torch", total_steps=args.max_steps, frozen_weights=mode)
+    quant, _, cached = mode.partition("_")  # "nf4_cached": NF4 with dense copies of every frozen layer
+    if cached not in ("", "cached"):
+        raise SystemExit(f"--modes: {mode!r}; allowed: full, int8, nf4, int8_cached, nf4_cached")
+    cfg["lift"].update(backend="torch", total_steps=args.max_steps, frozen_weights=quant)
+    if cached:
+        cfg["lift"]["frozen_cache_mb"] = args.cache_mb
     model = build_model(model_dir, seed=0)
     engine, _, _, _ = lift_ds.initialize(model=model, config=cfg)
     batches = RankBatches(data.train, 16, 0, 1, seed=0, pad_id=tok.pad_token_id)
@@ -131,6 +136,9 @@ def main() -> int:
         "--interleave", action="store_true", help="step every mode's engine in turn (ratios robust to a shared machine)"
     )
     p.add_argument("--skip_eval", action="store_true", help="time only: no held-out evaluation")
+    p.add_argument(
+        "--cache_mb", type=int, default=4096, help="lift.frozen_cache_mb of the *_cached modes (default: all layers)"
+    )
     args = p.parse_args()
     from lift_ds import assets
     from lift_ds.backends.hardware import cpu_model

@@ -66,6 +66,7 @@ LAYOUT_LIFT_KEYS = (
     "block_store",
     "block_store_dir",
     "max_consecutive_skipped_steps",
+    "frozen_cache_mb",
 )
 
 

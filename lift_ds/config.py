@@ -223,6 +223,14 @@ class LiftConfig:
         "whatever the depth (torch backend, or DeepSpeed ZeRO-1/2)",
         kind="bool",
     )
+    frozen_cache_mb: int = setting(
+        0,
+        "Q-LIFT speed for memory: MiB of dense (training-dtype) copies of quantized frozen weights kept "
+        "between steps, so those layers skip dequantization (layers the backward passes through first); "
+        "0: none, every pass dequantizes; not with stream_frozen",
+        kind="int",
+        minimum=0,
+    )
     max_consecutive_skipped_steps: int = setting(
         5,
         "a step with a NaN/inf loss or gradient norm is skipped and counted; this many "

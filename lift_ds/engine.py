@@ -102,6 +102,7 @@ class LiftEngine(DeepSpeedEngineMembers, nn.Module):
                 self.lift.block_store_dir,
                 self.training_config.precision,
                 stream=self.lift.stream_frozen,
+                cache_mb=self.lift.frozen_cache_mb,
             )
         problem = plan.never_trained_problem()
         if problem:

@@ -102,7 +102,9 @@ def _host_hash() -> str:
 
 def git_commit(repo: Path = REPO) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}``: HEAD of ``repo`` and whether tracked files
-    differ from it; ``LIFT_DS_COMMIT`` when there is no git checkout (dirty then unknown)."""
+    outside ``docs/`` differ from it (the code measured; a data file an earlier step of the same
+    measurement wrote under ``docs/`` is listed in ``"docs_changed"`` instead); ``LIFT_DS_COMMIT``
+    when there is no git checkout (dirty then unknown)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=20)
         if sha.returncode == 0:
@@ -113,7 +115,12 @@ def git_commit(repo: Path = REPO) -> dict[str, Any]:
                 text=True,
                 timeout=20,
             )
-            return {"commit": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
+            paths = [line[3:].split(" -> ")[-1] for line in status.stdout.splitlines() if line.strip()]
+            docs = [p for p in paths if p.startswith("docs/")]
+            out: dict[str, Any] = {"commit": sha.stdout.strip(), "dirty": len(paths) > len(docs)}
+            if docs:
+                out["docs_changed"] = docs[:20]
+            return out
     except (OSError, subprocess.SubprocessError):
         pass
     env = os.environ.get("LIFT_DS_COMMIT")

@@ -18,7 +18,8 @@ inner tensors, faster and in bounded memory, with the same numbers:
   gradient a block of input columns at a time), so the largest temporary is one chunk. A weight
   within one chunk gives exactly torchao's results (same operations on the same values); in a
   chunked one every output element is still one dot product, rounded once, and differs from
-  torchao's at most as two matrix-multiply kernels do.
+  torchao's at most as two matrix-multiply kernels do. A dense weight (streamed in the training
+  dtype, or a cached dense copy, ``lift.frozen_cache_mb``) is one matmul, as ``nn.Linear``'s.
 """
 
 from __future__ import annotations
@@ -291,6 +292,9 @@ class WeightSource(Protocol):
 def _forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     kind, (out_f, in_f) = kind_of(w), w.shape
     x2 = x.reshape(-1, in_f)
+    if kind == "full":  # a dense weight needs no scratch: one matmul, as nn.Linear's
+        y = _LINEAR(x2, w, bias)
+        return y.reshape(*x.shape[:-1], out_f)
     step = row_step(w)
     scalers = nf4_scalers(w) if kind == "nf4" else None
     y = None if step >= out_f else torch.empty(x2.shape[0], out_f, dtype=x.dtype, device=x.device)
@@ -357,6 +361,8 @@ def _grad_input(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``g W`` a block of input columns at a time: each element is one dot product (one rounding)."""
     kind, (out_f, in_f) = kind_of(w), w.shape
     g2 = g.reshape(-1, out_f)
+    if kind == "full":
+        return torch.mm(g2, w).reshape(*g.shape[:-1], in_f)
     if kind == "int8":  # torchao's weight-only int8: y = (x q^T) * scale, so dx = (g * scale) q
         g2 = g2 * w.scale.to(g.dtype).flatten()
     step = col_step(w)

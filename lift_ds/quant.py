@@ -61,25 +61,107 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class QuantizedFrozenLinear(nn.Module):
-    """A frozen ``nn.Linear`` whose weight is a quantized buffer (the bias stays a frozen parameter)."""
+class DenseCache:
+    """Dense copies of quantized frozen weights, within a byte budget (``lift.frozen_cache_mb``).
 
-    def __init__(self, qweight: torch.Tensor, bias: nn.Parameter | None, in_features: int, out_features: int) -> None:
+    A quantized layer costs a dequantization in every forward, and another in the backward when the
+    pass goes through it to the active layer below. Its weight does not change while it is frozen, so a
+    dense copy (exactly :func:`~lift_ds.qkernels.dequantize` of it: the values the chunked kernel
+    computes with) saves both, for the memory of the weight in its training dtype. Copies are made on
+    first use while the budget allows; a layer the backward passes through (``grad``) may take the
+    place of one it does not. A layer that becomes active drops its copies (its modules are replaced),
+    and a phase switch clears the marks, which the next passes set again.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = int(budget_bytes)
+        self.used = 0
+        self._held: dict[int, tuple[QuantizedFrozenLinear, bool]] = {}
+        self.stats = {"copies": 0, "evictions": 0}
+
+    def weight(self, m: QuantizedFrozenLinear, grad: bool) -> torch.Tensor:
+        """``m``'s dense copy (made now if the budget allows), or its quantized weight."""
+        dense = m._dense
+        if dense is not None:
+            if grad and not self._held[id(m)][1]:
+                self._held[id(m)] = (m, True)
+            return dense
+        q = m.qweight
+        size = q.numel() * q.dtype.itemsize
+        if not self._room(size, grad):
+            return q
+        from .qkernels import dequantize
+
+        with torch.no_grad():
+            m._dense = dequantize(q)
+        self.used += size
+        self._held[id(m)] = (m, grad)
+        self.stats["copies"] += 1
+        return m._dense
+
+    def _room(self, size: int, grad: bool) -> bool:
+        if self.used + size <= self.budget:
+            return True
+        if not grad:
+            return False
+        spare = [m for m, g in self._held.values() if not g]
+        if self.used - sum(m._dense.numel() * m._dense.element_size() for m in spare) + size > self.budget:
+            return False
+        while self.used + size > self.budget:
+            self.drop(spare.pop())
+            self.stats["evictions"] += 1
+        return True
+
+    def drop(self, m: nn.Module) -> None:
+        """Forget ``m``'s copy (its layer became active, or it moved device)."""
+        if self._held.pop(id(m), None) is not None and m._dense is not None:
+            self.used -= m._dense.numel() * m._dense.element_size()
+            m._dense = None
+
+    def new_phase(self) -> None:
+        """The active layer changed: which layers the backward passes through is learnt again."""
+        self._held = {k: (m, False) for k, (m, _) in self._held.items()}
+
+    def clear(self) -> None:
+        for m, _ in list(self._held.values()):
+            self.drop(m)
+
+
+class QuantizedFrozenLinear(nn.Module):
+    """A frozen ``nn.Linear`` whose weight is a quantized buffer (the bias stays a frozen parameter);
+    with a :class:`DenseCache`, it computes with the cache's dense copy when there is one."""
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        bias: nn.Parameter | None,
+        in_features: int,
+        out_features: int,
+        cache: DenseCache | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", qweight, persistent=False)
         self.bias = bias
+        self._cache = cache
+        self._dense: torch.Tensor | None = None
+        self._grad = False
 
     def frozen_weight(self) -> torch.Tensor:
-        return self.qweight
+        if self._cache is None:
+            return self.qweight
+        return self._cache.weight(self, self._grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # lift_ds.qkernels: chunked dequantize-matmul; autograd keeps no dequantized copy for backward
+        self._grad = torch.is_grad_enabled() and x.requires_grad
         return frozen_linear(x, self, self.bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedFrozenLinear:
         # ``model.to(dtype=...)`` must not turn the quantized weight into a dense one (torchao's NF4
         # ``.to(dtype)`` dequantizes): it follows device moves only, and keeps its own dtype
+        if self._cache is not None:
+            self._cache.drop(self)
         q = self._buffers.pop("qweight")
         try:
             super()._apply(fn, recurse)
@@ -100,16 +182,23 @@ FROZEN_MODULES = (QuantizedFrozenLinear, StreamedFrozenLinear)
 
 
 def frozen_module(
-    weight: torch.Tensor, linear: nn.Module, mode: str, streamer: LayerStreamer | None, block: str, path: str
+    weight: torch.Tensor,
+    linear: nn.Module,
+    mode: str,
+    streamer: LayerStreamer | None,
+    block: str,
+    path: str,
+    cache: DenseCache | None = None,
 ) -> nn.Module:
-    """The frozen replacement of ``linear``: quantized in place, or (``streamer``) streamed from its file
-    (the caller writes the file); ``weight`` is its quantized (or, ``full``, plain) weight."""
+    """The frozen replacement of ``linear``: quantized in place (its dense copies in ``cache``), or
+    (``streamer``) streamed from its file (the caller writes the file); ``weight`` is its quantized
+    (or, ``full``, plain) weight."""
     bias = linear.bias
     if bias is not None:
         bias.requires_grad_(False)
     if streamer is not None:
         return StreamedFrozenLinear(streamer, block, path, bias, linear.in_features, linear.out_features, mode)
-    return QuantizedFrozenLinear(weight, bias, linear.in_features, linear.out_features)
+    return QuantizedFrozenLinear(weight, bias, linear.in_features, linear.out_features, cache)
 
 
 # --------------------------------------------------------------------------- the layers
@@ -127,6 +216,7 @@ class QuantizedFrozenBlocks:
         keep: parameter names never quantized (``always_trainable``).
         dtype: the training dtype the store keeps (bf16 / fp16 runs; None: the weights' own).
         streamer: stream the frozen layers (``lift.stream_frozen``, :mod:`lift_ds.stream`).
+        cache_bytes: the budget of dense copies of quantized weights (``lift.frozen_cache_mb``; not streamed).
 
     Raises:
         ConfigError: a weight NF4 cannot hold (its size is not a multiple of 64).
@@ -141,10 +231,14 @@ class QuantizedFrozenBlocks:
         keep: set[str] = frozenset(),
         dtype: torch.dtype | None = None,  # type: ignore[assignment]
         streamer: LayerStreamer | None = None,
+        cache_bytes: int = 0,
     ) -> None:
         if mode == "full" and streamer is None:
             raise ValueError("mode 'full' keeps layers frozen outside the parameters only when they are streamed")
+        if cache_bytes and streamer is not None:
+            raise ValueError("a dense cache of streamed layers would keep them in memory; use one or the other")
         self.model, self.mode, self.store, self.dtype, self.streamer = model, mode, store, dtype, streamer
+        self.cache = DenseCache(cache_bytes) if cache_bytes else None
         modules = dict(model.named_modules())
         self.linears: dict[str, list[str]] = {}
         problems = []
@@ -192,7 +286,11 @@ class QuantizedFrozenBlocks:
         if self.streamer is not None:
             self.streamer.write(block, frozen)
         for p, m in mods.items():
-            self._swap(p, frozen_module(frozen[p], m, self.mode, self.streamer, block, p))
+            if self.cache is not None:
+                self.cache.drop(m)  # a frozen layer frozen again (a checkpoint's weights loaded)
+            self._swap(p, frozen_module(frozen[p], m, self.mode, self.streamer, block, p, self.cache))
+        if self.cache is not None:
+            self.cache.new_phase()
 
     @torch.no_grad()
     def deactivate(self, block: str) -> None:
@@ -221,6 +319,8 @@ class QuantizedFrozenBlocks:
         stored = self.store.get(block)
         for p in paths:
             q = self.model.get_submodule(p)
+            if self.cache is not None:
+                self.cache.drop(q)
             weight = stored[f"{p}.weight"].to(device=self._device(q))  # the store's dtype: the training dtype
             lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
             lin.weight = nn.Parameter(weight, requires_grad=False)
@@ -252,6 +352,8 @@ class QuantizedFrozenBlocks:
                 if isinstance(m, QuantizedFrozenLinear):
                     quantized += tensor_bytes(m.qweight)
         out = {"quantized_bytes": quantized, "bf16_bytes": bf16}
+        if self.cache is not None:
+            out["dense_cache_bytes"] = self.cache.used
         if self.streamer is not None:
             out["streamed_file_bytes"] = self.streamer.file_bytes()
         return out
@@ -300,6 +402,8 @@ class QuantizedFrozenBlocks:
             self.streamer.release() if before else self.streamer.prefetch_first()
 
     def close(self) -> None:
+        if self.cache is not None:
+            self.cache.clear()
         self.store.close()
         if self.streamer is not None:
             self.streamer.close()
@@ -338,6 +442,7 @@ def build_quantized_blocks(
     store_dir: str | None,
     precision: str = "fp32",
     stream: bool = False,
+    cache_mb: int = 0,
 ) -> QuantizedFrozenBlocks:
     """The :class:`QuantizedFrozenBlocks` of a run: every decoder layer of ``plan.blocks``; the store
     keeps the training dtype (bf16 / fp16 runs train 16-bit weights with fp32 masters). A model built
@@ -364,7 +469,9 @@ def build_quantized_blocks(
     if stream and streamer is None:
         streamer = make_streamer(store_dir)
         streamer.device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return QuantizedFrozenBlocks(model, layers, mode, store or make_store(store_kind, store_dir), keep, dtype, streamer)
+    return QuantizedFrozenBlocks(
+        model, layers, mode, store or make_store(store_kind, store_dir), keep, dtype, streamer, cache_mb << 20
+    )
 
 
 # --------------------------------------------------------------------------- export

@@ -162,12 +162,21 @@ def frozen_weights_problems(lift: Any, method: str) -> list[str]:
     """Q-LIFT (``lift.frozen_weights`` int8 / nf4) and streaming (``lift.stream_frozen``) settings that
     cannot work, and a missing torchao (each backend refuses what it cannot shard in its own ``check_config``)."""
     mode = lift.frozen_weights
+    problems = []
+    if lift.frozen_cache_mb and (mode == "full" or lift.stream_frozen):
+        problems.append(
+            f"lift.frozen_cache_mb: {lift.frozen_cache_mb} keeps dense copies of quantized frozen layers; "
+            + (
+                "lift.stream_frozen: true keeps no frozen layer in memory: set one of them to 0 / false"
+                if lift.stream_frozen
+                else 'lift.frozen_weights is "full" (nothing is quantized): set it to 0, or frozen_weights int8 / nf4'
+            )
+        )
     if mode == "full" and not lift.stream_frozen:
-        return []
+        return problems
     import importlib.util
 
     what = f"lift.frozen_weights: {mode!r} quantizes" if mode != "full" else "lift.stream_frozen: true streams"
-    problems = []
     if method != "lift":
         problems.append(
             f"{what} LIFT's frozen layers; --baseline {method} trains other parameters (use "

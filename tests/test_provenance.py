@@ -101,3 +101,25 @@ def test_remeasure_refuses_before_it_runs_anything():
             ["bash", "scripts/remeasure.sh", *args], cwd=REPO, capture_output=True, text=True, timeout=60
         )
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
+
+
+def test_a_data_file_written_earlier_in_the_run_does_not_make_the_code_dirty(tmp_path):
+    """A measurement of several steps writes docs/a.json, then records the next: the code is still the
+    commit's (dirty false, the data file listed); a changed source file makes it dirty."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert prov.git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "docs" / "a.json").write_text('{"new": 1}')
+    got = prov.git_commit(tmp_path)
+    assert got["dirty"] is False and got["docs_changed"] == ["docs/a.json"]
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert prov.git_commit(tmp_path)["dirty"] is True
