@@ -37,9 +37,14 @@ from torch import nn
 
 from .qkernels import frozen_linear, kind_of
 from .tensorfile import Entry, read_header, read_into, write_file
+from .utils import fix_malloc_mmap_threshold
 
 #: layers held at once: the one computing and two read ahead
 CAPACITY = 3
+#: host allocations from this size up are mmap'd and given back to the OS when freed (glibc): layers'
+#: buffers and a phase's gradients and optimizer state, freed and allocated again, do not fragment the
+#: heap (without it a 7B-shaped streamed run's peak RSS grew 3.02 -> 3.25 GiB over its phases)
+MMAP_THRESHOLD = 1 << 17
 _META_KEY = "lift_ds.stream"
 
 
@@ -133,6 +138,7 @@ class LayerStreamer:
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        fix_malloc_mmap_threshold(MMAP_THRESHOLD)
         self._own_dir = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="lift_ds_stream_")) if directory is None else Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)

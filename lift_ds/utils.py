@@ -66,3 +66,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+#: glibc's ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+def fix_malloc_mmap_threshold(nbytes: int) -> bool:
+    """glibc: serve every allocation of at least ``nbytes`` by ``mmap``, so that freeing it gives the
+    memory back to the OS. By default glibc raises that threshold after a large block is freed (up to
+    32 MiB), and freed tensors below it then stay in the heap, fragmented: a process that frees and
+    allocates layers of a few MiB over and over (streamed layers, one phase after another) grows in
+    resident memory. Setting the threshold fixes it (glibc's own ``MALLOC_MMAP_THRESHOLD_``, as an
+    API call). Returns whether it was set (False off glibc)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
