@@ -105,7 +105,7 @@ class DenseCache:
         if not grad:
             return False
         spare = [m for m, g in self._held.values() if not g]
-        if self.used - sum(m._dense.numel() * m._dense.element_size() for m in spare) + size > self.budget:
+        if self.used - sum(tensor_bytes(m._dense) for m in spare) + size > self.budget:
             return False
         while self.used + size > self.budget:
             self.drop(spare.pop())
@@ -115,7 +115,7 @@ class DenseCache:
     def drop(self, m: nn.Module) -> None:
         """Forget ``m``'s copy (its layer became active, or it moved device)."""
         if self._held.pop(id(m), None) is not None and m._dense is not None:
-            self.used -= m._dense.numel() * m._dense.element_size()
+            self.used -= tensor_bytes(m._dense)
             m._dense = None
 
     def new_phase(self) -> None:
